@@ -1,0 +1,5 @@
+import sys
+
+from sdplug.cli import main
+
+sys.exit(main())

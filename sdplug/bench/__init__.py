@@ -1,0 +1,1 @@
+"""Evidence benches: scripts that print ratios measured side by side in one run."""

@@ -1,0 +1,50 @@
+"""Optional packages (bitsandbytes, xformers): found, imported and explained in one place.
+
+A package counts as available only when its import spec AND its installed distribution are
+present; a missing one is a ``MissingDependencyError`` carrying the exact install command.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from types import ModuleType
+
+from sdplug.errors import MissingDependencyError
+
+# import name -> (distribution name, how to install it without touching the user's torch)
+INSTALL_HINTS = {
+    "bitsandbytes": ("bitsandbytes", 'pip install "sdplug[bnb]"  (or: pip install bitsandbytes)'),
+    "xformers": (
+        "xformers",
+        "pip install xformers==<the release built for your torch> --no-deps  "
+        "(xformers wheels pin one torch build; check https://github.com/facebookresearch/xformers#installing-xformers "
+        "and never let it replace your torch)",
+    ),
+}
+
+
+def is_available(package: str) -> bool:
+    if importlib.util.find_spec(package) is None:
+        return False
+    distribution = INSTALL_HINTS.get(package, (package, ""))[0]
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def require(package: str, *, feature: str) -> ModuleType:
+    """Import ``package`` for ``feature`` or raise an error that says how to install it."""
+    hint = INSTALL_HINTS.get(package, (package, f"pip install {package}"))[1]
+    if not is_available(package):
+        raise MissingDependencyError(f"{feature} needs the package {package!r}, which is not installed. Install it with: {hint}")
+    try:
+        return importlib.import_module(package)
+    except Exception as exc:  # a broken native build fails in many ways; all mean "cannot use it"
+        raise MissingDependencyError(
+            f"{feature} needs {package!r}, which is installed but fails to import here "
+            f"({type(exc).__name__}: {exc}). Reinstall it with: {hint}"
+        ) from exc

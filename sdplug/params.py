@@ -1,0 +1,121 @@
+"""Validated strategy parameters: the one place where keyword arguments meet their constraints.
+
+Strategies declare their parameters as fields of a pydantic dataclass (see ``strategy_params``),
+so ``create(...)``, presets and the CLI all validate through the same constraints and report a
+problem as ``PresetError`` naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+import annotated_types
+import pydantic
+from pydantic.dataclasses import dataclass as _pydantic_dataclass
+
+from sdplug.errors import PresetError, did_you_mean
+
+# strict: "0.8" is not silently read as 0.8, nor true as 1; an int is still a valid float.
+STRATEGY_CONFIG = pydantic.ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
+
+
+def strategy_params(cls):
+    """Class decorator: turn a strategy class into a validating dataclass of its parameters."""
+    return _pydantic_dataclass(cls, config=STRATEGY_CONFIG)
+
+
+def field_names(cls) -> list[str]:
+    """The parameter names a strategy class accepts (empty for a class without fields)."""
+    fields = getattr(cls, "__pydantic_fields__", None)
+    if fields is not None:
+        return list(fields)
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    return []
+
+
+def describe_allowed(cls, name: str) -> str:
+    """Say in words what a field accepts, e.g. 'a number > 0 and <= 1'."""
+    info = getattr(cls, "__pydantic_fields__", {}).get(name)
+    if info is None:
+        return "see the strategy's documentation"
+    return _describe(info.annotation, list(info.metadata))
+
+
+def _describe(annotation: Any, metadata: list) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _describe(args[0], list(args[1:]) + metadata)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_describe(a, metadata if a is not type(None) else []) for a in args)
+    if annotation is type(None):
+        return "nothing (omit the key)"
+    noun = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )
+    bounds = []
+    if origin in (list, tuple):
+        inner = ", ".join(_describe(a, []) for a in args if a is not Ellipsis)
+        lengths = {getattr(m, "min_length", None) for m in metadata} | {getattr(m, "max_length", None) for m in metadata}
+        lengths.discard(None)
+        count = f"{lengths.pop()} " if len(lengths) == 1 else ""
+        return f"a list of {count}items, each {inner}"
+    for item in metadata:
+        for attr, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            value = getattr(item, attr, None)
+            if value is not None and isinstance(item, annotated_types.BaseMetadata):
+                bounds.append(f"{symbol} {value}")
+        if isinstance(item, pydantic.fields.FieldInfo):
+            bounds.extend(_describe(annotation, list(item.metadata)).split(" ", 2)[2:])
+    return noun + (" " + " and ".join(bounds) if bounds else "")
+
+
+def validate_params(cls, params: dict[str, Any], *, what: str, path: str | None = None, key: str = ""):
+    """Build ``cls(**params)``; turn every validation problem into one ``PresetError``.
+
+    ``what`` names the strategy in messages (e.g. "noise 'pyramid'"); ``key`` is the key path
+    prefix (e.g. "noise[0]") so the error names ``noise[0].discount``.
+    """
+    allowed = field_names(cls)
+    prefix = f"{key}." if key else ""
+    for name in params:
+        if name not in allowed:
+            raise PresetError(
+                f"unknown key {name!r} for {what}. Allowed keys: {', '.join(allowed) or '(none)'}."
+                f"{did_you_mean(name, allowed)}",
+                path=path,
+                key=f"{prefix}{name}",
+            )
+    try:
+        return cls(**params)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        loc = list(error.get("loc", ()))
+        field = loc[0] if loc else None
+        message = str(error["msg"]).removeprefix("Value error, ").rstrip(".")
+        if field in allowed:
+            # keep list indices (betas[1]), drop pydantic's union-member tags
+            where = str(field) + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
+            value = params.get(field, "(missing)")
+            raise PresetError(
+                f"{_toml(value)} is not allowed for {what}: {message}. Allowed: {describe_allowed(cls, field)}.",
+                path=path,
+                key=f"{prefix}{where}",
+            ) from None
+        raise PresetError(f"invalid parameters for {what}: {message}.", path=path, key=key or None) from None
+    except (TypeError, ValueError) as exc:
+        # Cross-field checks in __post_init__ raise ValueError with a sentence of their own.
+        raise PresetError(f"invalid parameters for {what}: {exc}", path=path, key=key or None) from None
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)

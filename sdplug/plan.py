@@ -1,0 +1,181 @@
+"""The plan: a preset's strategies bound to one model's schedule, called by every host.
+
+Hosts call the same few methods at the same moments of a training step (see
+docs/architecture.md): ``caption`` when a sample is loaded, ``noise`` / ``timesteps`` /
+``noisy_input`` / ``target`` before the forward pass, ``weight`` on the per-sample loss,
+``optimizer`` and ``attention`` once at set-up. So a preset behaves the same in every host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import warnings
+
+import torch
+
+from sdplug.errors import MissingDependencyError
+from sdplug.presets import Preset
+from sdplug.schedule import check_prediction_type
+from sdplug.strategies.base import CaptionTransform, LossWeighting, NoiseStrategy, TimestepStrategy
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseDraw:
+    """The noise of one step: ``target`` enters the loss, ``model_input`` builds ``x_t``.
+
+    They differ only when an input-only strategy (input perturbation) is in the noise list.
+    """
+
+    target: torch.Tensor
+    model_input: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionDraw:
+    """A caption after the transforms, and whether a dropout emptied it."""
+
+    text: str
+    dropped: bool
+
+
+class NoisePipeline:
+    """Noise strategies composed in the order written; input-only ones act on a copy."""
+
+    def __init__(self, strategies: list[NoiseStrategy]):
+        self.strategies = list(strategies)
+
+    def __call__(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
+        noise = None
+        for strategy in self.strategies:
+            if strategy.role == "target":
+                noise = strategy.transform(noise, latents, generator)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        model_input = noise
+        for strategy in self.strategies:  # presets list input-only strategies last
+            if strategy.role == "input":
+                model_input = strategy.transform(model_input, latents, generator)
+        return NoiseDraw(target=noise, model_input=model_input)
+
+
+class CaptionPipeline:
+    """Caption transforms in the order written, with each sample's dropout decision exposed."""
+
+    def __init__(self, transforms: list[CaptionTransform]):
+        self.transforms = list(transforms)
+
+    def __call__(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> CaptionDraw:
+        rng = rng if rng is not None else random.Random()
+        dropped = False
+        for transform in self.transforms:
+            decide = getattr(transform, "decide", None)
+            if decide is not None:
+                if decide(epoch=epoch, rng=rng):
+                    dropped = True
+                    caption = ""
+            else:
+                caption = transform(caption, epoch=epoch, rng=rng)
+        return CaptionDraw(caption, dropped)
+
+    def dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
+        """The dropout decision alone, for hosts with cached text-encoder outputs.
+
+        Draws from ``rng`` exactly as ``__call__`` does for the same transforms, which must
+        all be dropouts here (presets refuse text transforms under caching).
+        """
+        rng = rng if rng is not None else random.Random()
+        dropped = False
+        for transform in self.transforms:
+            if transform.needs_text:
+                raise MissingDependencyError(
+                    f"caption transform {type(transform).__name__} needs caption text, which cached "
+                    "text-encoder outputs do not have."
+                )
+            dropped = transform.decide(epoch=epoch, rng=rng) or dropped
+        return dropped
+
+
+class Plan:
+    """A preset's strategies, built and bound to a noise schedule and prediction type."""
+
+    def __init__(self, preset: Preset, *, alphas_cumprod: torch.Tensor, prediction_type: str):
+        self.preset = preset
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float32).cpu()
+        self.num_train_timesteps = len(self.alphas_cumprod)
+        self.noise = NoisePipeline([spec.create() for spec in preset.noise])
+        self.caption = CaptionPipeline([spec.create() for spec in preset.caption])
+        self.timestep_sampler: TimestepStrategy | None = preset.timesteps.create() if preset.timesteps else None
+        self.loss_weighting: LossWeighting | None = preset.loss_weighting.create() if preset.loss_weighting else None
+        self.optimizer_fell_back = False
+        self.optimizer_strategy = self._choose_optimizer()
+        self.attention_strategy = preset.attention.create() if preset.attention else None
+        if self.attention_strategy is not None:
+            self.attention_strategy.check_available()
+
+    def _choose_optimizer(self):
+        if self.preset.optimizer is None:
+            return None
+        primary = self.preset.optimizer.create()
+        try:
+            primary.check_available()
+            return primary
+        except MissingDependencyError as exc:
+            if self.preset.optimizer_fallback is None:
+                raise
+            fallback = self.preset.optimizer_fallback.create()
+            fallback.check_available()
+            warnings.warn(
+                f"optimizer {self.preset.optimizer.type!r} cannot run here ({exc}); using the preset's "
+                f"fallback {self.preset.optimizer_fallback.type!r} as it names in optimizer.fallback.",
+                stacklevel=2,
+            )
+            self.optimizer_fell_back = True
+            return fallback
+
+    def timesteps(self, batch_size: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        if self.timestep_sampler is None:
+            t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator,
+                              device=generator.device if generator is not None else "cpu")
+            return t.to(device) if device is not None else t
+        return self.timestep_sampler(batch_size, self.num_train_timesteps, generator=generator, device=device)
+
+    def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.alphas_cumprod.to(like.device)[timesteps.to(like.device)].to(like.dtype)
+        shape = (-1, *([1] * (like.dim() - 1)))
+        return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
+
+    def noisy_input(self, latents: torch.Tensor, noise: NoiseDraw, timesteps: torch.Tensor) -> torch.Tensor:
+        """``x_t`` from the model-input noise (input perturbation acts here, never on the target)."""
+        signal, sigma = self._coefficients(timesteps, latents)
+        return signal * latents + sigma * noise.model_input
+
+    def target(self, latents: torch.Tensor, noise: NoiseDraw, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the model should predict, from the clean target noise."""
+        if self.prediction_type == "epsilon":
+            return noise.target
+        if self.prediction_type == "sample":
+            return latents
+        signal, sigma = self._coefficients(timesteps, latents)
+        return signal * noise.target - sigma * latents
+
+    def weight(self, loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss in, weighted per-sample loss out."""
+        if self.loss_weighting is None:
+            return loss
+        return self.loss_weighting.apply(loss, timesteps, self.alphas_cumprod, self.prediction_type)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters of learned strategies, which the host's optimizer must also train."""
+        return self.loss_weighting.parameters() if self.loss_weighting is not None else []
+
+    def optimizer(self, params, default_factory=None) -> torch.optim.Optimizer:
+        if self.optimizer_strategy is None:
+            if default_factory is None:
+                raise ValueError("the preset names no optimizer and the host gave no default")
+            return default_factory(params)
+        return self.optimizer_strategy.build(params)
+
+    def attention(self, model: torch.nn.Module) -> int:
+        return self.attention_strategy.apply(model) if self.attention_strategy is not None else 0

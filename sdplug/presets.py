@@ -1,0 +1,336 @@
+"""TOML presets: loading, ``extends``, validation with key paths, and writing back.
+
+A preset file has these sections, all optional::
+
+    [preset]            name, description, extends (a shipped preset's name or a path)
+    [[noise]]           noise strategies, applied in the order written
+    [timesteps]         one timestep sampler
+    [loss_weighting]    one loss weighting
+    [[caption]]         caption transforms, applied in the order written
+    [optimizer]         one optimizer; `fallback` may name another to use when it cannot run
+    [attention]         one attention implementation
+    [memory]            gradient_checkpointing, mixed_precision, cache_latents, cache_text_encoder_outputs
+
+Each strategy table has ``type`` (a registered name) and that strategy's parameters.
+``extends``: a section the child writes replaces the parent's section whole (``noise = []``
+removes the parent's noise list), except ``[memory]``, which merges key by key.
+Every problem is one ``PresetError`` naming the file, the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from sdplug.errors import PresetError, SdplugError, did_you_mean
+from sdplug.params import strategy_params, validate_params
+from sdplug.strategies import registry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+LIST_SECTIONS = ("noise", "caption")
+SINGLE_SECTIONS = ("timesteps", "loss_weighting", "optimizer", "attention")
+SECTIONS = ("preset", *LIST_SECTIONS, *SINGLE_SECTIONS, "memory")
+PRESET_KEYS = ("name", "description", "extends")
+OPTIMIZER_EXTRA_KEYS = ("fallback",)
+
+
+@strategy_params
+class MemorySettings:
+    """Host settings that trade speed for memory; hosts apply them or refuse loudly."""
+
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cache_latents: bool = False
+    cache_text_encoder_outputs: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategySpec:
+    """One strategy table of a preset: family, registered name, validated parameters."""
+
+    family: str
+    type: str
+    params: Mapping[str, Any]
+    source: str  # "file: key path", for messages that point back at the preset
+
+    def create(self):
+        return registry(self.family).create(self.type, **dict(self.params))
+
+    def to_table(self, *, with_defaults: bool = False) -> dict[str, Any]:
+        """``type`` and parameters; ``with_defaults`` also writes every parameter left at its default."""
+        params = dict(self.params)
+        if with_defaults:
+            params = {field.name: getattr(self.create(), field.name) for field in dataclasses.fields(registry(self.family).get(self.type).cls)}
+        return {"type": self.type, **{k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A fully resolved preset (after ``extends``)."""
+
+    name: str
+    description: str = ""
+    path: str | None = None
+    extends_chain: tuple[str, ...] = ()  # the files merged in, parent first
+    noise: tuple[StrategySpec, ...] = ()
+    caption: tuple[StrategySpec, ...] = ()
+    timesteps: StrategySpec | None = None
+    loss_weighting: StrategySpec | None = None
+    optimizer: StrategySpec | None = None
+    optimizer_fallback: StrategySpec | None = None
+    attention: StrategySpec | None = None
+    memory: MemorySettings = dataclasses.field(default_factory=MemorySettings)
+
+    def to_dict(self, *, with_defaults: bool = False) -> dict[str, Any]:
+        """The resolved preset as TOML-ready data (no ``extends``: everything is inlined)."""
+        data: dict[str, Any] = {"preset": {"name": self.name, "description": self.description}}
+        for section in LIST_SECTIONS:
+            specs = getattr(self, section)
+            if specs:
+                data[section] = [spec.to_table(with_defaults=with_defaults) for spec in specs]
+        for section in SINGLE_SECTIONS:
+            spec = getattr(self, section)
+            if spec is not None:
+                data[section] = spec.to_table(with_defaults=with_defaults)
+        if self.optimizer_fallback is not None:
+            data["optimizer"]["fallback"] = self.optimizer_fallback.type
+        data["memory"] = dataclasses.asdict(self.memory)
+        return data
+
+    def to_toml(self, *, with_defaults: bool = True) -> str:
+        from sdplug.toml_writer import dumps
+
+        return dumps(self.to_dict(with_defaults=with_defaults))
+
+
+def shipped_presets_dir() -> Path:
+    """Where the presets shipped with sdplug live (package data, or the source tree)."""
+    try:
+        from importlib.resources import files
+
+        packaged = Path(str(files("sdplug._presets")))
+        if packaged.is_dir():
+            return packaged
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "presets"
+
+
+def shipped_preset_names() -> list[str]:
+    return sorted(p.stem for p in shipped_presets_dir().glob("*.toml"))
+
+
+def resolve_preset_path(reference: str, relative_to: Path | None = None) -> Path:
+    """A preset reference (a shipped preset's name, or a path) as an existing file path."""
+    candidate = Path(reference)
+    looks_like_path = candidate.suffix == ".toml" or len(candidate.parts) > 1
+    if looks_like_path:
+        if relative_to is not None and not candidate.is_absolute():
+            candidate = relative_to / candidate
+        if candidate.is_file():
+            return candidate
+        raise FileNotFoundError(str(candidate))
+    if relative_to is not None and (relative_to / f"{reference}.toml").is_file():
+        return relative_to / f"{reference}.toml"
+    shipped = shipped_presets_dir() / f"{reference}.toml"
+    if shipped.is_file():
+        return shipped
+    raise FileNotFoundError(reference)
+
+
+def load_preset(path: str | Path) -> Preset:
+    """Load, resolve ``extends`` and validate a preset file (or a shipped preset's name)."""
+    path = Path(path)
+    if not path.is_file():
+        try:
+            path = resolve_preset_path(str(path))
+        except FileNotFoundError:
+            raise PresetError(
+                f"no such preset file. Shipped presets: {', '.join(shipped_preset_names())}."
+                f"{did_you_mean(path.stem, shipped_preset_names())}",
+                path=str(path),
+            ) from None
+    return _load(path, chain=())
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PresetError(f"cannot read the file: {exc}", path=str(path)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PresetError(f"not valid TOML: {exc}", path=str(path)) from None
+
+
+def _load(path: Path, chain: tuple[Path, ...]) -> Preset:
+    real = path.resolve()
+    if real in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, real))
+        raise PresetError(f"'extends' makes a cycle: {cycle}.", path=str(path), key="preset.extends")
+    return parse_preset(_read_toml(path), path=str(path), _chain=(*chain, real))
+
+
+def parse_preset(data: Any, *, path: str = "<preset>", _chain: tuple[Path, ...] = ()) -> Preset:
+    """Validate preset ``data`` (as read from TOML) and resolve its ``extends``."""
+    if not isinstance(data, Mapping):
+        raise PresetError(f"a preset is a TOML table, not {type(data).__name__}.", path=path)
+    for section in data:
+        if section not in SECTIONS:
+            raise PresetError(
+                f"unknown section {section!r}. Allowed sections: {', '.join(SECTIONS)}.{did_you_mean(section, SECTIONS)}",
+                path=path,
+                key=str(section),
+            )
+    info = _table(data.get("preset", {}), path, "preset")
+    _check_keys(info, PRESET_KEYS, path, "preset", "the [preset] table")
+    for key in PRESET_KEYS:
+        if key in info and not isinstance(info[key], str):
+            raise PresetError(f"{_show(info[key])} is not allowed: must be a string.", path=path, key=f"preset.{key}")
+
+    own: dict[str, Any] = {}
+    for section in LIST_SECTIONS:
+        if section in data:
+            own[section] = tuple(_strategies(data[section], section, path))
+    for section in SINGLE_SECTIONS:
+        if section in data:
+            own[section] = _strategy(data[section], section, path, section, extra_keys=OPTIMIZER_EXTRA_KEYS if section == "optimizer" else ())
+    if "optimizer" in data:
+        own["optimizer_fallback"] = _fallback(data["optimizer"], own["optimizer"], path)
+    memory_table = _table(data.get("memory", {}), path, "memory")
+
+    parent = None
+    if "extends" in info:
+        here = Path(path).parent if path != "<preset>" else None
+        try:
+            parent_path = resolve_preset_path(info["extends"], relative_to=here)
+        except FileNotFoundError:
+            names = shipped_preset_names()
+            raise PresetError(
+                f"'extends' names {info['extends']!r}, which is neither a preset file nor a shipped preset. "
+                f"Allowed: a path to a .toml file or one of: {', '.join(names)}.{did_you_mean(info['extends'], names)}",
+                path=path,
+                key="preset.extends",
+            ) from None
+        parent = _load(parent_path, _chain)
+
+    memory_values = dict(dataclasses.asdict(parent.memory)) if parent else {}
+    memory_values.update(memory_table)
+    memory = validate_params(MemorySettings, memory_values, what="[memory]", path=path, key="memory")
+
+    merged = {field.name: getattr(parent, field.name) for field in dataclasses.fields(Preset)} if parent else {}
+    merged.update(own)
+    merged.update(
+        name=info.get("name", Path(path).stem),
+        description=info.get("description", ""),
+        path=path,
+        extends_chain=(*(parent.extends_chain if parent else ()), *((parent.path,) if parent else ())),
+        memory=memory,
+    )
+    preset = Preset(**merged)
+    _check_consistency(preset, path)
+    return preset
+
+
+def _table(value: Any, path: str, key: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise PresetError(f"{_show(value)} is not allowed: [{key}] must be a table.", path=path, key=key)
+    return dict(value)
+
+
+def _check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], path: str, key: str, what: str) -> None:
+    for name in table:
+        if name not in allowed:
+            raise PresetError(
+                f"unknown key {name!r} in {what}. Allowed keys: {', '.join(allowed)}.{did_you_mean(name, allowed)}",
+                path=path,
+                key=f"{key}.{name}",
+            )
+
+
+def _strategies(value: Any, family: str, path: str) -> list[StrategySpec]:
+    if isinstance(value, Mapping):
+        raise PresetError(
+            f"{family} is a list applied in order: write [[{family}]] (double brackets) for each entry.",
+            path=path,
+            key=family,
+        )
+    if not isinstance(value, list):
+        raise PresetError(f"{_show(value)} is not allowed: {family} must be an array of tables ([[{family}]]).", path=path, key=family)
+    return [_strategy(entry, family, path, f"{family}[{i}]") for i, entry in enumerate(value)]
+
+
+def _strategy(value: Any, family: str, path: str, key: str, extra_keys: tuple[str, ...] = ()) -> StrategySpec:
+    if not isinstance(value, Mapping):
+        raise PresetError(f"{_show(value)} is not allowed: {key} must be a table with a 'type' key.", path=path, key=key)
+    table = dict(value)
+    names = registry(family).names()
+    if "type" not in table:
+        raise PresetError(f"missing 'type'. Allowed types for {family}: {', '.join(names)}.", path=path, key=f"{key}.type")
+    name = table.pop("type")
+    if not isinstance(name, str) or name not in registry(family):
+        raise PresetError(
+            f"{_show(name)} is not a {family} strategy. Allowed types: {', '.join(names)}."
+            f"{did_you_mean(name, names) if isinstance(name, str) else ''}",
+            path=path,
+            key=f"{key}.type",
+        )
+    for extra in extra_keys:
+        table.pop(extra, None)
+    try:
+        registry(family).create(name, _path=path, _key=key, **table)
+    except PresetError:
+        raise
+    except SdplugError as exc:  # e.g. a plugin that fails to load
+        raise PresetError(str(exc), path=path, key=f"{key}.type") from None
+    return StrategySpec(family, name, dict(table), f"{path}: {key}")
+
+
+def _fallback(value: Mapping[str, Any], primary: StrategySpec, path: str) -> StrategySpec | None:
+    if "fallback" not in value:
+        return None
+    table = {"type": value["fallback"], **primary.params}
+    return _strategy(table, "optimizer", path, "optimizer.fallback")
+
+
+def _check_consistency(preset: Preset, path: str) -> None:
+    seen_input = None
+    for i, spec in enumerate(preset.noise):
+        role = registry("noise").get(spec.type).cls.role
+        if role == "input":
+            seen_input = seen_input if seen_input is not None else i
+        elif seen_input is not None:
+            raise PresetError(
+                f"{spec.type!r} changes the target noise but comes after noise[{seen_input}] "
+                f"({preset.noise[seen_input].type!r}), which changes only the model-input noise. "
+                "Allowed: list input-only strategies last, so the loss target is fully built first.",
+                path=path,
+                key=f"noise[{i}].type",
+            )
+    if preset.memory.cache_text_encoder_outputs:
+        for i, spec in enumerate(preset.caption):
+            if registry("caption").get(spec.type).cls.needs_text:
+                raise PresetError(
+                    f"caption transform {spec.type!r} rewrites the caption text, which cached text-encoder outputs "
+                    "no longer have. Allowed with memory.cache_text_encoder_outputs = true: 'dropout' only "
+                    "(applied by substituting the empty caption's embedding); or turn caching off.",
+                    path=path,
+                    key=f"caption[{i}].type",
+                )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        text = repr(value)
+        return text if len(text) < 60 else text[:57] + "..."
+    return repr(value)

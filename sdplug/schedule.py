@@ -1,0 +1,51 @@
+"""Noise-schedule helpers that read ``alphas_cumprod`` and nothing else.
+
+Notation (docs/techniques.md): ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` with ``a_t`` the
+cumulative product of alphas, and ``SNR(t) = a_t / (1 - a_t)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        from sdplug.errors import PresetError
+
+        raise PresetError(
+            f"unknown prediction_type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}."
+        )
+    return prediction_type
+
+
+def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """SNR(t) per timestep, in float64 then cast to float32.
+
+    Finite everywhere: at a zero-terminal step (a_T = 0) it is exactly 0, and at a_t = 1 (never
+    used by real schedules) it is clamped to the largest finite float32 rather than inf.
+    """
+    a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps.long()]
+    ratio = a / (1.0 - a).clamp_min(torch.finfo(torch.float64).tiny)
+    return ratio.clamp(max=torch.finfo(torch.float32).max).to(torch.float32)
+
+
+def scaled_linear_alphas_cumprod(
+    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> torch.Tensor:
+    """Stable Diffusion 1.x/2.x's "scaled_linear" schedule, as diffusers builds it."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(a_t) so the last step has SNR exactly 0.
+
+    Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed" (2024), Alg. 1.
+    """
+    root = alphas_cumprod.to(torch.float64).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return (root**2).to(torch.float32)

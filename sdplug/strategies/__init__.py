@@ -1,0 +1,99 @@
+"""The six strategy registries and their built-in strategies.
+
+Families: noise, timesteps, loss_weighting, caption, optimizer, attention. Third-party
+packages add strategies through the entry-point group ``sdplug.<family>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdplug.errors import UnknownStrategyError
+from sdplug.registry import Registry
+from sdplug.strategies import attention, caption, fields, learned, loss_weighting, noise, optimizer, pyramid, timesteps
+from sdplug.strategies.base import (
+    AttentionStrategy,
+    CaptionTransform,
+    LossWeighting,
+    NoiseStrategy,
+    OptimizerStrategy,
+    TimestepStrategy,
+)
+
+FAMILY_BASES = {
+    "noise": NoiseStrategy,
+    "timesteps": TimestepStrategy,
+    "loss_weighting": LossWeighting,
+    "caption": CaptionTransform,
+    "optimizer": OptimizerStrategy,
+    "attention": AttentionStrategy,
+}
+
+BUILTINS: dict[str, dict[str, type]] = {
+    "noise": {
+        "gaussian": noise.GaussianNoise,
+        "offset": noise.OffsetNoise,
+        "pyramid": pyramid.PyramidNoise,
+        "perlin": fields.PerlinNoise,
+        "pink": fields.PinkNoise,
+        "input_perturbation": noise.InputPerturbation,
+        "immiscible": noise.ImmiscibleNoise,
+    },
+    "timesteps": {
+        "uniform": timesteps.UniformTimesteps,
+        "logit_normal": timesteps.LogitNormalTimesteps,
+        "biased": timesteps.BiasedTimesteps,
+    },
+    "loss_weighting": {
+        "constant": loss_weighting.ConstantWeighting,
+        "snr": loss_weighting.SNRWeighting,
+        "min_snr": loss_weighting.MinSNRWeighting,
+        "max_snr": loss_weighting.MaxSNRWeighting,
+        "soft_min_snr": loss_weighting.SoftMinSNRWeighting,
+        "debiased": loss_weighting.DebiasedWeighting,
+        "p2": loss_weighting.P2Weighting,
+        "learned": learned.LearnedWeighting,
+    },
+    "caption": {
+        "dropout": caption.CaptionDropout,
+        "tag_dropout": caption.TagDropout,
+        "shuffle": caption.TagShuffle,
+    },
+    "optimizer": {
+        "adamw": optimizer.AdamW,
+        "adamw8bit": optimizer.AdamW8bit,
+        "paged_adamw8bit": optimizer.PagedAdamW8bit,
+        "lion8bit": optimizer.Lion8bit,
+        "adafactor": optimizer.Adafactor,
+    },
+    "attention": {
+        "sdpa": attention.SDPAAttention,
+        "xformers": attention.XFormersAttention,
+        "sliced": attention.SlicedAttention,
+        "default": attention.DefaultAttention,
+    },
+}
+
+FAMILIES = tuple(FAMILY_BASES)
+
+
+def build_registries(**registry_options: Any) -> dict[str, Registry]:
+    """Fresh registries holding the built-ins (tests inject fake entry points through options)."""
+    registries = {}
+    for family, base in FAMILY_BASES.items():
+        registry = Registry(family, base, **registry_options)
+        for name, cls in BUILTINS[family].items():
+            registry.register(name, cls)
+        registries[family] = registry
+    return registries
+
+
+REGISTRIES = build_registries()
+
+
+def registry(family: str) -> Registry:
+    """The registry of ``family``; an unknown family lists the known ones."""
+    try:
+        return REGISTRIES[family]
+    except KeyError:
+        raise UnknownStrategyError("families", family, FAMILIES) from None

@@ -1,0 +1,137 @@
+"""The base class of each strategy family: the contract hosts rely on.
+
+Strategies are pure: tensors and keyword arguments in, tensors (or strings) out. They never
+import a host, the trainer or the CLI, and never set attributes on a host's objects.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from sdplug.schedule import check_prediction_type, snr
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+
+
+class NoiseStrategy:
+    """Makes or reshapes the training noise for a batch of latents.
+
+    ``role`` tells hosts which noise a strategy changes: ``"target"`` strategies change the
+    noise the loss is measured against (and mixed into the model input); ``"input"``
+    strategies change only the noise mixed into the model's input, leaving the target clean.
+    """
+
+    role: ClassVar[Literal["target", "input"]] = "target"
+
+    def transform(self, noise: torch.Tensor | None, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Return new noise shaped like ``latents``; ``noise`` is the noise so far (None: none yet)."""
+        raise NotImplementedError
+
+    def __call__(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """This strategy alone: noise of ``latents``' shape, dtype and device."""
+        return self.transform(None, latents, generator)
+
+
+class TimestepStrategy:
+    """Draws one integer training timestep per sample."""
+
+    def sample(self, batch_size: int, num_train_timesteps: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        batch_size: int,
+        num_train_timesteps: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """A LongTensor of ``batch_size`` timesteps in ``[0, num_train_timesteps)``.
+
+        Drawn on the generator's device (CPU when none) so a seed gives the same timesteps
+        wherever the model lives, then moved to ``device``.
+        """
+        t = self.sample(batch_size, num_train_timesteps, generator=generator)
+        return t.to(device) if device is not None else t
+
+
+class LossWeighting:
+    """Weights a per-sample diffusion loss by its timestep.
+
+    Subclasses give ``weight_for(snr, prediction_type)``: the weight of a loss measured in the
+    model's own prediction space (epsilon, v or x0), finite for every SNR in ``[0, inf)``.
+    """
+
+    learnable: ClassVar[bool] = False
+
+    def weight_for(self, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weights(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        """One weight per sample."""
+        check_prediction_type(prediction_type)
+        return self.weight_for(snr(timesteps, alphas_cumprod), prediction_type)
+
+    def apply(self, loss: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        """Per-sample loss in, weighted per-sample loss out."""
+        w = self.weights(timesteps, alphas_cumprod, prediction_type).to(device=loss.device, dtype=loss.dtype)
+        return loss * w
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters the host must add to its optimizer (none for fixed weightings)."""
+        return []
+
+
+class CaptionTransform:
+    """Rewrites one caption. ``needs_text`` is False when the effect can be applied to cached
+    text-encoder outputs (by substituting the empty caption's embedding)."""
+
+    needs_text: ClassVar[bool] = True
+
+    def __call__(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> str:
+        raise NotImplementedError
+
+
+class OptimizerStrategy:
+    """Builds a ``torch.optim.Optimizer`` for the given parameters."""
+
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def check_available(self) -> None:
+        """Raise ``MissingDependencyError`` when this optimizer cannot be built here."""
+        from sdplug.optional import require
+
+        for package in self.requires:
+            require(package, feature=f"optimizer {type(self).__name__}")
+
+    def build(self, params: Any) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+
+class AttentionStrategy:
+    """Installs an attention implementation in a diffusers model."""
+
+    def check_available(self) -> None:
+        """Raise ``MissingDependencyError`` when this attention cannot run here."""
+
+    def processor(self) -> Any:
+        raise NotImplementedError
+
+    def apply(self, model: torch.nn.Module) -> int:
+        """Swap the processor of every attention module of ``model``; return how many changed."""
+        from sdplug.errors import SdplugError
+
+        self.check_available()
+        if not hasattr(model, "attn_processors") or not hasattr(model, "set_attn_processor"):
+            raise SdplugError(
+                f"{type(self).__name__} applies to diffusers models with attention processors; "
+                f"{type(model).__name__} has none (hosts with their own attention use their adapter)."
+            )
+        names = list(model.attn_processors)
+        if not names:
+            raise SdplugError(f"{type(model).__name__} has no attention modules to apply {type(self).__name__} to.")
+        model.set_attn_processor(self.processor())
+        return len(names)

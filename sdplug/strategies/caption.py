@@ -1,0 +1,85 @@
+"""Caption transforms: dropout for classifier-free guidance, tag dropout, tag shuffling.
+
+Source: seed 002 (docs/techniques.md section 3): classifier-free guidance (Ho & Salimans,
+2022) needs the model trained without its caption some of the time.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Annotated
+
+from pydantic import Field
+
+from sdplug.params import strategy_params
+from sdplug.strategies.base import CaptionTransform
+
+_Rate = Annotated[float, Field(ge=0.0, le=1.0)]
+_Keep = Annotated[int, Field(ge=0, le=1000)]
+_Separator = Annotated[str, Field(min_length=1, max_length=8)]
+
+
+def _rng(rng: random.Random | None) -> random.Random:
+    return rng if rng is not None else random.Random()
+
+
+def split_tags(caption: str, separator: str) -> list[str]:
+    return [tag.strip() for tag in caption.split(separator) if tag.strip()]
+
+
+def join_tags(tags: list[str], separator: str) -> str:
+    return (separator if separator[-1].isspace() else separator + " ").join(tags)
+
+
+@strategy_params
+class CaptionDropout(CaptionTransform):
+    """Caption dropout: the empty caption with probability ``rate`` (Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022).
+
+    ``rate`` 0.1 is the usual default (Imagen). ``every_n_epochs`` > 0 also drops every caption
+    in every N-th epoch (epochs counted from 0: epochs N-1, 2N-1, ...), as kohya's
+    ``--caption_dropout_every_n_epochs``. ``decide`` gives the per-sample decision alone, so a
+    host with cached text-encoder outputs can substitute the empty caption's embedding.
+    """
+
+    needs_text = False
+    rate: _Rate = 0.1
+    every_n_epochs: _Keep = 0
+
+    def decide(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
+        """True when this sample's caption is dropped. Draws exactly one number from ``rng``."""
+        drawn = _rng(rng).random()
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            return True
+        return drawn < self.rate
+
+    def __call__(self, caption, *, epoch=0, rng=None):
+        return "" if self.decide(epoch=epoch, rng=rng) else caption
+
+
+@strategy_params
+class TagDropout(CaptionTransform):
+    """Tag dropout: drops each tag with probability ``rate``, keeping the first ``keep_tokens`` (kohya's ``--caption_tag_dropout_rate``)."""
+
+    rate: _Rate = 0.1
+    keep_tokens: _Keep = 0
+    separator: _Separator = ","
+
+    def __call__(self, caption, *, epoch=0, rng=None):
+        rng = _rng(rng)
+        tags = split_tags(caption, self.separator)
+        kept = tags[: self.keep_tokens] + [t for t in tags[self.keep_tokens :] if rng.random() >= self.rate]
+        return join_tags(kept, self.separator)
+
+
+@strategy_params
+class TagShuffle(CaptionTransform):
+    """Tag shuffling: shuffles tags after the first ``keep_tokens`` (kohya's ``--shuffle_caption`` with ``--keep_tokens``)."""
+
+    keep_tokens: _Keep = 0
+    separator: _Separator = ","
+
+    def __call__(self, caption, *, epoch=0, rng=None):
+        tags = split_tags(caption, self.separator)
+        head, tail = tags[: self.keep_tokens], tags[self.keep_tokens :]
+        _rng(rng).shuffle(tail)
+        return join_tags(head + tail, self.separator)

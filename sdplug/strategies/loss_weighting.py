@@ -1,0 +1,131 @@
+"""Per-timestep loss weightings, each correct for epsilon, v and x0 (sample) prediction.
+
+Every weighting is defined by its weight on the loss measured in x0 space, ``w_x0(SNR)``;
+since ``|eps - eps_hat|^2 = SNR |x0 - x0_hat|^2`` and ``|v - v_hat|^2 = (SNR + 1) |x0 - x0_hat|^2``,
+the weight of a model's own loss is ``w_x0 / SNR`` (epsilon), ``w_x0 / (SNR + 1)`` (v) or
+``w_x0`` (sample). The formulas below are written per prediction type in a form that stays
+finite at SNR = 0 (zero-terminal schedules), where ``w_x0 / SNR`` has no value: the limit is
+used where it exists and ``snr_floor`` bounds the ones that diverge.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import Field
+
+from sdplug.params import strategy_params
+from sdplug.strategies.base import LossWeighting
+
+_Gamma = Annotated[float, Field(gt=0.0, le=1e4)]
+_Floor = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+def _in_prediction_space(w_x0: torch.Tensor, snr: torch.Tensor, prediction_type: str, snr_floor: float) -> torch.Tensor:
+    """Convert an x0-space weight into the model's space, dividing by at least ``snr_floor``."""
+    if prediction_type == "sample":
+        return w_x0
+    if prediction_type == "v_prediction":
+        return w_x0 / (snr + 1.0)
+    return w_x0 / snr.clamp_min(snr_floor)
+
+
+@strategy_params
+class ConstantWeighting(LossWeighting):
+    """No reweighting: the host's loss as computed (weight 1 in the model's own space)."""
+
+    def weight_for(self, snr, prediction_type):
+        return torch.ones_like(snr)
+
+
+@strategy_params
+class SNRWeighting(LossWeighting):
+    """SNR weighting, ``w_x0 = SNR``: plain epsilon-prediction MSE expressed for any model (Ho et al., 2020)."""
+
+    def weight_for(self, snr, prediction_type):
+        if prediction_type == "epsilon":
+            return torch.ones_like(snr)  # SNR / SNR, also in the SNR -> 0 limit
+        return _in_prediction_space(snr, snr, prediction_type, 1.0)
+
+
+@strategy_params
+class MinSNRWeighting(LossWeighting):
+    """Min-SNR-gamma, ``w_x0 = min(SNR, gamma)`` (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy", ICCV 2023).
+
+    Model weights: x0 ``min(SNR, gamma)``, epsilon ``min(SNR, gamma) / SNR`` (= ``min(1, gamma / SNR)``,
+    1 at SNR = 0), v ``min(SNR, gamma) / (SNR + 1)``. Paper default gamma 5.
+    """
+
+    gamma: _Gamma = 5.0
+
+    def weight_for(self, snr, prediction_type):
+        if prediction_type == "epsilon":
+            return torch.where(snr > self.gamma, self.gamma / snr.clamp_min(self.gamma), torch.ones_like(snr))
+        return _in_prediction_space(snr.clamp(max=self.gamma), snr, prediction_type, 1.0)
+
+
+@strategy_params
+class MaxSNRWeighting(LossWeighting):
+    """Max-SNR-gamma, ``w_x0 = max(SNR, gamma)`` (the truncated-SNR family; Salimans & Ho, 2022, use gamma 1).
+
+    For epsilon models the weight ``max(SNR, gamma) / SNR`` grows without bound as SNR -> 0, so
+    the SNR divided by is at least ``snr_floor``.
+    """
+
+    gamma: _Gamma = 1.0
+    snr_floor: _Floor = 1e-3
+
+    def weight_for(self, snr, prediction_type):
+        return _in_prediction_space(snr.clamp(min=self.gamma), snr, prediction_type, self.snr_floor)
+
+
+@strategy_params
+class SoftMinSNRWeighting(LossWeighting):
+    """Soft-min-SNR, ``w_x0 = SNR * gamma / (SNR + gamma)``: a smooth min-SNR (Crowson et al., "Scalable High-Resolution Pixel-Space Image Synthesis with Hourglass Diffusion Transformers", 2024).
+
+    Model weights: x0 ``SNR gamma / (SNR + gamma)``, epsilon ``gamma / (SNR + gamma)``,
+    v ``SNR gamma / ((SNR + gamma)(SNR + 1))``.
+    """
+
+    gamma: _Gamma = 5.0
+
+    def weight_for(self, snr, prediction_type):
+        if prediction_type == "epsilon":
+            return self.gamma / (snr + self.gamma)
+        return _in_prediction_space(snr * self.gamma / (snr + self.gamma), snr, prediction_type, 1.0)
+
+
+@strategy_params
+class DebiasedWeighting(LossWeighting):
+    """Debiased estimation, epsilon weight ``1 / sqrt(SNR)``, i.e. ``w_x0 = sqrt(SNR)`` (Yu et al., "Debias the Training of Diffusion Models", 2024).
+
+    The same x0-space weight for every model: v ``sqrt(SNR) / (SNR + 1)``, x0 ``sqrt(SNR)``
+    (kohya's v form, ``1 / (SNR + 1)``, is a different weighting). The epsilon weight diverges
+    as SNR -> 0, so the SNR divided by is at least ``snr_floor``.
+    """
+
+    snr_floor: _Floor = 1e-3
+
+    def weight_for(self, snr, prediction_type):
+        if prediction_type == "epsilon":
+            return snr.clamp_min(self.snr_floor).rsqrt()
+        return _in_prediction_space(snr.sqrt(), snr, prediction_type, self.snr_floor)
+
+
+@strategy_params
+class P2Weighting(LossWeighting):
+    """P2 weighting, epsilon weight ``1 / (k + SNR)**gamma`` (Choi et al., "Perception Prioritized Training of Diffusion Models", CVPR 2022).
+
+    ``w_x0 = SNR / (k + SNR)**gamma``: v ``SNR / ((k + SNR)**gamma (SNR + 1))``, x0
+    ``SNR / (k + SNR)**gamma``. Paper defaults k = 1, gamma = 1.
+    """
+
+    k: Annotated[float, Field(gt=0.0, le=1e3)] = 1.0
+    gamma: Annotated[float, Field(ge=0.0, le=10.0)] = 1.0
+
+    def weight_for(self, snr, prediction_type):
+        base = (self.k + snr).pow(-self.gamma)
+        if prediction_type == "epsilon":
+            return base
+        return _in_prediction_space(snr * base, snr, prediction_type, 1.0)

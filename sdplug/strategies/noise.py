@@ -1,0 +1,83 @@
+"""Noise strategies that need no more than a few lines each.
+
+Pyramid noise lives in ``pyramid.py``; pink and Perlin noise in ``fields.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import Field
+
+from sdplug.params import strategy_params
+from sdplug.strategies._tensor import fresh_gaussian, work_dtype
+from sdplug.strategies.assignment import min_cost_assignment
+from sdplug.strategies.base import NoiseStrategy
+
+
+def _start(noise: torch.Tensor | None, latents: torch.Tensor, generator) -> torch.Tensor:
+    return fresh_gaussian(latents, generator) if noise is None else noise.to(work_dtype(latents))
+
+
+@strategy_params
+class GaussianNoise(NoiseStrategy):
+    """Standard Gaussian noise, ``randn_like(latents)`` (Ho et al., DDPM, 2020): the default.
+
+    In a noise list it passes the noise so far through unchanged.
+    """
+
+    def transform(self, noise, latents, generator):
+        return _start(noise, latents, generator).to(latents.dtype)
+
+
+@strategy_params
+class OffsetNoise(NoiseStrategy):
+    """Offset noise: adds one Gaussian constant per sample and channel (N. Guttenberg, 2023).
+
+    ``noise + strength * randn(B, C, 1, 1)``; the original post used ``strength`` 0.1 and no
+    renormalisation (communities use 0.03-0.1).
+    """
+
+    strength: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+
+    def transform(self, noise, latents, generator):
+        noise = _start(noise, latents, generator)
+        shape = (*latents.shape[:2], *([1] * (latents.dim() - 2)))
+        offset = torch.randn(shape, generator=generator, device=latents.device, dtype=noise.dtype)
+        return (noise + self.strength * offset).to(latents.dtype)
+
+
+@strategy_params
+class InputPerturbation(NoiseStrategy):
+    """Input perturbation: noisier model input, clean loss target (Ning et al., "Input Perturbation Reduces Exposure Bias", 2023).
+
+    The model sees ``x_t`` built from ``noise + gamma * randn_like(noise)`` while the loss
+    target stays ``noise``. Role ``"input"``: hosts apply it to the model-input noise only.
+    Ning et al. use ``gamma`` 0.1.
+    """
+
+    role = "input"
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+
+    def transform(self, noise, latents, generator):
+        noise = _start(noise, latents, generator)
+        return (noise + self.gamma * fresh_gaussian(latents, generator, noise.dtype)).to(latents.dtype)
+
+
+@strategy_params
+class ImmiscibleNoise(NoiseStrategy):
+    """Immiscible diffusion: reassigns the batch's noise samples to latents to minimise total distance (Li et al., 2024).
+
+    Each latent gets the noise sample that a minimum-cost assignment over the batch gives it
+    (squared L2 distance), so nearby noise goes to nearby images; the noise itself is unchanged
+    as a set, so its marginal distribution stays Gaussian.
+    """
+
+    def transform(self, noise, latents, generator):
+        noise = _start(noise, latents, generator)
+        if latents.shape[0] < 2:
+            return noise.to(latents.dtype)
+        distance = torch.cdist(latents.flatten(1).to(noise.dtype), noise.flatten(1)).pow(2)
+        order = min_cost_assignment(distance.detach().cpu().double().numpy())
+        return noise[torch.as_tensor(order, device=noise.device)].to(latents.dtype)

@@ -1,0 +1,119 @@
+"""Optimizers, including bitsandbytes' 8-bit ones (imported only when chosen)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import Field
+
+from sdplug.optional import require
+from sdplug.params import strategy_params
+from sdplug.strategies.base import OptimizerStrategy
+
+_LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+_Betas = Annotated[list[_Beta], Field(min_length=2, max_length=2)]
+_WeightDecay = Annotated[float, Field(ge=0.0, le=1.0)]
+_Eps = Annotated[float, Field(gt=0.0, le=1e-2)]
+
+
+@strategy_params
+class AdamW(OptimizerStrategy):
+    """AdamW, PyTorch's (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019): 8 bytes of state per parameter."""
+
+    lr: _LearningRate = 1e-4
+    betas: _Betas = (0.9, 0.999)
+    weight_decay: _WeightDecay = 1e-2
+    eps: _Eps = 1e-8
+
+    def build(self, params):
+        return torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, eps=self.eps)
+
+
+class _Bitsandbytes8bit(OptimizerStrategy):
+    requires = ("bitsandbytes",)
+    bnb_class = ""
+
+    def build(self, params):
+        bnb = require("bitsandbytes", feature=f"optimizer {self.bnb_class}")
+        cls = getattr(bnb.optim, self.bnb_class)
+        return cls(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, **self._extra())
+
+    def _extra(self) -> dict:
+        return {"eps": self.eps}
+
+
+@strategy_params
+class AdamW8bit(_Bitsandbytes8bit):
+    """AdamW with block-wise 8-bit states, bitsandbytes (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", 2022): about 2 bytes of state per parameter."""
+
+    bnb_class = "AdamW8bit"
+    lr: _LearningRate = 1e-4
+    betas: _Betas = (0.9, 0.999)
+    weight_decay: _WeightDecay = 1e-2
+    eps: _Eps = 1e-8
+
+
+@strategy_params
+class PagedAdamW8bit(_Bitsandbytes8bit):
+    """AdamW8bit whose states live in paged memory that can spill to CPU RAM, bitsandbytes (Dettmers et al., 2022)."""
+
+    bnb_class = "PagedAdamW8bit"
+    lr: _LearningRate = 1e-4
+    betas: _Betas = (0.9, 0.999)
+    weight_decay: _WeightDecay = 1e-2
+    eps: _Eps = 1e-8
+
+
+@strategy_params
+class Lion8bit(_Bitsandbytes8bit):
+    """Lion with 8-bit momentum, bitsandbytes (Chen et al., "Symbolic Discovery of Optimization Algorithms", 2023): about 1 byte of state per parameter.
+
+    Lion wants a learning rate 3-10x below AdamW's and a weight decay 3-10x above it.
+    """
+
+    bnb_class = "Lion8bit"
+    lr: _LearningRate = 3e-5
+    betas: _Betas = (0.9, 0.99)
+    weight_decay: _WeightDecay = 1e-1
+
+    def _extra(self) -> dict:
+        return {}
+
+
+@strategy_params
+class Adafactor(OptimizerStrategy):
+    """Adafactor, transformers' (Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", 2018).
+
+    Factored second moments: far below one float of state per parameter for matrices. With no
+    ``lr`` it uses the paper's relative step size.
+    """
+
+    lr: _LearningRate | None = None
+    weight_decay: _WeightDecay = 0.0
+    clip_threshold: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+
+    def build(self, params):
+        from transformers.optimization import Adafactor as TransformersAdafactor
+
+        relative = self.lr is None
+        return TransformersAdafactor(
+            params,
+            lr=self.lr,
+            relative_step=relative,
+            scale_parameter=relative,
+            warmup_init=False,
+            clip_threshold=self.clip_threshold,
+            weight_decay=self.weight_decay,
+        )
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in the optimizer's per-parameter state tensors (moments, quantisation maps)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
