@@ -86,8 +86,7 @@ def validate_params(cls, params: dict[str, Any], *, what: str, path: str | None 
     for name in params:
         if name not in allowed:
             raise PresetError(
-                f"unknown key {name!r} for {what}. Allowed keys: {', '.join(allowed) or '(none)'}."
-                f"{did_you_mean(name, allowed)}",
+                f"unknown key {name!r} for {what}. Allowed keys: {', '.join(allowed) or '(none)'}.{did_you_mean(name, allowed)}",
                 path=path,
                 key=f"{prefix}{name}",
             )

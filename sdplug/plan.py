@@ -136,8 +136,13 @@ class Plan:
 
     def timesteps(self, batch_size: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         if self.timestep_sampler is None:
-            t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator,
-                              device=generator.device if generator is not None else "cpu")
+            t = torch.randint(
+                0,
+                self.num_train_timesteps,
+                (batch_size,),
+                generator=generator,
+                device=generator.device if generator is not None else "cpu",
+            )
             return t.to(device) if device is not None else t
         return self.timestep_sampler(batch_size, self.num_train_timesteps, generator=generator, device=device)
 

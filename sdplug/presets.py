@@ -67,7 +67,10 @@ class StrategySpec:
         """``type`` and parameters; ``with_defaults`` also writes every parameter left at its default."""
         params = dict(self.params)
         if with_defaults:
-            params = {field.name: getattr(self.create(), field.name) for field in dataclasses.fields(registry(self.family).get(self.type).cls)}
+            params = {
+                field.name: getattr(self.create(), field.name)
+                for field in dataclasses.fields(registry(self.family).get(self.type).cls)
+            }
         return {"type": self.type, **{k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}}
 
 
@@ -202,7 +205,9 @@ def parse_preset(data: Any, *, path: str = "<preset>", _chain: tuple[Path, ...] 
             own[section] = tuple(_strategies(data[section], section, path))
     for section in SINGLE_SECTIONS:
         if section in data:
-            own[section] = _strategy(data[section], section, path, section, extra_keys=OPTIMIZER_EXTRA_KEYS if section == "optimizer" else ())
+            own[section] = _strategy(
+                data[section], section, path, section, extra_keys=OPTIMIZER_EXTRA_KEYS if section == "optimizer" else ()
+            )
     if "optimizer" in data:
         own["optimizer_fallback"] = _fallback(data["optimizer"], own["optimizer"], path)
     memory_table = _table(data.get("memory", {}), path, "memory")
@@ -264,7 +269,9 @@ def _strategies(value: Any, family: str, path: str) -> list[StrategySpec]:
             key=family,
         )
     if not isinstance(value, list):
-        raise PresetError(f"{_show(value)} is not allowed: {family} must be an array of tables ([[{family}]]).", path=path, key=family)
+        raise PresetError(
+            f"{_show(value)} is not allowed: {family} must be an array of tables ([[{family}]]).", path=path, key=family
+        )
     return [_strategy(entry, family, path, f"{family}[{i}]") for i, entry in enumerate(value)]
 
 

@@ -15,9 +15,7 @@ def check_prediction_type(prediction_type: str) -> str:
     if prediction_type not in PREDICTION_TYPES:
         from sdplug.errors import PresetError
 
-        raise PresetError(
-            f"unknown prediction_type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}."
-        )
+        raise PresetError(f"unknown prediction_type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}.")
     return prediction_type
 
 

@@ -120,14 +120,19 @@ def test_level_sizes_seed_exact_reproduces_the_seed_loop():
 
 
 def test_level_sizes_intended_divides_the_full_size():
-    assert level_sizes(64, 128, [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0], "intended") == [(32, 64), (16, 32), (8, 16), (4, 8), (2, 4), (1, 2)]
+    assert level_sizes(64, 128, [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0], "intended") == [
+        (32, 64),
+        (16, 32),
+        (8, 16),
+        (4, 8),
+        (2, 4),
+        (1, 2),
+    ]
     # the seed's loop instead divides the already-shrunk size: sizes fall much faster
     assert level_sizes(64, 128, [2.0] * 7, "seed-exact") == [(64, 128), (32, 64), (8, 16), (1, 2)]
 
 
-@pytest.mark.parametrize(
-    "variant,reference", [("seed-exact", seed_code_reference), ("intended", per_level_upsample_reference)]
-)
+@pytest.mark.parametrize("variant,reference", [("seed-exact", seed_code_reference), ("intended", per_level_upsample_reference)])
 def test_pyramid_matches_its_reference_in_distribution(variant, reference):
     """Same law as the straightforward implementation: compare the spectrum's low bands."""
     torch.manual_seed(0)

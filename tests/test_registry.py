@@ -84,7 +84,9 @@ def test_plugin_cannot_shadow_a_builtin():
 
 
 def test_two_plugins_with_one_name_conflict():
-    noise = registries_with(FakeEntryPoint("doubled", DoubledNoise), FakeEntryPoint("doubled", DoubledNoise, dist="other"))["noise"]
+    noise = registries_with(FakeEntryPoint("doubled", DoubledNoise), FakeEntryPoint("doubled", DoubledNoise, dist="other"))[
+        "noise"
+    ]
     with pytest.raises(DuplicateStrategyError, match="other"):
         noise.names()
 

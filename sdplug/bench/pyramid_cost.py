@@ -65,10 +65,10 @@ def measure(repeats: int = 200, warmup: int = 10) -> dict[tuple[int, ...], dict[
     for shape in SHAPES:
         x = torch.randn(shape)
         methods = {
-            "sdplug pyramid (intended)": lambda: intended(x),
-            "sdplug pyramid (seed-exact)": lambda: seed_exact(x),
-            "seed-code reference": lambda: seed_code_reference(x),
-            "per-level-upsample reference": lambda: per_level_upsample_reference(x),
+            "sdplug pyramid (intended)": lambda x=x: intended(x),
+            "sdplug pyramid (seed-exact)": lambda x=x: seed_exact(x),
+            "seed-code reference": lambda x=x: seed_code_reference(x),
+            "per-level-upsample reference": lambda x=x: per_level_upsample_reference(x),
         }
         ratios: dict[str, list[float]] = {name: [] for name in methods}
         for step in range(warmup + repeats):
@@ -88,7 +88,9 @@ def main(repeats: int = 200, threads: int = 1) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
     results = measure(repeats=repeats)
-    print(f"pyramid-noise cost / randn_like cost (median over {repeats} rounds of time / randn_like time in the same round, {threads} thread(s), CPU)")
+    print(
+        f"pyramid-noise cost / randn_like cost (median over {repeats} rounds of time / randn_like time in the same round, {threads} thread(s), CPU)"
+    )
     worst = 0.0
     for shape, medians in results.items():
         print(f"\nshape {shape}:")

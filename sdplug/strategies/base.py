@@ -75,7 +75,9 @@ class LossWeighting:
         check_prediction_type(prediction_type)
         return self.weight_for(snr(timesteps, alphas_cumprod), prediction_type)
 
-    def apply(self, loss: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    def apply(
+        self, loss: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
+    ) -> torch.Tensor:
         """Per-sample loss in, weighted per-sample loss out."""
         w = self.weights(timesteps, alphas_cumprod, prediction_type).to(device=loss.device, dtype=loss.dtype)
         return loss * w

@@ -95,8 +95,6 @@ class PerlinNoise(NoiseStrategy):
         field = torch.zeros(maps, height, width, device=latents.device, dtype=noise.dtype)
         for octave in range(self.octaves):
             cells = min(self.cells * 2**octave, min(height, width))
-            field += self.persistence**octave * perlin_field(
-                maps, height, width, cells, generator, latents.device, noise.dtype
-            )
+            field += self.persistence**octave * perlin_field(maps, height, width, cells, generator, latents.device, noise.dtype)
         field /= field.std().clamp_min(torch.finfo(field.dtype).tiny)
         return normalize_(noise + self.strength * field.view_as(noise), self.normalize).to(latents.dtype)

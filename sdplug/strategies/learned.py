@@ -80,6 +80,6 @@ class LearnedWeighting(LossWeighting):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.network.parameters())
 
-    def to(self, device: torch.device | str) -> "LearnedWeighting":
+    def to(self, device: torch.device | str) -> LearnedWeighting:
         self.network.to(device)  # in place: the Parameter objects (and optimizer refs) stay the same
         return self
