@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 from sdplug.errors import SdplugError
@@ -50,6 +51,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return pyramid_cost.main(repeats=args.repeats, threads=args.threads)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sdplug.trainer.config import TrainConfig
+    from sdplug.trainer.loop import train
+
+    config = TrainConfig(
+        preset=args.preset,
+        model=args.model,
+        data=args.data,
+        mode=args.mode,
+        output=args.output,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        resolution=args.resolution,
+        prediction_type=args.prediction_type,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        train_text_encoder=args.train_text_encoder,
+        class_data=args.class_data,
+        prior_loss_weight=args.prior_loss_weight,
+        save_every=args.save_every,
+        resume=args.resume,
+        log_with=args.log_with,
+        samples=not args.no_samples,
+        progress=not args.no_progress,
+    )
+    train(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdplug", description="Diffusion-training tricks for every trainer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--as-written", action="store_true", help="omit parameters left at their defaults")
     p.set_defaults(run=_cmd_show)
+
+    p = sub.add_parser("train", help="train LoRA / DreamBooth with a preset (the embedded tiny default when no --model/--data)")
+    p.add_argument("preset", metavar="PRESET", help="a preset file, or a shipped preset's name")
+    p.add_argument("--model", type=Path, help="a local diffusers SD 1.x/2.x folder or single-file checkpoint (default: embedded tiny model)")
+    p.add_argument("--data", type=Path, help="a folder of images with same-named .txt captions (default: embedded synthetic data)")
+    p.add_argument("--mode", choices=["lora", "dreambooth"], default="lora")
+    p.add_argument("--output", type=Path, default=Path("output"))
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, help="training resolution for --model (default: the model's own)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], help="embedded model only (default epsilon)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, help="default: the rank (scale 1)")
+    p.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder (LoRA in lora mode)")
+    p.add_argument("--class-data", type=Path, help="dreambooth prior-preservation images with captions")
+    p.add_argument("--prior-loss-weight", type=float, default=1.0)
+    p.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps")
+    p.add_argument("--resume", type=Path, help="a checkpoint folder to continue from")
+    p.add_argument("--log-with", choices=["tensorboard"], help="log through accelerate's trackers")
+    p.add_argument("--no-samples", action="store_true", help="skip the before/after sample grids")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("bench", help="print pyramid-noise cost ratios against randn_like, measured side by side")
     p.add_argument("what", choices=["pyramid"])

@@ -14,10 +14,14 @@ import warnings
 
 import torch
 
+from sdplug.audit import Audit
 from sdplug.errors import MissingDependencyError
 from sdplug.presets import Preset
 from sdplug.schedule import check_prediction_type
 from sdplug.strategies.base import CaptionTransform, LossWeighting, NoiseStrategy, TimestepStrategy
+from sdplug.strategies.timesteps import UniformTimesteps
+
+_UNIFORM = UniformTimesteps()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +82,14 @@ class CaptionPipeline:
                 caption = transform(caption, epoch=epoch, rng=rng)
         return CaptionDraw(caption, dropped)
 
+    def drop_probability(self, epoch: int = 0) -> float:
+        """The chance that some dropout in the pipeline empties a caption in ``epoch``."""
+        keep = 1.0
+        for transform in self.transforms:
+            if hasattr(transform, "drop_probability"):
+                keep *= 1.0 - transform.drop_probability(epoch)
+        return 1.0 - keep
+
     def dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
         """The dropout decision alone, for hosts with cached text-encoder outputs.
 
@@ -104,8 +116,8 @@ class Plan:
         self.prediction_type = check_prediction_type(prediction_type)
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float32).cpu()
         self.num_train_timesteps = len(self.alphas_cumprod)
-        self.noise = NoisePipeline([spec.create() for spec in preset.noise])
-        self.caption = CaptionPipeline([spec.create() for spec in preset.caption])
+        self.noise_pipeline = NoisePipeline([spec.create() for spec in preset.noise])
+        self.caption_pipeline = CaptionPipeline([spec.create() for spec in preset.caption])
         self.timestep_sampler: TimestepStrategy | None = preset.timesteps.create() if preset.timesteps else None
         self.loss_weighting: LossWeighting | None = preset.loss_weighting.create() if preset.loss_weighting else None
         self.optimizer_fell_back = False
@@ -113,6 +125,36 @@ class Plan:
         self.attention_strategy = preset.attention.create() if preset.attention else None
         if self.attention_strategy is not None:
             self.attention_strategy.check_available()
+        self.audit = Audit(
+            {
+                "noise": [s.type for s in preset.noise],
+                "caption": [s.type for s in preset.caption],
+                "timesteps": [preset.timesteps.type] if preset.timesteps else [],
+                "loss_weighting": [preset.loss_weighting.type] if preset.loss_weighting else [],
+            },
+            self.num_train_timesteps,
+        )
+
+    def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
+        """The step's noise: ``target`` for the loss, ``model_input`` for ``x_t``."""
+        draw = self.noise_pipeline(latents, generator)
+        self.audit.record_noise(draw.target, draw.model_input)
+        return draw
+
+    def caption(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> CaptionDraw:
+        """One caption through the transforms (call once per sample, when it is loaded)."""
+        draw = self.caption_pipeline(caption, epoch=epoch, rng=rng)
+        if self.caption_pipeline.transforms:
+            self.audit.record_caption(dropped=draw.dropped, drop_probability=self.caption_pipeline.drop_probability(epoch))
+        return draw
+
+    def caption_dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
+        """The dropout decision alone, for hosts with cached text-encoder outputs: when True,
+        the host substitutes the empty caption's embedding."""
+        dropped = self.caption_pipeline.dropped(epoch=epoch, rng=rng)
+        if self.caption_pipeline.transforms:
+            self.audit.record_caption(dropped=dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), substituted=dropped)
+        return dropped
 
     def _choose_optimizer(self):
         if self.preset.optimizer is None:
@@ -169,6 +211,7 @@ class Plan:
         """Per-sample loss in, weighted per-sample loss out."""
         if self.loss_weighting is None:
             return loss
+        self.audit.record_weights(timesteps, self.loss_weighting.weights(timesteps, self.alphas_cumprod, self.prediction_type))
         return self.loss_weighting.apply(loss, timesteps, self.alphas_cumprod, self.prediction_type)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

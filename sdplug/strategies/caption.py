@@ -45,6 +45,10 @@ class CaptionDropout(CaptionTransform):
     rate: _Rate = 0.1
     every_n_epochs: _Keep = 0
 
+    def drop_probability(self, epoch: int = 0) -> float:
+        """The chance ``decide`` returns True in ``epoch``."""
+        return 1.0 if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 else self.rate
+
     def decide(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
         """True when this sample's caption is dropped. Draws exactly one number from ``rng``."""
         drawn = _rng(rng).random()

@@ -31,6 +31,12 @@ class AdamW(OptimizerStrategy):
         return torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, eps=self.eps)
 
 
+# bitsandbytes keeps 32-bit states for tensors under ``min_8bit_size`` elements (its default
+# 4096). A rank-4 LoRA matrix of SD 1.5 has 4 x 320 ... 4 x 1280 elements, so with the default
+# most LoRA states stay 32-bit; lower it to quantise them too.
+_Min8bitSize = Annotated[int, Field(ge=1, le=2**31)]
+
+
 class _Bitsandbytes8bit(OptimizerStrategy):
     requires = ("bitsandbytes",)
     bnb_class = ""
@@ -38,7 +44,9 @@ class _Bitsandbytes8bit(OptimizerStrategy):
     def build(self, params):
         bnb = require("bitsandbytes", feature=f"optimizer {self.bnb_class}")
         cls = getattr(bnb.optim, self.bnb_class)
-        return cls(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, **self._extra())
+        return cls(
+            params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, min_8bit_size=self.min_8bit_size, **self._extra()
+        )
 
     def _extra(self) -> dict:
         return {"eps": self.eps}
@@ -53,6 +61,7 @@ class AdamW8bit(_Bitsandbytes8bit):
     betas: _Betas = (0.9, 0.999)
     weight_decay: _WeightDecay = 1e-2
     eps: _Eps = 1e-8
+    min_8bit_size: _Min8bitSize = 4096
 
 
 @strategy_params
@@ -64,6 +73,7 @@ class PagedAdamW8bit(_Bitsandbytes8bit):
     betas: _Betas = (0.9, 0.999)
     weight_decay: _WeightDecay = 1e-2
     eps: _Eps = 1e-8
+    min_8bit_size: _Min8bitSize = 4096
 
 
 @strategy_params
@@ -77,6 +87,7 @@ class Lion8bit(_Bitsandbytes8bit):
     lr: _LearningRate = 3e-5
     betas: _Betas = (0.9, 0.99)
     weight_decay: _WeightDecay = 1e-1
+    min_8bit_size: _Min8bitSize = 4096
 
     def _extra(self) -> dict:
         return {}

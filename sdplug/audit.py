@@ -1,0 +1,186 @@
+"""The audit: proof, from the run itself, that each strategy of a preset was applied.
+
+The plan feeds it at every call; hosts add what only they know (optimizer state, attention
+modules, memory). It is plain data, so it is checkpointed with the run and written as
+``audit.json`` plus a summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TIMESTEP_BINS = 10
+
+
+def _binomial_interval(p: float, n: int, z: float = 3.29) -> tuple[float, float]:
+    """99.9% normal-approximation interval of a realised rate with expectation ``p``."""
+    if n == 0:
+        return (0.0, 1.0)
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n) + 0.5 / n
+    return (max(0.0, p - half), min(1.0, p + half))
+
+
+class Audit:
+    """Counts and realised statistics of every strategy a run used."""
+
+    def __init__(self, strategies: dict[str, list[str]], num_train_timesteps: int):
+        self.num_train_timesteps = num_train_timesteps
+        # family -> list of "type" per entry (in order), as the preset names them
+        self.strategies = strategies
+        self.data: dict[str, Any] = {
+            "steps": 0,
+            "noise": {
+                "calls": [0] * len(strategies.get("noise", [])),
+                "draws": 0,
+                "target_std_sum": 0.0,
+                "channel_mean_variance_sum": 0.0,
+                "gaussian_channel_mean_variance": None,
+                "input_minus_target_std_sum": 0.0,
+            },
+            "timesteps": {"draws": 0, "histogram": [0] * TIMESTEP_BINS},
+            "loss_weighting": {"calls": 0, "weight_sum": [0.0] * TIMESTEP_BINS, "weight_count": [0] * TIMESTEP_BINS},
+            "caption": {"calls": [0] * len(strategies.get("caption", [])), "samples": 0, "dropped": 0, "expected_drops": 0.0, "substituted_embeddings": 0},
+            "host": {},
+        }
+
+    # -- fed by the plan -------------------------------------------------------------------
+    def record_noise(self, target: torch.Tensor, model_input: torch.Tensor) -> None:
+        noise = self.data["noise"]
+        noise["calls"] = [c + 1 for c in noise["calls"]]
+        noise["draws"] += 1
+        detached = target.detach().float()
+        noise["target_std_sum"] += detached.std().item()
+        if detached.dim() == 4:
+            noise["channel_mean_variance_sum"] += detached.mean(dim=(-2, -1)).flatten().var(unbiased=False).item()
+            noise["gaussian_channel_mean_variance"] = 1.0 / (detached.shape[-1] * detached.shape[-2])
+        if model_input is not target:
+            noise["input_minus_target_std_sum"] += (model_input.detach().float() - detached).std().item()
+
+    def record_timesteps(self, timesteps: torch.Tensor) -> None:
+        record = self.data["timesteps"]
+        record["draws"] += timesteps.numel()
+        bins = (timesteps.detach().cpu().long() * TIMESTEP_BINS // self.num_train_timesteps).clamp(0, TIMESTEP_BINS - 1)
+        for b, count in zip(*torch.unique(bins, return_counts=True), strict=True):
+            record["histogram"][int(b)] += int(count)
+
+    def record_weights(self, timesteps: torch.Tensor, weights: torch.Tensor) -> None:
+        record = self.data["loss_weighting"]
+        record["calls"] += 1
+        bins = (timesteps.detach().cpu().long() * TIMESTEP_BINS // self.num_train_timesteps).clamp(0, TIMESTEP_BINS - 1)
+        for b, w in zip(bins.tolist(), weights.detach().float().cpu().tolist(), strict=True):
+            record["weight_sum"][b] += w
+            record["weight_count"][b] += 1
+
+    def record_caption(self, *, dropped: bool, drop_probability: float, substituted: bool = False) -> None:
+        record = self.data["caption"]
+        record["calls"] = [c + 1 for c in record["calls"]]
+        record["samples"] += 1
+        record["dropped"] += int(dropped)
+        record["expected_drops"] += drop_probability
+        record["substituted_embeddings"] += int(substituted)
+
+    # -- fed by the host -------------------------------------------------------------------
+    def record_host(self, **facts: Any) -> None:
+        self.data["host"].update(facts)
+
+    def step(self) -> None:
+        self.data["steps"] += 1
+
+    # -- reading ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.data))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.data = json.loads(json.dumps(state))
+
+    def report(self) -> dict[str, Any]:
+        """What audit.json holds: per family, counts and realised statistics."""
+        d = self.data
+        report: dict[str, Any] = {"steps": d["steps"], "strategies": self.strategies}
+        noise = d["noise"]
+        if self.strategies.get("noise"):
+            draws = max(noise["draws"], 1)
+            report["noise"] = {
+                "applied": [{"type": t, "calls": c} for t, c in zip(self.strategies["noise"], noise["calls"], strict=True)],
+                "target_std_mean": noise["target_std_sum"] / draws,
+                "channel_mean_variance_mean": noise["channel_mean_variance_sum"] / draws,
+                "gaussian_channel_mean_variance": noise["gaussian_channel_mean_variance"],
+                "input_minus_target_std_mean": noise["input_minus_target_std_sum"] / draws,
+            }
+        t = d["timesteps"]
+        report["timesteps"] = {"type": (self.strategies.get("timesteps") or ["uniform (host default)"])[0], "draws": t["draws"], "histogram": t["histogram"]}
+        if self.strategies.get("loss_weighting"):
+            w = d["loss_weighting"]
+            report["loss_weighting"] = {
+                "type": self.strategies["loss_weighting"][0],
+                "calls": w["calls"],
+                "mean_weight_per_timestep_bin": [s / c if c else None for s, c in zip(w["weight_sum"], w["weight_count"], strict=True)],
+                "bin_edges": [i * self.num_train_timesteps // TIMESTEP_BINS for i in range(TIMESTEP_BINS + 1)],
+            }
+        if self.strategies.get("caption"):
+            c = d["caption"]
+            samples = c["samples"]
+            expected_rate = c["expected_drops"] / samples if samples else 0.0
+            low, high = _binomial_interval(expected_rate, samples)
+            realised = c["dropped"] / samples if samples else 0.0
+            report["caption"] = {
+                "applied": [{"type": t, "calls": n} for t, n in zip(self.strategies["caption"], c["calls"], strict=True)],
+                "samples": samples,
+                "dropped": c["dropped"],
+                "dropout_rate_realised": realised,
+                "dropout_rate_configured": expected_rate,
+                "dropout_rate_999_interval": [low, high],
+                "dropout_rate_within_interval": low <= realised <= high,
+                "empty_caption_embeddings_substituted": c["substituted_embeddings"],
+            }
+        report.update(d["host"])
+        return report
+
+    def problems(self) -> list[str]:
+        """Strategies the preset names that never ran (an empty list when all applied)."""
+        report = self.report()
+        steps = report["steps"]
+        found = []
+        for entry in report.get("noise", {}).get("applied", []):
+            if entry["calls"] < steps:
+                found.append(f"noise {entry['type']!r} ran {entry['calls']} times in {steps} steps")
+        if "loss_weighting" in report and report["loss_weighting"]["calls"] < steps:
+            found.append(f"loss weighting ran {report['loss_weighting']['calls']} times in {steps} steps")
+        for entry in report.get("caption", {}).get("applied", []):
+            if steps and entry["calls"] == 0:
+                found.append(f"caption {entry['type']!r} never ran")
+        return found
+
+    def write(self, path: Path) -> dict[str, Any]:
+        report = self.report()
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+    def summary(self) -> str:
+        """A small table for the end of a run."""
+        r = self.report()
+        rows = [("steps", str(r["steps"]))]
+        for entry in r.get("noise", {}).get("applied", []):
+            rows.append((f"noise {entry['type']}", f"{entry['calls']} calls"))
+        if "noise" in r:
+            n = r["noise"]
+            gaussian = n["gaussian_channel_mean_variance"] or float("nan")
+            rows.append(("noise std (mean)", f"{n['target_std_mean']:.3f}"))
+            rows.append(("low-freq energy", f"{n['channel_mean_variance_mean']:.4g} (gaussian {gaussian:.4g})"))
+        if "loss_weighting" in r:
+            weights = [w for w in r["loss_weighting"]["mean_weight_per_timestep_bin"] if w is not None]
+            rows.append((f"weighting {r['loss_weighting']['type']}", f"{r['loss_weighting']['calls']} calls, mean weight {min(weights, default=0):.3g}..{max(weights, default=0):.3g} over t bins"))
+        if "caption" in r:
+            c = r["caption"]
+            verdict = "ok" if c["dropout_rate_within_interval"] else "OUTSIDE 99.9% interval"
+            rows.append(("caption dropout", f"{c['dropout_rate_realised']:.3f} realised vs {c['dropout_rate_configured']:.3f} configured ({verdict})"))
+        for key in ("optimizer", "attention", "memory"):
+            if key in r:
+                rows.append((key, ", ".join(f"{k}={v}" for k, v in r[key].items())))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

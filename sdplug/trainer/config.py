@@ -1,0 +1,70 @@
+"""The reference trainer's options, checked for conflicts before anything loads."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from sdplug.errors import SdplugError
+
+SAMPLE_PROMPTS = (
+    "a red circle on a black background",
+    "a blue square on a white background",
+    "a yellow triangle on a dark background",
+    "a green circle on a light background",
+)
+
+
+class OptionError(SdplugError):
+    """Options that conflict or are out of range."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    preset: str
+    model: Path | None = None
+    data: Path | None = None
+    mode: str = "lora"
+    output: Path = Path("output")
+    steps: int = 500
+    batch_size: int = 16
+    seed: int = 0
+    resolution: int | None = None
+    prediction_type: str | None = None
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    train_text_encoder: bool = False
+    class_data: Path | None = None
+    prior_loss_weight: float = 1.0
+    save_every: int = 0
+    stop_after: int | None = None
+    resume: Path | None = None
+    log_with: str | None = None
+    sample_prompts: tuple[str, ...] = SAMPLE_PROMPTS
+    sample_seeds: tuple[int, ...] = (0, 1)
+    guidance_scales: tuple[float, ...] = (1.0, 3.0, 7.5)
+    sample_steps: int = 25
+    samples: bool = True
+    progress: bool = True
+    record_draws: bool = False  # keep every step's draws (tests of resume and multi-process runs)
+
+    def check(self) -> None:
+        if self.mode not in ("lora", "dreambooth"):
+            raise OptionError(f"--mode {self.mode!r}: allowed: lora, dreambooth.")
+        for name in ("steps", "batch_size", "lora_rank", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.prediction_type is not None and self.model is not None:
+            raise OptionError("--prediction-type applies to the embedded model only; a --model's scheduler config sets its own.")
+        if self.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
+            raise OptionError(f"--prediction-type {self.prediction_type!r}: allowed: epsilon, v_prediction, sample.")
+        if self.class_data is not None and self.mode != "dreambooth":
+            raise OptionError("--class-data (prior preservation) needs --mode dreambooth.")
+        if self.prior_loss_weight < 0:
+            raise OptionError("--prior-loss-weight must be >= 0.")
+        if self.mode == "dreambooth" and (self.lora_alpha is not None):
+            raise OptionError("--lora-alpha applies to --mode lora only.")
+        if self.stop_after is not None and not 0 < self.stop_after < self.steps:
+            raise OptionError(f"--stop-after must be between 1 and --steps - 1 ({self.steps - 1}).")
+        if self.log_with not in (None, "tensorboard"):
+            raise OptionError(f"--log-with {self.log_with!r}: allowed: tensorboard.")

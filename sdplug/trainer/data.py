@@ -1,0 +1,91 @@
+"""Training data: a kohya-style folder of images with same-named ``.txt`` captions.
+
+Accepted layouts: images and captions directly in the folder, or in subfolders named
+``<repeats>_<name>`` (kohya's convention: each image counts ``repeats`` times per epoch).
+Every problem (no images, an image without a caption, an unreadable image) is reported
+before training, naming the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from sdplug.errors import SdplugError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_REPEATS = re.compile(r"^(\d+)_(.+)$")
+
+
+class DataError(SdplugError):
+    """A --data folder that cannot be trained on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    image: Path
+    caption: str
+
+
+def _listing(paths: list[Path], limit: int = 5) -> str:
+    shown = ", ".join(str(p) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def find_examples(folder: Path) -> list[Example]:
+    """Every (image, caption) pair of ``folder``, repeated per kohya's ``N_name`` subfolders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--data {folder}: not a folder. Give a folder of images with same-named .txt captions.")
+    groups: list[tuple[Path, int]] = [(folder, 1)]
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        match = _REPEATS.match(sub.name)
+        if match:
+            groups.append((sub, int(match.group(1))))
+    images: list[tuple[Path, int]] = []
+    for directory, repeats in groups:
+        images += [(p, repeats) for p in sorted(directory.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise DataError(
+            f"--data {folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in the folder and in "
+            "kohya-style '<repeats>_<name>' subfolders)."
+        )
+    missing = [p for p, _ in images if not p.with_suffix(".txt").is_file()]
+    if missing:
+        raise DataError(f"--data {folder}: {len(missing)} image(s) have no caption file (same name, .txt): {_listing(missing)}.")
+    unreadable = []
+    for path, _ in images:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError):
+            unreadable.append(path)
+    if unreadable:
+        raise DataError(f"--data {folder}: {len(unreadable)} image(s) cannot be read: {_listing(unreadable)}.")
+    examples = []
+    for path, repeats in images:
+        caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        examples += [Example(path, caption)] * repeats
+    return examples
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """(3, size, size) in [-1, 1]: centre crop to square, then resize."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def to_image(tensor: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] to a PIL image."""
+    array = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)

@@ -1,0 +1,65 @@
+"""LoRA adapters (peft) and their export in the kohya / A1111 key format.
+
+Keys: ``lora_unet_<module path, dots as underscores>.lora_down.weight`` / ``.lora_up.weight`` /
+``.alpha``, and ``lora_te_...`` for the text encoder: what kohya sd-scripts writes, A1111
+reads and diffusers' ``load_lora_weights`` converts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[str]) -> int:
+    """Attach LoRA adapters to ``targets`` of ``model``; returns the trainable parameter count."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_layers(model: torch.nn.Module):
+    """(module path, down weight, up weight, scaling alpha) for each peft LoRA layer."""
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            down = module.lora_A["default"].weight
+            up = module.lora_B["default"].weight
+            alpha = module.scaling["default"] * down.shape[0]
+            yield name, down, up, alpha
+
+
+def kohya_state_dict(unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for prefix, model in (("lora_unet", unet), ("lora_te", text_encoder)):
+        if model is None:
+            continue
+        for name, down, up, alpha in lora_layers(model):
+            key = f"{prefix}_{name.replace('.', '_')}"
+            state[f"{key}.lora_down.weight"] = down.detach().float().cpu().contiguous()
+            state[f"{key}.lora_up.weight"] = up.detach().float().cpu().contiguous()
+            state[f"{key}.alpha"] = torch.tensor(float(alpha))
+    return state
+
+
+def save_kohya_lora(path: Path, unet, text_encoder, *, rank: int, alpha: float, preset_toml: str, extra: dict | None = None) -> int:
+    """Write the LoRA file; the resolved preset goes into its metadata. Returns the key count."""
+    state = kohya_state_dict(unet, text_encoder)
+    if not state:
+        raise ValueError("no LoRA layers found to save")
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "sdplug_preset": preset_toml,
+        "sdplug_run": json.dumps(extra or {}),
+    }
+    save_file(state, str(path), metadata=metadata)
+    return len(state)

@@ -1,0 +1,131 @@
+"""Loading the model to train: the embedded tiny default, or a local Stable Diffusion 1.x/2.x.
+
+Nothing is fetched from a hub: every load is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from sdplug.errors import SdplugError
+from sdplug.trainer import tiny
+
+PIXEL_MARKER = "sdplug_model.json"
+
+
+class ModelError(SdplugError):
+    """A --model path that is not a model sdplug can train."""
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object  # a diffusers DDPMScheduler (its alphas_cumprod and config)
+    vae: torch.nn.Module | None  # None: pixel space, "latents" are images in [-1, 1]
+    resolution: int
+    source: str
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def pixel_space(self) -> bool:
+        return self.vae is None
+
+    @property
+    def latent_scale(self) -> float:
+        return 1.0 if self.vae is None else float(self.vae.config.scaling_factor)
+
+
+def embedded(workdir: Path, *, prediction_type: str = "epsilon", seed: int = 0) -> ModelBundle:
+    tokenizer = tiny.build_tokenizer(workdir / "tokenizer")
+    return ModelBundle(
+        unet=tiny.build_unet(seed),
+        text_encoder=tiny.build_text_encoder(len(tokenizer), seed),
+        tokenizer=tokenizer,
+        scheduler=tiny.build_scheduler(prediction_type),
+        vae=None,
+        resolution=tiny.IMAGE_SIZE,
+        source="embedded tiny pixel-space model",
+    )
+
+
+def load(path: Path, *, resolution: int | None = None) -> ModelBundle:
+    """A model from a local diffusers folder, an sdplug pixel-space folder, or a single file."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    if path.is_file():
+        return _single_file(path, resolution)
+    if not path.is_dir():
+        raise ModelError(f"--model {path}: no such file or folder.")
+    if (path / "text_encoder_2").is_dir():
+        raise ModelError(f"--model {path}: an SDXL model; the reference trainer trains SD 1.x/2.x (use the kohya adapter for SDXL).")
+    pixel = (path / PIXEL_MARKER).is_file()
+    if not pixel and not (path / "model_index.json").is_file():
+        raise ModelError(
+            f"--model {path}: not a model folder (no model_index.json). Give a diffusers Stable Diffusion folder, "
+            "a single-file .safetensors/.ckpt checkpoint, or a folder sdplug saved."
+        )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+        vae = None if pixel else AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelError(f"--model {path}: cannot load its components ({exc}).") from None
+    if pixel:
+        native = unet.config.sample_size
+    else:
+        native = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return ModelBundle(unet, text_encoder, tokenizer, scheduler, vae, resolution or native, str(path))
+
+
+def _single_file(path: Path, resolution: int | None) -> ModelBundle:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    if path.suffix not in (".safetensors", ".ckpt"):
+        raise ModelError(f"--model {path}: not a model file (expected .safetensors or .ckpt, or a diffusers folder).")
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=True)
+    except Exception as exc:  # diffusers raises many kinds here; all mean "cannot use this file offline"
+        raise ModelError(
+            f"--model {path}: cannot load this single-file checkpoint offline ({type(exc).__name__}: {exc}). "
+            "Convert it once to a diffusers folder (diffusers' convert_original_stable_diffusion_to_diffusers.py) and pass the folder."
+        ) from None
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return ModelBundle(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, pipe.vae, resolution or native, str(path))
+
+
+def save_folder(bundle: ModelBundle, directory: Path) -> None:
+    """A full model folder: diffusers' layout (a StableDiffusionPipeline for latent models)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if bundle.vae is not None:
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline(
+            vae=bundle.vae,
+            text_encoder=bundle.text_encoder,
+            tokenizer=bundle.tokenizer,
+            unet=bundle.unet,
+            scheduler=bundle.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        ).save_pretrained(directory)
+        return
+    bundle.unet.save_pretrained(directory / "unet")
+    bundle.text_encoder.save_pretrained(directory / "text_encoder")
+    bundle.tokenizer.save_pretrained(directory / "tokenizer")
+    bundle.scheduler.save_pretrained(directory / "scheduler")
+    (directory / PIXEL_MARKER).write_text(json.dumps({"pixel_space": True, "resolution": bundle.resolution}) + "\n")

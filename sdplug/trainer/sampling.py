@@ -1,0 +1,96 @@
+"""Sample grids: fixed prompts, seeds and guidance scales, before and after training.
+
+Sampling starts from the preset's training noise family (e.g. pyramid noise) by default:
+a model trained on pyramid noise and sampled from N(0, I) keeps high-frequency noise in its
+images (docs/techniques.md section 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from sdplug.trainer.data import to_image
+
+
+@torch.no_grad()
+def encode_prompts(bundle, prompts: list[str], device) -> torch.Tensor:
+    tokens = bundle.tokenizer(
+        prompts, padding="max_length", max_length=bundle.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    return bundle.text_encoder(tokens)[0]
+
+
+@torch.no_grad()
+def sample(bundle, unet, start_noise, prompts: list[str], guidance: float, steps: int, device) -> torch.Tensor:
+    """Images (N, 3, R, R) in [-1, 1] by DDIM (eta 0) with classifier-free guidance."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(bundle.scheduler.config)
+    scheduler.set_timesteps(steps)
+    cond = encode_prompts(bundle, prompts, device)
+    uncond = encode_prompts(bundle, [""] * len(prompts), device)
+    x = start_noise.to(device) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        if guidance == 1.0:
+            prediction = unet(x, t, encoder_hidden_states=cond).sample
+        else:
+            both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            unconditional, conditional = both.chunk(2)
+            prediction = unconditional + guidance * (conditional - unconditional)
+        x = scheduler.step(prediction, t, x).prev_sample
+    if bundle.vae is not None:
+        x = bundle.vae.decode(x / bundle.latent_scale).sample
+    return x.float().clamp(-1, 1)
+
+
+def start_noise(plan, shape, seeds: list[int], family: str) -> torch.Tensor:
+    """One starting noise per seed: the training noise family, or plain Gaussian."""
+    draws = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        zeros = torch.zeros(1, *shape)
+        draws.append(plan.noise_pipeline(zeros, generator).target if family == "training" else torch.randn(zeros.shape, generator=generator))
+    return torch.cat(draws)
+
+
+def sample_grid(bundle, unet, plan, prompts, seeds, guidance_scales, *, steps: int, device, noise_family: str = "training"):
+    """(images by [guidance][prompt][seed], PIL grid). Rows: prompts; columns: guidance x seed."""
+    channels = 3 if bundle.vae is None else bundle.unet.config.in_channels
+    side = bundle.resolution if bundle.vae is None else bundle.resolution // 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    noise = start_noise(plan, (channels, side, side), seeds, noise_family)
+    results = {}
+    was_training = unet.training
+    unet.eval()
+    for guidance in guidance_scales:
+        all_prompts = [p for p in prompts for _ in seeds]
+        repeated = noise.repeat(len(prompts), 1, 1, 1)
+        images = sample(bundle, unet, repeated, all_prompts, guidance, steps, device)
+        results[guidance] = images.view(len(prompts), len(seeds), *images.shape[1:])
+    unet.train(was_training)
+    return results, _grid(results, prompts, seeds, guidance_scales)
+
+
+def _grid(results, prompts, seeds, guidance_scales, zoom: int = 3) -> Image.Image:
+    tile = next(iter(results.values())).shape[-1] * zoom
+    label_w, header_h, gap = 260, 18, 4
+    columns = len(guidance_scales) * len(seeds)
+    grid = Image.new("RGB", (label_w + columns * (tile + gap), header_h + len(prompts) * (tile + gap)), (255, 255, 255))
+    pen = ImageDraw.Draw(grid)
+    for g_index, guidance in enumerate(guidance_scales):
+        x = label_w + g_index * len(seeds) * (tile + gap)
+        pen.text((x + 2, 3), f"guidance {guidance:g}", fill=(0, 0, 0))
+        for p_index, prompt in enumerate(prompts):
+            y = header_h + p_index * (tile + gap)
+            if g_index == 0:
+                pen.text((4, y + tile // 2 - 6), prompt, fill=(0, 0, 0))
+            for s_index in range(len(seeds)):
+                image = to_image(results[guidance][p_index, s_index]).resize((tile, tile), Image.NEAREST)
+                grid.paste(image, (x + s_index * (tile + gap), y))
+    return grid
+
+
+def save_grid(grid: Image.Image, path: Path) -> None:
+    grid.save(path)

@@ -1,0 +1,97 @@
+"""The embedded default: a tiny Stable-Diffusion-architecture model built from configs.
+
+Pixel space: a random-weights VAE reconstructs nothing, so the tiny default trains its UNet
+directly on 32x32 RGB images scaled to [-1, 1] (no autoencoder; "latents" are pixels). The
+UNet, CLIP text encoder and CLIP tokenizer are the same classes Stable Diffusion uses, only
+smaller; the tokenizer's vocabulary is built locally from the words the synthetic captions use.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdplug.trainer.synthetic import VOCABULARY
+
+IMAGE_SIZE = 32
+MAX_TOKENS = 16
+TEXT_WIDTH = 64
+SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+
+def build_tokenizer(directory: Path, words: tuple[str, ...] = VOCABULARY) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose merges spell each known word as one token.
+
+    Unknown words still tokenize, letter by letter (every lowercase letter is in the vocab).
+    """
+    letters = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789,.-'") | {c for w in words for c in w})
+    vocab: dict[str, int] = {}
+    for token in [*letters, *(c + "</w>" for c in letters)]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[str] = []
+    for word in sorted(set(words)):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merge = f"{pieces[0]} {pieces[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged, *pieces[2:]]
+    for token in SPECIAL:
+        vocab.setdefault(token, len(vocab))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=MAX_TOKENS)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=2 * TEXT_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def build_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """Stable Diffusion's training schedule (scaled_linear, 1000 steps)."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
