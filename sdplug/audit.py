@@ -44,7 +44,13 @@ class Audit:
             },
             "timesteps": {"draws": 0, "histogram": [0] * TIMESTEP_BINS},
             "loss_weighting": {"calls": 0, "weight_sum": [0.0] * TIMESTEP_BINS, "weight_count": [0] * TIMESTEP_BINS},
-            "caption": {"calls": [0] * len(strategies.get("caption", [])), "samples": 0, "dropped": 0, "expected_drops": 0.0, "substituted_embeddings": 0},
+            "caption": {
+                "calls": [0] * len(strategies.get("caption", [])),
+                "samples": 0,
+                "dropped": 0,
+                "expected_drops": 0.0,
+                "substituted_embeddings": 0,
+            },
             "host": {},
         }
 
@@ -113,13 +119,19 @@ class Audit:
                 "input_minus_target_std_mean": noise["input_minus_target_std_sum"] / draws,
             }
         t = d["timesteps"]
-        report["timesteps"] = {"type": (self.strategies.get("timesteps") or ["uniform (host default)"])[0], "draws": t["draws"], "histogram": t["histogram"]}
+        report["timesteps"] = {
+            "type": (self.strategies.get("timesteps") or ["uniform (host default)"])[0],
+            "draws": t["draws"],
+            "histogram": t["histogram"],
+        }
         if self.strategies.get("loss_weighting"):
             w = d["loss_weighting"]
             report["loss_weighting"] = {
                 "type": self.strategies["loss_weighting"][0],
                 "calls": w["calls"],
-                "mean_weight_per_timestep_bin": [s / c if c else None for s, c in zip(w["weight_sum"], w["weight_count"], strict=True)],
+                "mean_weight_per_timestep_bin": [
+                    s / c if c else None for s, c in zip(w["weight_sum"], w["weight_count"], strict=True)
+                ],
                 "bin_edges": [i * self.num_train_timesteps // TIMESTEP_BINS for i in range(TIMESTEP_BINS + 1)],
             }
         if self.strategies.get("caption"):
@@ -174,11 +186,21 @@ class Audit:
             rows.append(("low-freq energy", f"{n['channel_mean_variance_mean']:.4g} (gaussian {gaussian:.4g})"))
         if "loss_weighting" in r:
             weights = [w for w in r["loss_weighting"]["mean_weight_per_timestep_bin"] if w is not None]
-            rows.append((f"weighting {r['loss_weighting']['type']}", f"{r['loss_weighting']['calls']} calls, mean weight {min(weights, default=0):.3g}..{max(weights, default=0):.3g} over t bins"))
+            rows.append(
+                (
+                    f"weighting {r['loss_weighting']['type']}",
+                    f"{r['loss_weighting']['calls']} calls, mean weight {min(weights, default=0):.3g}..{max(weights, default=0):.3g} over t bins",
+                )
+            )
         if "caption" in r:
             c = r["caption"]
             verdict = "ok" if c["dropout_rate_within_interval"] else "OUTSIDE 99.9% interval"
-            rows.append(("caption dropout", f"{c['dropout_rate_realised']:.3f} realised vs {c['dropout_rate_configured']:.3f} configured ({verdict})"))
+            rows.append(
+                (
+                    "caption dropout",
+                    f"{c['dropout_rate_realised']:.3f} realised vs {c['dropout_rate_configured']:.3f} configured ({verdict})",
+                )
+            )
         for key in ("optimizer", "attention", "memory"):
             if key in r:
                 rows.append((key, ", ".join(f"{k}={v}" for k, v in r[key].items())))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 from sdplug.errors import SdplugError
 
@@ -100,15 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train LoRA / DreamBooth with a preset (the embedded tiny default when no --model/--data)")
     p.add_argument("preset", metavar="PRESET", help="a preset file, or a shipped preset's name")
-    p.add_argument("--model", type=Path, help="a local diffusers SD 1.x/2.x folder or single-file checkpoint (default: embedded tiny model)")
-    p.add_argument("--data", type=Path, help="a folder of images with same-named .txt captions (default: embedded synthetic data)")
+    p.add_argument(
+        "--model", type=Path, help="a local diffusers SD 1.x/2.x folder or single-file checkpoint (default: embedded tiny model)"
+    )
+    p.add_argument(
+        "--data", type=Path, help="a folder of images with same-named .txt captions (default: embedded synthetic data)"
+    )
     p.add_argument("--mode", choices=["lora", "dreambooth"], default="lora")
     p.add_argument("--output", type=Path, default=Path("output"))
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, help="training resolution for --model (default: the model's own)")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], help="embedded model only (default epsilon)")
+    p.add_argument(
+        "--prediction-type", choices=["epsilon", "v_prediction", "sample"], help="embedded model only (default epsilon)"
+    )
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, help="default: the rank (scale 1)")
     p.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder (LoRA in lora mode)")

@@ -153,7 +153,9 @@ class Plan:
         the host substitutes the empty caption's embedding."""
         dropped = self.caption_pipeline.dropped(epoch=epoch, rng=rng)
         if self.caption_pipeline.transforms:
-            self.audit.record_caption(dropped=dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), substituted=dropped)
+            self.audit.record_caption(
+                dropped=dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), substituted=dropped
+            )
         return dropped
 
     def _choose_optimizer(self):
@@ -177,16 +179,11 @@ class Plan:
             return fallback
 
     def timesteps(self, batch_size: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        if self.timestep_sampler is None:
-            t = torch.randint(
-                0,
-                self.num_train_timesteps,
-                (batch_size,),
-                generator=generator,
-                device=generator.device if generator is not None else "cpu",
-            )
-            return t.to(device) if device is not None else t
-        return self.timestep_sampler(batch_size, self.num_train_timesteps, generator=generator, device=device)
+        """One timestep per sample (uniform over the schedule when the preset names none)."""
+        sampler = self.timestep_sampler or _UNIFORM
+        t = sampler(batch_size, self.num_train_timesteps, generator=generator, device=device)
+        self.audit.record_timesteps(t)
+        return t
 
     def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.alphas_cumprod.to(like.device)[timesteps.to(like.device)].to(like.dtype)

@@ -68,7 +68,12 @@ def test_lora_file_is_kohya_format_and_loads_with_diffusers(tmp_path, tiny_sd, s
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True, safety_checker=None)
 
     def render():
-        return pipe("a red circle on a black background", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+        return pipe(
+            "a red circle on a black background",
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
 
     before = render()
     pipe.load_lora_weights(str(path))
@@ -81,7 +86,15 @@ def test_lora_file_is_kohya_format_and_loads_with_diffusers(tmp_path, tiny_sd, s
 
 def test_dreambooth_writes_a_model_folder_that_loads_back(tmp_path, small_data):
     class_data = write_dataset(tmp_path / "class", per_combination=1, seed=1)
-    config = quick(tmp_path, '[loss_weighting]\ntype = "snr"\n', data=small_data, mode="dreambooth", class_data=class_data, prior_loss_weight=0.5, steps=2)
+    config = quick(
+        tmp_path,
+        '[loss_weighting]\ntype = "snr"\n',
+        data=small_data,
+        mode="dreambooth",
+        class_data=class_data,
+        prior_loss_weight=0.5,
+        steps=2,
+    )
     report = Trainer(config).run()
     # the weighting applied to the instance AND the prior loss: two calls a step
     assert report["loss_weighting"]["calls"] == 4
@@ -91,9 +104,8 @@ def test_dreambooth_writes_a_model_folder_that_loads_back(tmp_path, small_data):
 
 def run_draws(tmp_path, name, **options):
     preset = '[[noise]]\ntype = "pyramid"\n[[caption]]\ntype = "dropout"\nrate = 0.3\n[timesteps]\ntype = "logit_normal"\n'
-    config = quick(tmp_path / name, preset, record_draws=True, **options)
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
-    config.preset = preset_file(tmp_path / name, preset)
+    config = quick(tmp_path / name, preset, record_draws=True, **options)
     trainer = Trainer(config)
     trainer.run()
     return trainer
@@ -149,7 +161,10 @@ def test_audit_realises_the_configured_dropout_rate(tmp_path, small_data):
     assert caption["dropout_rate_within_interval"]
     assert audit["noise"]["applied"] == [{"type": "pyramid", "calls": 12}]
     assert audit["noise"]["channel_mean_variance_mean"] > 10 * audit["noise"]["gaussian_channel_mean_variance"]
-    assert audit["attention"]["processor"] == "SlicedAttnProcessor" and audit["attention"]["changed"] == audit["attention"]["modules"] > 0
+    assert (
+        audit["attention"]["processor"] == "SlicedAttnProcessor"
+        and audit["attention"]["changed"] == audit["attention"]["modules"] > 0
+    )
     assert sum(audit["timesteps"]["histogram"]) == 12 * 16
     assert (config.output / "loss-per-timestep.png").is_file()
 
@@ -191,7 +206,12 @@ def test_model_path_that_is_not_a_model(tmp_path):
     "preset,options,error,words",
     [
         ("[memory]\nmixed_precision = 'fp16'\n", {}, SdplugError, "needs a CUDA GPU"),
-        ("[memory]\ncache_text_encoder_outputs = true\n", {"train_text_encoder": True}, OptionError, "conflicts with --train-text-encoder"),
+        (
+            "[memory]\ncache_text_encoder_outputs = true\n",
+            {"train_text_encoder": True},
+            OptionError,
+            "conflicts with --train-text-encoder",
+        ),
         ("", {"class_data": Path(".")}, OptionError, "needs --mode dreambooth"),
         ("", {"stop_after": 9}, OptionError, "--stop-after"),
         ('[attention]\ntype = "xformers"\n', {}, SdplugError, "xformers"),
@@ -205,7 +225,8 @@ def test_conflicting_or_impossible_options_fail_before_training(tmp_path, preset
 def test_cli_reports_bad_data_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "sdplug", "train", "min-snr", "--data", str(tmp_path), "--output", str(tmp_path / "o")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr and "no images found" in result.stderr
 
@@ -216,8 +237,27 @@ def test_two_process_gloo_run_draws_differently_per_rank_and_repeats(tmp_path):
 
     def launch(name):
         out = tmp_path / name
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + len(name)),
-                   "-m", "sdplug", "train", preset, "--steps", "3", "--batch-size", "4", "--no-samples", "--no-progress", "--output", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + len(name)),
+            "-m",
+            "sdplug",
+            "train",
+            preset,
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--no-samples",
+            "--no-progress",
+            "--output",
+            str(out),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads((out / "audit.json").read_text())

@@ -12,7 +12,7 @@ from sdplug.trainer import tiny
 
 def build_pipeline(directory: Path, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
     torch.manual_seed(0)
-    tokenizer = tiny.build_tokenizer(directory / "_tokenizer_build")
+    tokenizer = tiny.build_tokenizer()
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -45,7 +45,12 @@ class _Bitsandbytes8bit(OptimizerStrategy):
         bnb = require("bitsandbytes", feature=f"optimizer {self.bnb_class}")
         cls = getattr(bnb.optim, self.bnb_class)
         return cls(
-            params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, min_8bit_size=self.min_8bit_size, **self._extra()
+            params,
+            lr=self.lr,
+            betas=tuple(self.betas),
+            weight_decay=self.weight_decay,
+            min_8bit_size=self.min_8bit_size,
+            **self._extra(),
         )
 
     def _extra(self) -> dict:
@@ -121,10 +126,17 @@ class Adafactor(OptimizerStrategy):
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in the optimizer's per-parameter state tensors (moments, quantisation maps)."""
+    """Bytes held in the optimizer's state tensors (moments, scales, quantisation maps).
+
+    Tensors shared between parameters (bitsandbytes' quantisation maps) count once.
+    """
     total = 0
+    seen: set[int] = set()
     for state in optimizer.state.values():
         for value in state.values():
-            if torch.is_tensor(value):
-                total += value.numel() * value.element_size()
+            if torch.is_tensor(value) and value.numel():
+                pointer = value.untyped_storage().data_ptr()
+                if pointer not in seen:
+                    seen.add(pointer)
+                    total += value.untyped_storage().nbytes()
     return total

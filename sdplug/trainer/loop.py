@@ -7,6 +7,7 @@ caption -> noise -> timesteps -> noisy input / target -> weight, and the audit p
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import time
@@ -58,11 +59,6 @@ class BatchSampler:
 def preflight(preset, accelerator, bundle: models.ModelBundle, config: TrainConfig) -> None:
     """Refuse, before training, every preset entry or option that could not take effect."""
     memory = preset.memory
-    if memory.mixed_precision == "fp16" and accelerator.device.type != "cuda":
-        raise SdplugError(
-            f"{preset.path}: memory.mixed_precision = 'fp16' needs a CUDA GPU and this run is on {accelerator.device.type}. "
-            "Allowed here: 'bf16' or 'no' (write a preset that extends this one and sets it)."
-        )
     if memory.cache_text_encoder_outputs and config.train_text_encoder:
         raise OptionError(
             f"{preset.path}: memory.cache_text_encoder_outputs = true conflicts with --train-text-encoder "
@@ -72,7 +68,9 @@ def preflight(preset, accelerator, bundle: models.ModelBundle, config: TrainConf
         from sdplug.optional import is_available
 
         if not (is_available("tensorboard") or is_available("tensorboardX")):
-            raise MissingDependencyError("--log-with tensorboard needs the package 'tensorboard'. Install it with: pip install tensorboard")
+            raise MissingDependencyError(
+                "--log-with tensorboard needs the package 'tensorboard'. Install it with: pip install tensorboard"
+            )
 
 
 def _resolve_data(config: TrainConfig, accelerator) -> Path:
@@ -96,23 +94,39 @@ class Trainer:
         self.preset = load_preset(config.preset)
         config.output = Path(config.output)
         mixed = self.preset.memory.mixed_precision
+        if mixed == "fp16" and not torch.cuda.is_available():
+            # checked before the Accelerator exists: it would fail (or fall back) on its own terms
+            raise SdplugError(
+                f"{self.preset.path}: memory.mixed_precision = 'fp16' needs a CUDA GPU and this machine has none. "
+                "Allowed here: 'bf16' or 'no' (write a preset that extends this one and sets it)."
+            )
+        # Under torchrun / accelerate launch without CUDA, accelerate forms a gloo group only
+        # when told the run is on CPU; otherwise every process would train alone.
+        multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(
-            mixed_precision=mixed, log_with=config.log_with, project_dir=str(config.output) if config.log_with else None
+            cpu=multi_process_cpu,
+            mixed_precision=mixed,
+            log_with=config.log_with,
+            project_dir=str(config.output) if config.log_with else None,
         )
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         config.output.mkdir(parents=True, exist_ok=True)
 
         if config.model is None:
-            self.bundle = models.embedded(config.output / ".embedded-model", prediction_type=config.prediction_type or "epsilon", seed=config.seed)
+            self.bundle = models.embedded(prediction_type=config.prediction_type or "epsilon", seed=config.seed)
         else:
             self.bundle = models.load(config.model, resolution=config.resolution)
         if config.resolution is not None and config.model is None and config.resolution != self.bundle.resolution:
-            raise OptionError(f"--resolution applies to --model; the embedded model is {self.bundle.resolution}x{self.bundle.resolution}.")
+            raise OptionError(
+                f"--resolution applies to --model; the embedded model is {self.bundle.resolution}x{self.bundle.resolution}."
+            )
         self.examples = data.find_examples(_resolve_data(config, self.accelerator))
         self.class_examples = data.find_examples(config.class_data) if config.class_data else []
 
-        self.plan = Plan(self.preset, alphas_cumprod=self.bundle.scheduler.alphas_cumprod, prediction_type=self.bundle.prediction_type)
+        self.plan = Plan(
+            self.preset, alphas_cumprod=self.bundle.scheduler.alphas_cumprod, prediction_type=self.bundle.prediction_type
+        )
         self.audit = self.plan.audit
         preflight(self.preset, self.accelerator, self.bundle, config)
         self._prepare_models()
@@ -135,7 +149,9 @@ class Trainer:
         if config.mode == "lora":
             lora.add_lora(bundle.unet, rank=config.lora_rank, alpha=self.lora_alpha, targets=lora.UNET_TARGETS)
             if config.train_text_encoder:
-                lora.add_lora(bundle.text_encoder, rank=config.lora_rank, alpha=self.lora_alpha, targets=lora.TEXT_ENCODER_TARGETS)
+                lora.add_lora(
+                    bundle.text_encoder, rank=config.lora_rank, alpha=self.lora_alpha, targets=lora.TEXT_ENCODER_TARGETS
+                )
         else:
             bundle.unet.requires_grad_(True)
             if config.train_text_encoder:
@@ -157,7 +173,9 @@ class Trainer:
             if config.train_text_encoder:
                 bundle.text_encoder.gradient_checkpointing_enable()
         bundle.text_encoder.to(self.device)
-        self.trainable_parameters = sum(p.numel() for m in (bundle.unet, bundle.text_encoder) for p in m.parameters() if p.requires_grad)
+        self.trainable_parameters = sum(
+            p.numel() for m in (bundle.unet, bundle.text_encoder) for p in m.parameters() if p.requires_grad
+        )
 
     def _encode_images(self, examples) -> torch.Tensor:
         images = torch.stack([data.load_image(e.image, self.bundle.resolution) for e in examples])
@@ -179,14 +197,18 @@ class Trainer:
         else:
             self.images = torch.stack([data.load_image(e.image, self.bundle.resolution) for e in self.examples])
             self.class_images = (
-                torch.stack([data.load_image(e.image, self.bundle.resolution) for e in self.class_examples]) if self.class_examples else None
+                torch.stack([data.load_image(e.image, self.bundle.resolution) for e in self.class_examples])
+                if self.class_examples
+                else None
             )
             self.latents_cached = False
         self.text_cache = None
         if memory.cache_text_encoder_outputs:
             captions = sorted({e.caption for e in (*self.examples, *self.class_examples)} | {""})
             with torch.no_grad():
-                encoded = torch.cat([encode_prompts(self.bundle, captions[i : i + 32], self.device) for i in range(0, len(captions), 32)])
+                encoded = torch.cat(
+                    [encode_prompts(self.bundle, captions[i : i + 32], self.device) for i in range(0, len(captions), 32)]
+                )
             self.text_cache = dict(zip(captions, encoded.cpu(), strict=True))
         self.audit.record_host(
             memory={
@@ -218,9 +240,13 @@ class Trainer:
         # Each rank has its own streams (different noise, timesteps, data order and caption
         # decisions); all are derived from --seed, so a run repeats exactly.
         self.noise_generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + 2 * rank + 1)
-        self.sampler = BatchSampler(len(self.examples), self.config.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + 2 * rank + 2))
+        self.sampler = BatchSampler(
+            len(self.examples), self.config.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + 2 * rank + 2)
+        )
         self.class_sampler = (
-            BatchSampler(len(self.class_examples), self.config.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + 2 * rank + 3))
+            BatchSampler(
+                len(self.class_examples), self.config.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + 2 * rank + 3)
+            )
             if self.class_examples
             else None
         )
@@ -234,7 +260,11 @@ class Trainer:
             return torch.stack(states).to(self.device), dropped
         draws = [self.plan.caption(c, epoch=epoch, rng=self.caption_rng) for c in captions]
         tokens = self.bundle.tokenizer(
-            [d.text for d in draws], padding="max_length", max_length=self.bundle.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            [d.text for d in draws],
+            padding="max_length",
+            max_length=self.bundle.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.device)
         with torch.set_grad_enabled(self.config.train_text_encoder):
             return self.text_encoder(tokens)[0], [d.dropped for d in draws]
@@ -329,8 +359,14 @@ class Trainer:
             return None
         unet = self.accelerator.unwrap_model(self.unet)
         images, grid = sample_grid(
-            self.bundle, unet, self.plan, list(self.config.sample_prompts), list(self.config.sample_seeds), list(self.config.guidance_scales),
-            steps=self.config.sample_steps, device=self.device,
+            self.bundle,
+            unet,
+            self.plan,
+            list(self.config.sample_prompts),
+            list(self.config.sample_seeds),
+            list(self.config.guidance_scales),
+            steps=self.config.sample_steps,
+            device=self.device,
         )
         grid.save(self.config.output / f"samples-{name}.png")
         return images
@@ -383,7 +419,11 @@ class Trainer:
             optimizer={
                 "class": f"{type(self.optimizer.optimizer if hasattr(self.optimizer, 'optimizer') else self.optimizer).__module__}."
                 f"{type(self.optimizer.optimizer if hasattr(self.optimizer, 'optimizer') else self.optimizer).__name__}",
-                "state_bytes_per_trainable_parameter": round(state_bytes(self.optimizer) / max(self.trainable_parameters + sum(p.numel() for p in self.learned_parameters), 1), 4),
+                "state_bytes_per_trainable_parameter": round(
+                    state_bytes(self.optimizer)
+                    / max(self.trainable_parameters + sum(p.numel() for p in self.learned_parameters), 1),
+                    4,
+                ),
                 "trainable_parameters": self.trainable_parameters,
                 "fell_back": self.plan.optimizer_fell_back,
             },
@@ -407,8 +447,13 @@ class Trainer:
         (out / "preset.toml").write_text(preset_toml)
         if config.mode == "lora":
             lora.save_kohya_lora(
-                out / "lora.safetensors", unwrapped, self.bundle.text_encoder if config.train_text_encoder else None,
-                rank=config.lora_rank, alpha=self.lora_alpha, preset_toml=preset_toml, extra={"steps": self.step, "seed": config.seed},
+                out / "lora.safetensors",
+                unwrapped,
+                self.bundle.text_encoder if config.train_text_encoder else None,
+                rank=config.lora_rank,
+                alpha=self.lora_alpha,
+                preset_toml=preset_toml,
+                extra={"steps": self.step, "seed": config.seed},
             )
         else:
             self.bundle.unet = unwrapped
@@ -416,11 +461,29 @@ class Trainer:
             (out / "model" / "sdplug_preset.toml").write_text(preset_toml)
         edges = [i * self.plan.num_train_timesteps // TIMESTEP_BINS for i in range(TIMESTEP_BINS + 1)]
         means = lambda key: [s / c if c else None for s, c in zip(self.loss_bins[key], self.loss_bins["count"], strict=True)]  # noqa: E731
-        loss_per_timestep_plot(out / "loss-per-timestep.png", edges, means("raw_sum"), means("weighted_sum"), f"{self.preset.name}: loss per timestep bin ({self.step} steps)")
+        loss_per_timestep_plot(
+            out / "loss-per-timestep.png",
+            edges,
+            means("raw_sum"),
+            means("weighted_sum"),
+            f"{self.preset.name}: loss per timestep bin ({self.step} steps)",
+        )
         self.samples_after = self._grid("after")
         report = self.audit.report()
-        report["loss_per_timestep_bin"] = {"bin_edges": edges, "mean_loss": means("raw_sum"), "mean_weighted_loss": means("weighted_sum")}
-        report["per_rank"] = [{"rank": r["rank"], "first_draws": r["draws"], "caption": r["audit"]["caption"], "noise_draws": r["audit"]["noise"]["draws"]} for r in ranks]
+        report["loss_per_timestep_bin"] = {
+            "bin_edges": edges,
+            "mean_loss": means("raw_sum"),
+            "mean_weighted_loss": means("weighted_sum"),
+        }
+        report["per_rank"] = [
+            {
+                "rank": r["rank"],
+                "first_draws": r["draws"],
+                "caption": r["audit"]["caption"],
+                "noise_draws": r["audit"]["noise"]["draws"],
+            }
+            for r in ranks
+        ]
         (out / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
         accelerator.wait_for_everyone()
         return report

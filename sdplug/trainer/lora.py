@@ -42,6 +42,9 @@ def kohya_state_dict(unet: torch.nn.Module, text_encoder: torch.nn.Module | None
         if model is None:
             continue
         for name, down, up, alpha in lora_layers(model):
+            if prefix == "lora_te" and not name.startswith("text_model."):
+                # transformers 5 flattened CLIPTextModel; kohya keys keep the SD-era path
+                name = f"text_model.{name}"
             key = f"{prefix}_{name.replace('.', '_')}"
             state[f"{key}.lora_down.weight"] = down.detach().float().cpu().contiguous()
             state[f"{key}.lora_up.weight"] = up.detach().float().cpu().contiguous()
@@ -49,7 +52,9 @@ def kohya_state_dict(unet: torch.nn.Module, text_encoder: torch.nn.Module | None
     return state
 
 
-def save_kohya_lora(path: Path, unet, text_encoder, *, rank: int, alpha: float, preset_toml: str, extra: dict | None = None) -> int:
+def save_kohya_lora(
+    path: Path, unet, text_encoder, *, rank: int, alpha: float, preset_toml: str, extra: dict | None = None
+) -> int:
     """Write the LoRA file; the resolved preset goes into its metadata. Returns the key count."""
     state = kohya_state_dict(unet, text_encoder)
     if not state:

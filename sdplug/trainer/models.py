@@ -44,8 +44,8 @@ class ModelBundle:
         return 1.0 if self.vae is None else float(self.vae.config.scaling_factor)
 
 
-def embedded(workdir: Path, *, prediction_type: str = "epsilon", seed: int = 0) -> ModelBundle:
-    tokenizer = tiny.build_tokenizer(workdir / "tokenizer")
+def embedded(*, prediction_type: str = "epsilon", seed: int = 0) -> ModelBundle:
+    tokenizer = tiny.build_tokenizer()
     return ModelBundle(
         unet=tiny.build_unet(seed),
         text_encoder=tiny.build_text_encoder(len(tokenizer), seed),
@@ -68,7 +68,9 @@ def load(path: Path, *, resolution: int | None = None) -> ModelBundle:
     if not path.is_dir():
         raise ModelError(f"--model {path}: no such file or folder.")
     if (path / "text_encoder_2").is_dir():
-        raise ModelError(f"--model {path}: an SDXL model; the reference trainer trains SD 1.x/2.x (use the kohya adapter for SDXL).")
+        raise ModelError(
+            f"--model {path}: an SDXL model; the reference trainer trains SD 1.x/2.x (use the kohya adapter for SDXL)."
+        )
     pixel = (path / PIXEL_MARKER).is_file()
     if not pixel and not (path / "model_index.json").is_file():
         raise ModelError(
@@ -81,7 +83,7 @@ def load(path: Path, *, resolution: int | None = None) -> ModelBundle:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
         vae = None if pixel else AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelError(f"--model {path}: cannot load its components ({exc}).") from None
     if pixel:
         native = unet.config.sample_size

@@ -7,7 +7,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 
-def loss_per_timestep_plot(path: Path, bin_edges: list[int], raw: list[float | None], weighted: list[float | None], title: str) -> None:
+def loss_per_timestep_plot(
+    path: Path, bin_edges: list[int], raw: list[float | None], weighted: list[float | None], title: str
+) -> None:
     width, height, margin = 720, 360, 50
     image = Image.new("RGB", (width, height), (255, 255, 255))
     pen = ImageDraw.Draw(image)

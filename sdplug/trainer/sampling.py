@@ -52,7 +52,11 @@ def start_noise(plan, shape, seeds: list[int], family: str) -> torch.Tensor:
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         zeros = torch.zeros(1, *shape)
-        draws.append(plan.noise_pipeline(zeros, generator).target if family == "training" else torch.randn(zeros.shape, generator=generator))
+        draws.append(
+            plan.noise_pipeline(zeros, generator).target
+            if family == "training"
+            else torch.randn(zeros.shape, generator=generator)
+        )
     return torch.cat(draws)
 
 

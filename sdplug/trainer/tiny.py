@@ -9,9 +9,6 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -24,7 +21,7 @@ TEXT_WIDTH = 64
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
-def build_tokenizer(directory: Path, words: tuple[str, ...] = VOCABULARY) -> CLIPTokenizer:
+def build_tokenizer(words: tuple[str, ...] = VOCABULARY) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose merges spell each known word as one token.
 
     Unknown words still tokenize, letter by letter (every lowercase letter is in the vocab).
@@ -45,12 +42,8 @@ def build_tokenizer(directory: Path, words: tuple[str, ...] = VOCABULARY) -> CLI
             pieces = [merged, *pieces[2:]]
     for token in SPECIAL:
         vocab.setdefault(token, len(vocab))
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=MAX_TOKENS)
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+    # built in memory: several processes of one run may build it at once
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=MAX_TOKENS)
 
 
 def build_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
