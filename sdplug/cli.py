@@ -81,6 +81,55 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kohya(args: argparse.Namespace) -> int:
+    from sdplug.hosts.kohya.launcher import main as kohya_main
+
+    return kohya_main(args.rest)
+
+
+def _cmd_from_kohya(args: argparse.Namespace) -> int:
+    from sdplug.hosts.kohya.config_bridge import preset_from_kohya_file
+
+    preset, bridged = preset_from_kohya_file(args.config)
+    text = preset.to_toml(with_defaults=False)
+    notes = "".join(f"# not carried over exactly: {note}\n" for note in bridged.notes)
+    _write(args.output, f"# translated by sdplug from {args.config}\n{notes}\n{text}")
+    for note in bridged.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _cmd_to_kohya(args: argparse.Namespace) -> int:
+    from sdplug.hosts.kohya.config_bridge import to_kohya
+    from sdplug.presets import load_preset
+    from sdplug.toml_writer import dumps
+
+    bridged = to_kohya(load_preset(args.preset))
+    notes = "".join(f"# kohya cannot express: {note}\n" for note in bridged.notes)
+    body = dumps({"sdplug": bridged.data}).replace("[sdplug]\n", "") if bridged.data else ""
+    _write(args.output, f"# kohya config keys for preset {args.preset}\n{notes}\n{body}")
+    for note in bridged.notes:
+        print(f"cannot express: {note}", file=sys.stderr)
+    return 0
+
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    from sdplug.hosts.kohya import patching
+
+    action = patching.apply if args.command == "patch" else patching.revert
+    for line in action(args.directory):
+        print(line)
+    return 0
+
+
+def _write(output: Path | None, text: str) -> None:
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        print(f"wrote {output}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdplug", description="Diffusion-training tricks for every trainer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +176,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_cmd_train)
 
+    p = sub.add_parser(
+        "kohya", help="run an sd-scripts script with a preset: sdplug kohya --preset P [--sd-scripts DIR] -- SCRIPT ARGS"
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(run=_cmd_kohya)
+
+    p = sub.add_parser("from-kohya", help="translate a kohya --config_file into a preset")
+    p.add_argument("config", type=Path)
+    p.add_argument("-o", "--output", type=Path)
+    p.set_defaults(run=_cmd_from_kohya)
+
+    p = sub.add_parser("to-kohya", help="kohya config keys for a preset, and what kohya cannot express")
+    p.add_argument("preset")
+    p.add_argument("-o", "--output", type=Path)
+    p.set_defaults(run=_cmd_to_kohya)
+
+    for name, text in (
+        ("patch", "add --sdplug_preset to an sd-scripts tree"),
+        ("unpatch", "restore the files 'patch' changed, byte for byte"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("host", choices=["kohya"])
+        p.add_argument("directory", type=Path)
+        p.set_defaults(run=_cmd_patch)
+
     p = sub.add_parser("bench", help="print pyramid-noise cost ratios against randn_like, measured side by side")
     p.add_argument("what", choices=["pyramid"])
     p.add_argument("--repeats", type=int, default=200, help="timed calls per method and shape (median reported)")
@@ -136,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["kohya"]:  # everything after belongs to the launcher and the script
+        from sdplug.hosts.kohya.launcher import main as kohya_main
+
+        return kohya_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

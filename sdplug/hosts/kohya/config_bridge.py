@@ -1,0 +1,254 @@
+"""kohya sd-scripts ``--config_file`` <-> sdplug preset.
+
+``from_kohya`` reads the keys kohya uses for the tricks sdplug carries and writes a preset;
+``to_kohya`` writes kohya config keys for what kohya can do natively and lists what it cannot.
+Both say what they could not carry over: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from sdplug.errors import PresetError
+from sdplug.presets import Preset, parse_preset, tomllib
+
+KOHYA_OPTIMIZERS = {
+    "adamw": "adamw",
+    "adamw8bit": "adamw8bit",
+    "pagedadamw8bit": "paged_adamw8bit",
+    "lion8bit": "lion8bit",
+    "adafactor": "adafactor",
+    "bitsandbytes.optim.adamw8bit": "adamw8bit",
+    "bitsandbytes.optim.pagedadamw8bit": "paged_adamw8bit",
+    "bitsandbytes.optim.lion8bit": "lion8bit",
+    "transformers.optimization.adafactor": "adafactor",
+    "torch.optim.adamw": "adamw",
+}
+TO_KOHYA_OPTIMIZER = {
+    "adamw": "AdamW",
+    "adamw8bit": "AdamW8bit",
+    "paged_adamw8bit": "PagedAdamW8bit",
+    "lion8bit": "Lion8bit",
+    "adafactor": "AdaFactor",
+}
+
+
+@dataclasses.dataclass
+class Bridged:
+    """A translation and the notes on what did not (exactly) carry over."""
+
+    data: dict[str, Any]
+    notes: list[str]
+
+
+def read_kohya_config(path: Path) -> dict[str, Any]:
+    """kohya's config file, flattened the way kohya reads it (tables merge into one namespace)."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PresetError(f"cannot read the kohya config: {exc}", path=str(path)) from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def _optimizer_args(values: list[str] | None, notes: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in values or []:
+        key, _, value = str(item).partition("=")
+        key = key.strip()
+        if key == "weight_decay":
+            params["weight_decay"] = float(value)
+        elif key == "betas":
+            params["betas"] = [float(v) for v in value.replace("(", "").replace(")", "").split(",")]
+        elif key == "eps":
+            params["eps"] = float(value)
+        else:
+            notes.append(f"optimizer_args {item!r}: not carried over (sdplug's optimizer has no such parameter)")
+    return params
+
+
+def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
+    notes: list[str] = []
+    preset: dict[str, Any] = {"preset": {"name": name, "description": "translated from a kohya sd-scripts config"}}
+    noise: list[dict[str, Any]] = []
+    if config.get("noise_offset"):
+        noise.append({"type": "offset", "strength": float(config["noise_offset"])})
+        if config.get("adaptive_noise_scale"):
+            notes.append("adaptive_noise_scale: not carried over (no sdplug equivalent)")
+        if config.get("noise_offset_random_strength"):
+            notes.append("noise_offset_random_strength: not carried over (no sdplug equivalent)")
+    if config.get("multires_noise_iterations"):
+        iterations = int(config["multires_noise_iterations"])
+        noise.append(
+            {
+                "type": "pyramid",
+                "discount": float(config.get("multires_noise_discount", 0.3)),
+                "iterations": max(1, iterations - 1),
+            }
+        )
+        notes.append(
+            "multires_noise_*: kohya's loop adds its level i = 0 at full size and adds onto the offset noise; sdplug's "
+            f"'intended' pyramid has {max(1, iterations - 1)} low-resolution levels (iterations - 1) and no second full-size level"
+        )
+    if config.get("ip_noise_gamma"):
+        noise.append({"type": "input_perturbation", "gamma": float(config["ip_noise_gamma"])})
+        if config.get("ip_noise_gamma_random_strength"):
+            notes.append("ip_noise_gamma_random_strength: not carried over (sdplug's gamma is fixed)")
+    if noise:
+        preset["noise"] = noise
+    if config.get("min_timestep") is not None or config.get("max_timestep") is not None:
+        timesteps: dict[str, Any] = {"type": "uniform"}
+        if config.get("min_timestep") is not None:
+            timesteps["min_timestep"] = int(config["min_timestep"])
+        if config.get("max_timestep") is not None:
+            timesteps["max_timestep"] = int(config["max_timestep"])
+        preset["timesteps"] = timesteps
+    weightings = []
+    if config.get("min_snr_gamma"):
+        weightings.append({"type": "min_snr", "gamma": float(config["min_snr_gamma"])})
+    if config.get("debiased_estimation_loss"):
+        weightings.append({"type": "debiased"})
+        notes.append("debiased_estimation_loss: sdplug's v-prediction form is sqrt(SNR)/(SNR+1), kohya's is 1/(SNR+1)")
+    if config.get("scale_v_pred_loss_like_noise_pred"):
+        weightings.append({"type": "snr"})
+    if len(weightings) > 1:
+        notes.append(f"kohya multiplies {len(weightings)} weightings together; a preset has one: kept {weightings[0]['type']!r}")
+    if weightings:
+        preset["loss_weighting"] = weightings[0]
+    if config.get("v_pred_like_loss"):
+        notes.append("v_pred_like_loss: not carried over (no sdplug equivalent)")
+    captions = []
+    if config.get("caption_dropout_rate") or config.get("caption_dropout_every_n_epochs"):
+        entry: dict[str, Any] = {"type": "dropout", "rate": float(config.get("caption_dropout_rate") or 0.0)}
+        if config.get("caption_dropout_every_n_epochs"):
+            entry["every_n_epochs"] = int(config["caption_dropout_every_n_epochs"])
+        captions.append(entry)
+    keep = int(config.get("keep_tokens") or 0)
+    if config.get("shuffle_caption"):
+        captions.append({"type": "shuffle", "keep_tokens": keep})
+    if config.get("caption_tag_dropout_rate"):
+        captions.append({"type": "tag_dropout", "rate": float(config["caption_tag_dropout_rate"]), "keep_tokens": keep})
+    if captions:
+        preset["caption"] = captions
+    if config.get("optimizer_type"):
+        kind = str(config["optimizer_type"])
+        chosen = KOHYA_OPTIMIZERS.get(kind.lower())
+        if chosen is None:
+            notes.append(f"optimizer_type {kind!r}: not carried over (sdplug's optimizers: {', '.join(TO_KOHYA_OPTIMIZER)})")
+        else:
+            optimizer: dict[str, Any] = {"type": chosen}
+            if config.get("learning_rate") is not None:
+                optimizer["lr"] = float(config["learning_rate"])
+            optimizer.update(_optimizer_args(config.get("optimizer_args"), notes))
+            preset["optimizer"] = optimizer
+    if config.get("xformers"):
+        preset["attention"] = {"type": "xformers"}
+    elif config.get("sdpa"):
+        preset["attention"] = {"type": "sdpa"}
+    elif config.get("mem_eff_attn"):
+        notes.append("mem_eff_attn: not carried over (kohya's own attention; use attention 'sdpa')")
+    memory = {}
+    for key in ("gradient_checkpointing", "cache_latents", "cache_text_encoder_outputs"):
+        if config.get(key):
+            memory[key] = True
+    if config.get("mixed_precision") in ("fp16", "bf16"):
+        memory["mixed_precision"] = config["mixed_precision"]
+    if memory:
+        preset["memory"] = memory
+    return Bridged(preset, notes)
+
+
+def to_kohya(preset: Preset) -> Bridged:
+    config: dict[str, Any] = {}
+    notes: list[str] = []
+    for spec in preset.noise:
+        p = spec.params
+        if spec.type == "offset":
+            config["noise_offset"] = p.get("strength", 0.1)
+        elif spec.type == "pyramid" and p.get("variant", "intended") == "intended" and p.get("normalize", "batch") == "batch":
+            config["multires_noise_iterations"] = int(p.get("iterations", 10)) + 1
+            config["multires_noise_discount"] = p.get("discount", 0.8)
+            notes.append("pyramid: kohya's multires noise adds a second full-size level (i = 0); the closest, not the same")
+        elif spec.type == "input_perturbation":
+            config["ip_noise_gamma"] = p.get("gamma", 0.1)
+        elif spec.type != "gaussian":
+            notes.append(f"noise {spec.type!r} {dict(p) or ''}: kohya has no equivalent (run it through sdplug's kohya adapter)")
+    if preset.timesteps is not None:
+        if preset.timesteps.type == "uniform":
+            p = preset.timesteps.params
+            if "min_timestep" in p:
+                config["min_timestep"] = p["min_timestep"]
+            if p.get("max_timestep") is not None:
+                config["max_timestep"] = p["max_timestep"]
+        else:
+            notes.append(f"timesteps {preset.timesteps.type!r}: kohya has no equivalent")
+    if preset.loss_weighting is not None:
+        kind, p = preset.loss_weighting.type, preset.loss_weighting.params
+        if kind == "min_snr":
+            config["min_snr_gamma"] = p.get("gamma", 5.0)
+        elif kind == "debiased":
+            config["debiased_estimation_loss"] = True
+            notes.append("debiased: kohya's v-prediction form (1/(SNR+1)) differs from sdplug's (sqrt(SNR)/(SNR+1))")
+        elif kind == "snr":
+            config["scale_v_pred_loss_like_noise_pred"] = True
+            notes.append("snr: kohya's scale_v_pred_loss_like_noise_pred equals it for v-prediction models only")
+        elif kind != "constant":
+            notes.append(f"loss_weighting {kind!r}: kohya has no equivalent")
+    for spec in preset.caption:
+        p = spec.params
+        if spec.type == "dropout":
+            config["caption_dropout_rate"] = p.get("rate", 0.1)
+            if p.get("every_n_epochs"):
+                config["caption_dropout_every_n_epochs"] = p["every_n_epochs"]
+        elif spec.type == "shuffle":
+            config["shuffle_caption"] = True
+            config["keep_tokens"] = p.get("keep_tokens", 0)
+        elif spec.type == "tag_dropout":
+            config["caption_tag_dropout_rate"] = p.get("rate", 0.1)
+            config["keep_tokens"] = p.get("keep_tokens", 0)
+        if p.get("separator", ",") != ",":
+            notes.append(f"caption {spec.type!r} separator {p['separator']!r}: kohya splits on ','")
+    if preset.optimizer is not None:
+        p = dict(preset.optimizer.params)
+        config["optimizer_type"] = (
+            TO_KOHYA_OPTIMIZER[preset.optimizer.type] if preset.optimizer.type in TO_KOHYA_OPTIMIZER else preset.optimizer.type
+        )
+        if "lr" in p:
+            config["learning_rate"] = p.pop("lr")
+        args = []
+        if "weight_decay" in p:
+            args.append(f"weight_decay={p.pop('weight_decay')}")
+        if "betas" in p:
+            args.append("betas=" + ",".join(str(b) for b in p.pop("betas")))
+        if "eps" in p:
+            args.append(f"eps={p.pop('eps')}")
+        if args:
+            config["optimizer_args"] = args
+        for key, value in p.items():
+            notes.append(f"optimizer {key} = {value}: not expressible in kohya's config")
+        if preset.optimizer_fallback is not None:
+            notes.append("optimizer.fallback: kohya has no fallback")
+    if preset.attention is not None:
+        if preset.attention.type in ("xformers", "sdpa"):
+            config[preset.attention.type] = True
+        elif preset.attention.type != "default":
+            notes.append(f"attention {preset.attention.type!r}: kohya has no equivalent")
+    memory = preset.memory
+    for key in ("gradient_checkpointing", "cache_latents", "cache_text_encoder_outputs"):
+        if getattr(memory, key):
+            config[key] = True
+    if memory.mixed_precision != "no":
+        config["mixed_precision"] = memory.mixed_precision
+    return Bridged(config, notes)
+
+
+def preset_from_kohya_file(path: Path) -> tuple[Preset, Bridged]:
+    bridged = from_kohya(read_kohya_config(path), name=Path(path).stem)
+    return parse_preset(bridged.data, path=str(path)), bridged

@@ -1,0 +1,64 @@
+"""``sdplug kohya``: run an sd-scripts training script with a preset, without changing its source.
+
+    sdplug kohya --preset P.toml [--sd-scripts DIR] -- train_network.py <usual kohya args>
+    accelerate launch -m sdplug.kohya --preset P.toml [--sd-scripts DIR] train_network.py <args>
+
+The hooks are installed into sd-scripts' library modules before the script runs, so its own
+imports bind to them; then the script runs as ``__main__`` with its own arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+from sdplug.errors import SdplugError
+from sdplug.hosts.kohya.runtime import activate_for_launch
+from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError, detect
+from sdplug.presets import load_preset
+
+
+def resolve_script(script: str, sd_scripts: Path | None) -> Path:
+    path = Path(script)
+    if not path.is_file() and sd_scripts is not None:
+        path = Path(sd_scripts) / script
+    if not path.is_file():
+        raise SdplugError(
+            f"kohya script {script!r} not found" + (f" in {sd_scripts}" if sd_scripts else "; pass --sd-scripts DIR")
+        )
+    if path.name not in SCRIPTS:
+        raise KohyaVersionError(f"{path.name}: the sdplug kohya adapter supports {', '.join(SCRIPTS)}.")
+    return path.resolve()
+
+
+def launch(preset_path: str, script: str, script_args: list[str], sd_scripts: Path | None = None) -> None:
+    preset = load_preset(preset_path)
+    path = resolve_script(script, sd_scripts)
+    root = Path(sd_scripts).resolve() if sd_scripts else path.parent
+    version = detect(root)
+    activate_for_launch(preset, version, root, path.name)
+    print(f"sdplug: preset {preset.name!r} on sd-scripts {version.name} ({path.name})", file=sys.stderr)
+    sys.argv = [str(path), *script_args]
+    runpy.run_path(str(path), run_name="__main__")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdplug kohya", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", required=True, help="a preset file or a shipped preset's name")
+    parser.add_argument("--sd-scripts", type=Path, help="the sd-scripts folder (default: the script's folder)")
+    parser.add_argument("script", help="train_network.py, sdxl_train_network.py, train_db.py or fine_tune.py")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+    try:
+        launch(args.preset, args.script, script_args, args.sd_scripts)
+    except SdplugError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,400 @@
+"""The kohya adapter at run time: hooks that route sd-scripts' tricks through one sdplug plan.
+
+Installed either by the launcher (``sdplug kohya ...``, before the script runs) or by the
+patched scripts (``--sdplug_preset``, from inside the script). Hooks, all in
+``library.train_util`` / ``library.custom_train_functions``:
+
+- ``read_config_from_file`` (every script calls it right after parsing arguments): checks the
+  command line against the preset (a trick set in both is an error), then configures.
+- ``get_noise_noisy_latents_and_timesteps``: noise, timesteps and the model input from the
+  plan; input perturbation reaches the model input only, the returned target noise is clean.
+- ``apply_snr_weight``: kohya calls it on the per-sample loss when ``min_snr_gamma`` is set;
+  the adapter sets a marker value there so the preset's weighting runs in its place.
+- ``get_optimizer``: the preset's optimizer, with a learned weighting's parameters added.
+- ``replace_unet_modules``: the preset's attention through kohya's own switches.
+- ``BaseDataset.process_caption``: the preset's caption transforms after kohya's own text
+  handling (prefixes, wildcards).
+
+At exit the plan's audit is written to ``output_dir/audit.json``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdplug.errors import SdplugError
+from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
+from sdplug.plan import Plan
+from sdplug.presets import Preset
+from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
+from sdplug.strategies.optimizer import state_bytes
+from sdplug.strategies.timesteps import UniformTimesteps
+
+
+class KohyaConflictError(SdplugError):
+    """The kohya command line and the preset both set one trick."""
+
+
+class PresetWeightingMarker(float):
+    """Stands in ``args.min_snr_gamma`` so kohya calls the weighting hook; never a real gamma."""
+
+    def __new__(cls):
+        return super().__new__(cls, 1.0)
+
+    def __repr__(self) -> str:
+        return "sdplug-preset-weighting"
+
+    __str__ = __repr__
+
+
+# kohya flags each preset section takes over; set together, they are an error.
+CONFLICTS = {
+    "noise": ("noise_offset", "multires_noise_iterations", "ip_noise_gamma"),
+    "timesteps": ("min_timestep", "max_timestep"),
+    "loss_weighting": ("min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss"),
+    "caption": ("caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "shuffle_caption"),
+    "attention": ("xformers", "sdpa", "mem_eff_attn"),
+}
+SUBSET_CAPTION_KEYS = ("caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "shuffle_caption")
+ATTENTION_FLAGS = {"default": (False, False, False), "xformers": (False, True, False), "sdpa": (False, False, True)}
+
+_ACTIVE: KohyaAdapter | None = None
+
+
+def _is_set(value: Any) -> bool:
+    return value not in (None, False, 0, 0.0, "")
+
+
+class KohyaAdapter:
+    def __init__(self, preset: Preset, version: KohyaVersion, script: str):
+        self.preset, self.version, self.script = preset, version, script
+        self.plan: Plan | None = None
+        self.args = None
+        self.originals: dict[tuple[Any, str], Any] = {}
+        self.optimizer = None
+        self.trainable_count = 0
+        self.attention_record: dict[str, Any] | None = None
+        self.rules: list[str] = []
+        self.noise_calls = 0
+        self.checked_schedule = False
+
+    # -- installation -----------------------------------------------------------------------
+    def install(self, train_util, custom_train_functions) -> None:
+        check_hooks({"library.train_util": train_util, "library.custom_train_functions": custom_train_functions}, self.version)
+        self._replace(train_util, "read_config_from_file", self._read_config_hook)
+        self._replace(train_util, "get_noise_noisy_latents_and_timesteps", self._noise_hook)
+        self._replace(train_util, "get_optimizer", self._optimizer_hook)
+        self._replace(train_util, "replace_unet_modules", self._attention_hook)
+        self._replace(custom_train_functions, "apply_snr_weight", self._weight_hook)
+        original_caption = train_util.BaseDataset.process_caption
+        adapter = self
+
+        def process_caption(dataset, subset, caption):
+            return adapter._caption_hook(original_caption, dataset, subset, caption)
+
+        self._replace(train_util.BaseDataset, "process_caption", process_caption)
+
+    def _replace(self, owner, name: str, replacement) -> None:
+        self.originals[(owner, name)] = getattr(owner, name)
+        setattr(owner, name, replacement)
+
+    def original(self, owner, name: str):
+        return self.originals[(owner, name)]
+
+    def rebind_script_globals(self, script_globals: dict[str, Any], custom_train_functions) -> None:
+        """A running (patched) script imported hooked functions by name: point them here.
+
+        sdxl_train_network runs train_network's loop, so that module's names are rebound too.
+        """
+        original = self.original(custom_train_functions, "apply_snr_weight")
+        loaded = sys.modules.get("train_network")
+        for namespace in (script_globals, getattr(loaded, "__dict__", {})):
+            if namespace.get("apply_snr_weight") is original:
+                namespace["apply_snr_weight"] = self._weight_hook
+
+    # -- configuration ----------------------------------------------------------------------
+    def _read_config_hook(self, args, parser):
+        args = self.original(self._train_util, "read_config_from_file")(args, parser)
+        self.configure(args, parser)
+        return args
+
+    def configure(self, args, parser) -> None:
+        """Check the command line against the preset, then bind the plan (before training)."""
+        preset = self.preset
+        sections = {
+            "noise": bool(preset.noise),
+            "timesteps": preset.timesteps is not None,
+            "loss_weighting": preset.loss_weighting is not None,
+            "caption": bool(preset.caption),
+            "attention": preset.attention is not None,
+        }
+        for section, flags in CONFLICTS.items():
+            if not sections[section]:
+                continue
+            clashing = [f"--{flag}={getattr(args, flag)}" for flag in flags if _is_set(getattr(args, flag, None))]
+            if clashing:
+                raise KohyaConflictError(
+                    f"{preset.path}: the preset sets [{section}] and the kohya command line sets {', '.join(clashing)}. "
+                    f"Remove the flag(s) or the [{section}] section: sdplug never applies both."
+                )
+        if preset.optimizer is not None:
+            default = parser.get_default("optimizer_type") if parser is not None else ""
+            if getattr(args, "optimizer_type", default) not in (default, None, ""):
+                raise KohyaConflictError(
+                    f"{preset.path}: the preset sets [optimizer] ({preset.optimizer.type}) and the kohya command line sets "
+                    f"--optimizer_type={args.optimizer_type}. Remove one of them."
+                )
+        if (preset.noise or preset.timesteps) and self.version.noise_returns == 4 and getattr(args, "loss_type", "l2") != "l2":
+            raise KohyaConflictError(
+                f"sd-scripts {self.version.name} draws one timestep per batch for --loss_type {args.loss_type}; sdplug's "
+                "noise/timestep hooks draw one per sample. Use --loss_type l2 with this preset."
+            )
+        self._apply_memory(args)
+        if preset.loss_weighting is not None:
+            args.min_snr_gamma = PresetWeightingMarker()
+        if preset.caption and int(getattr(args, "max_data_loader_n_workers", 0) or 0) > 0:
+            # caption decisions must be made (and audited) in this process, not in loader workers
+            self.rules.append(
+                f"--max_data_loader_n_workers {args.max_data_loader_n_workers} -> 0 (caption transforms run in the main process)"
+            )
+            args.max_data_loader_n_workers = 0
+            args.persistent_data_loader_workers = False
+        alphas = scaled_linear_alphas_cumprod()
+        if getattr(args, "zero_terminal_snr", False):
+            alphas = rescale_zero_terminal_snr(alphas)
+        prediction = "v_prediction" if getattr(args, "v_parameterization", False) else "epsilon"
+        self.plan = Plan(preset, alphas_cumprod=alphas, prediction_type=prediction)
+        if preset.timesteps is None and (preset.noise or preset.timesteps):
+            self.plan.timestep_sampler = UniformTimesteps(
+                min_timestep=args.min_timestep or 0, max_timestep=args.max_timestep
+            )  # kohya's own range carries over
+        self.configured_range = (getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+        seed = int(getattr(args, "seed", None) or 0)
+        self.rank = rank
+        self.generator_seed = seed * 1_000_003 + 2 * rank + 1
+        self.generator: torch.Generator | None = None
+        self.caption_rng = random.Random(f"sdplug-kohya-captions-{seed}-{rank}")
+        self.args = args
+        for rule in self.rules:
+            print(f"sdplug: {rule}", file=sys.stderr)
+        atexit.register(self.write_audit)
+
+    def _apply_memory(self, args) -> None:
+        memory = self.preset.memory
+        for key in ("gradient_checkpointing", "cache_latents"):
+            if getattr(memory, key) and not getattr(args, key, False):
+                setattr(args, key, True)
+                self.rules.append(f"--{key} on (preset [memory])")
+        if memory.mixed_precision != "no":
+            current = getattr(args, "mixed_precision", "no")
+            if current not in ("no", memory.mixed_precision):
+                raise KohyaConflictError(
+                    f"{self.preset.path}: memory.mixed_precision = {memory.mixed_precision!r} but the kohya command line sets "
+                    f"--mixed_precision={current}. Remove one of them."
+                )
+            args.mixed_precision = memory.mixed_precision
+        if memory.cache_text_encoder_outputs:
+            if not hasattr(args, "cache_text_encoder_outputs"):
+                raise SdplugError(f"{self.script} has no --cache_text_encoder_outputs (kohya supports it for SDXL scripts).")
+            if self.preset.caption:
+                raise SdplugError(
+                    "memory.cache_text_encoder_outputs with caption transforms: the kohya adapter does not yet substitute the "
+                    "empty caption's embedding inside sd-scripts (the reference trainer does). Turn caching off for this preset."
+                )
+            args.cache_text_encoder_outputs = True
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _check_schedule(self, noise_scheduler) -> None:
+        if self.checked_schedule:
+            return
+        theirs = getattr(noise_scheduler, "alphas_cumprod", None)
+        if (
+            theirs is None
+            or theirs.shape != self.plan.alphas_cumprod.shape
+            or not torch.allclose(theirs.detach().float().cpu(), self.plan.alphas_cumprod, atol=1e-5)
+        ):
+            raise SdplugError(
+                "sd-scripts' noise scheduler is not the Stable Diffusion schedule sdplug bound the preset to "
+                "(scaled_linear, 1000 steps); refusing to weight or noise it wrongly."
+            )
+        self.checked_schedule = True
+
+    def _noise_hook(self, args, noise_scheduler, latents):
+        self.plan.audit.step()  # kohya draws noise once per training step
+        if not (self.preset.noise or self.preset.timesteps):
+            self.noise_calls += 1
+            return self.original(self._train_util, "get_noise_noisy_latents_and_timesteps")(args, noise_scheduler, latents)
+        self._check_schedule(noise_scheduler)
+        if self.generator is None or self.generator.device != latents.device:
+            self.generator = torch.Generator(device=latents.device).manual_seed(self.generator_seed)
+        draw = self.plan.noise(latents, self.generator)
+        pinned = getattr(args, "min_timestep", None)
+        if pinned is not None and pinned == getattr(args, "max_timestep", None) and pinned != self.configured_range[0]:
+            # sd-scripts main's validation pins every sample to one timestep this way
+            timesteps = torch.full((latents.shape[0],), int(pinned), device=latents.device, dtype=torch.long)
+        else:
+            timesteps = self.plan.timesteps(latents.shape[0], generator=self.generator, device=latents.device)
+        noisy = self.plan.noisy_input(latents, draw, timesteps)
+        self.noise_calls += 1
+        result = (draw.target, noisy, timesteps)
+        return result + (1,) if self.version.noise_returns == 4 else result  # v0.8.7: huber_c, unused by l2
+
+    def _weight_hook(self, loss, timesteps, noise_scheduler, gamma, v_prediction=False):
+        if not isinstance(gamma, PresetWeightingMarker):
+            return self.original(self._custom, "apply_snr_weight")(loss, timesteps, noise_scheduler, gamma, v_prediction)
+        self._check_schedule(noise_scheduler)
+        expected = self.plan.prediction_type == "v_prediction"
+        if bool(v_prediction) != expected:
+            raise SdplugError(f"kohya passed v_prediction={v_prediction} but the preset was bound to {self.plan.prediction_type}")
+        return self.plan.weight(loss, timesteps.to(loss.device))
+
+    def _optimizer_hook(self, args, trainable_params):
+        learned = self.plan.trainable_parameters()
+        params = list(trainable_params)
+        if learned:
+            first = params[0] if params else None
+            device = (
+                (next(iter(first["params"])) if isinstance(first, dict) else first).device
+                if first is not None
+                else torch.device("cpu")
+            )
+            for p in learned:
+                p.data = p.data.to(device)
+            if isinstance(first, dict):
+                # join the first group: sd-scripts main indexes its lr descriptions by group, so a
+                # new group would break its logging
+                params[0] = {**first, "params": [*first["params"], *learned]}
+            else:
+                params.extend(learned)
+        if self.preset.optimizer is None:
+            result = self.original(self._train_util, "get_optimizer")(args, params)
+            optimizer = result[-1]
+        else:
+            optimizer = self.plan.optimizer(params)
+            spec = self.plan.preset.optimizer_fallback if self.plan.optimizer_fell_back else self.preset.optimizer
+            name = f"sdplug:{spec.type}"
+            result = (name, json.dumps(dict(spec.params)), optimizer)
+        self.optimizer = optimizer
+        self.trainable_count = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        return result
+
+    def _attention_hook(self, unet, mem_eff_attn, xformers, sdpa):
+        replace = self.original(self._train_util, "replace_unet_modules")
+        if self.preset.attention is None:
+            return replace(unet, mem_eff_attn, xformers, sdpa)
+        kind = self.preset.attention.type
+        if kind not in ATTENTION_FLAGS:
+            raise SdplugError(
+                f"attention {kind!r} is not available inside sd-scripts' own UNet; allowed there: {', '.join(ATTENTION_FLAGS)}."
+            )
+        self.plan.attention_strategy.check_available()
+        replace(unet, *ATTENTION_FLAGS[kind])
+        modules = [m for m in unet.modules() if hasattr(m, "to_q") and hasattr(m, "to_k")]  # attention layers
+        if not modules:
+            raise SdplugError(f"attention {kind!r}: found no attention module in {type(unet).__name__} to switch")
+        self.attention_record = {
+            "strategy": kind,
+            "processor": f"sd-scripts {type(modules[0]).__name__} ({kind})",
+            "modules": len(modules),
+        }
+
+    def _caption_hook(self, original, dataset, subset, caption):
+        if not self.preset.caption:
+            return original(dataset, subset, caption)
+        clashing = [f"{k}={getattr(subset, k)}" for k in SUBSET_CAPTION_KEYS if _is_set(getattr(subset, k, None))]
+        if clashing:
+            raise KohyaConflictError(
+                f"{self.preset.path}: the preset sets [caption] and the dataset config sets {', '.join(clashing)} for a subset. "
+                "Remove them from the dataset config: sdplug never applies both."
+            )
+        text = original(dataset, subset, caption)
+        # kohya counts epochs from 1; sdplug's caption transforms count from 0
+        epoch = max(int(getattr(dataset, "current_epoch", 1) or 1) - 1, 0)
+        return self.plan.caption(text, epoch=epoch, rng=self.caption_rng).text
+
+    # -- audit ----------------------------------------------------------------------------------
+    def write_audit(self) -> Path | None:
+        if self.plan is None or self.args is None or not getattr(self.args, "output_dir", None):
+            return None
+        report = self.plan.audit.report()
+        report["host"] = {"name": "kohya sd-scripts", "version": self.version.name, "script": self.script, "rules": self.rules}
+        if self.optimizer is not None:
+            report["optimizer"] = {
+                "class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__name__}",
+                "state_bytes_per_trainable_parameter": round(state_bytes(self.optimizer) / max(self.trainable_count, 1), 4),
+                "trainable_parameters": self.trainable_count,
+            }
+        if self.attention_record is not None:
+            report["attention"] = self.attention_record
+        problems = []
+        if self.preset.noise and self.noise_calls == 0:
+            problems.append("noise hook never ran")
+        if self.preset.loss_weighting and self.plan.audit.data["loss_weighting"]["calls"] == 0:
+            problems.append("loss weighting never ran")
+        if self.preset.caption and self.plan.audit.data["caption"]["samples"] == 0:
+            problems.append("caption transforms never ran")
+        if self.preset.optimizer and self.optimizer is None:
+            problems.append("optimizer hook never ran")
+        if self.preset.attention and self.attention_record is None:
+            problems.append("attention hook never ran")
+        report["problems"] = problems
+        out = Path(self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / ("audit.json" if self.rank == 0 else f"audit-rank{self.rank}.json")
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if problems:
+            print(f"sdplug: AUDIT PROBLEMS in {path}: {'; '.join(problems)}", file=sys.stderr)
+        return path
+
+
+def _import_library(root: Path):
+    root_text = str(Path(root).resolve())
+    if root_text not in sys.path:
+        sys.path.insert(0, root_text)
+    import importlib
+
+    train_util = importlib.import_module("library.train_util")
+    custom = importlib.import_module("library.custom_train_functions")
+    return train_util, custom
+
+
+def activate_for_launch(preset: Preset, version: KohyaVersion, root: Path, script: str) -> KohyaAdapter:
+    """Install the hooks before the script runs (the launcher route)."""
+    global _ACTIVE
+    train_util, custom = _import_library(root)
+    adapter = KohyaAdapter(preset, version, script)
+    adapter._train_util, adapter._custom = train_util, custom
+    adapter.install(train_util, custom)
+    _ACTIVE = adapter
+    return adapter
+
+
+def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | None:
+    """Called by the patched scripts after they read their arguments (the patch route)."""
+    global _ACTIVE
+    if _ACTIVE is not None:  # launched through `sdplug kohya` as well: already active
+        return _ACTIVE
+    from sdplug.hosts.kohya.version import detect
+    from sdplug.presets import load_preset
+
+    script_file = Path(script_globals.get("__file__", "train_network.py"))
+    root = script_file.resolve().parent
+    version = detect(root)
+    preset = load_preset(args.sdplug_preset)
+    train_util, custom = _import_library(root)
+    adapter = KohyaAdapter(preset, version, script_file.name)
+    adapter._train_util, adapter._custom = train_util, custom
+    adapter.install(train_util, custom)
+    adapter.rebind_script_globals(script_globals, custom)
+    adapter.configure(args, parser)
+    _ACTIVE = adapter
+    return adapter

@@ -1,0 +1,97 @@
+"""Recognise an sd-scripts tree, and refuse one the adapter does not know.
+
+A version is recognised by the source of the functions the adapter hooks, not by a version
+string (sd-scripts has none): each known version has a fingerprint, and every hook the
+adapter needs must be present before anything is patched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from sdplug.errors import SdplugError
+
+SCRIPTS = ("train_network.py", "sdxl_train_network.py", "train_db.py", "fine_tune.py")
+
+
+class KohyaVersionError(SdplugError):
+    """An sd-scripts tree (or script) the adapter does not support."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KohyaVersion:
+    name: str
+    noise_returns: int  # the tuple length get_noise_noisy_latents_and_timesteps returns
+    fingerprints: tuple[tuple[str, str], ...]  # (file, text that must be in it)
+
+
+KNOWN = (
+    KohyaVersion(
+        "main",
+        3,
+        (
+            ("library/train_util.py", "def get_huber_threshold_if_needed("),
+            ("library/train_util.py", "return noise, noisy_latents, timesteps\n"),
+            ("train_network.py", "def get_noise_pred_and_target("),
+            ("train_network.py", "def post_process_loss("),
+        ),
+    ),
+    KohyaVersion(
+        # the inline-loop layout: v0.8.7, and v0.8.8-v0.9.1, whose hooks are the same
+        "v0.8.7",
+        4,
+        (
+            ("library/train_util.py", "def get_timesteps_and_huber_c("),
+            ("library/train_util.py", "return noise, noisy_latents, timesteps, huber_c\n"),
+        ),
+    ),
+)
+
+# (module, attribute) the adapter replaces or wraps; all must exist in a supported tree.
+HOOKS = (
+    ("library.train_util", "get_noise_noisy_latents_and_timesteps"),
+    ("library.train_util", "read_config_from_file"),
+    ("library.train_util", "get_optimizer"),
+    ("library.train_util", "replace_unet_modules"),
+    ("library.train_util", "BaseDataset.process_caption"),
+    ("library.custom_train_functions", "apply_snr_weight"),
+)
+
+
+def _read(root: Path, relative: str) -> str:
+    path = root / relative
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+
+
+def detect(root: Path) -> KohyaVersion:
+    """The known version ``root`` is, or a ``KohyaVersionError`` naming what is missing."""
+    root = Path(root)
+    if not (root / "library" / "train_util.py").is_file():
+        raise KohyaVersionError(f"{root}: not an sd-scripts tree (no library/train_util.py). Pass --sd-scripts DIR.")
+    misses = []
+    for version in KNOWN:
+        missing = [f"{file}: {text.strip()!r}" for file, text in version.fingerprints if text not in _read(root, file)]
+        if not missing:
+            return version
+        misses.append(f"{version.name} (missing {'; '.join(missing)})")
+    raise KohyaVersionError(
+        f"{root}: an sd-scripts version the sdplug adapter does not know. Known: "
+        + ", ".join(v.name for v in KNOWN)
+        + ". Checked: "
+        + " / ".join(misses)
+        + ". Nothing was patched; train with sd-scripts main or v0.8.7, or without sdplug."
+    )
+
+
+def check_hooks(modules: dict[str, object], version: KohyaVersion) -> None:
+    """Every hook the adapter needs, present in the imported modules (else refuse, untouched)."""
+    for module_name, attribute in HOOKS:
+        target = modules.get(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part, None)
+        if target is None:
+            raise KohyaVersionError(
+                f"sd-scripts {version.name}: hook {module_name}.{attribute} is missing, so sdplug cannot apply the preset "
+                "completely; refusing before training rather than applying part of it."
+            )

@@ -1,0 +1,310 @@
+"""The kohya adapter against stand-in sd-scripts trees (main and v0.8.7 layouts)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sdplug
+from sdplug.hosts.kohya import patching
+from sdplug.hosts.kohya.config_bridge import from_kohya, to_kohya
+from sdplug.hosts.kohya.version import KohyaVersionError, detect
+from sdplug.presets import parse_preset
+from tests.kohya_standin import make_standin
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESET = """
+[[noise]]
+type = "pyramid"
+discount = 0.8
+
+[loss_weighting]
+type = "min_snr"
+gamma = 5.0
+
+[[caption]]
+type = "dropout"
+rate = 0.5
+
+[optimizer]
+type = "adamw8bit"
+lr = 1e-3
+min_8bit_size = 16
+
+[attention]
+type = "sdpa"
+"""
+
+
+@pytest.fixture(params=["main", "v0.8.7"])
+def standin(request, tmp_path):
+    return request.param, make_standin(tmp_path / f"sd-scripts-{request.param}", request.param)
+
+
+@pytest.fixture
+def preset(tmp_path):
+    path = tmp_path / "kohya-preset.toml"
+    path.write_text(PRESET)
+    return path
+
+
+def run(command, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def launch(preset, root, script, out, *extra):
+    return run(
+        [
+            "-m",
+            "sdplug",
+            "kohya",
+            "--preset",
+            str(preset),
+            "--sd-scripts",
+            str(root),
+            "--",
+            script,
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "4",
+            "--v_parameterization",
+            *extra,
+        ]
+    )
+
+
+def check_applied(out: Path, version: str, script: str):
+    audit = json.loads((out / "audit.json").read_text())
+    record = json.loads((out / "standin-record.json").read_text())
+    assert audit["host"] == {"name": "kohya sd-scripts", "version": version, "script": script, "rules": audit["host"]["rules"]}
+    assert audit["problems"] == []
+    assert audit["steps"] == 4
+    assert audit["noise"]["applied"] == [{"type": "pyramid", "calls": 4}]
+    assert audit["loss_weighting"]["calls"] == 4
+    assert audit["caption"]["samples"] == 16 and audit["caption"]["dropout_rate_within_interval"]
+    assert audit["optimizer"]["class"].startswith("bitsandbytes.optim")
+    assert 1.9 < audit["optimizer"]["state_bytes_per_trainable_parameter"] < 3.0
+    # and from the host's side: the script trained on what sdplug gave it
+    assert record["noise_channel_mean_variance"] > 10 / 64  # pyramid, not white noise (1/64)
+    assert record["captions"].count("") == audit["caption"]["dropped"] > 0
+    assert record["optimizer"].startswith("bitsandbytes.optim") and record["sdpa"] is True
+    return audit
+
+
+@pytest.mark.parametrize("script", ["train_network.py", "train_db.py"])
+def test_launcher_applies_every_trick(standin, preset, tmp_path, script):
+    version, root = standin
+    out = tmp_path / "out"
+    result = launch(preset, root, script, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    audit = check_applied(out, version, script)
+    assert audit["attention"]["modules"] == 1
+    assert "--max_data_loader_n_workers 8 -> 0" in audit["host"]["rules"][0]
+
+
+def test_patch_route_applies_and_unpatch_restores_bytes(standin, preset, tmp_path, monkeypatch):
+    version, root = standin
+    patches = tmp_path / "patches"
+    manifest = {version: patching.make_patches(root, version, patches)}
+    (patches / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(patching, "patches_dir", lambda: patches)
+    before = {p.name: p.read_bytes() for p in root.glob("*.py")}
+
+    assert any(line.startswith("patched: train_network.py") for line in patching.apply(root))
+    assert all(not line.startswith("patched") for line in patching.apply(root))  # idempotent
+    out = tmp_path / "out"
+    env_run = run(
+        [
+            str(root / "train_network.py"),
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "4",
+            "--v_parameterization",
+            "--sdplug_preset",
+            str(preset),
+        ],
+        cwd=root,
+    )
+    assert env_run.returncode == 0, env_run.stderr[-3000:]
+    check_applied(out, version, "train_network.py")
+
+    patching.revert(root)
+    assert {p.name: p.read_bytes() for p in root.glob("*.py")} == before
+
+
+def test_patch_refuses_local_changes_and_unknown_trees(standin, tmp_path, monkeypatch):
+    version, root = standin
+    patches = tmp_path / "patches"
+    (patches / "manifest.json").parent.mkdir(parents=True, exist_ok=True)
+    (patches / "manifest.json").write_text(json.dumps({version: patching.make_patches(root, version, patches)}))
+    monkeypatch.setattr(patching, "patches_dir", lambda: patches)
+    (root / "train_db.py").write_text((root / "train_db.py").read_text() + "# mine\n")
+    untouched = (root / "train_network.py").read_bytes()
+    with pytest.raises(patching.PatchError, match="local changes"):
+        patching.apply(root)
+    assert (root / "train_network.py").read_bytes() == untouched
+    with pytest.raises(KohyaVersionError):
+        patching.apply(tmp_path)
+
+
+def test_shipped_patches_fit_their_versions():
+    manifest = json.loads((patching.patches_dir() / "manifest.json").read_text())
+    assert set(manifest) == {"main", "v0.8.7"}
+    for version, files in manifest.items():
+        assert set(files) == {"train_network.py", "sdxl_train_network.py", "train_db.py", "fine_tune.py"}
+        for script in files:
+            diff = (patching.patches_dir() / version / f"{script}.patch").read_text()
+            assert "sdplug_kohya.activate(args, parser, globals())" in diff
+            assert ("--sdplug_preset" in diff) == (script != "sdxl_train_network.py")
+
+
+def test_version_detection_and_refusal(standin, tmp_path):
+    version, root = standin
+    assert detect(root).name == version
+    text = (root / "library" / "train_util.py").read_text()
+    (root / "library" / "train_util.py").write_text(text.replace("def get_noise_noisy", "def renamed_noise"))
+    (root / "library" / "train_util.py").write_text(
+        text.replace("return noise, noisy_latents, timesteps", "return noisy_latents, noise, timesteps")
+    )
+    with pytest.raises(KohyaVersionError, match="does not know") as info:
+        detect(root)
+    assert "main" in str(info.value) and "v0.8.7" in str(info.value) and "missing" in str(info.value)
+    result = launch(tmp_path / "none.toml", root, "train_network.py", tmp_path / "o")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--noise_offset", "0.1"], "sets [noise] and the kohya command line sets --noise_offset=0.1"),
+        (["--optimizer_type", "AdamW"], "--optimizer_type=AdamW"),
+        (["--sdpa"], "sets [attention]"),
+        (["--caption_dropout_rate", "0.2"], "sets [caption]"),
+        (["--min_snr_gamma", "5"], "sets [loss_weighting]"),
+    ],
+)
+def test_conflicting_flags_fail_before_training(preset, tmp_path, flags, words):
+    root = make_standin(tmp_path / "sd", "main")
+    result = launch(preset, root, "train_network.py", tmp_path / "o", *flags)
+    assert result.returncode == 1
+    assert words in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "standin-record.json").exists()
+
+
+def test_unsupported_script_is_refused(preset, tmp_path):
+    root = make_standin(tmp_path / "sd", "main")
+    (root / "train_textual_inversion.py").write_text("print('should not run')\n")
+    result = launch(preset, root, "train_textual_inversion.py", tmp_path / "o")
+    assert result.returncode == 1 and "supports train_network.py" in result.stderr and "should not run" not in result.stdout
+
+
+KOHYA_CONFIG = {
+    "noise_offset": 0.05,
+    "min_snr_gamma": 5,
+    "caption_dropout_rate": 0.1,
+    "caption_dropout_every_n_epochs": 3,
+    "shuffle_caption": True,
+    "keep_tokens": 1,
+    "optimizer_type": "AdamW8bit",
+    "learning_rate": 1e-4,
+    "optimizer_args": ["weight_decay=0.05", "betas=0.9,0.99"],
+    "xformers": True,
+    "gradient_checkpointing": True,
+    "mixed_precision": "fp16",
+    "cache_latents": True,
+}
+
+
+def test_from_kohya_builds_a_valid_preset():
+    bridged = from_kohya(KOHYA_CONFIG)
+    preset = parse_preset(bridged.data, path="kohya.toml")
+    assert [s.type for s in preset.noise] == ["offset"] and preset.noise[0].params == {"strength": 0.05}
+    assert preset.loss_weighting.type == "min_snr" and preset.loss_weighting.params == {"gamma": 5.0}
+    assert [(s.type, dict(s.params)) for s in preset.caption] == [
+        ("dropout", {"rate": 0.1, "every_n_epochs": 3}),
+        ("shuffle", {"keep_tokens": 1}),
+    ]
+    assert preset.optimizer.type == "adamw8bit"
+    assert preset.optimizer.params == {"lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.99]}
+    assert preset.attention.type == "xformers"
+    assert preset.memory.gradient_checkpointing and preset.memory.mixed_precision == "fp16" and preset.memory.cache_latents
+    assert bridged.notes == []
+
+
+def test_to_kohya_round_trips_what_kohya_can_express():
+    preset = parse_preset(from_kohya(KOHYA_CONFIG).data, path="kohya.toml")
+    config = to_kohya(preset).data
+    for key, value in KOHYA_CONFIG.items():
+        if key == "optimizer_args":
+            assert sorted(config[key]) == ["betas=0.9,0.99", "weight_decay=0.05"]
+        else:
+            assert config[key] == value, key
+
+
+def test_bridges_name_what_they_cannot_carry():
+    notes = from_kohya({"multires_noise_iterations": 6, "optimizer_type": "Prodigy", "v_pred_like_loss": 0.1}).notes
+    assert (
+        any("multires" in n for n in notes) and any("Prodigy" in n for n in notes) and any("v_pred_like_loss" in n for n in notes)
+    )
+    preset = parse_preset(
+        {"noise": [{"type": "perlin"}], "loss_weighting": {"type": "learned"}, "timesteps": {"type": "logit_normal"}},
+        path="p.toml",
+    )
+    cannot = to_kohya(preset).notes
+    assert any("perlin" in n for n in cannot) and any("learned" in n for n in cannot) and any("logit_normal" in n for n in cannot)
+
+
+def test_cli_from_and_to_kohya(tmp_path):
+    config = tmp_path / "kohya.toml"
+    config.write_text('[general]\nnoise_offset = 0.05\n[train]\nmin_snr_gamma = 5\noptimizer_type = "Lion8bit"\n')
+    result = run(["-m", "sdplug", "from-kohya", str(config), "-o", str(tmp_path / "preset.toml")])
+    assert result.returncode == 0, result.stderr
+    preset = sdplug.load_preset(tmp_path / "preset.toml")
+    assert preset.optimizer.type == "lion8bit" and preset.noise[0].type == "offset"
+    back = run(["-m", "sdplug", "to-kohya", str(tmp_path / "preset.toml")])
+    assert back.returncode == 0 and "min_snr_gamma = 5.0" in back.stdout and 'optimizer_type = "Lion8bit"' in back.stdout
+
+
+# -- a real sd-scripts checkout (skipped unless SDPLUG_KOHYA_DIR points to one) -------------------
+KOHYA_DIR = os.environ.get("SDPLUG_KOHYA_DIR")
+
+
+@pytest.mark.skipif(
+    not KOHYA_DIR, reason="set SDPLUG_KOHYA_DIR (and SDPLUG_KOHYA_ARGS) to run against a real sd-scripts checkout"
+)
+@pytest.mark.parametrize("script", ["train_network.py", "train_db.py"])
+def test_real_sd_scripts_checkout(preset, tmp_path, script):
+    """SDPLUG_KOHYA_ARGS: the script arguments for a 2-step run on your machine (model, data, tokenizer)."""
+    out = tmp_path / "out"
+    extra = os.environ.get("SDPLUG_KOHYA_ARGS", "").split()
+    if script == "train_network.py":
+        extra += ["--network_module", "networks.lora"]
+    python = os.environ.get("SDPLUG_KOHYA_PYTHON", sys.executable)
+    command = [
+        python,
+        "-m",
+        "sdplug",
+        "kohya",
+        "--preset",
+        str(preset),
+        "--sd-scripts",
+        KOHYA_DIR,
+        "--",
+        script,
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "2",
+        *extra,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["problems"] == [] and audit["steps"] == 2
+    assert audit["noise"]["applied"][0]["calls"] == 2 and audit["loss_weighting"]["calls"] == 2
