@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", choices=["lora", "dreambooth"], default="lora")
     p.add_argument("--output", type=Path, default=Path("output"))
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, help="training resolution for --model (default: the model's own)")

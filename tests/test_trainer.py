@@ -215,6 +215,7 @@ def test_model_path_that_is_not_a_model(tmp_path):
         ("", {"class_data": Path(".")}, OptionError, "needs --mode dreambooth"),
         ("", {"stop_after": 9}, OptionError, "--stop-after"),
         ('[attention]\ntype = "xformers"\n', {}, SdplugError, "xformers"),
+        ("", {"log_with": "tensorboard"}, SdplugError, "pip install tensorboard"),
     ],
 )
 def test_conflicting_or_impossible_options_fail_before_training(tmp_path, preset, options, error, words):

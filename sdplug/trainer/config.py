@@ -26,7 +26,7 @@ class TrainConfig:
     data: Path | None = None
     mode: str = "lora"
     output: Path = Path("output")
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 16
     seed: int = 0
     resolution: int | None = None

@@ -23,6 +23,7 @@ from sdplug.strategies.optimizer import state_bytes
 from sdplug.trainer import checkpoint, data, lora, models, synthetic
 from sdplug.trainer.config import OptionError, TrainConfig
 from sdplug.trainer.plot import loss_per_timestep_plot
+from sdplug.trainer.requirements import check_trainer_requirements
 from sdplug.trainer.sampling import encode_prompts, sample_grid
 
 TIMESTEP_BINS = 10
@@ -64,13 +65,6 @@ def preflight(preset, accelerator, bundle: models.ModelBundle, config: TrainConf
             f"{preset.path}: memory.cache_text_encoder_outputs = true conflicts with --train-text-encoder "
             "(a trained text encoder's outputs change every step)."
         )
-    if config.log_with == "tensorboard":
-        from sdplug.optional import is_available
-
-        if not (is_available("tensorboard") or is_available("tensorboardX")):
-            raise MissingDependencyError(
-                "--log-with tensorboard needs the package 'tensorboard'. Install it with: pip install tensorboard"
-            )
 
 
 def _resolve_data(config: TrainConfig, accelerator) -> Path:
@@ -90,6 +84,14 @@ class Trainer:
         from accelerate import Accelerator
 
         config.check()
+        check_trainer_requirements()
+        if config.log_with == "tensorboard":
+            from sdplug.optional import is_available
+
+            if not (is_available("tensorboard") or is_available("tensorboardX")):
+                raise MissingDependencyError(
+                    "--log-with tensorboard needs the package 'tensorboard'. Install it with: pip install tensorboard"
+                )
         self.config = config
         self.preset = load_preset(config.preset)
         config.output = Path(config.output)
