@@ -70,15 +70,10 @@ class AdamW8bit(_Bitsandbytes8bit):
 
 
 @strategy_params
-class PagedAdamW8bit(_Bitsandbytes8bit):
+class PagedAdamW8bit(AdamW8bit):
     """AdamW8bit whose states live in paged memory that can spill to CPU RAM, bitsandbytes (Dettmers et al., 2022)."""
 
     bnb_class = "PagedAdamW8bit"
-    lr: _LearningRate = 1e-4
-    betas: _Betas = (0.9, 0.999)
-    weight_decay: _WeightDecay = 1e-2
-    eps: _Eps = 1e-8
-    min_8bit_size: _Min8bitSize = 4096
 
 
 @strategy_params
