@@ -8,7 +8,6 @@ once; each rank saves its own streams.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
@@ -55,7 +54,3 @@ def load(directory: Path, *, rank: int) -> tuple[dict, dict]:
             "resume with the same number of processes)."
         )
     return torch.load(shared_path, weights_only=False), torch.load(streams_path, weights_only=False)
-
-
-def python_rng_state(rng: random.Random):
-    return rng.getstate()

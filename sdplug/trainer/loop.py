@@ -57,7 +57,7 @@ class BatchSampler:
         self.generator.set_state(state["generator"])
 
 
-def preflight(preset, accelerator, bundle: models.ModelBundle, config: TrainConfig) -> None:
+def preflight(preset, config: TrainConfig) -> None:
     """Refuse, before training, every preset entry or option that could not take effect."""
     memory = preset.memory
     if memory.cache_text_encoder_outputs and config.train_text_encoder:
@@ -130,7 +130,7 @@ class Trainer:
             self.preset, alphas_cumprod=self.bundle.scheduler.alphas_cumprod, prediction_type=self.bundle.prediction_type
         )
         self.audit = self.plan.audit
-        preflight(self.preset, self.accelerator, self.bundle, config)
+        preflight(self.preset, config)
         self._prepare_models()
         self._prepare_data()
         self._prepare_optimizer()
