@@ -271,3 +271,21 @@ def test_two_process_gloo_run_draws_differently_per_rank_and_repeats(tmp_path):
     assert [d["noise_sum"] for d in a] != [d["noise_sum"] for d in b]
     assert [d["dropped"] for d in a] != [d["dropped"] for d in b] or [d["indices"] for d in a] != [d["indices"] for d in b]
     assert first["per_rank"] == again["per_rank"]  # a fixed seed repeats exactly
+
+
+def test_trainer_names_its_own_requirements(monkeypatch):
+    import importlib.metadata
+
+    from sdplug.errors import MissingDependencyError
+    from sdplug.trainer.requirements import check_trainer_requirements
+
+    real = importlib.metadata.version
+
+    def without_peft(name):
+        if name == "peft":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_peft)
+    with pytest.raises(MissingDependencyError, match=r"needs peft>=0.10 \(found none\).*sdplug\[train\]"):
+        check_trainer_requirements()

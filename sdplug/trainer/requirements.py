@@ -22,5 +22,5 @@ def check_trainer_requirements() -> None:
         if found is None or Version(found) < Version(minimum):
             raise MissingDependencyError(
                 f"sdplug train needs {package}>={minimum} (found {found or 'none'}); the adapters work with older "
-                f"versions, the reference trainer does not. Install it with: pip install '{package}>={minimum}'"
+                f"versions, the reference trainer does not. Install it with: pip install 'sdplug[train]' (or '{package}>={minimum}')"
             )
