@@ -311,7 +311,8 @@ class NetworkTrainer:
     def train(self, args):
         unet, scheduler = setup(args)
         dataset = train_util.BaseDataset(args)
-        trainable_params = [{"params": list(unet.parameters()), "lr": args.learning_rate}]
+        # like sd-scripts main: groups carry their own lr (its --unet_lr default differs)
+        trainable_params = [{"params": list(unet.parameters()), "lr": args.learning_rate / 500}]
         optimizer_name, optimizer_args, optimizer = train_util.get_optimizer(args, trainable_params)
         captions, noises = [], []
         for step in range(args.max_train_steps):

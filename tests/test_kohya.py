@@ -89,6 +89,7 @@ def check_applied(out: Path, version: str, script: str):
     assert audit["caption"]["samples"] == 16 and audit["caption"]["dropout_rate_within_interval"]
     assert audit["optimizer"]["class"].startswith("bitsandbytes.optim")
     assert 1.9 < audit["optimizer"]["state_bytes_per_trainable_parameter"] < 3.0
+    assert audit["optimizer"]["learning_rates"] == [1e-3]  # the preset's lr, whatever the groups said
     # and from the host's side: the script trained on what sdplug gave it
     assert record["noise_channel_mean_variance"] > 10 / 64  # pyramid, not white noise (1/64)
     assert record["captions"].count("") == audit["caption"]["dropped"] > 0

@@ -35,6 +35,7 @@ from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
 from sdplug.plan import Plan
 from sdplug.presets import Preset
 from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
+from sdplug.strategies import registry
 from sdplug.strategies.optimizer import state_bytes
 from sdplug.strategies.timesteps import UniformTimesteps
 
@@ -279,10 +280,20 @@ class KohyaAdapter:
             result = self.original(self._train_util, "get_optimizer")(args, params)
             optimizer = result[-1]
         else:
-            optimizer = self.plan.optimizer(params)
             spec = self.plan.preset.optimizer_fallback if self.plan.optimizer_fell_back else self.preset.optimizer
-            name = f"sdplug:{spec.type}"
-            result = (name, json.dumps(dict(spec.params)), optimizer)
+            if "lr" in spec.params:
+                # sd-scripts gives its parameter groups their own lr (--unet_lr, --text_encoder_lr,
+                # --learning_rate), which would silently win over the preset's: the preset's lr rules.
+                lr = spec.params["lr"]
+                params = [{**g, "lr": lr} if isinstance(g, dict) else g for g in params]
+                self.rules.append(f"every parameter group's lr -> {lr} (preset [optimizer] lr)")
+                print(f"sdplug: {self.rules[-1]}", file=sys.stderr)
+                strategy = self.plan.optimizer_strategy
+            else:
+                # no lr in the preset: kohya's --learning_rate (and its per-group lrs) stay in charge
+                strategy = registry("optimizer").create(spec.type, **{**spec.params, "lr": args.learning_rate})
+            optimizer = strategy.build(params)
+            result = (f"sdplug:{spec.type}", json.dumps(dict(spec.params)), optimizer)
         self.optimizer = optimizer
         self.trainable_count = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         return result
@@ -325,16 +336,19 @@ class KohyaAdapter:
     def write_audit(self) -> Path | None:
         if self.plan is None or self.args is None or not getattr(self.args, "output_dir", None):
             return None
+        if self.optimizer is not None:
+            self.plan.audit.record_host(
+                optimizer={
+                    "class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__name__}",
+                    "state_bytes_per_trainable_parameter": round(state_bytes(self.optimizer) / max(self.trainable_count, 1), 4),
+                    "trainable_parameters": self.trainable_count,
+                    "learning_rates": sorted({g["lr"] for g in self.optimizer.param_groups}),
+                }
+            )
+        if self.attention_record is not None:
+            self.plan.audit.record_host(attention=self.attention_record)
         report = self.plan.audit.report()
         report["host"] = {"name": "kohya sd-scripts", "version": self.version.name, "script": self.script, "rules": self.rules}
-        if self.optimizer is not None:
-            report["optimizer"] = {
-                "class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__name__}",
-                "state_bytes_per_trainable_parameter": round(state_bytes(self.optimizer) / max(self.trainable_count, 1), 4),
-                "trainable_parameters": self.trainable_count,
-            }
-        if self.attention_record is not None:
-            report["attention"] = self.attention_record
         problems = []
         if self.preset.noise and self.noise_calls == 0:
             problems.append("noise hook never ran")
@@ -351,6 +365,8 @@ class KohyaAdapter:
         out.mkdir(parents=True, exist_ok=True)
         path = out / ("audit.json" if self.rank == 0 else f"audit-rank{self.rank}.json")
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if self.rank == 0:
+            print(f"\nsdplug audit ({path}):\n{self.plan.audit.summary()}", file=sys.stderr)
         if problems:
             print(f"sdplug: AUDIT PROBLEMS in {path}: {'; '.join(problems)}", file=sys.stderr)
         return path
