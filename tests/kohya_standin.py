@@ -137,6 +137,7 @@ def add_training_arguments(parser):
     parser.add_argument("--shuffle_caption", action="store_true")
     parser.add_argument("--keep_tokens", type=int, default=0)
     parser.add_argument("--config_file", default=None)
+    parser.add_argument("--cache_text_encoder_outputs", action="store_true")
 
 
 def verify_command_line_training_args(args):

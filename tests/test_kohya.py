@@ -188,6 +188,7 @@ def test_version_detection_and_refusal(standin, tmp_path):
         (["--sdpa"], "sets [attention]"),
         (["--caption_dropout_rate", "0.2"], "sets [caption]"),
         (["--min_snr_gamma", "5"], "sets [loss_weighting]"),
+        (["--cache_text_encoder_outputs"], "cannot yet substitute the empty caption's embedding"),
     ],
 )
 def test_conflicting_flags_fail_before_training(preset, tmp_path, flags, words):

@@ -159,6 +159,13 @@ class KohyaAdapter:
                 "noise/timestep hooks draw one per sample. Use --loss_type l2 with this preset."
             )
         self._apply_memory(args)
+        if preset.caption and getattr(args, "cache_text_encoder_outputs", False):
+            # cached text-encoder outputs skip process_caption: the transforms would silently not run
+            raise KohyaConflictError(
+                f"{preset.path}: the preset sets [caption] and the kohya command line sets --cache_text_encoder_outputs; "
+                "inside sd-scripts the adapter cannot yet substitute the empty caption's embedding for cached outputs. "
+                "Drop --cache_text_encoder_outputs or the [caption] section."
+            )
         if preset.loss_weighting is not None:
             args.min_snr_gamma = PresetWeightingMarker()
         if preset.caption and int(getattr(args, "max_data_loader_n_workers", 0) or 0) > 0:
