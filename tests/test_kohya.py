@@ -250,10 +250,16 @@ def test_to_kohya_round_trips_what_kohya_can_express():
 
 
 def test_bridges_name_what_they_cannot_carry():
-    notes = from_kohya({"multires_noise_iterations": 6, "optimizer_type": "Prodigy", "v_pred_like_loss": 0.1}).notes
-    assert (
-        any("multires" in n for n in notes) and any("Prodigy" in n for n in notes) and any("v_pred_like_loss" in n for n in notes)
+    bridged = from_kohya(
+        {"multires_noise_iterations": 6, "multires_noise_discount": 0.3, "optimizer_type": "Prodigy", "v_pred_like_loss": 0.1}
     )
+    # kohya's multires noise is the "kohya" pyramid variant exactly, both ways
+    assert bridged.data["noise"] == [{"type": "pyramid", "variant": "kohya", "discount": 0.3, "iterations": 6}]
+    assert to_kohya(parse_preset(bridged.data, path="k.toml")).data == {
+        "multires_noise_iterations": 6,
+        "multires_noise_discount": 0.3,
+    }
+    assert any("Prodigy" in n for n in bridged.notes) and any("v_pred_like_loss" in n for n in bridged.notes)
     preset = parse_preset(
         {"noise": [{"type": "perlin"}], "loss_weighting": {"type": "learned"}, "timesteps": {"type": "logit_normal"}},
         path="p.toml",

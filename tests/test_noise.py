@@ -67,7 +67,7 @@ def test_offset_adds_per_channel_constant_variance(generator):
     assert centred.var().item() == pytest.approx(1.0, abs=0.02)
 
 
-@pytest.mark.parametrize("variant", ["intended", "seed-exact"])
+@pytest.mark.parametrize("variant", ["intended", "seed-exact", "kohya"])
 def test_pyramid_has_far_more_low_frequency_energy(generator, variant):
     latents = torch.zeros(64, 4, 32, 32)
     pyramid = sdplug.create("noise", "pyramid", discount=0.8, variant=variant)(latents, generator=generator)
@@ -225,3 +225,22 @@ def test_noise_strategies_compose_in_the_order_written():
 def test_pyramid_rejects_non_image_latents():
     with pytest.raises(ValueError, match="B, C, H, W"):
         sdplug.create("noise", "pyramid")(torch.zeros(4, 16))
+
+
+def kohya_loop_sizes(w, h, scales):
+    """sd-scripts' multires loop, sizes only: i from 0, each level from the full size."""
+    sizes = []
+    for i, r in enumerate(scales):
+        wn, hn = max(1, int(w / (r**i))), max(1, int(h / (r**i)))
+        sizes.append((wn, hn))
+        if wn == 1 or hn == 1:
+            break
+    return sizes
+
+
+def test_level_sizes_kohya_reproduces_sd_scripts_multires_loop():
+    rng = random.Random(1)
+    for _ in range(200):
+        scales = [rng.random() * 2 + 2 for _ in range(6)]
+        side = rng.choice([32, 64, 96, 128])
+        assert level_sizes(side, side, scales, "kohya") == kohya_loop_sizes(side, side, scales)

@@ -59,11 +59,13 @@ def level_sizes(height: int, width: int, scales: list[float], variant: str) -> l
     ``intended``: level i (from 1) has ``(H / r_i**i, W / r_i**i)``.
     ``seed-exact``: the seed code's loop, which starts at i = 0 and divides the *previous*
     level's size by ``r_i**i`` because it overwrites ``w, h``; its level 0 is full size.
-    Both stop after the first level with a side of 1.
+    ``kohya``: sd-scripts' ``multires_noise_*`` loop: the intended sizes, but from i = 0, so
+    its level 0 is a second full-size Gaussian.
+    All stop after the first level with a side of 1.
     """
     sizes = []
     h, w = height, width
-    first = 0 if variant == "seed-exact" else 1
+    first = 1 if variant == "intended" else 0
     for i, r in enumerate(scales, start=first):
         base_h, base_w = (h, w) if variant == "seed-exact" else (height, width)
         h, w = max(1, int(base_h / r**i)), max(1, int(base_w / r**i))
@@ -81,8 +83,9 @@ class PyramidNoise(NoiseStrategy):
       discount: weight ``discount**i`` of level i; the article found 0.8 better than 0.9.
       iterations: at most this many levels (the seed code loops 10 times).
       scale_min, scale_max: each level's ``r`` is drawn from ``U(scale_min, scale_max)``; seed: 2-4.
-      variant: ``"intended"`` (level i is ``1/r**i`` of full size) or ``"seed-exact"`` (the
-        seed code's shrinking ``w, h`` and its full-size level 0; see ``level_sizes``).
+      variant: ``"intended"`` (level i is ``1/r**i`` of full size), ``"seed-exact"`` (the
+        seed code's shrinking ``w, h`` and its full-size level 0) or ``"kohya"`` (sd-scripts'
+        ``multires_noise_*``: intended sizes plus a full-size level 0); see ``level_sizes``.
       normalize: divide by the std of the whole batch (seed), of each sample, or ``"none"``,
         which keeps the white component at unit variance (docs/techniques.md section 1).
     """
@@ -91,7 +94,7 @@ class PyramidNoise(NoiseStrategy):
     iterations: Annotated[int, Field(ge=1, le=16)] = 10
     scale_min: Annotated[float, Field(gt=1.0, le=16.0)] = 2.0
     scale_max: Annotated[float, Field(gt=1.0, le=16.0)] = 4.0
-    variant: Literal["intended", "seed-exact"] = "intended"
+    variant: Literal["intended", "seed-exact", "kohya"] = "intended"
     normalize: Normalize = "batch"
 
     def __post_init__(self):
@@ -109,7 +112,7 @@ class PyramidNoise(NoiseStrategy):
         unit = torch.rand(self.iterations, generator=generator, device=device, dtype=torch.float64).tolist()
         scales = [self.scale_min + (self.scale_max - self.scale_min) * u for u in unit]
         sizes = level_sizes(height, width, scales, self.variant)
-        first = 0 if self.variant == "seed-exact" else 1
+        first = 1 if self.variant == "intended" else 0
         low = tuple((i, h, w) for i, (h, w) in enumerate(sizes, start=first) if (h, w) != (height, width))
         has_level0 = len(low) < len(sizes)  # seed-exact: level 0 is one more full-size N(0, 1)
 

@@ -85,17 +85,15 @@ def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
         if config.get("noise_offset_random_strength"):
             notes.append("noise_offset_random_strength: not carried over (no sdplug equivalent)")
     if config.get("multires_noise_iterations"):
-        iterations = int(config["multires_noise_iterations"])
+        # kohya's loop: intended sizes from level 0 (a second full-size Gaussian), added onto
+        # the offset noise, then divided by the batch std: exactly the "kohya" variant
         noise.append(
             {
                 "type": "pyramid",
+                "variant": "kohya",
                 "discount": float(config.get("multires_noise_discount", 0.3)),
-                "iterations": max(1, iterations - 1),
+                "iterations": int(config["multires_noise_iterations"]),
             }
-        )
-        notes.append(
-            "multires_noise_*: kohya's loop adds its level i = 0 at full size and adds onto the offset noise; sdplug's "
-            f"'intended' pyramid has {max(1, iterations - 1)} low-resolution levels (iterations - 1) and no second full-size level"
         )
     if config.get("ip_noise_gamma"):
         noise.append({"type": "input_perturbation", "gamma": float(config["ip_noise_gamma"])})
@@ -172,10 +170,18 @@ def to_kohya(preset: Preset) -> Bridged:
         p = spec.params
         if spec.type == "offset":
             config["noise_offset"] = p.get("strength", 0.1)
-        elif spec.type == "pyramid" and p.get("variant", "intended") == "intended" and p.get("normalize", "batch") == "batch":
-            config["multires_noise_iterations"] = int(p.get("iterations", 10)) + 1
+        elif (
+            spec.type == "pyramid"
+            and p.get("variant") == "kohya"
+            and p.get("normalize", "batch") == "batch"
+            and (
+                p.get("scale_min", 2.0),
+                p.get("scale_max", 4.0),
+            )
+            == (2.0, 4.0)
+        ):
+            config["multires_noise_iterations"] = int(p.get("iterations", 10))
             config["multires_noise_discount"] = p.get("discount", 0.8)
-            notes.append("pyramid: kohya's multires noise adds a second full-size level (i = 0); the closest, not the same")
         elif spec.type == "input_perturbation":
             config["ip_noise_gamma"] = p.get("gamma", 0.1)
         elif spec.type != "gaussian":
