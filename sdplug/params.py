@@ -75,6 +75,17 @@ def _describe(annotation: Any, metadata: list) -> str:
     return noun + (" " + " and ".join(bounds) if bounds else "")
 
 
+def check_known_keys(table, allowed, *, what: str, path: str | None, key: str) -> None:
+    """A ``PresetError`` for the first key of ``table`` not in ``allowed``, with a suggestion."""
+    for name in table:
+        if name not in allowed:
+            raise PresetError(
+                f"unknown key {name!r} {what}. Allowed keys: {', '.join(allowed) or '(none)'}.{did_you_mean(name, allowed)}",
+                path=path,
+                key=f"{key}.{name}" if key else str(name),
+            )
+
+
 def validate_params(cls, params: dict[str, Any], *, what: str, path: str | None = None, key: str = ""):
     """Build ``cls(**params)``; turn every validation problem into one ``PresetError``.
 
@@ -83,13 +94,7 @@ def validate_params(cls, params: dict[str, Any], *, what: str, path: str | None 
     """
     allowed = field_names(cls)
     prefix = f"{key}." if key else ""
-    for name in params:
-        if name not in allowed:
-            raise PresetError(
-                f"unknown key {name!r} for {what}. Allowed keys: {', '.join(allowed) or '(none)'}.{did_you_mean(name, allowed)}",
-                path=path,
-                key=f"{prefix}{name}",
-            )
+    check_known_keys(params, allowed, what=f"for {what}", path=path, key=key)
     try:
         return cls(**params)
     except pydantic.ValidationError as exc:

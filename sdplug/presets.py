@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sdplug.errors import PresetError, SdplugError, did_you_mean
-from sdplug.params import strategy_params, validate_params
+from sdplug.params import check_known_keys, strategy_params, validate_params
 from sdplug.strategies import registry
 
 if sys.version_info >= (3, 11):
@@ -252,13 +252,7 @@ def _table(value: Any, path: str, key: str) -> dict[str, Any]:
 
 
 def _check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], path: str, key: str, what: str) -> None:
-    for name in table:
-        if name not in allowed:
-            raise PresetError(
-                f"unknown key {name!r} in {what}. Allowed keys: {', '.join(allowed)}.{did_you_mean(name, allowed)}",
-                path=path,
-                key=f"{key}.{name}",
-            )
+    check_known_keys(table, allowed, what=f"in {what}", path=path, key=key)
 
 
 def _strategies(value: Any, family: str, path: str) -> list[StrategySpec]:
