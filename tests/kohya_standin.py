@@ -4,10 +4,14 @@ Written from sd-scripts' interfaces (no code of it): ``library/train_util.py`` a
 ``library/custom_train_functions.py`` with the functions the adapter hooks, and
 ``train_network.py`` / ``train_db.py`` whose training loops call them the way each version
 does (main: ``NetworkTrainer.get_noise_pred_and_target`` / ``post_process_loss`` and a 3-tuple;
-v0.8.7: everything inline in ``train()`` and a 4-tuple with ``huber_c``). A tiny model trains
-a few steps on CPU in a second, and the scripts record what they saw (captions, noise,
-optimizer) in ``output_dir/standin-record.json`` so tests can check the hooks from the host's
-side too.
+v0.8.7: everything inline in ``train()`` and a 4-tuple with ``huber_c``). Datasets return
+whole batches from ``__getitem__``, tokenized or, in ``sdxl_train_network.py`` with
+``--cache_text_encoder_outputs``, with cached text-encoder outputs under each version's keys,
+cached by each version's route (main: caching strategies; v0.8.7:
+``cache_batch_text_encoder_outputs``). A tiny model trains a few steps on CPU in a second, and
+the scripts record what they saw (captions, noise, optimizer, rows equal to the empty
+caption's encoding) in ``output_dir/standin-record.json`` so tests can check the hooks from
+the host's side too.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from pathlib import Path
 TRAIN_UTIL_COMMON = '''
 import argparse
 import json
+import os
 import random
 import tomllib
+
+import numpy as np
 
 import torch
 
@@ -82,10 +89,40 @@ class BaseSubset:
         self.caption_prefix = None
 
 
-class BaseDataset:
+def tokenize(caption, length=8):
+    # stand-in tokenizer: begin, one id per word, end, padding
+    words = caption.replace(",", " ").split()
+    ids = [1] + [sum(map(ord, w)) % 90 + 3 for w in words][: length - 2] + [2]
+    return torch.tensor(ids + [0] * (length - len(ids)))
+
+
+class TextEncoder(torch.nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(96, dim)
+
+    def forward(self, ids):
+        return self.embed(ids)
+
+
+class ImageInfo:
+    def __init__(self, key, caption, output_dir):
+        self.image_key = key
+        self.caption = caption
+        self.absolute_path = os.path.join(output_dir, key + ".png")
+        self.text_encoder_outputs = None
+        self.text_encoder_outputs_npz = None
+        self.text_encoder_outputs1 = self.text_encoder_outputs2 = self.text_encoder_pool2 = None
+
+
+class DatasetCommon:
     def __init__(self, args):
         self.subset = BaseSubset(args)
-        self.captions = [f"sks dog, photo {i}, grass, sunny" for i in range(8)]
+        self.batch_size = args.train_batch_size
+        self.max_token_length = None
+        self.image_data = {
+            f"img{i}": ImageInfo(f"img{i}", f"sks dog, photo {i}, grass, sunny", args.output_dir) for i in range(8)
+        }
         self.current_epoch = 0
 
     def set_current_epoch(self, epoch):
@@ -103,8 +140,9 @@ class BaseDataset:
             caption = ", ".join(head + tail)
         return caption
 
-    def batch(self, indices):
-        return [self.process_caption(self.subset, self.captions[i]) for i in indices]
+    def infos(self, index):
+        keys = list(self.image_data)
+        return [self.image_data[keys[(index * self.batch_size + i) % len(keys)]] for i in range(self.batch_size)]
 
 
 def add_training_arguments(parser):
@@ -137,7 +175,6 @@ def add_training_arguments(parser):
     parser.add_argument("--shuffle_caption", action="store_true")
     parser.add_argument("--keep_tokens", type=int, default=0)
     parser.add_argument("--config_file", default=None)
-    parser.add_argument("--cache_text_encoder_outputs", action="store_true")
 
 
 def verify_command_line_training_args(args):
@@ -196,6 +233,87 @@ def get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents):
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     return noise, noisy_latents, timesteps
 """
+DATASET_MAIN = """
+
+class _Strategy:
+    _strategy = None
+
+    @classmethod
+    def set_strategy(cls, strategy):
+        cls._strategy = strategy
+
+    @classmethod
+    def get_strategy(cls):
+        return cls._strategy
+
+
+class TokenizeStrategy(_Strategy):
+    def tokenize(self, text):
+        text = [text] if isinstance(text, str) else text
+        return [torch.stack([tokenize(t) for t in text])]
+
+
+class TextEncodingStrategy(_Strategy):
+    def encode_tokens(self, tokenize_strategy, models, tokens):
+        hidden = models[0](tokens[0])
+        return [hidden, hidden.mean(dim=1)]
+
+
+class TextEncoderOutputsCachingStrategy(_Strategy):
+    def __init__(self, cache_to_disk):
+        self.cache_to_disk = cache_to_disk
+
+    def get_outputs_npz_path(self, image_path):
+        return os.path.splitext(image_path)[0] + "_te_outputs.npz"
+
+    def cache_batch_outputs(self, tokenize_strategy, models, text_encoding_strategy, infos):
+        tokens = tokenize_strategy.tokenize([info.caption for info in infos])
+        with torch.no_grad():
+            hidden, pool = text_encoding_strategy.encode_tokens(tokenize_strategy, models, tokens)
+        hidden, pool = hidden.cpu().numpy(), pool.cpu().numpy()
+        for i, info in enumerate(infos):
+            if self.cache_to_disk:
+                np.savez(info.text_encoder_outputs_npz, hidden=hidden[i], pool=pool[i])
+            else:
+                info.text_encoder_outputs = [hidden[i], pool[i]]
+
+    def load_outputs_npz(self, path):
+        data = np.load(path)
+        return [data["hidden"], data["pool"]]
+
+
+class BaseDataset(DatasetCommon):
+    def new_cache_text_encoder_outputs(self, models, accelerator):
+        caching = TextEncoderOutputsCachingStrategy.get_strategy()
+        infos = list(self.image_data.values())
+        if caching.cache_to_disk:
+            os.makedirs(os.path.dirname(infos[0].absolute_path), exist_ok=True)
+            for info in infos:
+                info.text_encoder_outputs_npz = caching.get_outputs_npz_path(info.absolute_path)
+        caching.cache_batch_outputs(TokenizeStrategy.get_strategy(), models, TextEncodingStrategy.get_strategy(), infos)
+
+    def __getitem__(self, index):
+        captions, outputs, input_ids = [], [], []
+        for info in self.infos(index):
+            caption = info.caption
+            if info.text_encoder_outputs is not None:
+                outputs.append(info.text_encoder_outputs)
+            elif info.text_encoder_outputs_npz is not None:
+                outputs.append(TextEncoderOutputsCachingStrategy.get_strategy().load_outputs_npz(info.text_encoder_outputs_npz))
+            else:
+                caption = self.process_caption(self.subset, info.caption)
+                input_ids.append(TokenizeStrategy.get_strategy().tokenize(caption)[0][0])
+            captions.append(caption)
+        example = {"captions": captions, "loss_weights": torch.ones(len(captions))}
+        example["text_encoder_outputs_list"] = (
+            [torch.stack([torch.from_numpy(o[k]).float() for o in outputs]) for k in range(len(outputs[0]))]
+            if outputs
+            else None
+        )
+        example["input_ids_list"] = [torch.stack(input_ids)] if input_ids else None
+        return example
+"""
+
 
 NOISE_V087 = """
 def get_timesteps_and_huber_c(args, min_timestep, max_timestep, noise_scheduler, b_size, device):
@@ -209,6 +327,53 @@ def get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents):
     timesteps, huber_c = get_timesteps_and_huber_c(args, low, high, noise_scheduler, latents.shape[0], latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     return noise, noisy_latents, timesteps, huber_c
+"""
+
+DATASET_V087 = """
+
+def cache_batch_text_encoder_outputs(
+    image_infos, tokenizers, text_encoders, max_token_length, cache_to_disk, input_ids1, input_ids2, dtype
+):
+    with torch.no_grad():
+        hidden1 = text_encoders[0](input_ids1).cpu()
+        hidden2 = text_encoders[1](input_ids2).cpu()
+        pool2 = hidden2.mean(dim=1)
+    for info, h1, h2, p2 in zip(image_infos, hidden1, hidden2, pool2):
+        info.text_encoder_outputs1, info.text_encoder_outputs2, info.text_encoder_pool2 = h1, h2, p2
+
+
+class BaseDataset(DatasetCommon):
+    def get_input_ids(self, caption, tokenizer):
+        return tokenizer(caption)
+
+    def cache_text_encoder_outputs(self, tokenizers, text_encoders, device, weight_dtype, cache_to_disk=False, is_main_process=True):
+        infos = list(self.image_data.values())
+        ids1 = torch.stack([self.get_input_ids(info.caption, tokenizers[0]) for info in infos])
+        ids2 = torch.stack([self.get_input_ids(info.caption, tokenizers[1]) for info in infos])
+        cache_batch_text_encoder_outputs(infos, tokenizers, text_encoders, self.max_token_length, cache_to_disk, ids1, ids2, weight_dtype)
+
+    def __getitem__(self, index):
+        captions, cached, ids1, ids2 = [], [], [], []
+        for info in self.infos(index):
+            caption = info.caption
+            if info.text_encoder_outputs1 is not None:
+                cached.append((info.text_encoder_outputs1, info.text_encoder_outputs2, info.text_encoder_pool2))
+            else:
+                caption = self.process_caption(self.subset, info.caption)
+                ids1.append(self.get_input_ids(caption, tokenize))
+                ids2.append(self.get_input_ids(caption, tokenize))
+            captions.append(caption)
+        example = {"captions": captions, "loss_weights": torch.ones(len(captions))}
+        keys = ("text_encoder_outputs1_list", "text_encoder_outputs2_list", "text_encoder_pool2_list")
+        if cached:
+            example["input_ids"] = example["input_ids2"] = None
+            for key, column in zip(keys, zip(*cached)):
+                example[key] = torch.stack(column)
+        else:
+            example["input_ids"], example["input_ids2"] = torch.stack(ids1), torch.stack(ids2)
+            for key in keys:
+                example[key] = None
+        return example
 """
 
 CUSTOM_TRAIN_FUNCTIONS = """
@@ -253,15 +418,6 @@ import library.train_util as train_util
 from library.custom_train_functions import apply_debiased_estimation, apply_snr_weight
 
 
-def text_condition(captions, dim=16):
-    # a caption's embedding: deterministic from its words; the empty caption is all zeros
-    rows = []
-    for caption in captions:
-        g = torch.Generator().manual_seed(sum(ord(c) for c in caption))
-        rows.append(torch.zeros(3, dim) if caption == "" else torch.randn(3, dim, generator=g))
-    return torch.stack(rows)
-
-
 def setup_parser():
     parser = argparse.ArgumentParser()
     train_util.add_training_arguments(parser)
@@ -269,11 +425,29 @@ def setup_parser():
     return parser
 
 
-def record(args, captions, noises, optimizer, unet):
+def count_empty_rows(context, text_encoder):
+    # rows the model saw that are the empty caption's encoding (by this host's own encoder)
+    with torch.no_grad():
+        empty = text_encoder(train_util.tokenize("")[None])[0]
+    return sum(bool(torch.allclose(row, empty)) for row in context)
+
+
+def batch_context(batch, text_encoders):
+    # cached outputs (main's list, or v0.8.7's keys) or the first encoder on the batch's tokens
+    if batch.get("text_encoder_outputs_list") is not None:
+        return batch["text_encoder_outputs_list"][0]
+    if batch.get("text_encoder_outputs1_list") is not None:
+        return batch["text_encoder_outputs1_list"]
+    ids = batch["input_ids_list"][0] if batch.get("input_ids_list") is not None else batch["input_ids"]
+    return text_encoders[0](ids)
+
+
+def record(args, captions, noises, optimizer, unet, empty_rows):
     os.makedirs(args.output_dir, exist_ok=True)
     low = [n.mean(dim=(2, 3)).flatten().var().item() for n in noises]
     data = {
         "captions": captions,
+        "empty_caption_rows": empty_rows,
         "noise_channel_mean_variance": sum(low) / len(low),
         "optimizer": type(optimizer).__module__ + "." + type(optimizer).__name__,
         "sdpa": unet.attn.use_sdpa,
@@ -288,7 +462,8 @@ def setup(args):
     train_util.replace_unet_modules(unet, args.mem_eff_attn, args.xformers, args.sdpa)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False)
     custom_train_functions.prepare_scheduler_for_custom_training(scheduler, "cpu")
-    return unet, scheduler
+    text_encoders = [train_util.TextEncoder().requires_grad_(False), train_util.TextEncoder().requires_grad_(False)]
+    return unet, scheduler, text_encoders
 """
 
 TRAIN_NETWORK_MAIN = (
@@ -296,6 +471,9 @@ TRAIN_NETWORK_MAIN = (
     + """
 
 class NetworkTrainer:
+    def cache_text_encoder_outputs_if_needed(self, args, text_encoders, dataset):
+        pass  # SD 1.x: nothing cached
+
     def get_noise_pred_and_target(self, args, noise_scheduler, latents, text, unet):
         noise, noisy_latents, timesteps = train_util.get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents)
         pred = unet(noisy_latents, timesteps, text)
@@ -309,26 +487,41 @@ class NetworkTrainer:
             loss = apply_debiased_estimation(loss, timesteps, noise_scheduler, args.v_parameterization)
         return loss
 
+    def process_batch(self, batch, text_encoders, unet, noise_scheduler, args, text_encoding_strategy, tokenize_strategy):
+        latents = torch.randn(len(batch["captions"]), 4, 8, 8)
+        conds = batch.get("text_encoder_outputs_list")
+        if conds is None:
+            conds = text_encoding_strategy.encode_tokens(tokenize_strategy, text_encoders, batch["input_ids_list"])
+        pred, target, timesteps, noise = self.get_noise_pred_and_target(args, noise_scheduler, latents, conds[0], unet)
+        loss = torch.nn.functional.mse_loss(pred, target, reduction="none").mean([1, 2, 3])
+        loss = self.post_process_loss(loss, args, timesteps, noise_scheduler)
+        return loss.mean(), noise, conds[0]
+
     def train(self, args):
-        unet, scheduler = setup(args)
+        unet, scheduler, text_encoders = setup(args)
+        tokenize_strategy = train_util.TokenizeStrategy()
+        train_util.TokenizeStrategy.set_strategy(tokenize_strategy)
+        text_encoding_strategy = train_util.TextEncodingStrategy()
+        train_util.TextEncodingStrategy.set_strategy(text_encoding_strategy)
         dataset = train_util.BaseDataset(args)
+        self.cache_text_encoder_outputs_if_needed(args, text_encoders, dataset)
         # like sd-scripts main: groups carry their own lr (its --unet_lr default differs)
         trainable_params = [{"params": list(unet.parameters()), "lr": args.learning_rate / 500}]
         optimizer_name, optimizer_args, optimizer = train_util.get_optimizer(args, trainable_params)
-        captions, noises = [], []
+        captions, noises, empty_rows = [], [], 0
         for step in range(args.max_train_steps):
             dataset.set_current_epoch(step // 2 + 1)
-            batch = dataset.batch([(step * args.train_batch_size + i) % 8 for i in range(args.train_batch_size)])
-            captions += batch
-            latents = torch.randn(args.train_batch_size, 4, 8, 8)
-            pred, target, timesteps, noise = self.get_noise_pred_and_target(args, scheduler, latents, text_condition(batch), unet)
+            batch = dataset[step]
+            captions += batch["captions"]
+            loss, noise, context = self.process_batch(
+                batch, text_encoders, unet, scheduler, args, text_encoding_strategy, tokenize_strategy
+            )
             noises.append(noise)
-            loss = torch.nn.functional.mse_loss(pred, target, reduction="none").mean([1, 2, 3])
-            loss = self.post_process_loss(loss, args, timesteps, scheduler)
-            loss.mean().backward()
+            empty_rows += count_empty_rows(context, text_encoders[0])
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        record(args, captions, noises, optimizer, unet)
+        record(args, captions, noises, optimizer, unet, empty_rows)
 
 
 if __name__ == "__main__":
@@ -343,32 +536,24 @@ if __name__ == "__main__":
 """
 )
 
-INLINE_TRAIN = (
-    SCRIPT_HEAD
-    + """
+SDXL_TRAIN_NETWORK_MAIN = """
+import library.train_util as train_util
+import train_network
 
-def train(args):
-    unet, scheduler = setup(args)
-    dataset = train_util.BaseDataset(args)
-    trainable_params = list(unet.parameters())
-    optimizer_name, optimizer_args, optimizer = train_util.get_optimizer(args, trainable_params)
-    captions, noises = [], []
-    for step in range(args.max_train_steps):
-        dataset.set_current_epoch(step // 2 + 1)
-        batch = dataset.batch([(step * args.train_batch_size + i) % 8 for i in range(args.train_batch_size)])
-        captions += batch
-        latents = torch.randn(args.train_batch_size, 4, 8, 8)
-        noise, noisy_latents, timesteps, huber_c = train_util.get_noise_noisy_latents_and_timesteps(args, scheduler, latents)
-        noises.append(noise)
-        pred = unet(noisy_latents, timesteps, text_condition(batch))
-        target = scheduler.get_velocity(latents, noise, timesteps) if args.v_parameterization else noise
-        loss = torch.nn.functional.mse_loss(pred, target, reduction="none").mean([1, 2, 3])
-        if args.min_snr_gamma:
-            loss = apply_snr_weight(loss, timesteps, scheduler, args.min_snr_gamma, args.v_parameterization)
-        loss.mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    record(args, captions, noises, optimizer, unet)
+
+class SdxlNetworkTrainer(train_network.NetworkTrainer):
+    def cache_text_encoder_outputs_if_needed(self, args, text_encoders, dataset):
+        if args.cache_text_encoder_outputs:
+            caching = train_util.TextEncoderOutputsCachingStrategy(args.cache_text_encoder_outputs_to_disk)
+            train_util.TextEncoderOutputsCachingStrategy.set_strategy(caching)
+            dataset.new_cache_text_encoder_outputs(text_encoders, None)
+
+
+def setup_parser():
+    parser = train_network.setup_parser()
+    parser.add_argument("--cache_text_encoder_outputs", action="store_true")
+    parser.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
+    return parser
 
 
 if __name__ == "__main__":
@@ -378,8 +563,108 @@ if __name__ == "__main__":
     train_util.verify_command_line_training_args(args)
     args = train_util.read_config_from_file(args, parser)
 
-    train(args)
+    trainer = SdxlNetworkTrainer()
+    trainer.train(args)
 """
+
+INLINE_LOOP = """
+    captions, noises, empty_rows = [], [], 0
+    for step in range(args.max_train_steps):
+        dataset.set_current_epoch(step // 2 + 1)
+        batch = dataset[step]
+        captions += batch["captions"]
+        context = batch_context(batch, text_encoders)
+        latents = torch.randn(len(batch["captions"]), 4, 8, 8)
+        noise, noisy_latents, timesteps, huber_c = train_util.get_noise_noisy_latents_and_timesteps(args, scheduler, latents)
+        noises.append(noise)
+        empty_rows += count_empty_rows(context, text_encoders[0])
+        pred = unet(noisy_latents, timesteps, context)
+        target = scheduler.get_velocity(latents, noise, timesteps) if args.v_parameterization else noise
+        loss = torch.nn.functional.mse_loss(pred, target, reduction="none").mean([1, 2, 3])
+        if args.min_snr_gamma:
+            loss = apply_snr_weight(loss, timesteps, scheduler, args.min_snr_gamma, args.v_parameterization)
+        loss.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    record(args, captions, noises, optimizer, unet, empty_rows)
+"""
+
+MAIN_BLOCK = """
+
+if __name__ == "__main__":
+    parser = setup_parser()
+
+    args = parser.parse_args()
+    train_util.verify_command_line_training_args(args)
+    args = train_util.read_config_from_file(args, parser)
+
+"""
+
+# v0.8.7's train_network.py: a NetworkTrainer class whose train() holds the whole loop inline
+TRAIN_NETWORK_V087 = (
+    SCRIPT_HEAD
+    + """
+
+class NetworkTrainer:
+    def cache_text_encoder_outputs_if_needed(self, args, tokenizers, text_encoders, dataset):
+        pass
+
+    def train(self, args):
+        unet, scheduler, text_encoders = setup(args)
+        dataset = train_util.BaseDataset(args)
+        self.cache_text_encoder_outputs_if_needed(args, [train_util.tokenize] * 2, text_encoders, dataset)
+        trainable_params = list(unet.parameters())
+        optimizer_name, optimizer_args, optimizer = train_util.get_optimizer(args, trainable_params)
+"""
+    + textwrap.indent(INLINE_LOOP, "    ")
+    + MAIN_BLOCK
+    + "    trainer = NetworkTrainer()\n    trainer.train(args)\n"
+)
+
+SDXL_TRAIN_NETWORK_V087 = """
+import library.train_util as train_util
+import train_network
+
+
+class SdxlNetworkTrainer(train_network.NetworkTrainer):
+    def cache_text_encoder_outputs_if_needed(self, args, tokenizers, text_encoders, dataset):
+        if args.cache_text_encoder_outputs:
+            dataset.cache_text_encoder_outputs(tokenizers, text_encoders, "cpu", None, False, True)
+
+
+def setup_parser():
+    parser = train_network.setup_parser()
+    parser.add_argument("--cache_text_encoder_outputs", action="store_true")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = setup_parser()
+
+    args = parser.parse_args()
+    train_util.verify_command_line_training_args(args)
+    args = train_util.read_config_from_file(args, parser)
+
+    trainer = SdxlNetworkTrainer()
+    trainer.train(args)
+"""
+
+# train_db.py (both versions): a train() function with the loop inline
+TRAIN_DB = (
+    SCRIPT_HEAD
+    + """
+
+def train(args):
+    unet, scheduler, text_encoders = setup(args)
+    if hasattr(train_util, "TokenizeStrategy"):  # main sets its strategies before building datasets
+        train_util.TokenizeStrategy.set_strategy(train_util.TokenizeStrategy())
+    dataset = train_util.BaseDataset(args)
+    trainable_params = list(unet.parameters())
+    optimizer_name, optimizer_args, optimizer = train_util.get_optimizer(args, trainable_params)
+"""
+    + INLINE_LOOP
+    + MAIN_BLOCK
+    + "    train(args)\n"
 )
 
 
@@ -387,16 +672,18 @@ def make_standin(root: Path, version: str) -> Path:
     """Write a stand-in sd-scripts tree of ``version`` ("main" or "v0.8.7") under ``root``."""
     (root / "library").mkdir(parents=True, exist_ok=True)
     (root / "library" / "__init__.py").write_text("")
-    noise = NOISE_MAIN if version == "main" else NOISE_V087
-    (root / "library" / "train_util.py").write_text(textwrap.dedent(TRAIN_UTIL_COMMON) + noise)
+    version_part = NOISE_MAIN + DATASET_MAIN if version == "main" else NOISE_V087 + DATASET_V087
+    (root / "library" / "train_util.py").write_text(textwrap.dedent(TRAIN_UTIL_COMMON) + version_part)
     (root / "library" / "custom_train_functions.py").write_text(CUSTOM_TRAIN_FUNCTIONS)
     if version == "main":
         (root / "train_network.py").write_text(TRAIN_NETWORK_MAIN)
+        (root / "sdxl_train_network.py").write_text(SDXL_TRAIN_NETWORK_MAIN)
+        # main's train_util returns a 3-tuple from the noise function
+        (root / "train_db.py").write_text(
+            TRAIN_DB.replace("noise, noisy_latents, timesteps, huber_c = ", "noise, noisy_latents, timesteps = ")
+        )
     else:
-        (root / "train_network.py").write_text(INLINE_TRAIN)
-    (root / "train_db.py").write_text(
-        INLINE_TRAIN
-        if version != "main"
-        else INLINE_TRAIN.replace("noise, noisy_latents, timesteps, huber_c = ", "noise, noisy_latents, timesteps = ")
-    )
+        (root / "train_network.py").write_text(TRAIN_NETWORK_V087)
+        (root / "sdxl_train_network.py").write_text(SDXL_TRAIN_NETWORK_V087)
+        (root / "train_db.py").write_text(TRAIN_DB)
     return root

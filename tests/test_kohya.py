@@ -93,6 +93,7 @@ def check_applied(out: Path, version: str, script: str):
     # and from the host's side: the script trained on what sdplug gave it
     assert record["noise_channel_mean_variance"] > 10 / 64  # pyramid, not white noise (1/64)
     assert record["captions"].count("") == audit["caption"]["dropped"] > 0
+    assert record["empty_caption_rows"] == audit["caption"]["dropped"]  # the model saw the empty caption's encoding
     assert record["optimizer"].startswith("bitsandbytes.optim") and record["sdpa"] is True
     return audit
 
@@ -188,7 +189,6 @@ def test_version_detection_and_refusal(standin, tmp_path):
         (["--sdpa"], "sets [attention]"),
         (["--caption_dropout_rate", "0.2"], "sets [caption]"),
         (["--min_snr_gamma", "5"], "sets [loss_weighting]"),
-        (["--cache_text_encoder_outputs"], "cannot yet substitute the empty caption's embedding"),
     ],
 )
 def test_conflicting_flags_fail_before_training(preset, tmp_path, flags, words):
@@ -196,6 +196,34 @@ def test_conflicting_flags_fail_before_training(preset, tmp_path, flags, words):
     result = launch(preset, root, "train_network.py", tmp_path / "o", *flags)
     assert result.returncode == 1
     assert words in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "standin-record.json").exists()
+
+
+@pytest.mark.parametrize(
+    "cache", [[], ["--cache_text_encoder_outputs"], ["--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk"]]
+)
+def test_sdxl_caption_dropout_with_and_without_cached_text_encoder_outputs(standin, preset, tmp_path, cache):
+    version, root = standin
+    if "--cache_text_encoder_outputs_to_disk" in cache and version != "main":
+        pytest.skip("the v0.8.7 stand-in caches in memory only")
+    out = tmp_path / "out"
+    result = launch(preset, root, "sdxl_train_network.py", out, *cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    audit = check_applied(out, version, "sdxl_train_network.py")
+    caption = audit["caption"]
+    # cached: no caption text, so each dropped sample got the empty caption's cached outputs
+    # (check_applied saw the host's model get exactly that many empty-caption rows)
+    assert caption["empty_caption_embeddings_substituted"] == (caption["dropped"] if cache else 0)
+    assert any("empty caption's outputs" in rule for rule in audit["host"]["rules"]) == bool(cache)
+
+
+def test_cached_text_encoder_outputs_refuse_caption_text_transforms(standin, tmp_path):
+    version, root = standin
+    preset = tmp_path / "shuffle.toml"
+    preset.write_text('[[caption]]\ntype = "dropout"\nrate = 0.1\n\n[[caption]]\ntype = "shuffle"\n')
+    result = launch(preset, root, "sdxl_train_network.py", tmp_path / "o", "--cache_text_encoder_outputs")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "[caption] shuffle rewrite the caption text" in result.stderr and "'dropout' only" in result.stderr
     assert not (tmp_path / "o" / "standin-record.json").exists()
 
 

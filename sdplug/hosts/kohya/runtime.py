@@ -14,6 +14,9 @@ patched scripts (``--sdplug_preset``, from inside the script). Hooks, all in
 - ``replace_unet_modules``: the preset's attention through kohya's own switches.
 - ``BaseDataset.process_caption``: the preset's caption transforms after kohya's own text
   handling (prefixes, wildcards).
+- ``BaseDataset.__getitem__`` and the dataset's text-encoder caching method: with cached
+  text-encoder outputs (SDXL scripts) there is no caption text, so dropout replaces a dropped
+  sample's cached rows with the empty caption's outputs (see ``cached_text``).
 
 At exit the plan's audit is written to ``output_dir/audit.json``.
 """
@@ -30,7 +33,8 @@ from typing import Any
 
 import torch
 
-from sdplug.errors import SdplugError
+from sdplug.errors import MissingDependencyError, SdplugError
+from sdplug.hosts.kohya import cached_text
 from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
 from sdplug.plan import Plan
 from sdplug.presets import Preset
@@ -86,6 +90,7 @@ class KohyaAdapter:
         self.rules: list[str] = []
         self.noise_calls = 0
         self.checked_schedule = False
+        self.empty_caption_outputs: list[torch.Tensor] | None = None
 
     # -- installation -----------------------------------------------------------------------
     def install(self, train_util, custom_train_functions) -> None:
@@ -102,6 +107,21 @@ class KohyaAdapter:
             return adapter._caption_hook(original_caption, dataset, subset, caption)
 
         self._replace(train_util.BaseDataset, "process_caption", process_caption)
+
+        original_getitem = train_util.BaseDataset.__getitem__
+
+        def getitem(dataset, index):
+            return adapter._getitem_hook(original_getitem, dataset, index)
+
+        self._replace(train_util.BaseDataset, "__getitem__", getitem)
+        # the dataset's text-encoder caching method: the empty caption is encoded right after it
+        cache_method = self.version.text_cache_method
+        original_cache = getattr(train_util.BaseDataset, cache_method)
+
+        def cache_text_encoder_outputs(dataset, *args, **kwargs):
+            return adapter._text_cache_hook(original_cache, dataset, args, kwargs)
+
+        self._replace(train_util.BaseDataset, cache_method, cache_text_encoder_outputs)
 
     def _replace(self, owner, name: str, replacement) -> None:
         self.originals[(owner, name)] = getattr(owner, name)
@@ -160,11 +180,17 @@ class KohyaAdapter:
             )
         self._apply_memory(args)
         if preset.caption and getattr(args, "cache_text_encoder_outputs", False):
-            # cached text-encoder outputs skip process_caption: the transforms would silently not run
-            raise KohyaConflictError(
-                f"{preset.path}: the preset sets [caption] and the kohya command line sets --cache_text_encoder_outputs; "
-                "inside sd-scripts the adapter cannot yet substitute the empty caption's embedding for cached outputs. "
-                "Drop --cache_text_encoder_outputs or the [caption] section."
+            # cached outputs skip process_caption: only a dropout decision can still apply to them
+            needs_text = [s.type for s in preset.caption if registry("caption").get(s.type).cls.needs_text]
+            if needs_text:
+                raise KohyaConflictError(
+                    f"{preset.path}: [caption] {', '.join(needs_text)} rewrite the caption text, which "
+                    "--cache_text_encoder_outputs leaves no longer there (sd-scripts encodes each caption once). "
+                    "Allowed with cached outputs: 'dropout' only. Remove those transforms or --cache_text_encoder_outputs."
+                )
+            self.rules.append(
+                "caption dropout on cached text-encoder outputs: a dropped sample gets the empty caption's outputs, "
+                "encoded once by sd-scripts' own caching code"
             )
         if preset.loss_weighting is not None:
             args.min_snr_gamma = PresetWeightingMarker()
@@ -213,12 +239,9 @@ class KohyaAdapter:
         if memory.cache_text_encoder_outputs:
             if not hasattr(args, "cache_text_encoder_outputs"):
                 raise SdplugError(f"{self.script} has no --cache_text_encoder_outputs (kohya supports it for SDXL scripts).")
-            if self.preset.caption:
-                raise SdplugError(
-                    "memory.cache_text_encoder_outputs with caption transforms: the kohya adapter does not yet substitute the "
-                    "empty caption's embedding inside sd-scripts (the reference trainer does). Turn caching off for this preset."
-                )
-            args.cache_text_encoder_outputs = True
+            if not args.cache_text_encoder_outputs:
+                args.cache_text_encoder_outputs = True
+                self.rules.append("--cache_text_encoder_outputs on (preset [memory])")
 
     # -- hooks --------------------------------------------------------------------------------
     def _check_schedule(self, noise_scheduler) -> None:
@@ -338,6 +361,49 @@ class KohyaAdapter:
         # kohya counts epochs from 1; sdplug's caption transforms count from 0
         epoch = max(int(getattr(dataset, "current_epoch", 1) or 1) - 1, 0)
         return self.plan.caption(text, epoch=epoch, rng=self.caption_rng).text
+
+    def _text_cache_hook(self, original, dataset, args, kwargs):
+        result = original(dataset, *args, **kwargs)
+        if self.preset.caption and self.empty_caption_outputs is None:
+            self.empty_caption_outputs = self._encode_empty_caption(dataset, args, kwargs)
+        return result
+
+    def _encode_empty_caption(self, dataset, args, kwargs) -> list[torch.Tensor]:
+        if self.version.name == "main":  # new_cache_text_encoder_outputs(models, accelerator)
+            models = args[0] if args else kwargs["models"]
+            outputs = cached_text.encode_empty_main(self._train_util, models)
+        else:  # cache_text_encoder_outputs(tokenizers, text_encoders, device, weight_dtype, ...)
+            names = ("tokenizers", "text_encoders", "device", "weight_dtype")
+            bound = {**dict(zip(names, args, strict=False)), **kwargs}  # positional, then keyword
+            outputs = cached_text.encode_empty_v087(
+                self._train_util, dataset, bound["tokenizers"], bound["text_encoders"], bound.get("weight_dtype")
+            )
+        return [o.detach().cpu() for o in outputs]
+
+    def _getitem_hook(self, original, dataset, index):
+        example = original(dataset, index)
+        if not self.preset.caption:
+            return example
+        tensors = cached_text.cached_tensors(example, self.version.name)
+        if tensors is None:
+            return example  # captions went through process_caption
+        if self.empty_caption_outputs is None:
+            raise SdplugError(
+                "sd-scripts gave cached text-encoder outputs, but the adapter did not see them cached, so it has no empty "
+                f"caption to substitute for dropped captions. Caching route not known to the {self.version.name} adapter."
+            )
+        epoch = max(int(getattr(dataset, "current_epoch", 1) or 1) - 1, 0)
+        captions = example.get("captions")
+        for row in range(tensors[0].shape[0]):
+            try:
+                dropped = self.plan.caption_dropped(epoch=epoch, rng=self.caption_rng)
+            except MissingDependencyError as exc:
+                raise SdplugError(f"{self.preset.path}: with cached text-encoder outputs: {exc}") from None
+            if dropped:
+                cached_text.substitute_row(tensors, row, self.empty_caption_outputs)
+                if isinstance(captions, list) and row < len(captions):
+                    captions[row] = ""
+        return example
 
     # -- audit ----------------------------------------------------------------------------------
     def write_audit(self) -> Path | None:

@@ -23,6 +23,7 @@ class KohyaVersionError(SdplugError):
 class KohyaVersion:
     name: str
     noise_returns: int  # the tuple length get_noise_noisy_latents_and_timesteps returns
+    text_cache_method: str  # the BaseDataset method that caches text-encoder outputs
     fingerprints: tuple[tuple[str, str], ...]  # (file, text that must be in it)
 
 
@@ -30,6 +31,7 @@ KNOWN = (
     KohyaVersion(
         "main",
         3,
+        "new_cache_text_encoder_outputs",
         (
             ("library/train_util.py", "def get_huber_threshold_if_needed("),
             ("library/train_util.py", "return noise, noisy_latents, timesteps\n"),
@@ -41,6 +43,7 @@ KNOWN = (
         # the inline-loop layout: v0.8.7, and v0.8.8-v0.9.1, whose hooks are the same
         "v0.8.7",
         4,
+        "cache_text_encoder_outputs",
         (
             ("library/train_util.py", "def get_timesteps_and_huber_c("),
             ("library/train_util.py", "return noise, noisy_latents, timesteps, huber_c\n"),
@@ -55,6 +58,7 @@ HOOKS = (
     ("library.train_util", "get_optimizer"),
     ("library.train_util", "replace_unet_modules"),
     ("library.train_util", "BaseDataset.process_caption"),
+    ("library.train_util", "BaseDataset.__getitem__"),
     ("library.custom_train_functions", "apply_snr_weight"),
 )
 
@@ -86,7 +90,7 @@ def detect(root: Path) -> KohyaVersion:
 
 def check_hooks(modules: dict[str, object], version: KohyaVersion) -> None:
     """Every hook the adapter needs, present in the imported modules (else refuse, untouched)."""
-    for module_name, attribute in HOOKS:
+    for module_name, attribute in (*HOOKS, ("library.train_util", f"BaseDataset.{version.text_cache_method}")):
         target = modules.get(module_name)
         for part in attribute.split("."):
             target = getattr(target, part, None)
