@@ -181,6 +181,10 @@ def verify_command_line_training_args(args):
     pass
 
 
+def get_sai_model_spec(state_dict, args, sdxl, lora, textual_inversion, is_stable_diffusion_ckpt=None):
+    return {"modelspec.architecture": "stable-diffusion-v1/lora" if lora else "stable-diffusion-v1"}
+
+
 def read_config_from_file(args, parser):
     if not args.config_file:
         return args
@@ -451,6 +455,7 @@ def record(args, captions, noises, optimizer, unet, empty_rows):
         "noise_channel_mean_variance": sum(low) / len(low),
         "optimizer": type(optimizer).__module__ + "." + type(optimizer).__name__,
         "sdpa": unet.attn.use_sdpa,
+        "model_spec": train_util.get_sai_model_spec(None, args, False, True, False),
     }
     with open(os.path.join(args.output_dir, "standin-record.json"), "w") as f:
         json.dump(data, f)

@@ -95,6 +95,12 @@ def check_applied(out: Path, version: str, script: str):
     assert record["captions"].count("") == audit["caption"]["dropped"] > 0
     assert record["empty_caption_rows"] == audit["caption"]["dropped"]  # the model saw the empty caption's encoding
     assert record["optimizer"].startswith("bitsandbytes.optim") and record["sdpa"] is True
+    # the saved weights' metadata carries the resolved preset beside kohya's own keys
+    spec = record["model_spec"]
+    assert spec["modelspec.architecture"] == "stable-diffusion-v1/lora" and spec["sdplug_version"] == sdplug.__version__
+    (out / "preset-from-metadata.toml").write_text(spec["sdplug_preset"])
+    saved = sdplug.load_preset(out / "preset-from-metadata.toml")
+    assert [s.type for s in saved.noise] == ["pyramid"] and saved.loss_weighting.params["gamma"] == 5.0
     return audit
 
 

@@ -14,6 +14,8 @@ patched scripts (``--sdplug_preset``, from inside the script). Hooks, all in
 - ``replace_unet_modules``: the preset's attention through kohya's own switches.
 - ``BaseDataset.process_caption``: the preset's caption transforms after kohya's own text
   handling (prefixes, wildcards).
+- ``get_sai_model_spec``: the metadata every saved model and LoRA gets; the resolved preset
+  joins it (kohya's own keys cannot express it).
 - ``BaseDataset.__getitem__`` and the dataset's text-encoder caching method: with cached
   text-encoder outputs (SDXL scripts) there is no caption text, so dropout replaces a dropped
   sample's cached rows with the empty caption's outputs (see ``cached_text``).
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from sdplug import __version__ as sdplug_version
 from sdplug.errors import MissingDependencyError, SdplugError
 from sdplug.hosts.kohya import cached_text
 from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
@@ -100,6 +103,7 @@ class KohyaAdapter:
         self._replace(train_util, "get_optimizer", self._optimizer_hook)
         self._replace(train_util, "replace_unet_modules", self._attention_hook)
         self._replace(custom_train_functions, "apply_snr_weight", self._weight_hook)
+        self._replace(train_util, "get_sai_model_spec", self._model_spec_hook)
         original_caption = train_util.BaseDataset.process_caption
         adapter = self
 
@@ -347,6 +351,15 @@ class KohyaAdapter:
             "processor": f"sd-scripts {type(modules[0]).__name__} ({kind})",
             "modules": len(modules),
         }
+
+    def _model_spec_hook(self, *args, **kwargs):
+        spec = self.original(self._train_util, "get_sai_model_spec")(*args, **kwargs)
+        if getattr(self.args, "no_metadata", False):
+            return spec
+        # saved weights say how they were trained; kohya's ss_min_snr_gamma only shows the marker
+        spec["sdplug_preset"] = self.preset.to_toml()
+        spec["sdplug_version"] = sdplug_version
+        return spec
 
     def _caption_hook(self, original, dataset, subset, caption):
         if not self.preset.caption:

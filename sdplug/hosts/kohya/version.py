@@ -57,6 +57,7 @@ HOOKS = (
     ("library.train_util", "read_config_from_file"),
     ("library.train_util", "get_optimizer"),
     ("library.train_util", "replace_unet_modules"),
+    ("library.train_util", "get_sai_model_spec"),
     ("library.train_util", "BaseDataset.process_caption"),
     ("library.train_util", "BaseDataset.__getitem__"),
     ("library.custom_train_functions", "apply_snr_weight"),
