@@ -317,36 +317,38 @@ def test_cli_from_and_to_kohya(tmp_path):
 KOHYA_DIR = os.environ.get("SDPLUG_KOHYA_DIR")
 
 
+def run_real(preset, out, script, extra):
+    python = os.environ.get("SDPLUG_KOHYA_PYTHON", sys.executable)
+    command = [python, "-m", "sdplug", "kohya", "--preset", str(preset), "--sd-scripts", KOHYA_DIR, "--", script]
+    command += ["--output_dir", str(out), "--max_train_steps", "2", *extra]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["problems"] == [] and audit["steps"] == 2
+    assert audit["noise"]["applied"][0]["calls"] == 2 and audit["loss_weighting"]["calls"] == 2
+    return audit
+
+
 @pytest.mark.skipif(
     not KOHYA_DIR, reason="set SDPLUG_KOHYA_DIR (and SDPLUG_KOHYA_ARGS) to run against a real sd-scripts checkout"
 )
 @pytest.mark.parametrize("script", ["train_network.py", "train_db.py"])
 def test_real_sd_scripts_checkout(preset, tmp_path, script):
     """SDPLUG_KOHYA_ARGS: the script arguments for a 2-step run on your machine (model, data, tokenizer)."""
-    out = tmp_path / "out"
     extra = os.environ.get("SDPLUG_KOHYA_ARGS", "").split()
     if script == "train_network.py":
         extra += ["--network_module", "networks.lora"]
-    python = os.environ.get("SDPLUG_KOHYA_PYTHON", sys.executable)
-    command = [
-        python,
-        "-m",
-        "sdplug",
-        "kohya",
-        "--preset",
-        str(preset),
-        "--sd-scripts",
-        KOHYA_DIR,
-        "--",
-        script,
-        "--output_dir",
-        str(out),
-        "--max_train_steps",
-        "2",
-        *extra,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
-    assert result.returncode == 0, result.stderr[-5000:]
-    audit = json.loads((out / "audit.json").read_text())
-    assert audit["problems"] == [] and audit["steps"] == 2
-    assert audit["noise"]["applied"][0]["calls"] == 2 and audit["loss_weighting"]["calls"] == 2
+    run_real(preset, tmp_path / "out", script, extra)
+
+
+@pytest.mark.skipif(
+    not (KOHYA_DIR and os.environ.get("SDPLUG_KOHYA_SDXL_ARGS")),
+    reason="set SDPLUG_KOHYA_DIR and SDPLUG_KOHYA_SDXL_ARGS (an SDXL model, data, tokenizers) to run sdxl_train_network",
+)
+def test_real_sd_scripts_sdxl_cached_text_encoder_outputs(preset, tmp_path):
+    """Caption dropout on cached text-encoder outputs in a real sdxl_train_network.py."""
+    extra = os.environ["SDPLUG_KOHYA_SDXL_ARGS"].split()
+    extra += ["--network_module", "networks.lora", "--network_train_unet_only", "--cache_text_encoder_outputs"]
+    audit = run_real(preset, tmp_path / "out", "sdxl_train_network.py", extra)
+    caption = audit["caption"]
+    assert caption["samples"] >= 2 and caption["empty_caption_embeddings_substituted"] == caption["dropped"]
