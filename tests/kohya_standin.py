@@ -541,18 +541,7 @@ if __name__ == "__main__":
 """
 )
 
-SDXL_TRAIN_NETWORK_MAIN = """
-import library.train_util as train_util
-import train_network
-
-
-class SdxlNetworkTrainer(train_network.NetworkTrainer):
-    def cache_text_encoder_outputs_if_needed(self, args, text_encoders, dataset):
-        if args.cache_text_encoder_outputs:
-            caching = train_util.TextEncoderOutputsCachingStrategy(args.cache_text_encoder_outputs_to_disk)
-            train_util.TextEncoderOutputsCachingStrategy.set_strategy(caching)
-            dataset.new_cache_text_encoder_outputs(text_encoders, None)
-
+SDXL_MAIN_BLOCK = """
 
 def setup_parser():
     parser = train_network.setup_parser()
@@ -571,6 +560,23 @@ if __name__ == "__main__":
     trainer = SdxlNetworkTrainer()
     trainer.train(args)
 """
+
+SDXL_TRAIN_NETWORK_MAIN = (
+    """
+import library.train_util as train_util
+import train_network
+
+
+class SdxlNetworkTrainer(train_network.NetworkTrainer):
+    def cache_text_encoder_outputs_if_needed(self, args, text_encoders, dataset):
+        if args.cache_text_encoder_outputs:
+            caching = train_util.TextEncoderOutputsCachingStrategy(args.cache_text_encoder_outputs_to_disk)
+            train_util.TextEncoderOutputsCachingStrategy.set_strategy(caching)
+            dataset.new_cache_text_encoder_outputs(text_encoders, None)
+
+"""
+    + SDXL_MAIN_BLOCK
+)
 
 INLINE_LOOP = """
     captions, noises, empty_rows = [], [], 0
@@ -626,7 +632,8 @@ class NetworkTrainer:
     + "    trainer = NetworkTrainer()\n    trainer.train(args)\n"
 )
 
-SDXL_TRAIN_NETWORK_V087 = """
+SDXL_TRAIN_NETWORK_V087 = (
+    """
 import library.train_util as train_util
 import train_network
 
@@ -636,23 +643,9 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
         if args.cache_text_encoder_outputs:
             dataset.cache_text_encoder_outputs(tokenizers, text_encoders, "cpu", None, False, True)
 
-
-def setup_parser():
-    parser = train_network.setup_parser()
-    parser.add_argument("--cache_text_encoder_outputs", action="store_true")
-    return parser
-
-
-if __name__ == "__main__":
-    parser = setup_parser()
-
-    args = parser.parse_args()
-    train_util.verify_command_line_training_args(args)
-    args = train_util.read_config_from_file(args, parser)
-
-    trainer = SdxlNetworkTrainer()
-    trainer.train(args)
 """
+    + SDXL_MAIN_BLOCK
+)
 
 # train_db.py (both versions): a train() function with the loop inline
 TRAIN_DB = (
