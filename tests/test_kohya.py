@@ -141,6 +141,14 @@ def test_patch_route_applies_and_unpatch_restores_bytes(standin, preset, tmp_pat
     )
     assert env_run.returncode == 0, env_run.stderr[-3000:]
     check_applied(out, version, "train_network.py")
+    # a refusal inside a patched script is a message, not a traceback through kohya's code
+    refused = run(
+        [str(root / "train_network.py"), "--output_dir", str(tmp_path / "o2"), "--noise_offset", "0.1"]
+        + ["--sdplug_preset", str(preset)],
+        cwd=root,
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "sdplug: error:" in refused.stderr and "--noise_offset=0.1" in refused.stderr
 
     patching.revert(root)
     assert {p.name: p.read_bytes() for p in root.glob("*.py")} == before

@@ -480,11 +480,26 @@ def activate_for_launch(preset: Preset, version: KohyaVersion, root: Path, scrip
     return adapter
 
 
+def _print_sdplug_errors_plainly() -> None:
+    """In a patched script an sdplug error reaches the top of kohya's script: print its message
+    (it names the file, key and what is allowed), not a traceback through kohya's code."""
+    previous = sys.excepthook
+
+    def excepthook(kind, value, traceback):
+        if isinstance(value, SdplugError):
+            print(f"sdplug: error: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, traceback)
+
+    sys.excepthook = excepthook
+
+
 def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | None:
     """Called by the patched scripts after they read their arguments (the patch route)."""
     global _ACTIVE
     if _ACTIVE is not None:  # launched through `sdplug kohya` as well: already active
         return _ACTIVE
+    _print_sdplug_errors_plainly()
     from sdplug.hosts.kohya.version import detect
     from sdplug.presets import load_preset
 
