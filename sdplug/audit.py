@@ -137,9 +137,10 @@ class Audit:
         if self.strategies.get("caption"):
             c = d["caption"]
             samples = c["samples"]
-            expected_rate = c["expected_drops"] / samples if samples else 0.0
-            low, high = _binomial_interval(expected_rate, samples)
-            realised = c["dropped"] / samples if samples else 0.0
+            # no captions drawn: no rates to report (0.0 would read as "dropout configured off")
+            expected_rate = c["expected_drops"] / samples if samples else None
+            low, high = _binomial_interval(expected_rate or 0.0, samples)
+            realised = c["dropped"] / samples if samples else None
             report["caption"] = {
                 "applied": [{"type": t, "calls": n} for t, n in zip(self.strategies["caption"], c["calls"], strict=True)],
                 "samples": samples,
@@ -147,7 +148,7 @@ class Audit:
                 "dropout_rate_realised": realised,
                 "dropout_rate_configured": expected_rate,
                 "dropout_rate_999_interval": [low, high],
-                "dropout_rate_within_interval": low <= realised <= high,
+                "dropout_rate_within_interval": low <= realised <= high if samples else None,
                 "empty_caption_embeddings_substituted": c["substituted_embeddings"],
             }
         report.update(d["host"])
@@ -194,13 +195,16 @@ class Audit:
             )
         if "caption" in r:
             c = r["caption"]
-            verdict = "ok" if c["dropout_rate_within_interval"] else "OUTSIDE 99.9% interval"
-            rows.append(
-                (
-                    "caption dropout",
-                    f"{c['dropout_rate_realised']:.3f} realised vs {c['dropout_rate_configured']:.3f} configured ({verdict})",
+            if c["samples"] == 0:
+                rows.append(("caption dropout", "no captions drawn"))
+            else:
+                verdict = "ok" if c["dropout_rate_within_interval"] else "OUTSIDE 99.9% interval"
+                rows.append(
+                    (
+                        "caption dropout",
+                        f"{c['dropout_rate_realised']:.3f} realised vs {c['dropout_rate_configured']:.3f} configured ({verdict})",
+                    )
                 )
-            )
         for key in ("optimizer", "attention", "memory"):
             if key in r:
                 rows.append((key, ", ".join(f"{k}={v}" for k, v in r[key].items())))

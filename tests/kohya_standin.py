@@ -175,6 +175,7 @@ def add_training_arguments(parser):
     parser.add_argument("--shuffle_caption", action="store_true")
     parser.add_argument("--keep_tokens", type=int, default=0)
     parser.add_argument("--config_file", default=None)
+    parser.add_argument("--crash_at_step", type=int, default=None)  # stand-in only: a host failure
 
 
 def verify_command_line_training_args(args):
@@ -456,6 +457,7 @@ def record(args, captions, noises, optimizer, unet, empty_rows):
         "optimizer": type(optimizer).__module__ + "." + type(optimizer).__name__,
         "sdpa": unet.attn.use_sdpa,
         "model_spec": train_util.get_sai_model_spec(None, args, False, True, False),
+        "learning_rate": args.learning_rate,
     }
     with open(os.path.join(args.output_dir, "standin-record.json"), "w") as f:
         json.dump(data, f)
@@ -516,6 +518,8 @@ class NetworkTrainer:
         captions, noises, empty_rows = [], [], 0
         for step in range(args.max_train_steps):
             dataset.set_current_epoch(step // 2 + 1)
+            if step == args.crash_at_step:
+                raise RuntimeError("stand-in crash")
             batch = dataset[step]
             captions += batch["captions"]
             loss, noise, context = self.process_batch(
@@ -582,6 +586,8 @@ INLINE_LOOP = """
     captions, noises, empty_rows = [], [], 0
     for step in range(args.max_train_steps):
         dataset.set_current_epoch(step // 2 + 1)
+        if step == args.crash_at_step:
+            raise RuntimeError("stand-in crash")
         batch = dataset[step]
         captions += batch["captions"]
         context = batch_context(batch, text_encoders)

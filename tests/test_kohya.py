@@ -81,7 +81,13 @@ def launch(preset, root, script, out, *extra):
 def check_applied(out: Path, version: str, script: str):
     audit = json.loads((out / "audit.json").read_text())
     record = json.loads((out / "standin-record.json").read_text())
-    assert audit["host"] == {"name": "kohya sd-scripts", "version": version, "script": script, "rules": audit["host"]["rules"]}
+    assert audit["host"] == {
+        "name": "kohya sd-scripts",
+        "version": version,
+        "script": script,
+        "prediction_type": "v_prediction",
+        "rules": audit["host"]["rules"],
+    }
     assert audit["problems"] == []
     assert audit["steps"] == 4
     assert audit["noise"]["applied"] == [{"type": "pyramid", "calls": 4}]
@@ -113,6 +119,24 @@ def test_launcher_applies_every_trick(standin, preset, tmp_path, script):
     audit = check_applied(out, version, script)
     assert audit["attention"]["modules"] == 1
     assert "--max_data_loader_n_workers 8 -> 0" in audit["host"]["rules"][0]
+
+
+def test_kohya_lr_arguments_follow_the_preset_and_a_crash_is_in_the_audit(preset, tmp_path):
+    root = make_standin(tmp_path / "sd", "main")
+    out = tmp_path / "out"
+    result = launch(preset, root, "train_network.py", out, "--learning_rate", "5e-4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # kohya's own lr argument (its logs, its saved metadata) says what the optimizer uses
+    assert json.loads((out / "standin-record.json").read_text())["learning_rate"] == 1e-3
+    assert (
+        "--learning_rate 0.0005 -> 0.001 (preset [optimizer] lr)" in json.loads((out / "audit.json").read_text())["host"]["rules"]
+    )
+
+    crashed = launch(preset, root, "train_network.py", tmp_path / "crash", "--crash_at_step", "2")
+    assert crashed.returncode == 1 and "stand-in crash" in crashed.stderr
+    audit = json.loads((tmp_path / "crash" / "audit.json").read_text())
+    assert audit["steps"] == 2
+    assert audit["problems"] == ["sd-scripts stopped with an exception: RuntimeError: stand-in crash"]
 
 
 def test_patch_route_applies_and_unpatch_restores_bytes(standin, preset, tmp_path, monkeypatch):

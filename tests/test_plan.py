@@ -57,3 +57,18 @@ def test_captions_and_timesteps_are_reproducible():
     assert all(d.text == ("" if d.dropped else "a cat") for d in first)
     t = plan.timesteps(512, generator=torch.Generator().manual_seed(0))
     assert t.min() >= 100
+
+
+def test_caption_audit_without_draws_reports_no_rates():
+    # a run that stopped before loading a caption must not read as "dropout configured 0"
+    plan = make_plan({"caption": [{"type": "dropout", "rate": 0.5}]})
+    caption = plan.audit.report()["caption"]
+    assert caption["samples"] == 0 and caption["dropout_rate_configured"] is None
+    assert caption["dropout_rate_within_interval"] is None
+    assert "no captions drawn" in plan.audit.summary()
+    rng = random.Random(0)
+    for _ in range(200):
+        plan.caption("a photo", rng=rng)
+    caption = plan.audit.report()["caption"]
+    assert caption["dropout_rate_configured"] == pytest.approx(0.5) and caption["dropout_rate_within_interval"]
+    assert "configured (ok)" in plan.audit.summary()

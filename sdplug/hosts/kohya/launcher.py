@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from sdplug.errors import SdplugError
-from sdplug.hosts.kohya.runtime import activate_for_launch
+from sdplug.hosts.kohya.runtime import activate_for_launch, record_failure
 from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError, detect
 from sdplug.presets import load_preset
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch(args.preset, args.script, script_args, args.sd_scripts)
     except SdplugError as exc:
+        record_failure(exc)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -94,6 +94,7 @@ class KohyaAdapter:
         self.noise_calls = 0
         self.checked_schedule = False
         self.empty_caption_outputs: list[torch.Tensor] | None = None
+        self.failure: str | None = None  # set when sd-scripts stops with an exception
 
     # -- installation -----------------------------------------------------------------------
     def install(self, train_util, custom_train_functions) -> None:
@@ -153,6 +154,7 @@ class KohyaAdapter:
 
     def configure(self, args, parser) -> None:
         """Check the command line against the preset, then bind the plan (before training)."""
+        self._watch_for_failure()
         preset = self.preset
         sections = {
             "noise": bool(preset.noise),
@@ -222,9 +224,48 @@ class KohyaAdapter:
         self.generator: torch.Generator | None = None
         self.caption_rng = random.Random(f"sdplug-kohya-captions-{seed}-{rank}")
         self.args = args
+        self._align_learning_rates(args)
         for rule in self.rules:
             print(f"sdplug: {rule}", file=sys.stderr)
         atexit.register(self.write_audit)
+
+    def _align_learning_rates(self, args) -> None:
+        """The preset's lr in kohya's own lr arguments too, so its logs and saved metadata tell the
+        truth; the optimizer hook still puts it on every parameter group."""
+        if self.preset.optimizer is None:
+            return
+        spec = self.preset.optimizer_fallback if self.plan.optimizer_fell_back else self.preset.optimizer
+        lr = spec.params.get("lr")
+        if lr is None:
+            return
+        changed = []
+        for name in ("learning_rate", "unet_lr", "text_encoder_lr"):
+            value = getattr(args, name, None)
+            if value is None or (isinstance(value, (list, tuple)) and not value):
+                continue  # unset: kohya falls back to --learning_rate
+            aligned = [lr] * len(value) if isinstance(value, (list, tuple)) else lr
+            if value != aligned:
+                changed.append(f"--{name} {value} -> {lr}")
+                setattr(args, name, aligned)
+        if changed:
+            self.rules.append(f"{', '.join(changed)} (preset [optimizer] lr)")
+
+    def _watch_for_failure(self) -> None:
+        """Record an exception that stops the script (the audit then says so), and print an sdplug
+        error as its message (it names the file, key and what is allowed), not a traceback."""
+        previous = sys.excepthook
+
+        def excepthook(kind, value, traceback):
+            self.record_failure(value)
+            if isinstance(value, SdplugError):
+                print(f"sdplug: error: {value}", file=sys.stderr)
+            else:
+                previous(kind, value, traceback)
+
+        sys.excepthook = excepthook
+
+    def record_failure(self, exc: BaseException) -> None:
+        self.failure = f"{type(exc).__name__}: {exc}"
 
     def _apply_memory(self, args) -> None:
         memory = self.preset.memory
@@ -434,8 +475,16 @@ class KohyaAdapter:
         if self.attention_record is not None:
             self.plan.audit.record_host(attention=self.attention_record)
         report = self.plan.audit.report()
-        report["host"] = {"name": "kohya sd-scripts", "version": self.version.name, "script": self.script, "rules": self.rules}
+        report["host"] = {
+            "name": "kohya sd-scripts",
+            "version": self.version.name,
+            "script": self.script,
+            "prediction_type": self.plan.prediction_type,
+            "rules": self.rules,
+        }
         problems = []
+        if self.failure is not None:
+            problems.append(f"sd-scripts stopped with an exception: {self.failure}")
         if self.preset.noise and self.noise_calls == 0:
             problems.append("noise hook never ran")
         if self.preset.loss_weighting and self.plan.audit.data["loss_weighting"]["calls"] == 0:
@@ -480,18 +529,10 @@ def activate_for_launch(preset: Preset, version: KohyaVersion, root: Path, scrip
     return adapter
 
 
-def _print_sdplug_errors_plainly() -> None:
-    """In a patched script an sdplug error reaches the top of kohya's script: print its message
-    (it names the file, key and what is allowed), not a traceback through kohya's code."""
-    previous = sys.excepthook
-
-    def excepthook(kind, value, traceback):
-        if isinstance(value, SdplugError):
-            print(f"sdplug: error: {value}", file=sys.stderr)
-        else:
-            previous(kind, value, traceback)
-
-    sys.excepthook = excepthook
+def record_failure(exc: BaseException) -> None:
+    """The launcher caught an error the script stopped with: the audit says so."""
+    if _ACTIVE is not None:
+        _ACTIVE.record_failure(exc)
 
 
 def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | None:
@@ -499,7 +540,6 @@ def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | Non
     global _ACTIVE
     if _ACTIVE is not None:  # launched through `sdplug kohya` as well: already active
         return _ACTIVE
-    _print_sdplug_errors_plainly()
     from sdplug.hosts.kohya.version import detect
     from sdplug.presets import load_preset
 
@@ -512,6 +552,7 @@ def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | Non
     adapter._train_util, adapter._custom = train_util, custom
     adapter.install(train_util, custom)
     adapter.rebind_script_globals(script_globals, custom)
-    adapter.configure(args, parser)
+    print(f"sdplug: preset {preset.name!r} on sd-scripts {version.name} ({script_file.name})", file=sys.stderr)
     _ACTIVE = adapter
+    adapter.configure(args, parser)
     return adapter
