@@ -151,6 +151,8 @@ def add_training_arguments(parser):
     parser.add_argument("--max_train_steps", type=int, default=3)
     parser.add_argument("--train_batch_size", type=int, default=4)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--unet_lr", type=float, default=None)
+    parser.add_argument("--text_encoder_lr", type=float, nargs="*", default=None)
     parser.add_argument("--v_parameterization", action="store_true")
     parser.add_argument("--zero_terminal_snr", action="store_true")
     parser.add_argument("--noise_offset", type=float, default=None)
@@ -458,6 +460,8 @@ def record(args, captions, noises, optimizer, unet, empty_rows):
         "sdpa": unet.attn.use_sdpa,
         "model_spec": train_util.get_sai_model_spec(None, args, False, True, False),
         "learning_rate": args.learning_rate,
+        "unet_lr": args.unet_lr,
+        "text_encoder_lr": args.text_encoder_lr,
     }
     with open(os.path.join(args.output_dir, "standin-record.json"), "w") as f:
         json.dump(data, f)
@@ -471,6 +475,17 @@ def setup(args):
     custom_train_functions.prepare_scheduler_for_custom_training(scheduler, "cpu")
     text_encoders = [train_util.TextEncoder().requires_grad_(False), train_util.TextEncoder().requires_grad_(False)]
     return unet, scheduler, text_encoders
+"""
+
+MAIN_BLOCK = """
+
+if __name__ == "__main__":
+    parser = setup_parser()
+
+    args = parser.parse_args()
+    train_util.verify_command_line_training_args(args)
+    args = train_util.read_config_from_file(args, parser)
+
 """
 
 TRAIN_NETWORK_MAIN = (
@@ -513,7 +528,9 @@ class NetworkTrainer:
         dataset = train_util.BaseDataset(args)
         self.cache_text_encoder_outputs_if_needed(args, text_encoders, dataset)
         # like sd-scripts main: groups carry their own lr (its --unet_lr default differs)
-        trainable_params = [{"params": list(unet.parameters()), "lr": args.learning_rate / 500}]
+        trainable_params = [{"params": list(unet.parameters()), "lr": args.unet_lr or args.learning_rate / 500}]
+        if args.text_encoder_lr:  # like sd-scripts v0.8.7, a group even at lr 0 (frozen)
+            trainable_params.insert(0, {"params": list(text_encoders[0].parameters()), "lr": args.text_encoder_lr[0]})
         optimizer_name, optimizer_args, optimizer = train_util.get_optimizer(args, trainable_params)
         captions, noises, empty_rows = [], [], 0
         for step in range(args.max_train_steps):
@@ -531,39 +548,23 @@ class NetworkTrainer:
             optimizer.step()
             optimizer.zero_grad()
         record(args, captions, noises, optimizer, unet, empty_rows)
-
-
-if __name__ == "__main__":
-    parser = setup_parser()
-
-    args = parser.parse_args()
-    train_util.verify_command_line_training_args(args)
-    args = train_util.read_config_from_file(args, parser)
-
-    trainer = NetworkTrainer()
-    trainer.train(args)
 """
+    + MAIN_BLOCK
+    + "    trainer = NetworkTrainer()\n    trainer.train(args)\n"
 )
 
-SDXL_MAIN_BLOCK = """
+SDXL_MAIN_BLOCK = (
+    """
 
 def setup_parser():
     parser = train_network.setup_parser()
     parser.add_argument("--cache_text_encoder_outputs", action="store_true")
     parser.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
     return parser
-
-
-if __name__ == "__main__":
-    parser = setup_parser()
-
-    args = parser.parse_args()
-    train_util.verify_command_line_training_args(args)
-    args = train_util.read_config_from_file(args, parser)
-
-    trainer = SdxlNetworkTrainer()
-    trainer.train(args)
 """
+    + MAIN_BLOCK
+    + "    trainer = SdxlNetworkTrainer()\n    trainer.train(args)\n"
+)
 
 SDXL_TRAIN_NETWORK_MAIN = (
     """
@@ -604,17 +605,6 @@ INLINE_LOOP = """
         optimizer.step()
         optimizer.zero_grad()
     record(args, captions, noises, optimizer, unet, empty_rows)
-"""
-
-MAIN_BLOCK = """
-
-if __name__ == "__main__":
-    parser = setup_parser()
-
-    args = parser.parse_args()
-    train_util.verify_command_line_training_args(args)
-    args = train_util.read_config_from_file(args, parser)
-
 """
 
 # v0.8.7's train_network.py: a NetworkTrainer class whose train() holds the whole loop inline

@@ -124,13 +124,21 @@ def test_launcher_applies_every_trick(standin, preset, tmp_path, script):
 def test_kohya_lr_arguments_follow_the_preset_and_a_crash_is_in_the_audit(preset, tmp_path):
     root = make_standin(tmp_path / "sd", "main")
     out = tmp_path / "out"
-    result = launch(preset, root, "train_network.py", out, "--learning_rate", "5e-4")
+    lrs = ["--learning_rate", "5e-4", "--unet_lr", "2e-4", "--text_encoder_lr", "0", "3e-4"]
+    result = launch(preset, root, "train_network.py", out, *lrs)
     assert result.returncode == 0, result.stderr[-3000:]
-    # kohya's own lr argument (its logs, its saved metadata) says what the optimizer uses
-    assert json.loads((out / "standin-record.json").read_text())["learning_rate"] == 1e-3
+    # kohya's own lr arguments (its logs, its saved metadata) say what the optimizer uses; an lr
+    # of 0 (kohya's way to leave a part untrained) stays 0
+    record = json.loads((out / "standin-record.json").read_text())
+    assert (record["learning_rate"], record["unet_lr"], record["text_encoder_lr"]) == (1e-3, 1e-3, [0.0, 1e-3])
+    rules = json.loads((out / "audit.json").read_text())["host"]["rules"]
     assert (
-        "--learning_rate 0.0005 -> 0.001 (preset [optimizer] lr)" in json.loads((out / "audit.json").read_text())["host"]["rules"]
+        "--learning_rate 0.0005 -> 0.001, --unet_lr 0.0002 -> 0.001, --text_encoder_lr [0.0, 0.0003] -> 0.001 "
+        "(preset [optimizer] lr)" in rules
     )
+
+    # groups kohya set to lr 0 (a part left untrained) stay at 0
+    assert json.loads((out / "audit.json").read_text())["optimizer"]["learning_rates"] == [0.0, 1e-3]
 
     crashed = launch(preset, root, "train_network.py", tmp_path / "crash", "--crash_at_step", "2")
     assert crashed.returncode == 1 and "stand-in crash" in crashed.stderr
@@ -235,6 +243,20 @@ def test_conflicting_flags_fail_before_training(preset, tmp_path, flags, words):
     assert result.returncode == 1
     assert words in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "standin-record.json").exists()
+
+
+def test_learned_weighting_joins_kohyas_optimizer_in_a_trained_group(standin, tmp_path):
+    version, root = standin
+    preset = tmp_path / "learned.toml"
+    preset.write_text('[loss_weighting]\ntype = "learned"\n\n[optimizer]\ntype = "adamw"\nlr = 1e-3\n')
+    out = tmp_path / "out"
+    extra = ["--text_encoder_lr", "0", "3e-4"] if version == "main" else []  # main's stand-in adds an lr-0 group first
+    result = launch(preset, root, "train_network.py", out, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["problems"] == [] and audit["loss_weighting"]["calls"] == 4
+    optimizer = audit["optimizer"]
+    assert optimizer["learned_weighting_parameters"] > 0 and optimizer["learned_weighting_lr"] == [1e-3]
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,11 @@ ATTENTION_FLAGS = {"default": (False, False, False), "xformers": (False, True, F
 _ACTIVE: KohyaAdapter | None = None
 
 
+def _frozen(group: Any) -> bool:
+    """A parameter group kohya set to lr 0: its way to leave that part untrained."""
+    return isinstance(group, dict) and group.get("lr") == 0
+
+
 def _is_set(value: Any) -> bool:
     return value not in (None, False, 0, 0.0, "")
 
@@ -234,8 +239,7 @@ class KohyaAdapter:
         truth; the optimizer hook still puts it on every parameter group."""
         if self.preset.optimizer is None:
             return
-        spec = self.preset.optimizer_fallback if self.plan.optimizer_fell_back else self.preset.optimizer
-        lr = spec.params.get("lr")
+        lr = self._optimizer_spec().params.get("lr")
         if lr is None:
             return
         changed = []
@@ -243,12 +247,17 @@ class KohyaAdapter:
             value = getattr(args, name, None)
             if value is None or (isinstance(value, (list, tuple)) and not value):
                 continue  # unset: kohya falls back to --learning_rate
-            aligned = [lr] * len(value) if isinstance(value, (list, tuple)) else lr
+            # an lr of 0 is how kohya leaves a part untrained (it drops the group): keep it 0
+            aligned = [lr if v else v for v in value] if isinstance(value, (list, tuple)) else (lr if value else value)
             if value != aligned:
                 changed.append(f"--{name} {value} -> {lr}")
                 setattr(args, name, aligned)
         if changed:
             self.rules.append(f"{', '.join(changed)} (preset [optimizer] lr)")
+
+    def _optimizer_spec(self):
+        """The preset's optimizer, or its fallback when the plan had to use it."""
+        return self.preset.optimizer_fallback if self.plan.optimizer_fell_back else self.preset.optimizer
 
     def _watch_for_failure(self) -> None:
         """Record an exception that stops the script (the audit then says so), and print an sdplug
@@ -337,31 +346,28 @@ class KohyaAdapter:
         learned = self.plan.trainable_parameters()
         params = list(trainable_params)
         if learned:
-            first = params[0] if params else None
-            device = (
-                (next(iter(first["params"])) if isinstance(first, dict) else first).device
-                if first is not None
-                else torch.device("cpu")
-            )
-            for p in learned:
-                p.data = p.data.to(device)
-            if isinstance(first, dict):
-                # join the first group: sd-scripts main indexes its lr descriptions by group, so a
-                # new group would break its logging
-                params[0] = {**first, "params": [*first["params"], *learned]}
-            else:
+            # join the first trained group: sd-scripts main indexes its lr descriptions by group,
+            # so a new group would break its logging; a group at lr 0 (v0.8.7 keeps one for
+            # --text_encoder_lr 0) would leave the weighting untrained
+            index = next((i for i, g in enumerate(params) if not _frozen(g)), None)
+            if index is None or not isinstance(params[index], dict):
                 params.extend(learned)
+            else:
+                group = params[index]
+                for p in learned:
+                    p.data = p.data.to(next(iter(group["params"])).device)
+                params[index] = {**group, "params": [*group["params"], *learned]}
         if self.preset.optimizer is None:
             result = self.original(self._train_util, "get_optimizer")(args, params)
             optimizer = result[-1]
         else:
-            spec = self.plan.preset.optimizer_fallback if self.plan.optimizer_fell_back else self.preset.optimizer
+            spec = self._optimizer_spec()
             if "lr" in spec.params:
                 # sd-scripts gives its parameter groups their own lr (--unet_lr, --text_encoder_lr,
                 # --learning_rate), which would silently win over the preset's: the preset's lr rules.
                 lr = spec.params["lr"]
-                params = [{**g, "lr": lr} if isinstance(g, dict) else g for g in params]
-                self.rules.append(f"every parameter group's lr -> {lr} (preset [optimizer] lr)")
+                params = [{**g, "lr": lr} if isinstance(g, dict) and not _frozen(g) else g for g in params]
+                self.rules.append(f"every parameter group's lr -> {lr}, except groups at lr 0 (preset [optimizer] lr)")
                 print(f"sdplug: {self.rules[-1]}", file=sys.stderr)
                 strategy = self.plan.optimizer_strategy
             else:
@@ -460,6 +466,14 @@ class KohyaAdapter:
         return example
 
     # -- audit ----------------------------------------------------------------------------------
+    def _learned_weighting_record(self) -> dict[str, Any]:
+        learned = {id(p) for p in self.plan.trainable_parameters()}
+        if not learned:
+            return {}
+        lrs = [g["lr"] for g in self.optimizer.param_groups if any(id(p) in learned for p in g["params"])]
+        # proof that the weighting trains: it is in the optimizer, in a group with a non-zero lr
+        return {"learned_weighting_parameters": len(learned), "learned_weighting_lr": lrs}
+
     def write_audit(self) -> Path | None:
         if self.plan is None or self.args is None or not getattr(self.args, "output_dir", None):
             return None
@@ -470,6 +484,7 @@ class KohyaAdapter:
                     "state_bytes_per_trainable_parameter": round(state_bytes(self.optimizer) / max(self.trainable_count, 1), 4),
                     "trainable_parameters": self.trainable_count,
                     "learning_rates": sorted({g["lr"] for g in self.optimizer.param_groups}),
+                    **self._learned_weighting_record(),
                 }
             )
         if self.attention_record is not None:
