@@ -2,28 +2,17 @@
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
 import sdplug
 from sdplug.errors import MissingDependencyError, SdplugError
+from tests.tiny_sd import build_unet
 
 
 @pytest.fixture(scope="module")
 def tiny_unet():
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    ).eval()
+    return build_unet(cross_attention_dim=32).eval()
 
 
 def run(unet):

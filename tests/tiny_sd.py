@@ -10,6 +10,23 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from sdplug.trainer import tiny
 
 
+def build_unet(cross_attention_dim: int = tiny.TEXT_WIDTH) -> UNet2DConditionModel:
+    """A two-level SD-layout UNet on 4x16x16 latents (cross-attention down, mid and up)."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
 def build_pipeline(directory: Path, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
     torch.manual_seed(0)
     tokenizer = tiny.build_tokenizer()
@@ -23,19 +40,7 @@ def build_pipeline(directory: Path, prediction_type: str = "epsilon") -> StableD
         norm_num_groups=8,
         sample_size=32,
     )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        layers_per_block=1,
-        cross_attention_dim=tiny.TEXT_WIDTH,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
+    unet = build_unet()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=tiny.build_text_encoder(len(tokenizer)),
