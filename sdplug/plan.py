@@ -211,6 +211,14 @@ class Plan:
         self.audit.record_weights(timesteps, self.loss_weighting.weights(timesteps, self.alphas_cumprod, self.prediction_type))
         return self.loss_weighting.apply(loss, timesteps, self.alphas_cumprod, self.prediction_type)
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Plan:
+        """Move every tensor a strategy holds (a learned weighting's parameters and buffers) in
+        place, so optimizer references stay valid. Hosts call this once, before building the
+        optimizer, with the training device."""
+        if self.loss_weighting is not None:
+            self.loss_weighting.to(device=device, dtype=dtype)
+        return self
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters of learned strategies, which the host's optimizer must also train."""
         return self.loss_weighting.parameters() if self.loss_weighting is not None else []

@@ -86,6 +86,10 @@ class LossWeighting:
         """Trainable parameters the host must add to its optimizer (none for fixed weightings)."""
         return []
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LossWeighting:
+        """Move any tensors the weighting holds (none for fixed weightings), in place."""
+        return self
+
 
 class CaptionTransform:
     """Rewrites one caption. ``needs_text`` is False when the effect can be applied to cached

@@ -80,6 +80,8 @@ class LearnedWeighting(LossWeighting):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.network.parameters())
 
-    def to(self, device: torch.device | str) -> LearnedWeighting:
-        self.network.to(device)  # in place: the Parameter objects (and optimizer refs) stay the same
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LearnedWeighting:
+        # Module.to moves parameters AND buffers (frequencies, phases) in place: the Parameter
+        # objects, and so an optimizer's references to them, stay the same.
+        self.network.to(device=device, dtype=dtype)
         return self
