@@ -30,15 +30,9 @@ class PatchError(SdplugError):
 
 
 def patches_dir() -> Path:
-    try:
-        from importlib.resources import files
+    from sdplug.resources import shipped_dir
 
-        packaged = Path(str(files("sdplug._patches"))) / "kohya"
-        if packaged.is_dir():
-            return packaged
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[3] / "patches" / "kohya"
+    return shipped_dir("patches") / "kohya"
 
 
 def sha256(data: bytes) -> str:
