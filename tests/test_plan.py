@@ -72,3 +72,18 @@ def test_caption_audit_without_draws_reports_no_rates():
     caption = plan.audit.report()["caption"]
     assert caption["dropout_rate_configured"] == pytest.approx(0.5) and caption["dropout_rate_within_interval"]
     assert "configured (ok)" in plan.audit.summary()
+
+
+def test_plan_to_moves_a_learned_weightings_parameters_and_buffers_in_place():
+    """The one move every host uses (a dtype stands in for a GPU, which CI lacks): buffers
+    such as the Fourier frequencies must follow the parameters, or the first CUDA step fails."""
+    plan = make_plan({"loss_weighting": {"type": "learned"}})
+    parameters = plan.trainable_parameters()
+    network = plan.loss_weighting.network
+    plan.to(dtype=torch.float64)
+    assert [p.dtype for p in network.parameters()] == [torch.float64] * len(parameters)
+    assert {b.dtype for b in network.buffers()} == {torch.float64}
+    assert all(a is b for a, b in zip(parameters, plan.trainable_parameters(), strict=True))  # optimizer refs stay valid
+    loss = plan.weight(torch.ones(3, dtype=torch.float64), torch.tensor([1, 500, 999]))
+    assert loss.dtype == torch.float64
+    assert make_plan({}).to(dtype=torch.float64) is not None  # a plan with nothing to move

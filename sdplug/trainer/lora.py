@@ -8,6 +8,7 @@ reads and diffusers' ``load_lora_weights`` converts.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -17,12 +18,19 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[str]) -> int:
-    """Attach LoRA adapters to ``targets`` of ``model``; returns the trainable parameter count."""
+def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[str], seed: int) -> int:
+    """Attach LoRA adapters to ``targets`` of ``model``; returns the trainable parameter count.
+
+    peft draws the initial down-projections from torch's global generator, whose state depends
+    on whatever ran before (loading a model from disk draws nothing, building one draws a lot):
+    the draw is made from ``seed`` alone, with the global state put back afterwards.
+    """
     from peft import LoraConfig
 
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -67,4 +75,8 @@ def save_kohya_lora(
         "sdplug_run": json.dumps(extra or {}),
     }
     save_file(state, str(path), metadata=metadata)
+    # safetensors creates its file 0600; a LoRA is meant to be shared, so it follows the umask
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     return len(state)
