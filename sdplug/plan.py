@@ -16,7 +16,7 @@ import torch
 
 from sdplug.audit import Audit
 from sdplug.errors import MissingDependencyError
-from sdplug.presets import Preset
+from sdplug.presets import Preset, check_against_schedule
 from sdplug.schedule import check_prediction_type
 from sdplug.strategies.base import CaptionTransform, LossWeighting, NoiseStrategy, TimestepStrategy
 from sdplug.strategies.timesteps import UniformTimesteps
@@ -116,6 +116,7 @@ class Plan:
         self.prediction_type = check_prediction_type(prediction_type)
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float32).cpu()
         self.num_train_timesteps = len(self.alphas_cumprod)
+        check_against_schedule(preset, self.num_train_timesteps)  # file and key, before any training
         self.noise_pipeline = NoisePipeline([spec.create() for spec in preset.noise])
         self.caption_pipeline = CaptionPipeline([spec.create() for spec in preset.caption])
         self.timestep_sampler: TimestepStrategy | None = preset.timesteps.create() if preset.timesteps else None

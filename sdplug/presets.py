@@ -15,6 +15,9 @@ Each strategy table has ``type`` (a registered name) and that strategy's paramet
 ``extends``: a section the child writes replaces the parent's section whole (``noise = []``
 removes the parent's noise list), except ``[memory]``, which merges key by key.
 Every problem is one ``PresetError`` naming the file, the key path and what is allowed.
+A file may start with a UTF-8 byte-order mark (Windows editors write one). An empty file (or
+one holding only comments) is refused: it is almost always a wrong path or an unsaved file,
+and training with it would silently use no strategy at all.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ SINGLE_SECTIONS = ("timesteps", "loss_weighting", "optimizer", "attention")
 SECTIONS = ("preset", *LIST_SECTIONS, *SINGLE_SECTIONS, "memory")
 PRESET_KEYS = ("name", "description", "extends")
 OPTIMIZER_EXTRA_KEYS = ("fallback",)
+# Far deeper than any real preset family, far below Python's recursion limit.
+MAX_EXTENDS_DEPTH = 32
 
 
 @strategy_params
@@ -59,6 +64,8 @@ class StrategySpec:
     type: str
     params: Mapping[str, Any]
     source: str  # "file: key path", for messages that point back at the preset
+    path: str | None = None  # the file this table was written in (a parent's, when inherited)
+    key: str = ""  # its key path there, e.g. "timesteps" or "noise[1]"
 
     def create(self):
         return registry(self.family).create(self.type, **dict(self.params))
@@ -71,7 +78,11 @@ class StrategySpec:
                 field.name: getattr(self.create(), field.name)
                 for field in dataclasses.fields(registry(self.family).get(self.type).cls)
             }
-        return {"type": self.type, **{k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}}
+        # None means "not set" (e.g. uniform's max_timestep follows the schedule); TOML has no null
+        return {
+            "type": self.type,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if v is not None},
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,22 +119,16 @@ class Preset:
         return data
 
     def to_toml(self, *, with_defaults: bool = True) -> str:
-        from sdplug.toml_writer import dumps
+        import tomli_w
 
-        return dumps(self.to_dict(with_defaults=with_defaults))
+        return tomli_w.dumps(self.to_dict(with_defaults=with_defaults))
 
 
 def shipped_presets_dir() -> Path:
-    """Where the presets shipped with sdplug live (package data, or the source tree)."""
-    try:
-        from importlib.resources import files
+    """Where the presets shipped with sdplug live (inside the installed package, or the source tree)."""
+    from sdplug.resources import shipped_dir
 
-        packaged = Path(str(files("sdplug._presets")))
-        if packaged.is_dir():
-            return packaged
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "presets"
+    return shipped_dir("presets")
 
 
 def shipped_preset_names() -> list[str]:
@@ -165,13 +170,25 @@ def load_preset(path: str | Path) -> Preset:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: accept (and drop) a leading BOM
+    except UnicodeDecodeError as exc:
+        raise PresetError(
+            f"cannot read the file: it is not UTF-8 text ({exc.reason} at byte {exc.start}). Allowed: a UTF-8 TOML file.",
+            path=str(path),
+        ) from None
+    except OSError as exc:
         raise PresetError(f"cannot read the file: {exc}", path=str(path)) from None
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PresetError(f"not valid TOML: {exc}", path=str(path)) from None
+    if not data:
+        raise PresetError(
+            "the file is empty (no keys, only whitespace or comments), so it would train with no strategy at all. "
+            "Allowed: at least one section such as [preset], [[noise]] or [timesteps]; see `sdplug show tiny-default`.",
+            path=str(path),
+        )
+    return data
 
 
 def _load(path: Path, chain: tuple[Path, ...]) -> Preset:
@@ -179,6 +196,13 @@ def _load(path: Path, chain: tuple[Path, ...]) -> Preset:
     if real in chain:
         cycle = " -> ".join(str(p) for p in (*chain, real))
         raise PresetError(f"'extends' makes a cycle: {cycle}.", path=str(path), key="preset.extends")
+    if len(chain) >= MAX_EXTENDS_DEPTH:
+        raise PresetError(
+            f"'extends' chain is more than {MAX_EXTENDS_DEPTH} files long (it starts at {chain[0]}). "
+            f"Allowed: at most {MAX_EXTENDS_DEPTH} files in one chain of 'extends'.",
+            path=str(path),
+            key="preset.extends",
+        )
     return parse_preset(_read_toml(path), path=str(path), _chain=(*chain, real))
 
 
@@ -287,12 +311,13 @@ def _strategy(value: Any, family: str, path: str, key: str, extra_keys: tuple[st
     for extra in extra_keys:
         table.pop(extra, None)
     try:
-        registry(family).create(name, _path=path, _key=key, **table)
-    except PresetError:
-        raise
+        cls = registry(family).get(name).cls
     except SdplugError as exc:  # e.g. a plugin that fails to load
         raise PresetError(str(exc), path=path, key=f"{key}.type") from None
-    return StrategySpec(family, name, dict(table), f"{path}: {key}")
+    # The table goes in as one dict, never as keyword arguments next to path and key, so any
+    # user key (even "_path" or "what") is just an unknown key, reported like every other.
+    validate_params(cls, table, what=f"{family} {name!r}", path=path, key=key)
+    return StrategySpec(family, name, dict(table), f"{path}: {key}", path=path, key=key)
 
 
 def _fallback(value: Mapping[str, Any], primary: StrategySpec, path: str) -> StrategySpec | None:
@@ -300,6 +325,24 @@ def _fallback(value: Mapping[str, Any], primary: StrategySpec, path: str) -> Str
         return None
     table = {"type": value["fallback"], **primary.params}
     return _strategy(table, "optimizer", path, "optimizer.fallback")
+
+
+def check_against_schedule(preset: Preset, num_train_timesteps: int) -> None:
+    """Refuse, when the preset is bound to a noise schedule, parameters that do not fit its length.
+
+    Validation cannot know the schedule (``max_timestep = 5000`` is fine for a 10,000-step one),
+    so strategies whose parameters are timesteps define ``schedule_problem(num_train_timesteps)``,
+    returning ``(parameter, sentence)`` or None. The error names the file and key the table came
+    from (a parent's file, when inherited), before anything is trained.
+    """
+    specs = [*preset.noise, *preset.caption, preset.timesteps, preset.loss_weighting]
+    for spec in specs:
+        if spec is None or not hasattr(registry(spec.family).get(spec.type).cls, "schedule_problem"):
+            continue
+        problem = spec.create().schedule_problem(num_train_timesteps)
+        if problem is not None:
+            parameter, sentence = problem
+            raise PresetError(sentence, path=spec.path, key=f"{spec.key}.{parameter}" if spec.key else parameter)
 
 
 def _check_consistency(preset: Preset, path: str) -> None:

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
 import sdplug
-from sdplug.errors import MissingDependencyError, SdplugError
+from sdplug.errors import MissingDependencyError, PresetError, SdplugError
 from tests.tiny_sd import build_unet
 
 
@@ -44,3 +45,40 @@ def test_xformers_without_cuda_or_package_is_a_clear_error(tiny_unet):
 def test_model_without_attention_processors_is_refused():
     with pytest.raises(SdplugError, match="attention processors"):
         sdplug.create("attention", "sdpa").apply(torch.nn.Linear(2, 2))
+
+
+# -- issue 8, item 9: slice sizes are checked against the model they are applied to ---------------
+def test_sliced_slice_size_above_the_head_count_names_the_key_and_range(tiny_unet):
+    with pytest.raises(PresetError) as info:
+        sdplug.create("attention", "sliced", slice_size=9).apply(tiny_unet)  # the tiny UNet has 8 heads
+    assert info.value.key == "attention.slice_size"
+    assert "more than the 8 attention heads" in str(info.value) and "from 1 to 8, 'auto' or 'max'" in str(info.value)
+
+
+@pytest.mark.parametrize("slice_size", [8, 3, "max"])
+def test_sliced_sizes_up_to_the_head_count_keep_the_math(tiny_unet, slice_size):
+    sdplug.create("attention", "default").apply(tiny_unet)
+    reference = run(tiny_unet)
+    assert sdplug.create("attention", "sliced", slice_size=slice_size).apply(tiny_unet) > 0
+    assert torch.allclose(run(tiny_unet), reference, atol=1e-5)
+
+
+def test_sliced_auto_works_on_one_head_layers():
+    # diffusers' "auto" (heads // 2) gives a slice of 0 heads here: a ZeroDivisionError at the first step
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=1,
+        norm_num_groups=16,
+    ).eval()
+    sdplug.create("attention", "default").apply(unet)
+    reference = run(unet)
+    sdplug.create("attention", "sliced").apply(unet)
+    assert torch.allclose(run(unet), reference, atol=1e-5)

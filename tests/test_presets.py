@@ -4,6 +4,7 @@ import glob
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -203,3 +204,95 @@ def test_fuzzed_preset_text_only_ever_raises_preset_error(tmp_path_factory, text
         sdplug.load_preset(path)
     except sdplug.PresetError:
         pass
+
+
+# -- issue 8, item 9: inputs that used to escape validation ---------------------------------------
+@pytest.mark.parametrize("name", ["_path", "_key", "name"])
+def test_a_strategy_key_named_like_an_internal_argument_is_just_an_unknown_key(tmp_path, name):
+    error = error_for(tmp_path, f'[timesteps]\ntype = "uniform"\n{name} = "x"\n')
+    assert error.key == f"timesteps.{name}"
+    assert f"unknown key {name!r}" in str(error) and "Allowed keys: min_timestep, max_timestep" in str(error)
+
+
+def test_a_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbf[[noise]]\ntype = "offset"\n')
+    assert [s.type for s in sdplug.load_preset(path).noise] == ["offset"]
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "# nothing but a comment\n"])
+def test_an_empty_file_is_refused_not_silently_valid(tmp_path, text):
+    error = error_for(tmp_path, text)
+    assert error.key is None and "the file is empty" in str(error) and "[preset]" in str(error)
+
+
+def test_a_non_utf8_preset_says_so(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_bytes('[preset]\ndescription = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(sdplug.PresetError, match="not UTF-8 text") as info:
+        sdplug.load_preset(path)
+    assert info.value.path == str(path)
+
+
+def write_chain(tmp_path, files):
+    for i in range(files - 1):
+        write(tmp_path, f"p{i}.toml", f'[preset]\nextends = "p{i + 1}.toml"\n')
+    write(tmp_path, f"p{files - 1}.toml", '[[noise]]\ntype = "offset"\n')
+    return tmp_path / "p0.toml"
+
+
+def test_extends_chain_has_a_depth_limit_with_a_clear_error(tmp_path):
+    from sdplug.presets import MAX_EXTENDS_DEPTH
+
+    (tmp_path / "ok").mkdir()
+    assert sdplug.load_preset(write_chain(tmp_path / "ok", MAX_EXTENDS_DEPTH)).noise[0].type == "offset"
+    with pytest.raises(sdplug.PresetError, match=f"at most {MAX_EXTENDS_DEPTH} files") as info:
+        sdplug.load_preset(write_chain(tmp_path, 1200))  # was a RecursionError
+    assert info.value.key == "preset.extends" and "\n" not in str(info.value)
+
+
+def test_control_characters_round_trip_through_to_toml():
+    description = 'a\x7fb\x01c\x1b"\\ \u00e9'  # DEL and C0 controls, quote, backslash, non-ASCII
+    preset = parse_preset({"preset": {"name": "x\x01", "description": description}}, path="c.toml")
+    again = tomllib.loads(preset.to_toml())
+    assert again["preset"] == {"name": "x\x01", "description": description}
+
+
+def test_check_against_schedule_names_the_file_key_and_range(tmp_path, sd_alphas):
+    from sdplug.plan import Plan
+
+    parent = write(tmp_path, "parent.toml", '[timesteps]\ntype = "uniform"\nmax_timestep = 5000\n')
+    child = write(tmp_path, "child.toml", '[preset]\nextends = "parent"\n')
+    with pytest.raises(sdplug.PresetError) as info:
+        Plan(sdplug.load_preset(child), alphas_cumprod=sd_alphas, prediction_type="epsilon")
+    error = info.value
+    assert error.path == str(parent) and error.key == "timesteps.max_timestep"  # the file that wrote it
+    assert "5000" in str(error) and "max_timestep <= 1000" in str(error)
+
+
+@pytest.mark.parametrize(
+    "table,key",
+    [
+        ('type = "uniform"\nmin_timestep = 1000\n', "timesteps.min_timestep"),
+        ('type = "biased"\nbias = "range"\nbegin = 5000\n', "timesteps.begin"),
+        ('type = "biased"\nbias = "range"\nbegin = 10\nend = 1001\n', "timesteps.end"),
+        ('type = "biased"\nbias = "range"\nend = 1000\n', "timesteps.end"),  # every step: plain uniform
+    ],
+)
+def test_timestep_parameters_beyond_the_schedule_are_refused_when_bound(tmp_path, sd_alphas, table, key):
+    from sdplug.plan import Plan
+
+    path = write(tmp_path, "t.toml", f"[timesteps]\n{table}")
+    preset = sdplug.load_preset(path)  # validates: the schedule is not known yet
+    with pytest.raises(sdplug.PresetError, match="allowed: 0 <=") as info:
+        Plan(preset, alphas_cumprod=sd_alphas, prediction_type="epsilon")
+    assert info.value.path == str(path) and info.value.key == key
+
+
+def test_timestep_parameters_that_fit_a_longer_schedule_bind(tmp_path, sd_alphas):
+    from sdplug.plan import Plan
+
+    path = write(tmp_path, "t.toml", '[timesteps]\ntype = "uniform"\nmin_timestep = 100\nmax_timestep = 1000\n')
+    plan = Plan(sdplug.load_preset(path), alphas_cumprod=sd_alphas, prediction_type="epsilon")
+    t = plan.timesteps(64, generator=torch.Generator().manual_seed(0))
+    assert t.min() >= 100 and t.max() < 1000

@@ -61,3 +61,40 @@ def test_biased_range(generator):
     p = 100 * 10 / (100 * 10 + 900)
     low, high = binomial_bounds(p, N)
     assert low <= realised <= high
+
+
+# -- issue 8, item 9: biased parameters the chosen bias would ignore are refused ------------------
+@pytest.mark.parametrize(
+    "params,words",
+    [
+        ({"bias": "range", "begin": 100, "portion": 0.5}, "portion applies to bias 'earlier' and 'later' only"),
+        ({"bias": "later", "begin": 100}, "begin and end apply to bias 'range' only"),
+        ({"bias": "earlier", "end": 300}, "begin and end apply to bias 'range' only"),
+        ({"bias": "range"}, "needs begin > 0 and/or end"),
+        ({"bias": "range", "begin": 0}, "needs begin > 0 and/or end"),
+        ({"bias": "range", "begin": 300, "end": 200}, "end (200) must be > begin (300)"),
+    ],
+)
+def test_biased_refuses_parameters_its_bias_ignores(params, words):
+    with pytest.raises(sdplug.PresetError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        sdplug.create("timesteps", "biased", **params)
+
+
+def test_biased_defaults_per_bias():
+    assert sdplug.create("timesteps", "biased").portion == 0.25
+    ranged = sdplug.create("timesteps", "biased", bias="range", end=300)
+    assert (ranged.begin, ranged.end, ranged.portion) == (0, 300, None)
+
+
+def test_biased_range_beyond_the_schedule_is_an_error_not_uniform(generator):
+    sampler = sdplug.create("timesteps", "biased", bias="range", begin=5000)
+    with pytest.raises(sdplug.PresetError, match="begin = 5000 is beyond the noise schedule") as info:
+        sampler(16, 1000, generator=generator)
+    assert info.value.key == "begin"
+    assert sampler.schedule_problem(10_000) is None  # fits a longer schedule
+
+
+def test_uniform_schedule_problem_names_the_parameter():
+    assert sdplug.create("timesteps", "uniform", max_timestep=5000).schedule_problem(1000)[0] == "max_timestep"
+    assert sdplug.create("timesteps", "uniform", min_timestep=1000).schedule_problem(1000)[0] == "min_timestep"
+    assert sdplug.create("timesteps", "uniform", min_timestep=10, max_timestep=1000).schedule_problem(1000) is None

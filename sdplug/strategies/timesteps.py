@@ -33,13 +33,26 @@ class UniformTimesteps(TimestepStrategy):
         if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
             raise ValueError(f"max_timestep ({self.max_timestep}) must be > min_timestep ({self.min_timestep}).")
 
-    def sample(self, batch_size, num_train_timesteps, *, generator=None):
-        high = num_train_timesteps if self.max_timestep is None else self.max_timestep
-        if high > num_train_timesteps or self.min_timestep >= high:
-            raise PresetError(
-                f"timesteps 'uniform' range [{self.min_timestep}, {high}) does not fit a scheduler with "
-                f"{num_train_timesteps} training timesteps; allowed: 0 <= min_timestep < max_timestep <= {num_train_timesteps}."
+    def schedule_problem(self, num_train_timesteps: int) -> tuple[str, str] | None:
+        """``(parameter, sentence)`` when the range does not fit the schedule, else None."""
+        allowed = f"allowed: 0 <= min_timestep < max_timestep <= {num_train_timesteps}"
+        if self.max_timestep is not None and self.max_timestep > num_train_timesteps:
+            return "max_timestep", (
+                f"timesteps 'uniform' max_timestep = {self.max_timestep} is beyond the noise schedule, which has "
+                f"{num_train_timesteps} training timesteps (0 to {num_train_timesteps - 1}); {allowed}."
             )
+        if self.min_timestep >= num_train_timesteps:
+            return "min_timestep", (
+                f"timesteps 'uniform' min_timestep = {self.min_timestep} is beyond the noise schedule, which has "
+                f"{num_train_timesteps} training timesteps (0 to {num_train_timesteps - 1}); {allowed}."
+            )
+        return None
+
+    def sample(self, batch_size, num_train_timesteps, *, generator=None):
+        problem = self.schedule_problem(num_train_timesteps)
+        if problem is not None:
+            raise PresetError(problem[1], key=problem[0])
+        high = num_train_timesteps if self.max_timestep is None else self.max_timestep
         return torch.randint(self.min_timestep, high, (batch_size,), generator=generator, device=_generator_device(generator))
 
 
@@ -64,34 +77,78 @@ class BiasedTimesteps(TimestepStrategy):
     """Uniform timesteps with one region drawn ``multiplier`` times as often (diffusers' ``--timestep_bias_*``).
 
     ``bias="earlier"`` favours the first ``portion`` of timesteps (fine detail), ``"later"`` the
-    last ``portion`` (composition, overall brightness), ``"range"`` the steps in ``[begin, end)``.
-    A ``multiplier`` below 1 draws the region less often instead.
+    last ``portion`` (composition, overall brightness), ``"range"`` the steps in ``[begin, end)``
+    (``begin`` defaults to 0, ``end`` to the schedule's end; give at least one).
+    A ``multiplier`` below 1 draws the region less often instead. ``portion`` applies to
+    ``earlier``/``later`` only (0.25 when omitted), ``begin``/``end`` to ``range`` only: a
+    parameter the chosen bias would ignore is refused, never silently dropped.
     """
 
     bias: Literal["earlier", "later", "range"] = "later"
     multiplier: Annotated[float, Field(gt=0.0, le=100.0)] = 2.0
-    portion: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25
-    begin: _Timestep = 0
+    # None = not given; resolved in __post_init__ (so "given but ignored" can be refused)
+    portion: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    begin: _Timestep | None = None
     end: _Timestep | None = None
 
     def __post_init__(self):
-        if self.end is not None and self.end <= self.begin:
-            raise ValueError(f"end ({self.end}) must be > begin ({self.begin}).")
+        if self.bias == "range":
+            if self.portion is not None:
+                raise ValueError(
+                    "portion applies to bias 'earlier' and 'later' only; bias 'range' biases [begin, end), "
+                    "so give begin and/or end instead."
+                )
+            if self.begin in (None, 0) and self.end is None:
+                raise ValueError(
+                    "bias 'range' needs begin > 0 and/or end: the range [0, end of schedule) is every "
+                    "timestep, so the sampling would be plain uniform."
+                )
+            self.begin = 0 if self.begin is None else self.begin
+            if self.end is not None and self.end <= self.begin:
+                raise ValueError(f"end ({self.end}) must be > begin ({self.begin}).")
+        else:
+            if self.begin is not None or self.end is not None:
+                raise ValueError(
+                    f"begin and end apply to bias 'range' only; bias {self.bias!r} biases the "
+                    f"{'first' if self.bias == 'earlier' else 'last'} `portion` of the schedule. "
+                    "Remove them, or set bias = 'range'."
+                )
+            self.portion = 0.25 if self.portion is None else self.portion
+
+    def schedule_problem(self, num_train_timesteps: int) -> tuple[str, str] | None:
+        """``(parameter, sentence)`` when ``begin``/``end`` do not fit the schedule, else None."""
+        if self.bias != "range":
+            return None
+        allowed = f"allowed: 0 <= begin < end <= {num_train_timesteps}"
+        if self.begin >= num_train_timesteps:
+            return "begin", (
+                f"timesteps 'biased' begin = {self.begin} is beyond the noise schedule, which has "
+                f"{num_train_timesteps} training timesteps (0 to {num_train_timesteps - 1}), so no timestep "
+                f"would be biased; {allowed}."
+            )
+        if self.end is not None and self.end > num_train_timesteps:
+            return "end", (
+                f"timesteps 'biased' end = {self.end} is beyond the noise schedule, which has "
+                f"{num_train_timesteps} training timesteps (0 to {num_train_timesteps - 1}); {allowed}."
+            )
+        if self.begin == 0 and self.end == num_train_timesteps:
+            return "end", (
+                f"timesteps 'biased' range [0, {num_train_timesteps}) is every timestep of the noise schedule, "
+                f"so the sampling would be plain uniform; {allowed}, and not the whole schedule."
+            )
+        return None
 
     def probabilities(self, num_train_timesteps: int) -> torch.Tensor:
         weights = torch.ones(num_train_timesteps, dtype=torch.float64)
-        count = max(1, round(self.portion * num_train_timesteps))
-        if self.bias == "earlier":
-            weights[:count] *= self.multiplier
-        elif self.bias == "later":
-            weights[-count:] *= self.multiplier
+        if self.bias in ("earlier", "later"):
+            count = max(1, round(self.portion * num_train_timesteps))
+            region = slice(None, count) if self.bias == "earlier" else slice(-count, None)
+            weights[region] *= self.multiplier
         else:
+            problem = self.schedule_problem(num_train_timesteps)
+            if problem is not None:
+                raise PresetError(problem[1], key=problem[0])
             end = num_train_timesteps if self.end is None else self.end
-            if end > num_train_timesteps:
-                raise PresetError(
-                    f"timesteps 'biased' range [{self.begin}, {end}) exceeds the scheduler's "
-                    f"{num_train_timesteps} training timesteps; allowed: end <= {num_train_timesteps}."
-                )
             weights[self.begin : end] *= self.multiplier
         return weights / weights.sum()
 

@@ -67,11 +67,27 @@ def find_examples(folder: Path) -> list[Example]:
             unreadable.append(path)
     if unreadable:
         raise DataError(f"--data {folder}: {len(unreadable)} image(s) cannot be read: {_listing(unreadable)}.")
+    captions, undecodable = {}, []
+    for path, _ in images:
+        try:
+            captions[path] = read_caption(path.with_suffix(".txt"))
+        except UnicodeDecodeError as exc:
+            undecodable.append(f"{path.with_suffix('.txt')} (byte {exc.start})")
+    if undecodable:
+        raise DataError(
+            f"--data {folder}: {len(undecodable)} caption file(s) are not UTF-8 text: {_listing(undecodable)}. "
+            "Save them as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        )
     examples = []
     for path, repeats in images:
-        caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        examples += [Example(path, caption)] * repeats
+        examples += [Example(path, captions[path])] * repeats
     return examples
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text: UTF-8, a leading byte-order mark dropped (Windows Notepad writes one,
+    and it would otherwise become part of the first tag), surrounding whitespace stripped."""
+    return path.read_text(encoding="utf-8-sig").strip()
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
