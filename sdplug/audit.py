@@ -28,10 +28,14 @@ def _binomial_interval(p: float, n: int, z: float = 3.29) -> tuple[float, float]
 class Audit:
     """Counts and realised statistics of every strategy a run used."""
 
-    def __init__(self, strategies: dict[str, list[str]], num_train_timesteps: int):
+    def __init__(
+        self, strategies: dict[str, list[str]], num_train_timesteps: int, tag_dropout_rates: dict[int, float] | None = None
+    ):
         self.num_train_timesteps = num_train_timesteps
         # family -> list of "type" per entry (in order), as the preset names them
         self.strategies = strategies
+        # caption-list index of each tag dropout -> its configured per-tag rate
+        self.tag_dropout_rates = dict(tag_dropout_rates or {})
         self.data: dict[str, Any] = {
             "steps": 0,
             "noise": {
@@ -50,6 +54,9 @@ class Audit:
                 "dropped": 0,
                 "expected_drops": 0.0,
                 "substituted_embeddings": 0,
+                # per tag dropout (caption-list index as a string, for JSON): tags it could
+                # drop, tags it dropped, calls whose keep_tokens head did not survive
+                "tags": {str(i): {"droppable": 0, "dropped": 0, "head_lost": 0} for i in self.tag_dropout_rates},
             },
             "host": {},
         }
@@ -61,8 +68,12 @@ class Audit:
         noise["draws"] += 1
         detached = target.detach().float()
         noise["target_std_sum"] += detached.std().item()
-        if detached.dim() == 4:
-            noise["channel_mean_variance_sum"] += detached.mean(dim=(-2, -1)).flatten().var(unbiased=False).item()
+        if detached.dim() == 4 and detached.shape[0] * detached.shape[1] > 1:
+            # Low-frequency energy: the variance of the per-channel means, unbiased (n - 1), so
+            # that for N(0, I) noise its expectation is exactly 1 / (H * W), the reference, at
+            # every batch size (the biased estimate reads 3/4 of it with 4 channels at batch 1).
+            noise["channel_mean_variance_sum"] += detached.mean(dim=(-2, -1)).flatten().var(unbiased=True).item()
+            noise["channel_mean_variance_draws"] = noise.get("channel_mean_variance_draws", 0) + 1
             noise["gaussian_channel_mean_variance"] = 1.0 / (detached.shape[-1] * detached.shape[-2])
         if model_input is not target:
             noise["input_minus_target_std_sum"] += (model_input.detach().float() - detached).std().item()
@@ -82,13 +93,20 @@ class Audit:
             record["weight_sum"][b] += w
             record["weight_count"][b] += 1
 
-    def record_caption(self, *, dropped: bool, drop_probability: float, substituted: bool = False) -> None:
+    def record_caption(
+        self, *, dropped: bool, drop_probability: float, substituted: bool = False, tag_counts: tuple = ()
+    ) -> None:
         record = self.data["caption"]
         record["calls"] = [c + 1 for c in record["calls"]]
         record["samples"] += 1
         record["dropped"] += int(dropped)
         record["expected_drops"] += drop_probability
         record["substituted_embeddings"] += int(substituted)
+        for index, count in tag_counts:
+            tags = record["tags"][str(index)]
+            tags["droppable"] += count.droppable
+            tags["dropped"] += count.dropped
+            tags["head_lost"] += int(not count.kept_head)
 
     # -- fed by the host -------------------------------------------------------------------
     def record_host(self, **facts: Any) -> None:
@@ -114,7 +132,12 @@ class Audit:
             report["noise"] = {
                 "applied": [{"type": t, "calls": c} for t, c in zip(self.strategies["noise"], noise["calls"], strict=True)],
                 "target_std_mean": noise["target_std_sum"] / draws,
-                "channel_mean_variance_mean": noise["channel_mean_variance_sum"] / draws,
+                "channel_mean_variance_mean": (
+                    noise["channel_mean_variance_sum"] / noise["channel_mean_variance_draws"]
+                    if noise.get("channel_mean_variance_draws")
+                    else None
+                ),
+                "channel_mean_variance_estimator": "unbiased variance of per-channel means; N(0, I) expects 1/(H*W)",
                 "gaussian_channel_mean_variance": noise["gaussian_channel_mean_variance"],
                 "input_minus_target_std_mean": noise["input_minus_target_std_sum"] / draws,
             }
@@ -151,6 +174,25 @@ class Audit:
                 "dropout_rate_within_interval": low <= realised <= high if samples else None,
                 "empty_caption_embeddings_substituted": c["substituted_embeddings"],
             }
+            tag_dropout = []
+            for index, tags in sorted(c.get("tags", {}).items(), key=lambda item: int(item[0])):
+                rate, n = self.tag_dropout_rates[int(index)], tags["droppable"]
+                low, high = _binomial_interval(rate, n)
+                realised = tags["dropped"] / n if n else None
+                tag_dropout.append(
+                    {
+                        "caption_index": int(index),
+                        "tags_droppable": n,
+                        "tags_dropped": tags["dropped"],
+                        "tag_drop_rate_realised": realised,
+                        "tag_drop_rate_configured": rate,
+                        "tag_drop_rate_999_interval": [low, high],
+                        "tag_drop_rate_within_interval": low <= realised <= high if n else None,
+                        "keep_tokens_always_kept": tags["head_lost"] == 0,
+                    }
+                )
+            if tag_dropout:
+                report["caption"]["tag_dropout"] = tag_dropout
         report.update(d["host"])
         return report
 
@@ -184,7 +226,8 @@ class Audit:
             n = r["noise"]
             gaussian = n["gaussian_channel_mean_variance"] or float("nan")
             rows.append(("noise std (mean)", f"{n['target_std_mean']:.3f}"))
-            rows.append(("low-freq energy", f"{n['channel_mean_variance_mean']:.4g} (gaussian {gaussian:.4g})"))
+            if n["channel_mean_variance_mean"] is not None:
+                rows.append(("low-freq energy", f"{n['channel_mean_variance_mean']:.4g} (gaussian {gaussian:.4g})"))
         if "loss_weighting" in r:
             weights = [w for w in r["loss_weighting"]["mean_weight_per_timestep_bin"] if w is not None]
             rows.append(
@@ -205,6 +248,17 @@ class Audit:
                         f"{c['dropout_rate_realised']:.3f} realised vs {c['dropout_rate_configured']:.3f} configured ({verdict})",
                     )
                 )
+            for tags in c.get("tag_dropout", []):
+                if tags["tags_droppable"]:
+                    verdict = "ok" if tags["tag_drop_rate_within_interval"] else "OUTSIDE 99.9% interval"
+                    kept = "keep_tokens always kept" if tags["keep_tokens_always_kept"] else "KEEP_TOKENS TAGS LOST"
+                    rows.append(
+                        (
+                            f"tag dropout [{tags['caption_index']}]",
+                            f"{tags['tag_drop_rate_realised']:.3f} of {tags['tags_droppable']} tags vs "
+                            f"{tags['tag_drop_rate_configured']:.3f} ({verdict}); {kept}",
+                        )
+                    )
         for key in ("optimizer", "attention", "memory"):
             if key in r:
                 rows.append((key, ", ".join(f"{k}={v}" for k, v in r[key].items())))

@@ -37,10 +37,12 @@ class NoiseDraw:
 
 @dataclasses.dataclass(frozen=True)
 class CaptionDraw:
-    """A caption after the transforms, and whether a dropout emptied it."""
+    """A caption after the transforms, whether a dropout emptied it, and what each tag
+    dropout did (``(index in the caption list, TagCount)``, for the audit)."""
 
     text: str
     dropped: bool
+    tag_counts: tuple = ()
 
 
 class NoisePipeline:
@@ -72,15 +74,18 @@ class CaptionPipeline:
     def __call__(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> CaptionDraw:
         rng = rng if rng is not None else random.Random()
         dropped = False
-        for transform in self.transforms:
+        counts = []
+        for index, transform in enumerate(self.transforms):
             decide = getattr(transform, "decide", None)
             if decide is not None:
                 if decide(epoch=epoch, rng=rng):
                     dropped = True
                     caption = ""
             else:
-                caption = transform(caption, epoch=epoch, rng=rng)
-        return CaptionDraw(caption, dropped)
+                before, caption = caption, transform(caption, epoch=epoch, rng=rng)
+                if hasattr(transform, "count"):
+                    counts.append((index, transform.count(before, caption)))
+        return CaptionDraw(caption, dropped, tuple(counts))
 
     def drop_probability(self, epoch: int = 0) -> float:
         """The chance that some dropout in the pipeline empties a caption in ``epoch``."""
@@ -134,6 +139,7 @@ class Plan:
                 "loss_weighting": [preset.loss_weighting.type] if preset.loss_weighting else [],
             },
             self.num_train_timesteps,
+            tag_dropout_rates={i: s.create().rate for i, s in enumerate(preset.caption) if s.type == "tag_dropout"},
         )
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
@@ -146,7 +152,11 @@ class Plan:
         """One caption through the transforms (call once per sample, when it is loaded)."""
         draw = self.caption_pipeline(caption, epoch=epoch, rng=rng)
         if self.caption_pipeline.transforms:
-            self.audit.record_caption(dropped=draw.dropped, drop_probability=self.caption_pipeline.drop_probability(epoch))
+            self.audit.record_caption(
+                dropped=draw.dropped,
+                drop_probability=self.caption_pipeline.drop_probability(epoch),
+                tag_counts=draw.tag_counts,
+            )
         return draw
 
     def caption_dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:

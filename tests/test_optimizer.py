@@ -84,3 +84,40 @@ def test_fallback_must_accept_the_same_parameters():
     with pytest.raises(sdplug.PresetError) as info:
         preset_with_optimizer(type="adamw8bit", lr=1e-4, betas=[0.9, 0.99], fallback="adafactor")
     assert info.value.key == "optimizer.fallback.betas"
+
+
+@pytest.fixture
+def bitsandbytes_that_cannot_step(monkeypatch):
+    """bitsandbytes 0.43 on a CPU: it imports, builds the optimizer, then fails inside step()."""
+    import bitsandbytes
+
+    def step(self, closure=None):
+        raise AssertionError("Torch not compiled with CUDA enabled")
+
+    for name in ("AdamW8bit", "PagedAdamW8bit", "Lion8bit"):
+        monkeypatch.setattr(getattr(bitsandbytes.optim, name), "step", step)
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "paged_adamw8bit", "lion8bit"])
+def test_8bit_availability_is_a_real_step(bitsandbytes_that_cannot_step, name):
+    import importlib.metadata
+
+    with pytest.raises(MissingDependencyError) as caught:
+        sdplug.create("optimizer", name).check_available()
+    message = str(caught.value)
+    assert f"bitsandbytes {importlib.metadata.version('bitsandbytes')}" in message
+    assert "Torch not compiled with CUDA enabled" in message and "0.50.2" in message
+
+
+def test_an_8bit_optimizer_that_cannot_step_fails_the_plan_or_takes_the_named_fallback(bitsandbytes_that_cannot_step):
+    preset = {"optimizer": {"type": "adamw8bit"}}
+    with pytest.raises(MissingDependencyError, match="cannot step on cpu"):
+        Plan(parse_preset(preset, path="p.toml"), alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    preset["optimizer"]["fallback"] = "adamw"
+    with pytest.warns(UserWarning, match="fallback 'adamw'"):
+        plan = Plan(parse_preset(preset, path="p.toml"), alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    assert plan.optimizer_fell_back
+
+
+def test_8bit_availability_passes_where_bitsandbytes_steps():
+    sdplug.create("optimizer", "adamw8bit").check_available()  # 0.50.2 steps on this CPU

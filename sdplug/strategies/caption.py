@@ -6,6 +6,7 @@ Source: seed 002 (docs/techniques.md section 3): classifier-free guidance (Ho & 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Annotated
 
@@ -73,6 +74,25 @@ class TagDropout(CaptionTransform):
         tags = split_tags(caption, self.separator)
         kept = tags[: self.keep_tokens] + [t for t in tags[self.keep_tokens :] if rng.random() >= self.rate]
         return join_tags(kept, self.separator)
+
+    def count(self, before: str, after: str) -> TagCount:
+        """What one call did, measured from its input and output (for the audit)."""
+        tags_in, tags_out = split_tags(before, self.separator), split_tags(after, self.separator)
+        head = tags_in[: self.keep_tokens]
+        return TagCount(
+            droppable=len(tags_in) - len(head),
+            dropped=len(tags_in) - len(tags_out),
+            kept_head=tags_out[: len(head)] == head,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TagCount:
+    """One tag-dropout call: tags it could drop, tags it dropped, whether the kept head survived."""
+
+    droppable: int
+    dropped: int
+    kept_head: bool
 
 
 @strategy_params

@@ -7,6 +7,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from sdplug.errors import MissingDependencyError
 from sdplug.optional import require
 from sdplug.params import strategy_params
 from sdplug.strategies.base import OptimizerStrategy
@@ -40,6 +41,35 @@ _Min8bitSize = Annotated[int, Field(ge=1, le=2**31)]
 class _Bitsandbytes8bit(OptimizerStrategy):
     requires = ("bitsandbytes",)
     bnb_class = ""
+
+    def check_available(self, device: torch.device | str | None = None) -> None:
+        """Importable is not enough: bitsandbytes before 0.50 imports on a CPU-only machine and
+        then fails inside ``step()`` ("Torch not compiled with CUDA enabled"). So take one real
+        step on the training device, with a tensor large enough for the 8-bit state path."""
+        super().check_available()
+        import importlib.metadata
+
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        parameter = torch.nn.Parameter(torch.ones(max(self.min_8bit_size, 4096), device=device))
+        parameter.grad = torch.full_like(parameter, 0.5)
+        try:
+            optimizer = self.build([parameter])
+            optimizer.step()
+            optimizer.step()  # the second step reads the quantised state the first one wrote
+            if not torch.isfinite(parameter).all():
+                raise RuntimeError("the step gave non-finite weights")
+        except Exception as exc:  # a broken kernel fails in many ways; all mean "cannot train with it"
+            version = importlib.metadata.version("bitsandbytes")
+            hint = (
+                'bitsandbytes 0.50.2 and newer step on a CPU: pip install "bitsandbytes>=0.50.2"'
+                if device.type == "cpu"
+                else "install the bitsandbytes build for this CUDA version"
+            )
+            raise MissingDependencyError(
+                f"optimizer {self.bnb_class} cannot step on {device} with the installed bitsandbytes {version} "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}). {hint}; "
+                "or name a fallback in the preset (optimizer.fallback)."
+            ) from exc
 
     def build(self, params):
         bnb = require("bitsandbytes", feature=f"optimizer {self.bnb_class}")
