@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from sdplug.audit import Audit
-from sdplug.errors import MissingDependencyError
+from sdplug.errors import MissingDependencyError, PresetError
 from sdplug.presets import Preset, check_against_schedule
 from sdplug.schedule import check_prediction_type
 from sdplug.strategies.base import CaptionTransform, LossWeighting, NoiseStrategy, TimestepStrategy
@@ -242,4 +242,14 @@ class Plan:
         return self.optimizer_strategy.build(params)
 
     def attention(self, model: torch.nn.Module) -> int:
-        return self.attention_strategy.apply(model) if self.attention_strategy is not None else 0
+        """Install the preset's attention in ``model``; the number of modules changed."""
+        if self.attention_strategy is None:
+            return 0
+        try:
+            return self.attention_strategy.apply(model)
+        except PresetError as exc:
+            if exc.path is not None:
+                raise
+            # a parameter that only the model can judge (sliced slice_size against its heads):
+            # the strategy knows the key, the plan knows the file
+            raise PresetError(exc.problem, path=self.preset.attention.path or self.preset.path, key=exc.key) from None

@@ -82,3 +82,15 @@ def test_sliced_auto_works_on_one_head_layers():
     reference = run(unet)
     sdplug.create("attention", "sliced").apply(unet)
     assert torch.allclose(run(unet), reference, atol=1e-5)
+
+
+def test_through_the_plan_a_slice_size_error_names_the_preset_file(tiny_unet):
+    from sdplug.plan import Plan
+    from sdplug.presets import parse_preset
+    from sdplug.schedule import scaled_linear_alphas_cumprod
+
+    preset = parse_preset({"attention": {"type": "sliced", "slice_size": 9}}, path="my-preset.toml")
+    plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    with pytest.raises(PresetError) as info:
+        plan.attention(tiny_unet)
+    assert str(info.value).startswith("my-preset.toml: attention.slice_size: ")

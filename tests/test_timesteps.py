@@ -73,6 +73,7 @@ def test_biased_range(generator):
         ({"bias": "range"}, "needs begin > 0 and/or end"),
         ({"bias": "range", "begin": 0}, "needs begin > 0 and/or end"),
         ({"bias": "range", "begin": 300, "end": 200}, "end (200) must be > begin (300)"),
+        ({"bias": "later", "multiplier": 1.0}, "multiplier = 1.0 draws the biased region exactly as often"),
     ],
 )
 def test_biased_refuses_parameters_its_bias_ignores(params, words):

@@ -92,6 +92,11 @@ class BiasedTimesteps(TimestepStrategy):
     end: _Timestep | None = None
 
     def __post_init__(self):
+        if self.multiplier == 1.0:
+            raise ValueError(
+                "multiplier = 1.0 draws the biased region exactly as often as the rest: plain uniform timesteps. "
+                "Allowed: a multiplier other than 1 (above 1 favours the region, below 1 avoids it), or type 'uniform'."
+            )
         if self.bias == "range":
             if self.portion is not None:
                 raise ValueError(
