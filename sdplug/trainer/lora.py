@@ -24,13 +24,20 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[s
     peft draws the initial down-projections from torch's global generator, whose state depends
     on whatever ran before (loading a model from disk draws nothing, building one draws a lot):
     the draw is made from ``seed`` alone, with the global state put back afterwards.
+
+    peft's own ``inject_adapter_in_model``, not the ``add_adapter`` mixins of diffusers and
+    transformers: those are that same call behind their own peft version gates (transformers
+    5.24 demands a peft 0.22 that is not released, so every released peft failed there), plus
+    bookkeeping for their adapter loading and saving, which sdplug does not use (it writes and
+    merges kohya keys itself, lora.py / generate.py).
     """
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     model.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+        inject_adapter_in_model(config, model, adapter_name="default")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
