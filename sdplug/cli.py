@@ -52,6 +52,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from sdplug.trainer.requirements import check_trainer_requirements
+
+    check_trainer_requirements()  # before the trainer's imports: a bad diffusers/peft pair fails in them
     from sdplug.trainer.config import TrainConfig
     from sdplug.trainer.loop import train
 
@@ -74,10 +77,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         resume=args.resume,
         log_with=args.log_with,
+        sample_prompts_file=args.sample_prompts,
+        sample_steps=args.sample_steps,
         samples=not args.no_samples,
         progress=not args.no_progress,
     )
     train(config)
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from sdplug.trainer.requirements import check_trainer_requirements
+
+    check_trainer_requirements()  # before the trainer's imports, as for train
+    from sdplug.trainer.generate import SampleRequest, generate
+
+    request = SampleRequest(
+        prompts=args.prompt,
+        output=args.output,
+        model=args.model,
+        lora=args.lora,
+        preset=args.preset,
+        guidance_scales=args.guidance,
+        seeds=args.seed,
+        steps=args.steps,
+        noise=args.noise,
+        device=args.device,
+    )
+    print(generate(request)[1])
     return 0
 
 
@@ -100,13 +127,14 @@ def _cmd_from_kohya(args: argparse.Namespace) -> int:
 
 
 def _cmd_to_kohya(args: argparse.Namespace) -> int:
+    from tomli_w import dumps
+
     from sdplug.hosts.kohya.config_bridge import to_kohya
     from sdplug.presets import load_preset
-    from sdplug.toml_writer import dumps
 
     bridged = to_kohya(load_preset(args.preset))
     notes = "".join(f"# kohya cannot express: {note}\n" for note in bridged.notes)
-    body = dumps({"sdplug": bridged.data}).replace("[sdplug]\n", "") if bridged.data else ""
+    body = dumps(bridged.data) if bridged.data else ""
     _write(args.output, f"# kohya config keys for preset {args.preset}\n{notes}\n{body}")
     for note in bridged.notes:
         print(f"cannot express: {note}", file=sys.stderr)
@@ -130,6 +158,18 @@ def _write(output: Path | None, text: str) -> None:
         print(f"wrote {output}", file=sys.stderr)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option's text with its default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = all(action.default is not v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text
+        if shown and action.option_strings and "default:" not in text:
+            value = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+            text += f" (default: {value})"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdplug", description="Diffusion-training tricks for every trainer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,34 +187,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-written", action="store_true", help="omit parameters left at their defaults")
     p.set_defaults(run=_cmd_show)
 
-    p = sub.add_parser("train", help="train LoRA / DreamBooth with a preset (the embedded tiny default when no --model/--data)")
+    p = sub.add_parser(
+        "train",
+        help="train LoRA / DreamBooth with a preset (the embedded tiny default when no --model/--data)",
+        formatter_class=_DefaultsFormatter,
+    )
     p.add_argument("preset", metavar="PRESET", help="a preset file, or a shipped preset's name")
     p.add_argument(
-        "--model", type=Path, help="a local diffusers SD 1.x/2.x folder or single-file checkpoint (default: embedded tiny model)"
+        "--model",
+        type=Path,
+        metavar="PATH",
+        help="a local diffusers SD 1.x/2.x folder or single-file checkpoint (default: embedded tiny model)",
     )
     p.add_argument(
-        "--data", type=Path, help="a folder of images with same-named .txt captions (default: embedded synthetic data)"
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="a folder of images with same-named .txt captions (default: embedded synthetic shapes)",
     )
-    p.add_argument("--mode", choices=["lora", "dreambooth"], default="lora")
-    p.add_argument("--output", type=Path, default=Path("output"))
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=int, help="training resolution for --model (default: the model's own)")
+    p.add_argument("--mode", choices=["lora", "dreambooth"], default="lora", help="what to train and save")
     p.add_argument(
-        "--prediction-type", choices=["epsilon", "v_prediction", "sample"], help="embedded model only (default epsilon)"
+        "--output", type=Path, default=Path("output"), metavar="DIR", help="folder for the weights, grids, plots and audit"
     )
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, help="default: the rank (scale 1)")
+    p.add_argument("--steps", type=int, default=400, metavar="N", help="optimizer steps")
+    p.add_argument("--batch-size", type=int, metavar="N", default=16, help="images per step and process")
+    p.add_argument("--seed", type=int, metavar="N", default=0, help="seeds every random stream (a run repeats exactly)")
+    p.add_argument("--resolution", type=int, metavar="N", help="training resolution for --model (default: the model's own)")
+    p.add_argument(
+        "--prediction-type", choices=["epsilon", "v_prediction", "sample"], help="embedded model only (default: epsilon)"
+    )
+    p.add_argument("--lora-rank", type=int, metavar="N", default=8, help="LoRA rank (--mode lora)")
+    p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default: the rank, scale 1)")
     p.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder (LoRA in lora mode)")
-    p.add_argument("--class-data", type=Path, help="dreambooth prior-preservation images with captions")
-    p.add_argument("--prior-loss-weight", type=float, default=1.0)
-    p.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps")
-    p.add_argument("--resume", type=Path, help="a checkpoint folder to continue from")
+    p.add_argument("--class-data", type=Path, metavar="DIR", help="dreambooth prior-preservation images with captions")
+    p.add_argument("--prior-loss-weight", type=float, default=1.0, metavar="W", help="weight of the prior-preservation loss")
+    p.add_argument("--save-every", type=int, metavar="N", default=0, help="write a resumable checkpoint every N steps; 0: none")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="a checkpoint folder to continue from, or 'latest': the newest complete checkpoint in --output",
+    )
     p.add_argument("--log-with", choices=["tensorboard"], help="log through accelerate's trackers")
+    p.add_argument(
+        "--sample-prompts",
+        type=Path,
+        metavar="FILE",
+        help="prompts for the sample grids, one a line (default: 4 captions of --data, else built-in shape prompts)",
+    )
+    p.add_argument("--sample-steps", type=int, metavar="N", default=25, help="DDIM steps per sample image")
     p.add_argument("--no-samples", action="store_true", help="skip the before/after sample grids")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("sample", help="draw a grid of images from a trained model or LoRA", formatter_class=_DefaultsFormatter)
+    p.add_argument(
+        "--model", type=Path, metavar="PATH", help="a model folder (default: the embedded tiny model, for a LoRA trained on it)"
+    )
+    p.add_argument("--lora", type=Path, metavar="FILE", help="a LoRA .safetensors (kohya format, as sdplug train writes it)")
+    p.add_argument("--prompt", nargs="+", required=True, metavar="TEXT", help="one or more prompts (one grid row each)")
+    p.add_argument("--preset", help="whose noise family starts the sampling (default: the preset saved with the LoRA or model)")
+    p.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.5], metavar="G", help="guidance scales")
+    p.add_argument("--seed", nargs="+", type=int, default=[0, 1], metavar="N", help="one grid column per seed and guidance")
+    p.add_argument("--steps", type=int, default=25, metavar="N", help="DDIM steps")
+    p.add_argument(
+        "--noise", choices=["training", "gaussian"], default="training", help="start noise: the preset's family, or N(0, I)"
+    )
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("-o", "--output", type=Path, default=Path("samples.png"), metavar="FILE", help="the grid image to write")
+    p.set_defaults(run=_cmd_sample)
 
     p = sub.add_parser(
         "kohya", help="run an sd-scripts script with a preset: sdplug kohya --preset P [--sd-scripts DIR] -- SCRIPT ARGS"

@@ -9,9 +9,39 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 from types import ModuleType
 
 from sdplug.errors import MissingDependencyError
+
+# Import-time notices about pieces sdplug never uses, printed on every run by packages that
+# diffusers and peft import whenever they are installed: bitsandbytes' CPU 4-bit matmul kernel
+# (sdplug uses only its 8-bit optimizers) and transformers' torchvision image processors (for the
+# safety checker, which sdplug never loads). Each filter drops exactly one message of one logger.
+QUIET_NOTICES = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
+}
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in str(record.msg)
+
+
+def quiet_import_notices() -> None:
+    """Install the filters (once); sdplug's import does it, before diffusers is imported."""
+    for name, text in QUIET_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropNotice(text))
+
+
+quiet_import_notices()
 
 # import name -> (distribution name, how to install it without touching the user's torch)
 INSTALL_HINTS = {

@@ -10,8 +10,8 @@ from PIL import Image
 
 from sdplug.plan import Plan
 from sdplug.presets import parse_preset
-from sdplug.trainer.data import DataError, Example, find_examples
-from sdplug.trainer.loop import BatchSampler, Trainer
+from sdplug.trainer.data import BatchSampler, DataError, Example, find_examples
+from sdplug.trainer.loop import Trainer
 
 
 def folder_with_caption(tmp_path: Path, caption: bytes) -> Path:

@@ -132,7 +132,7 @@ def test_dropout_with_cached_text_embeddings_substitutes_the_empty_caption(tmp_p
     preset = '[[caption]]\ntype = "dropout"\nrate = 0.5\n[memory]\ncache_text_encoder_outputs = true\n'
     trainer = Trainer(quick(tmp_path, preset, data=small_data, steps=3))
     captions = [e.caption for e in trainer.examples[:16]]
-    hidden, dropped = trainer._text(captions, epoch=0)
+    hidden, dropped = trainer._text(captions, [0] * len(captions))
     empty = trainer.text_cache[""]
     assert any(dropped) and not all(dropped)
     for h, d, c in zip(hidden, dropped, captions, strict=True):
@@ -163,6 +163,7 @@ def test_audit_realises_the_configured_dropout_rate(tmp_path, small_data):
     assert audit["noise"]["channel_mean_variance_mean"] > 10 * audit["noise"]["gaussian_channel_mean_variance"]
     assert (
         audit["attention"]["processor"] == "SlicedAttnProcessor"
+        and audit["attention"]["processor_before"] == "AttnProcessor2_0"  # diffusers' default: SDPA
         and audit["attention"]["changed"] == audit["attention"]["modules"] > 0
     )
     assert sum(audit["timesteps"]["histogram"]) == 12 * 16

@@ -199,3 +199,73 @@ def load(directory: Path, *, rank: int, identity: dict[str, Any], steps: int) ->
     if f"rank{rank}.pt" not in manifest["files"] or "shared.pt" not in manifest["files"]:
         raise CheckpointError(f"--resume {directory}: has no state for rank {rank}.")
     return load_part(directory, "shared.pt"), load_part(directory, f"rank{rank}.pt")
+
+
+# -- the reference trainer's runs -------------------------------------------------------------
+def run_identity(trainer) -> dict[str, Any]:
+    """What shapes this run's state: a checkpoint resumes only into a run with the same."""
+    config = trainer.config
+    return {
+        "preset": trainer.preset.to_toml(),
+        "model": str(Path(config.model).resolve()) if config.model is not None else trainer.bundle.source,
+        "prediction_type": trainer.bundle.prediction_type,
+        "resolution": trainer.bundle.resolution,
+        "examples": len(trainer.examples),
+        "class_examples": len(trainer.class_examples),
+        "mode": config.mode,
+        "lora_rank": config.lora_rank if config.mode == "lora" else None,
+        "lora_alpha": trainer.lora_alpha if config.mode == "lora" else None,
+        "train_text_encoder": config.train_text_encoder,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "prior_loss_weight": config.prior_loss_weight if trainer.class_examples else None,
+        "processes": trainer.accelerator.num_processes,
+    }
+
+
+def save_run(trainer, directory: Path) -> None:
+    """Checkpoint a reference-trainer run: every rank writes its part, the main process seals."""
+    unwrapped = trainer.accelerator.unwrap_model(trainer.unet)
+    shared = None
+    if trainer.accelerator.is_main_process:
+        shared = {
+            "weights": trainable_state(unwrapped, trainer.bundle.text_encoder),
+            "learned": [p.detach().cpu() for p in trainer.learned_parameters],
+            "optimizer": trainer.optimizer.state_dict(),
+            "step": trainer.step,
+            "loss_bins": trainer.loss_bins,
+            "losses": trainer.losses,
+        }
+    streams = {
+        "noise": trainer.noise_generator.get_state(),
+        "latents": trainer.latent_generator.get_state(),
+        "sampler": trainer.sampler.state_dict(),
+        "class_sampler": trainer.class_sampler.state_dict() if trainer.class_sampler else None,
+        "captions": trainer.caption_rng.getstate(),
+        "audit": trainer.audit.state_dict(),
+        "draw_log": trainer.draw_log,
+    }
+    write_part(directory, rank=trainer.rank, shared=shared, streams=streams)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        seal(directory, identity=run_identity(trainer), step=trainer.step)
+    trainer.accelerator.wait_for_everyone()
+
+
+def load_run(trainer, directory: Path) -> None:
+    """Continue a reference-trainer run from a complete checkpoint of the same run."""
+    shared, streams = load(directory, rank=trainer.rank, identity=run_identity(trainer), steps=trainer.config.steps)
+    load_trainable_state(shared["weights"], trainer.accelerator.unwrap_model(trainer.unet), trainer.bundle.text_encoder)
+    with torch.no_grad():
+        for p, saved in zip(trainer.learned_parameters, shared["learned"], strict=True):
+            p.copy_(saved.to(p.device))
+    trainer.optimizer.load_state_dict(shared["optimizer"])
+    trainer.step, trainer.loss_bins, trainer.losses = shared["step"], shared["loss_bins"], shared["losses"]
+    trainer.noise_generator.set_state(streams["noise"])
+    trainer.latent_generator.set_state(streams["latents"])
+    trainer.sampler.load_state_dict(streams["sampler"])
+    if trainer.class_sampler is not None:
+        trainer.class_sampler.load_state_dict(streams["class_sampler"])
+    trainer.caption_rng.setstate(streams["captions"])
+    trainer.audit.load_state_dict(streams["audit"])
+    trainer.draw_log = streams["draw_log"]

@@ -40,7 +40,9 @@ class TrainConfig:
     stop_after: int | None = None
     resume: Path | None = None
     log_with: str | None = None
-    sample_prompts: tuple[str, ...] = SAMPLE_PROMPTS
+    # None: the lines of sample_prompts_file, else captions of --data, else SAMPLE_PROMPTS
+    sample_prompts: tuple[str, ...] | None = None
+    sample_prompts_file: Path | None = None
     sample_seeds: tuple[int, ...] = (0, 1)
     guidance_scales: tuple[float, ...] = (1.0, 3.0, 7.5)
     sample_steps: int = 25
@@ -54,6 +56,12 @@ class TrainConfig:
         for name in ("steps", "batch_size", "lora_rank", "sample_steps"):
             if getattr(self, name) < 1:
                 raise OptionError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.save_every < 0:
+            raise OptionError(f"--save-every must be >= 0 (0: no checkpoints; N: one every N steps), got {self.save_every}.")
+        if self.sample_prompts_file is not None:
+            if self.sample_prompts is not None:
+                raise OptionError("give the sample prompts either as a list or as --sample-prompts FILE, not both.")
+            read_prompts_file(self.sample_prompts_file)
         if self.prediction_type is not None and self.model is not None:
             raise OptionError("--prediction-type applies to the embedded model only; a --model's scheduler config sets its own.")
         if self.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
@@ -68,3 +76,18 @@ class TrainConfig:
             raise OptionError(f"--stop-after must be between 1 and --steps - 1 ({self.steps - 1}).")
         if self.log_with not in (None, "tensorboard"):
             raise OptionError(f"--log-with {self.log_with!r}: allowed: tensorboard.")
+
+
+def read_prompts_file(path: Path) -> tuple[str, ...]:
+    """One prompt a line; blank lines and lines starting with ``#`` are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OptionError(
+            f"--sample-prompts {path}: cannot read it ({exc}). Give a UTF-8 text file, one prompt a line."
+        ) from None
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    if not prompts:
+        raise OptionError(f"--sample-prompts {path}: no prompts in it (one prompt a line; '#' starts a comment line).")
+    return prompts

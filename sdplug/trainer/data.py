@@ -105,3 +105,34 @@ def to_image(tensor: torch.Tensor) -> Image.Image:
     """(3, H, W) in [-1, 1] to a PIL image."""
     array = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
+
+
+class BatchSampler:
+    """Shuffled batches, a new permutation each epoch, from a generator of this rank's own."""
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator):
+        self.size, self.batch_size, self.generator = size, batch_size, generator
+        self.order: list[int] = []
+        self.position = 0
+        self.epoch = -1
+
+    def next(self) -> tuple[list[int], list[int]]:
+        """``(epochs, indices)``: each sample's own epoch, since a batch can straddle two epochs
+        (per-epoch caption rules such as dropout's ``every_n_epochs`` follow the sample)."""
+        epochs, batch = [], []
+        while len(batch) < self.batch_size:
+            if self.position >= len(self.order):
+                self.order = torch.randperm(self.size, generator=self.generator).tolist()
+                self.position = 0
+                self.epoch += 1
+            epochs.append(self.epoch)
+            batch.append(self.order[self.position])
+            self.position += 1
+        return epochs, batch
+
+    def state_dict(self):
+        return {"order": self.order, "position": self.position, "epoch": self.epoch, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.order, self.position, self.epoch = state["order"], state["position"], state["epoch"]
+        self.generator.set_state(state["generator"])

@@ -6,10 +6,9 @@ caption -> noise -> timesteps -> noisy input / target -> weight, and the audit p
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import random
-import resource
 import time
 from pathlib import Path
 
@@ -19,42 +18,13 @@ import torch.nn.functional as F
 from sdplug.errors import MissingDependencyError, SdplugError
 from sdplug.plan import Plan
 from sdplug.presets import load_preset
-from sdplug.strategies.optimizer import state_bytes
-from sdplug.trainer import checkpoint, data, lora, models, synthetic
+from sdplug.trainer import checkpoint, data, lora, models, outputs, synthetic
 from sdplug.trainer.config import OptionError, TrainConfig
-from sdplug.trainer.plot import loss_per_timestep_plot
+from sdplug.trainer.gradient_checkpointing import CheckpointedCalls
 from sdplug.trainer.requirements import check_trainer_requirements
-from sdplug.trainer.sampling import encode_prompts, sample_grid
+from sdplug.trainer.sampling import encode_prompts
 
 TIMESTEP_BINS = 10
-
-
-class BatchSampler:
-    """Shuffled batches, a new permutation each epoch, from a generator of this rank's own."""
-
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator):
-        self.size, self.batch_size, self.generator = size, batch_size, generator
-        self.order: list[int] = []
-        self.position = 0
-        self.epoch = -1
-
-    def next(self) -> tuple[int, list[int]]:
-        batch = []
-        while len(batch) < self.batch_size:
-            if self.position >= len(self.order):
-                self.order = torch.randperm(self.size, generator=self.generator).tolist()
-                self.position = 0
-                self.epoch += 1
-            batch.append(self.order[self.position])
-            self.position += 1
-        return self.epoch, batch
-
-    def state_dict(self):
-        return {"order": self.order, "position": self.position, "epoch": self.epoch, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.order, self.position, self.epoch = state["order"], state["position"], state["epoch"]
-        self.generator.set_state(state["generator"])
 
 
 def preflight(preset, config: TrainConfig) -> None:
@@ -131,10 +101,10 @@ class Trainer:
         )
         self.audit = self.plan.audit
         preflight(self.preset, config)
+        self._prepare_random_streams()  # first: caching latents draws from them
         self._prepare_models()
         self._prepare_data()
         self._prepare_optimizer()
-        self._prepare_random_streams()
         self.step = 0
         self.loss_bins = {"raw_sum": [0.0] * TIMESTEP_BINS, "weighted_sum": [0.0] * TIMESTEP_BINS, "count": [0] * TIMESTEP_BINS}
         self.draw_log: list[dict] = []
@@ -149,31 +119,51 @@ class Trainer:
             bundle.vae.requires_grad_(False).to(self.device)
         self.lora_alpha = config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
         if config.mode == "lora":
-            lora.add_lora(bundle.unet, rank=config.lora_rank, alpha=self.lora_alpha, targets=lora.UNET_TARGETS)
+            # the adapters' initial weights come from --seed (two different seeds: the UNet's and
+            # the text encoder's adapters must not start as copies of one draw)
+            lora.add_lora(
+                bundle.unet, rank=config.lora_rank, alpha=self.lora_alpha, targets=lora.UNET_TARGETS, seed=2 * config.seed
+            )
             if config.train_text_encoder:
                 lora.add_lora(
-                    bundle.text_encoder, rank=config.lora_rank, alpha=self.lora_alpha, targets=lora.TEXT_ENCODER_TARGETS
+                    bundle.text_encoder,
+                    rank=config.lora_rank,
+                    alpha=self.lora_alpha,
+                    targets=lora.TEXT_ENCODER_TARGETS,
+                    seed=2 * config.seed + 1,
                 )
         else:
             bundle.unet.requires_grad_(True)
             if config.train_text_encoder:
                 bundle.text_encoder.requires_grad_(True)
+        # from_pretrained returns modules in eval mode, and transformers checkpoints (and drops
+        # out) only in train mode: trained modules train, a frozen text encoder stays in eval
+        bundle.unet.train()
+        bundle.text_encoder.train(config.train_text_encoder)
+
+        def processor_classes() -> str:
+            return ",".join(sorted({type(p).__name__ for p in bundle.unet.attn_processors.values()}))
+
+        # before and after: "changed" alone proves little when the strategy is the default already
+        before = processor_classes()
         changed = self.plan.attention(bundle.unet)
-        processors = {type(p).__name__ for p in bundle.unet.attn_processors.values()}
         self.audit.record_host(
             attention={
                 "strategy": self.preset.attention.type if self.preset.attention else "(host default)",
-                "processor": ",".join(sorted(processors)),
+                "processor_before": before,
+                "processor": processor_classes(),
                 "modules": len(bundle.unet.attn_processors),
                 "changed": changed,
             }
         )
+        self.checkpointed, self.checkpointed_recorded = None, False
         if memory.gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
-            if not bundle.unet.is_gradient_checkpointing:
-                raise SdplugError("gradient checkpointing did not switch on in the UNet")
+            checkpointed = {"unet": bundle.unet}
             if config.train_text_encoder:
                 bundle.text_encoder.gradient_checkpointing_enable()
+                checkpointed["text_encoder"] = bundle.text_encoder
+            self.checkpointed = CheckpointedCalls(checkpointed)
         bundle.text_encoder.to(self.device)
         self.trainable_parameters = sum(
             p.numel() for m in (bundle.unet, bundle.text_encoder) for p in m.parameters() if p.requires_grad
@@ -186,7 +176,10 @@ class Trainer:
         encoded = []
         with torch.no_grad():
             for chunk in images.split(8):
-                encoded.append(self.bundle.vae.encode(chunk.to(self.device)).latent_dist.sample() * self.bundle.latent_scale)
+                encoded.append(
+                    self.bundle.vae.encode(chunk.to(self.device)).latent_dist.sample(generator=self.latent_generator)
+                    * self.bundle.latent_scale
+                )
         return torch.cat(encoded).cpu()
 
     def _prepare_data(self):
@@ -224,9 +217,8 @@ class Trainer:
     def _prepare_optimizer(self):
         bundle = self.bundle
         params = [p for m in (bundle.unet, bundle.text_encoder) for p in m.parameters() if p.requires_grad]
+        self.plan.to(self.device)  # a learned weighting's parameters and buffers, in place
         learned = self.plan.trainable_parameters()
-        for p in learned:
-            p.data = p.data.to(self.device)
         groups = [{"params": params}] + ([{"params": learned}] if learned else [])
         self.optimizer = self.plan.optimizer(groups, default_factory=lambda g: torch.optim.AdamW(g, lr=1e-4))
         self.learned_parameters = learned
@@ -242,25 +234,29 @@ class Trainer:
         # Each rank has its own streams (different noise, timesteps, data order and caption
         # decisions); all are derived from --seed, so a run repeats exactly.
         self.noise_generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + 2 * rank + 1)
-        self.sampler = BatchSampler(
+        self.sampler = data.BatchSampler(
             len(self.examples), self.config.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + 2 * rank + 2)
         )
         self.class_sampler = (
-            BatchSampler(
+            data.BatchSampler(
                 len(self.class_examples), self.config.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + 2 * rank + 3)
             )
             if self.class_examples
             else None
         )
         self.caption_rng = random.Random(f"sdplug-captions-{seed}-{rank}")
+        # a VAE's latents are a sample of its posterior: drawn from --seed, not the global RNG
+        self.latent_generator = torch.Generator(device=self.device).manual_seed(
+            int.from_bytes(hashlib.sha256(f"sdplug-latents-{seed}-{rank}".encode()).digest()[:7], "little")
+        )
 
     # -- one step -----------------------------------------------------------------------------
-    def _text(self, captions: list[str], epoch: int) -> tuple[torch.Tensor, list[bool]]:
+    def _text(self, captions: list[str], epochs: list[int]) -> tuple[torch.Tensor, list[bool]]:
         if self.text_cache is not None:
-            dropped = [self.plan.caption_dropped(epoch=epoch, rng=self.caption_rng) for _ in captions]
+            dropped = [self.plan.caption_dropped(epoch=e, rng=self.caption_rng) for e in epochs]
             states = [self.text_cache["" if d else c] for c, d in zip(captions, dropped, strict=True)]
             return torch.stack(states).to(self.device), dropped
-        draws = [self.plan.caption(c, epoch=epoch, rng=self.caption_rng) for c in captions]
+        draws = [self.plan.caption(c, epoch=e, rng=self.caption_rng) for c, e in zip(captions, epochs, strict=True)]
         tokens = self.bundle.tokenizer(
             [d.text for d in draws],
             padding="max_length",
@@ -275,11 +271,14 @@ class Trainer:
         if self.bundle.vae is None or self.latents_cached:
             return images.to(self.device)
         with torch.no_grad():
-            return self.bundle.vae.encode(images.to(self.device)).latent_dist.sample() * self.bundle.latent_scale
+            return (
+                self.bundle.vae.encode(images.to(self.device)).latent_dist.sample(generator=self.latent_generator)
+                * self.bundle.latent_scale
+            )
 
-    def _loss(self, sampler: BatchSampler, examples, images) -> tuple[torch.Tensor, dict]:
-        epoch, indices = sampler.next()
-        hidden, dropped = self._text([examples[i].caption for i in indices], epoch)
+    def _loss(self, sampler: data.BatchSampler, examples, images) -> tuple[torch.Tensor, dict]:
+        epochs, indices = sampler.next()
+        hidden, dropped = self._text([examples[i].caption for i in indices], epochs)
         latents = self._latents(images[indices])
         noise = self.plan.noise(latents, self.noise_generator)
         t = self.plan.timesteps(len(indices), generator=self.noise_generator, device=self.device)
@@ -311,195 +310,83 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.audit.step()
         self.step += 1
+        if self.checkpointed is not None and not self.checkpointed_recorded:
+            # what really ran in one step, not the switch (see gradient_checkpointing.py)
+            calls = dict(self.checkpointed.calls)
+            self.audit.record_host(
+                memory={**self.audit.data["host"]["memory"], "gradient_checkpointing": {"checkpointed_calls_in_step_1": calls}}
+            )
+            self.checkpointed_recorded = True
+            idle = [name for name, count in calls.items() if count == 0]
+            if idle:
+                raise SdplugError(
+                    f"{self.preset.path}: memory.gradient_checkpointing = true, but {' and '.join(idle)} checkpointed "
+                    "nothing in the first step; refusing to train without it."
+                )
         if self.config.record_draws or len(self.draw_log) < 3:  # the first draws prove ranks differ
             self.draw_log.append({"step": self.step, **draw, "loss": loss.item()})
         return loss.item()
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> None:
-        unwrapped = self.accelerator.unwrap_model(self.unet)
-        shared = None
-        if self.accelerator.is_main_process:
-            shared = {
-                "weights": checkpoint.trainable_state(unwrapped, self.bundle.text_encoder),
-                "learned": [p.detach().cpu() for p in self.learned_parameters],
-                "optimizer": self.optimizer.state_dict(),
-                "step": self.step,
-                "loss_bins": self.loss_bins,
-                "losses": self.losses,
-            }
-        streams = {
-            "noise": self.noise_generator.get_state(),
-            "sampler": self.sampler.state_dict(),
-            "class_sampler": self.class_sampler.state_dict() if self.class_sampler else None,
-            "captions": self.caption_rng.getstate(),
-            "audit": self.audit.state_dict(),
-            "draw_log": self.draw_log,
-        }
-        checkpoint.save(directory, rank=self.rank, shared=shared, streams=streams)
-        self.accelerator.wait_for_everyone()
+        checkpoint.save_run(self, directory)
 
     def load_checkpoint(self, directory: Path) -> None:
-        shared, streams = checkpoint.load(Path(directory), rank=self.rank)
-        checkpoint.load_trainable_state(shared["weights"], self.accelerator.unwrap_model(self.unet), self.bundle.text_encoder)
-        with torch.no_grad():
-            for p, saved in zip(self.learned_parameters, shared["learned"], strict=True):
-                p.copy_(saved.to(p.device))
-        self.optimizer.load_state_dict(shared["optimizer"])
-        self.step, self.loss_bins, self.losses = shared["step"], shared["loss_bins"], shared["losses"]
-        self.noise_generator.set_state(streams["noise"])
-        self.sampler.load_state_dict(streams["sampler"])
-        if self.class_sampler is not None:
-            self.class_sampler.load_state_dict(streams["class_sampler"])
-        self.caption_rng.setstate(streams["captions"])
-        self.audit.load_state_dict(streams["audit"])
-        self.draw_log = streams["draw_log"]
+        checkpoint.load_run(self, directory)
 
     # -- the run -------------------------------------------------------------------------------
-    def _grid(self, name: str) -> dict | None:
-        if not (self.config.samples and self.accelerator.is_main_process):
-            return None
-        unet = self.accelerator.unwrap_model(self.unet)
-        images, grid = sample_grid(
-            self.bundle,
-            unet,
-            self.plan,
-            list(self.config.sample_prompts),
-            list(self.config.sample_seeds),
-            list(self.config.guidance_scales),
-            steps=self.config.sample_steps,
-            device=self.device,
-        )
-        grid.save(self.config.output / f"samples-{name}.png")
-        return images
-
     def run(self) -> dict:
         config, accelerator = self.config, self.accelerator
+        self.written = ["embedded-data/"] if config.data is None else []  # for the closing list
+        if accelerator.is_main_process:
+            print(outputs.banner(self), flush=True)
         if config.resume is not None:
+            config.resume = checkpoint.resolve(Path(config.resume), config.output)
             self.load_checkpoint(config.resume)
         elif config.samples:
-            self.samples_before = self._grid("before")
+            self.samples_before = outputs.write_grid(self, "before")
         if config.log_with:
             accelerator.init_trackers("sdplug", config={"preset": self.preset.name, "mode": config.mode, "steps": config.steps})
         last = config.stop_after or config.steps
-        progress = None
-        if config.progress and accelerator.is_main_process:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=last, initial=self.step, desc=f"sdplug {config.mode}", unit="step")
+        progress = outputs.progress_bar(self, last)
         started, first_step = time.perf_counter(), self.step
         while self.step < last:
             loss = self.train_step()
             self.losses.append(loss)
             if progress is not None:
-                rate = (self.step - first_step) / max(time.perf_counter() - started, 1e-9)
-                progress.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
+                progress.set_postfix(loss=f"{loss:.4f}")
                 progress.update(1)
             if config.log_with:
                 accelerator.log({"loss": loss}, step=self.step)
             if config.save_every and self.step % config.save_every == 0 and self.step < last:
                 self.save_checkpoint(config.output / f"checkpoint-{self.step}")
+                self.written.append(f"checkpoint-{self.step}/")
         if progress is not None:
             progress.close()
-        elapsed = time.perf_counter() - started
-        self.seconds_per_step = elapsed / max(self.step - first_step, 1)
+        self.seconds_per_step = (time.perf_counter() - started) / max(self.step - first_step, 1)
         if config.stop_after is not None:
             self.save_checkpoint(config.output / f"checkpoint-{self.step}")
+            self.written.append(f"checkpoint-{self.step}/")
             return self.audit.report()
-        report = self._finish()
+        report = outputs.finish(self)
         if config.log_with:
             accelerator.end_training()
         return report
 
-    def _finish(self) -> dict:
-        config, accelerator = self.config, self.accelerator
-        problems = self.audit.problems()
-        if problems:
-            raise SdplugError("the audit found strategies that did not apply: " + "; ".join(problems))
-        unwrapped = accelerator.unwrap_model(self.unet)
-        self.audit.record_host(
-            optimizer={
-                "class": f"{type(self.optimizer.optimizer if hasattr(self.optimizer, 'optimizer') else self.optimizer).__module__}."
-                f"{type(self.optimizer.optimizer if hasattr(self.optimizer, 'optimizer') else self.optimizer).__name__}",
-                "state_bytes_per_trainable_parameter": round(
-                    state_bytes(self.optimizer)
-                    / max(self.trainable_parameters + sum(p.numel() for p in self.learned_parameters), 1),
-                    4,
-                ),
-                "trainable_parameters": self.trainable_parameters,
-                "fell_back": self.plan.optimizer_fell_back,
-            },
-            run={
-                "mode": config.mode,
-                "model": self.bundle.source,
-                "prediction_type": self.bundle.prediction_type,
-                "processes": accelerator.num_processes,
-                "seconds_per_step": round(self.seconds_per_step, 4),
-                "peak_memory": self._peak_memory(),
-            },
-        )
-        from accelerate.utils import gather_object
-
-        ranks = gather_object([{"rank": self.rank, "draws": self.draw_log[:3], "audit": self.audit.state_dict()}])
-        if not accelerator.is_main_process:
-            accelerator.wait_for_everyone()
-            return self.audit.report()
-        out = config.output
-        preset_toml = self.preset.to_toml()
-        (out / "preset.toml").write_text(preset_toml)
-        if config.mode == "lora":
-            lora.save_kohya_lora(
-                out / "lora.safetensors",
-                unwrapped,
-                self.bundle.text_encoder if config.train_text_encoder else None,
-                rank=config.lora_rank,
-                alpha=self.lora_alpha,
-                preset_toml=preset_toml,
-                extra={"steps": self.step, "seed": config.seed},
-            )
-        else:
-            self.bundle.unet = unwrapped
-            models.save_folder(self.bundle, out / "model")
-            (out / "model" / "sdplug_preset.toml").write_text(preset_toml)
-        edges = [i * self.plan.num_train_timesteps // TIMESTEP_BINS for i in range(TIMESTEP_BINS + 1)]
-        means = lambda key: [s / c if c else None for s, c in zip(self.loss_bins[key], self.loss_bins["count"], strict=True)]  # noqa: E731
-        loss_per_timestep_plot(
-            out / "loss-per-timestep.png",
-            edges,
-            means("raw_sum"),
-            means("weighted_sum"),
-            f"{self.preset.name}: loss per timestep bin ({self.step} steps)",
-        )
-        self.samples_after = self._grid("after")
-        report = self.audit.report()
-        report["loss_per_timestep_bin"] = {
-            "bin_edges": edges,
-            "mean_loss": means("raw_sum"),
-            "mean_weighted_loss": means("weighted_sum"),
-        }
-        report["per_rank"] = [
-            {
-                "rank": r["rank"],
-                "first_draws": r["draws"],
-                "caption": r["audit"]["caption"],
-                "noise_draws": r["audit"]["noise"]["draws"],
-            }
-            for r in ranks
-        ]
-        (out / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
-        accelerator.wait_for_everyone()
-        return report
-
-    def _peak_memory(self) -> dict:
-        peak = {"process_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-        if self.device.type == "cuda":
-            peak["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        return peak
-
 
 def train(config: TrainConfig) -> dict:
-    trainer = Trainer(config)
-    report = trainer.run()
-    if trainer.accelerator.is_main_process and config.stop_after is None:
-        print(f"\nsdplug audit ({config.output / 'audit.json'}):\n{trainer.audit.summary()}")
+    """One run, then the list of what it wrote. A refused or failed run into a new folder removes
+    what it made, and writes ``audit.json`` saying why (``completed`` false, ``problems``)."""
+    fresh = outputs.is_fresh(Path(config.output))
+    trainer = None
+    try:
+        trainer = Trainer(config)
+        report = trainer.run()
+    except BaseException as exc:
+        outputs.clean_failed(Path(config.output), fresh)
+        if isinstance(exc, Exception):  # not for Ctrl-C / SystemExit: nothing to explain there
+            outputs.write_failure_audit(Path(config.output), exc, trainer)
+        raise
+    if trainer.accelerator.is_main_process:
+        print(outputs.closing_table(trainer))
     return report

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -110,24 +111,37 @@ def _single_file(path: Path, resolution: int | None) -> ModelBundle:
 
 
 def save_folder(bundle: ModelBundle, directory: Path) -> None:
-    """A full model folder: diffusers' layout (a StableDiffusionPipeline for latent models)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if bundle.vae is not None:
-        from diffusers import StableDiffusionPipeline
+    """A diffusers StableDiffusionPipeline folder (``model_index.json``), which ``load`` reads back.
 
-        StableDiffusionPipeline(
-            vae=bundle.vae,
-            text_encoder=bundle.text_encoder,
-            tokenizer=bundle.tokenizer,
-            unet=bundle.unet,
-            scheduler=bundle.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        ).save_pretrained(directory)
-        return
-    bundle.unet.save_pretrained(directory / "unet")
-    bundle.text_encoder.save_pretrained(directory / "text_encoder")
-    bundle.tokenizer.save_pretrained(directory / "tokenizer")
-    bundle.scheduler.save_pretrained(directory / "scheduler")
-    (directory / PIXEL_MARKER).write_text(json.dumps({"pixel_space": True, "resolution": bundle.resolution}) + "\n")
+    A pixel-space model has no VAE: its folder records ``vae`` as null and carries PIXEL_MARKER.
+    diffusers loads it with ``StableDiffusionPipeline.from_pretrained(folder, vae=None)``, and
+    ``output_type="latent"`` returns its images (pixels in [-1, 1]); ``sdplug sample`` writes PNGs.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pipeline = StableDiffusionPipeline(
+        vae=bundle.vae,
+        text_encoder=bundle.text_encoder,
+        tokenizer=bundle.tokenizer,
+        unet=bundle.unet,
+        scheduler=bundle.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # diffusers warns that the absent VAE "cannot be saved"; a pixel-space model has none by design
+    notices = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    drop = lambda record: "self.vae=None" not in str(record.msg)  # noqa: E731
+    notices.addFilter(drop)
+    try:
+        pipeline.save_pretrained(directory)
+    finally:
+        notices.removeFilter(drop)
+    if bundle.vae is None:
+        marker = {
+            "pixel_space": True,
+            "resolution": bundle.resolution,
+            "diffusers": "StableDiffusionPipeline.from_pretrained(folder, vae=None); output_type='latent' gives pixels in [-1, 1]",
+        }
+        (directory / PIXEL_MARKER).write_text(json.dumps(marker, indent=2) + "\n")

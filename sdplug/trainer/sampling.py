@@ -46,25 +46,29 @@ def sample(bundle, unet, start_noise, prompts: list[str], guidance: float, steps
     return x.float().clamp(-1, 1)
 
 
-def start_noise(plan, shape, seeds: list[int], family: str) -> torch.Tensor:
-    """One starting noise per seed: the training noise family, or plain Gaussian."""
+def start_noise(noise_pipeline, shape, seeds: list[int], family: str) -> torch.Tensor:
+    """One starting noise per seed: the training noise family (``Plan.noise_pipeline``, or
+    ``NoisePipeline`` of a preset's noise entries), or plain Gaussian."""
     draws = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         zeros = torch.zeros(1, *shape)
         draws.append(
-            plan.noise_pipeline(zeros, generator).target
-            if family == "training"
-            else torch.randn(zeros.shape, generator=generator)
+            noise_pipeline(zeros, generator).target if family == "training" else torch.randn(zeros.shape, generator=generator)
         )
     return torch.cat(draws)
 
 
-def sample_grid(bundle, unet, plan, prompts, seeds, guidance_scales, *, steps: int, device, noise_family: str = "training"):
-    """(images by [guidance][prompt][seed], PIL grid). Rows: prompts; columns: guidance x seed."""
+def sample_grid(
+    bundle, unet, noise_pipeline, prompts, seeds, guidance_scales, *, steps: int, device, noise_family: str = "training"
+):
+    """(images by [guidance][prompt][seed], PIL grid). Rows: prompts; columns: guidance x seed.
+
+    Used by training's before/after grids and by ``sdplug sample``: the same start noise and
+    sampler, so a saved model or LoRA reproduces the grid its run drew."""
     channels = 3 if bundle.vae is None else bundle.unet.config.in_channels
     side = bundle.resolution if bundle.vae is None else bundle.resolution // 2 ** (len(bundle.vae.config.block_out_channels) - 1)
-    noise = start_noise(plan, (channels, side, side), seeds, noise_family)
+    noise = start_noise(noise_pipeline, (channels, side, side), seeds, noise_family)
     results = {}
     was_training = unet.training
     unet.eval()
@@ -97,4 +101,4 @@ def _grid(results, prompts, seeds, guidance_scales, zoom: int = 3) -> Image.Imag
 
 
 def save_grid(grid: Image.Image, path: Path) -> None:
-    grid.save(path)
+    grid.save(path, format="PNG")  # the format named: the path may be a temporary name

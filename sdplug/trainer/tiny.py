@@ -79,7 +79,11 @@ def build_unet(seed: int = 0) -> UNet2DConditionModel:
 
 
 def build_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
-    """Stable Diffusion's training schedule (scaled_linear, 1000 steps)."""
+    """Stable Diffusion's training schedule (scaled_linear, 1000 steps).
+
+    ``steps_offset = 1`` as in Stable Diffusion's own scheduler config: it only shifts inference
+    timesteps by one, and diffusers' StableDiffusionPipeline warns about any other value.
+    """
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -87,4 +91,5 @@ def build_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
         beta_schedule="scaled_linear",
         prediction_type=prediction_type,
         clip_sample=False,
+        steps_offset=1,
     )

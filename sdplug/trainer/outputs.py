@@ -1,0 +1,345 @@
+"""What a training run shows and writes: the start banner, the progress bar, the sample grids,
+the final outputs (weights, plots, preset.toml, audit.json) and the closing list of files.
+
+Every output is written under a temporary name (``NAME.tmp-<pid>``) and renamed into place when
+complete, so an interrupted run leaves a whole file or folder, or none. Outputs follow the
+user's umask (safetensors creates its files 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from sdplug.errors import SdplugError
+from sdplug.strategies.optimizer import state_bytes
+from sdplug.trainer import lora, models
+from sdplug.trainer.config import SAMPLE_PROMPTS, read_prompts_file
+from sdplug.trainer.plot import loss_curve_plot, loss_per_timestep_plot
+from sdplug.trainer.sampling import sample_grid
+
+REGENERABLE = ("embedded-data", "samples-before.png")  # what a failed run's rerun writes again
+DESCRIPTIONS = {
+    "embedded-data/": "the built-in synthetic shapes trained on (no --data given); reused by the next run here",
+    "samples-before.png": "sample grid before training (rows: prompts; columns: guidance x seed)",
+    "samples-after.png": "sample grid after training (same prompts, seeds and start noise)",
+    "preset.toml": "the resolved preset (also in the weights' metadata)",
+    "lora.safetensors": "the LoRA, kohya/A1111 keys: diffusers load_lora_weights, or sdplug sample --lora",
+    "model/": "the trained model, a diffusers StableDiffusionPipeline folder: sdplug sample --model",
+    "loss-per-timestep.png": "mean loss per timestep bin, unweighted and weighted",
+    "loss-curve.png": "training loss per step, with a moving average",
+    "audit.json": "what every strategy did (summary below)",
+    "sdplug/": "tensorboard logs (tensorboard --logdir <output>)",
+}
+
+
+# -- writing ---------------------------------------------------------------------------------
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _follow_umask(path: Path) -> None:
+    umask = _umask()
+    paths = [path] if path.is_file() else [path, *path.rglob("*")]
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic(path: Path):
+    """Yield a temporary sibling of ``path``; write the file or folder there; it is renamed to
+    ``path`` when the block completes, and removed when it fails."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+        _follow_umask(tmp)
+        if tmp.is_dir() and path.exists():
+            # rename() replaces only an empty folder: move the old one aside, then drop it
+            old = path.with_name(f"{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+
+
+# -- what the run shows ----------------------------------------------------------------------
+def sample_prompts(trainer) -> tuple[tuple[str, ...], str]:
+    """(prompts, where they came from): given, a --sample-prompts file, the data's captions, built-in."""
+    config = trainer.config
+    if config.sample_prompts is not None:
+        return tuple(config.sample_prompts), "given"
+    if config.sample_prompts_file is not None:
+        return read_prompts_file(config.sample_prompts_file), str(config.sample_prompts_file)
+    if config.data is not None:
+        captions = list(dict.fromkeys(e.caption for e in trainer.examples if e.caption))
+        if captions:  # four captions spread over the data (its order: file names)
+            count = min(4, len(captions))
+            return tuple(captions[i * len(captions) // count] for i in range(count)), f"captions from {config.data}"
+    return SAMPLE_PROMPTS, "built-in shape prompts"
+
+
+def banner(trainer) -> str:
+    config, bundle, accelerator = trainer.config, trainer.bundle, trainer.accelerator
+    if config.mode == "lora":
+        mode = f"LoRA rank {config.lora_rank}, alpha {trainer.lora_alpha:g}"
+    else:
+        mode = "DreamBooth (full UNet)" + (f", prior preservation x{config.prior_loss_weight:g}" if config.class_data else "")
+    mode += ", text encoder " + ("trained" if config.train_text_encoder else "frozen")
+    if config.data is None:
+        data = f"built-in synthetic shapes: {len(trainer.examples)} images written to {config.output / 'embedded-data'}/"
+    else:
+        data = f"{config.data} ({len(trainer.examples)} images with repeats)"
+    if trainer.class_examples:
+        data += f"; class images: {config.class_data} ({len(trainer.class_examples)})"
+    steps = f"{config.steps} x batch {config.batch_size}, seed {config.seed}"
+    if config.stop_after is not None:
+        steps += f", stopping after step {config.stop_after} with a checkpoint"
+    if config.resume is not None:
+        steps += f", resuming from {config.resume}"
+    rows = [
+        ("preset", f"{trainer.preset.name} ({trainer.preset.path})"),
+        ("model", f"{bundle.source} ({bundle.resolution}x{bundle.resolution}, {bundle.prediction_type})"),
+        ("data", data),
+        ("output", str(config.output.resolve())),
+        ("device", f"{trainer.device}, {accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}"),
+        ("steps", steps),
+    ]
+    if config.samples:
+        prompts, source = sample_prompts(trainer)
+        rows.append(
+            (
+                "samples",
+                f"{len(prompts)} prompts ({source}) x {len(config.sample_seeds)} seeds x guidance "
+                f"{', '.join(f'{g:g}' for g in config.guidance_scales)}",
+            )
+        )
+    lines = [f"sdplug train: {mode}", *(f"  {k:<8} {v}" for k, v in rows)]
+    if config.model is not None and config.data is None:
+        lines.append(
+            f"WARNING: --model without --data: training {config.model} on the built-in 32x32 synthetic shapes, "
+            "not on your images. Pass --data DIR (images with same-named .txt captions) to train on yours."
+        )
+    return "\n".join(lines)
+
+
+def progress_bar(trainer, total: int):
+    if not (trainer.config.progress and trainer.accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    # tqdm shows the rate itself; the postfix carries only the loss
+    return tqdm(total=total, initial=trainer.step, desc=f"sdplug {trainer.config.mode}", unit="step")
+
+
+def write_grid(trainer, name: str) -> dict | None:
+    config = trainer.config
+    if not (config.samples and trainer.accelerator.is_main_process):
+        return None
+    images, grid = sample_grid(
+        trainer.bundle,
+        trainer.accelerator.unwrap_model(trainer.unet),
+        trainer.plan.noise_pipeline,
+        list(sample_prompts(trainer)[0]),
+        list(config.sample_seeds),
+        list(config.guidance_scales),
+        steps=config.sample_steps,
+        device=trainer.device,
+    )
+    with atomic(config.output / f"samples-{name}.png") as tmp:
+        grid.save(tmp, format="PNG")
+    trainer.written.append(f"samples-{name}.png")
+    return images
+
+
+def closing_table(trainer) -> str:
+    output = trainer.config.output
+    names = list(dict.fromkeys(trainer.written))
+    width = max(len(n) for n in names) if names else 0
+    descriptions = dict(DESCRIPTIONS)
+    if trainer.bundle.pixel_space:
+        descriptions["model/"] += " (no VAE: from_pretrained(..., vae=None))"
+    described = [f"  {n:<{width}}  {descriptions.get(n, 'resumable checkpoint: --resume ' + str(output / n))}" for n in names]
+    lines = [f"\nsdplug wrote to {output}/:", *described]
+    if "audit.json" in names:
+        lines += [f"\nsdplug audit ({output / 'audit.json'}):", trainer.audit.summary()]
+    return "\n".join(lines)
+
+
+# -- the end of a run ------------------------------------------------------------------------
+def peak_memory(device) -> dict:
+    peak = {"process_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peak["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
+def _record_run(trainer) -> None:
+    config, accelerator = trainer.config, trainer.accelerator
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    trained = trainer.trainable_parameters + sum(p.numel() for p in trainer.learned_parameters)
+    trainer.audit.record_host(
+        optimizer={
+            "class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+            "state_bytes_per_trainable_parameter": round(state_bytes(trainer.optimizer) / max(trained, 1), 4),
+            "trainable_parameters": trainer.trainable_parameters,
+            "fell_back": trainer.plan.optimizer_fell_back,
+        },
+        run={
+            "mode": config.mode,
+            "model": trainer.bundle.source,
+            "prediction_type": trainer.bundle.prediction_type,
+            "processes": accelerator.num_processes,
+            "seconds_per_step": round(trainer.seconds_per_step, 4),
+            "peak_memory": peak_memory(trainer.device),
+        },
+    )
+
+
+def _write_weights(trainer, preset_toml: str) -> None:
+    config, out = trainer.config, trainer.config.output
+    unwrapped = trainer.accelerator.unwrap_model(trainer.unet)
+    if config.mode == "lora":
+        # what `sdplug sample --lora` needs to rebuild the base: the embedded model is made from the seed
+        base = {"base_model": "embedded" if config.model is None else str(Path(config.model).resolve())}
+        run = {"steps": trainer.step, "seed": config.seed, "prediction_type": trainer.bundle.prediction_type, **base}
+        with atomic(out / "lora.safetensors") as tmp:
+            lora.save_kohya_lora(
+                tmp,
+                unwrapped,
+                trainer.bundle.text_encoder if config.train_text_encoder else None,
+                rank=config.lora_rank,
+                alpha=trainer.lora_alpha,
+                preset_toml=preset_toml,
+                extra=run,
+            )
+        trainer.written.append("lora.safetensors")
+    else:
+        trainer.bundle.unet = unwrapped
+        with atomic(out / "model") as tmp:
+            models.save_folder(trainer.bundle, tmp)
+            (tmp / "sdplug_preset.toml").write_text(preset_toml)
+        trainer.written.append("model/")
+
+
+def _loss_bins(trainer) -> dict:
+    bins, steps = trainer.loss_bins, trainer.plan.num_train_timesteps
+    count = len(bins["count"])
+    means = [[s / c if c else None for s, c in zip(bins[key], bins["count"], strict=True)] for key in ("raw_sum", "weighted_sum")]
+    edges = [i * steps // count for i in range(count + 1)]
+    return {"bin_edges": edges, "mean_loss": means[0], "mean_weighted_loss": means[1]}
+
+
+def finish(trainer) -> dict:
+    """Record the run, then (main process) write every final output; returns the audit report."""
+    accelerator, audit, out = trainer.accelerator, trainer.audit, trainer.config.output
+    problems = audit.problems()
+    if problems:
+        raise SdplugError("the audit found strategies that did not apply: " + "; ".join(problems))
+    _record_run(trainer)
+    from accelerate.utils import gather_object
+
+    ranks = gather_object([{"rank": trainer.rank, "draws": trainer.draw_log[:3], "audit": audit.state_dict()}])
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return audit.report()
+    preset_toml = trainer.preset.to_toml()
+    write_text(out / "preset.toml", preset_toml)
+    trainer.written.append("preset.toml")
+    _write_weights(trainer, preset_toml)
+    bins = _loss_bins(trainer)
+    name, steps = trainer.preset.name, trainer.step
+    with atomic(out / "loss-per-timestep.png") as tmp:
+        loss_per_timestep_plot(
+            tmp,
+            bins["bin_edges"],
+            bins["mean_loss"],
+            bins["mean_weighted_loss"],
+            f"{name}: loss per timestep bin ({steps} steps)",
+        )
+    with atomic(out / "loss-curve.png") as tmp:
+        loss_curve_plot(tmp, trainer.losses, f"{name}: training loss ({steps} steps)")
+    trainer.written += ["loss-per-timestep.png", "loss-curve.png"]
+    trainer.samples_after = write_grid(trainer, "after")
+    if trainer.config.log_with and (out / "sdplug").is_dir():
+        trainer.written.append("sdplug/")
+    report = audit.report()
+    report["loss_per_timestep_bin"] = bins
+    report["per_rank"] = [
+        {
+            "rank": r["rank"],
+            "first_draws": r["draws"],
+            "caption": r["audit"]["caption"],
+            "noise_draws": r["audit"]["noise"]["draws"],
+        }
+        for r in ranks
+    ]
+    trainer.written.append("audit.json")  # written last; a refused or failed run writes one with completed = false
+    report["completed"] = True
+    report["files"] = list(dict.fromkeys(trainer.written))
+    write_text(out / "audit.json", json.dumps(report, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return report
+
+
+# -- a failed run ----------------------------------------------------------------------------
+def is_fresh(output: Path) -> bool:
+    """Whether ``output`` is absent or empty: a failed run may then remove what it created."""
+    return not output.exists() or (output.is_dir() and not any(output.iterdir()))
+
+
+def clean_failed(output: Path, fresh: bool) -> None:
+    """After a failed run into a fresh folder: remove what a rerun writes again (the embedded data,
+    the 'before' grid, unfinished temporaries), then the folder if that emptied it; keep the rest
+    (checkpoints, logs) and say so."""
+    if not fresh or not output.is_dir() or int(os.environ.get("RANK", "0")) != 0:
+        return
+    for entry in output.iterdir():
+        if entry.name in REGENERABLE or ".tmp-" in entry.name:
+            _remove(entry)
+    left = sorted(p.name for p in output.iterdir())
+    if left:
+        print(f"sdplug: the failed run kept in {output}: {', '.join(left)}", file=sys.stderr)
+    else:
+        output.rmdir()
+
+
+def write_failure_audit(output: Path, exc: BaseException, trainer=None) -> Path | None:
+    """A refused or failed run still writes ``audit.json``: ``completed`` false, the reason in
+    ``problems``, and whatever the audit had counted (nothing, when refused before training)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    audit = getattr(trainer, "audit", None)
+    report = audit.report() if audit is not None else {"steps": 0}
+    refused = isinstance(exc, SdplugError) and report.get("steps", 0) == 0
+    kind = "refused before training" if refused else f"stopped at step {report.get('steps', 0)} by {type(exc).__name__}"
+    report.update(completed=False, problems=[f"{kind}: {exc}"])
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "audit.json"
+    write_text(path, json.dumps(report, indent=2) + "\n")
+    return path
