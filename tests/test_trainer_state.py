@@ -25,7 +25,7 @@ def small_data(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("data"), per_combination=1)
 
 
-def config_for(tmp_path, name, preset_text="[preset]\nname = \"plain\"\n", **options):
+def config_for(tmp_path, name, preset_text='[preset]\nname = "plain"\n', **options):
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
     preset = tmp_path / name / "p.toml"
     preset.write_text(preset_text)
@@ -168,9 +168,23 @@ def test_a_run_killed_while_saving_leaves_no_checkpoint_that_looks_complete(tmp_
     preset = tmp_path / "p.toml"
     preset.write_text(RESUME_PRESET)
     out = tmp_path / "out"
-    common = [str(preset), "--output", str(out), "--steps", "6", "--batch-size", "2", "--lora-rank", "4", "--no-samples", "--no-progress"]
+    common = [
+        str(preset),
+        "--output",
+        str(out),
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--lora-rank",
+        "4",
+        "--no-samples",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "train", *common, "--save-every", "2"], env=env, capture_output=True, text=True)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE, "train", *common, "--save-every", "2"], env=env, capture_output=True, text=True
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (out / "checkpoint-2" / "checkpoint.json").is_file()
     assert not (out / "checkpoint-4").exists() and (out / "checkpoint-4.partial").is_dir()
@@ -182,6 +196,7 @@ def test_a_run_killed_while_saving_leaves_no_checkpoint_that_looks_complete(tmp_
 
     latest = subprocess.run([*sdplug, "--resume", "latest"], env=env, capture_output=True, text=True)
     assert latest.returncode == 0, latest.stderr[-2000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in latest.stdout  # the banner names what 'latest' is
     assert (out / "lora.safetensors").is_file()
     import json
 

@@ -338,10 +338,11 @@ class Trainer:
     def run(self) -> dict:
         config, accelerator = self.config, self.accelerator
         self.written = ["embedded-data/"] if config.data is None else []  # for the closing list
+        if config.resume is not None:  # before the banner, which names the folder 'latest' resolved to
+            config.resume = checkpoint.resolve(Path(config.resume), config.output)
         if accelerator.is_main_process:
             print(outputs.banner(self), flush=True)
         if config.resume is not None:
-            config.resume = checkpoint.resolve(Path(config.resume), config.output)
             self.load_checkpoint(config.resume)
         elif config.samples:
             self.samples_before = outputs.write_grid(self, "before")
