@@ -37,14 +37,17 @@ class CrossAttention(torch.nn.Module):
         self.to_q = torch.nn.Linear(dim, dim)
         self.to_k = torch.nn.Linear(dim, dim)
         self.to_v = torch.nn.Linear(dim, dim)
+        # the switches sd-scripts' own CrossAttention checks in its forward
+        self.use_memory_efficient_attention_xformers = False
+        self.use_memory_efficient_attention_mem_eff = False
         self.use_sdpa = False
-        self.use_xformers = False
 
     def set_use_sdpa(self, flag):
         self.use_sdpa = flag
 
     def set_use_memory_efficient_attention(self, xformers, mem_eff):
-        self.use_xformers = xformers
+        self.use_memory_efficient_attention_xformers = xformers
+        self.use_memory_efficient_attention_mem_eff = mem_eff
 
     def forward(self, x, context):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
@@ -86,6 +89,9 @@ class BaseSubset:
         self.caption_tag_dropout_rate = getattr(args, "caption_tag_dropout_rate", 0.0)
         self.shuffle_caption = getattr(args, "shuffle_caption", False)
         self.keep_tokens = getattr(args, "keep_tokens", 0)
+        self.keep_tokens_separator = getattr(args, "keep_tokens_separator", "")
+        self.caption_separator = getattr(args, "caption_separator", ",")
+        self.token_warmup_step = getattr(args, "token_warmup_step", 0)
         self.caption_prefix = None
 
 
@@ -116,7 +122,8 @@ class ImageInfo:
 
 
 class DatasetCommon:
-    def __init__(self, args):
+    def __init__(self, args, is_training_dataset=True):
+        self.is_training_dataset = is_training_dataset  # main: False for the validation split
         self.subset = BaseSubset(args)
         self.batch_size = args.train_batch_size
         self.max_token_length = None
@@ -163,6 +170,9 @@ def add_training_arguments(parser):
     parser.add_argument("--max_timestep", type=int, default=None)
     parser.add_argument("--loss_type", default="l2")
     parser.add_argument("--optimizer_type", default="")
+    parser.add_argument("--optimizer_args", type=str, default=None, nargs="*")
+    parser.add_argument("--lr_scheduler", default="constant")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--xformers", action="store_true")
     parser.add_argument("--sdpa", action="store_true")
     parser.add_argument("--mem_eff_attn", action="store_true")
@@ -176,6 +186,10 @@ def add_training_arguments(parser):
     parser.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
     parser.add_argument("--shuffle_caption", action="store_true")
     parser.add_argument("--keep_tokens", type=int, default=0)
+    parser.add_argument("--keep_tokens_separator", type=str, default="")
+    parser.add_argument("--caption_separator", type=str, default=",")
+    parser.add_argument("--token_warmup_step", type=float, default=0)
+    parser.add_argument("--dataset_config", default=None)
     parser.add_argument("--config_file", default=None)
     parser.add_argument("--crash_at_step", type=int, default=None)  # stand-in only: a host failure
 
@@ -467,7 +481,21 @@ def record(args, captions, noises, optimizer, unet, empty_rows):
         json.dump(data, f)
 
 
+def fetch_ahead(dataset, steps):
+    # like accelerate's DataLoaderShard: the next batch is fetched before the current one trains
+    def fetch(step):
+        dataset.set_current_epoch(step // 2 + 1)
+        return dataset[step]
+
+    upcoming = fetch(0)
+    for step in range(steps):
+        current, upcoming = upcoming, fetch(step + 1)
+        yield step, current
+
+
 def setup(args):
+    os.makedirs(args.output_dir, exist_ok=True)
+    open(os.path.join(args.output_dir, "standin-model-loaded"), "w").close()  # tests: refusals come before this
     torch.manual_seed(args.seed)
     unet = train_util.UNet2DConditionModel()
     train_util.replace_unet_modules(unet, args.mem_eff_attn, args.xformers, args.sdpa)
@@ -532,12 +560,11 @@ class NetworkTrainer:
         if args.text_encoder_lr:  # like sd-scripts v0.8.7, a group even at lr 0 (frozen)
             trainable_params.insert(0, {"params": list(text_encoders[0].parameters()), "lr": args.text_encoder_lr[0]})
         optimizer_name, optimizer_args, optimizer = train_util.get_optimizer(args, trainable_params)
+        validation = train_util.BaseDataset(args, is_training_dataset=False)
         captions, noises, empty_rows = [], [], 0
-        for step in range(args.max_train_steps):
-            dataset.set_current_epoch(step // 2 + 1)
+        for step, batch in fetch_ahead(dataset, args.max_train_steps):
             if step == args.crash_at_step:
                 raise RuntimeError("stand-in crash")
-            batch = dataset[step]
             captions += batch["captions"]
             loss, noise, context = self.process_batch(
                 batch, text_encoders, unet, scheduler, args, text_encoding_strategy, tokenize_strategy
@@ -547,10 +574,29 @@ class NetworkTrainer:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            if args.validate_every_n_steps and (step + 1) % args.validate_every_n_steps == 0:
+                self.validate(args, validation, text_encoders, unet, scheduler, text_encoding_strategy, tokenize_strategy)
         record(args, captions, noises, optimizer, unet, empty_rows)
+
+    def validate(self, args, validation, text_encoders, unet, scheduler, text_encoding_strategy, tokenize_strategy):
+        # like sd-scripts main: the validation split, each batch at fixed timesteps pinned through
+        # args.min_timestep = args.max_timestep, no optimizer step
+        original = (args.min_timestep, args.max_timestep)
+        with torch.no_grad():
+            for _, batch in fetch_ahead(validation, 1):
+                for timestep in (200, 600):
+                    args.min_timestep = args.max_timestep = timestep
+                    self.process_batch(batch, text_encoders, unet, scheduler, args, text_encoding_strategy, tokenize_strategy)
+        args.min_timestep, args.max_timestep = original
 """
     + MAIN_BLOCK
     + "    trainer = NetworkTrainer()\n    trainer.train(args)\n"
+)
+
+TRAIN_NETWORK_MAIN = TRAIN_NETWORK_MAIN.replace(
+    "    custom_train_functions.add_custom_train_arguments(parser)\n",
+    "    custom_train_functions.add_custom_train_arguments(parser)\n"
+    '    parser.add_argument("--validate_every_n_steps", type=int, default=None)\n',
 )
 
 SDXL_MAIN_BLOCK = (
@@ -585,11 +631,9 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
 
 INLINE_LOOP = """
     captions, noises, empty_rows = [], [], 0
-    for step in range(args.max_train_steps):
-        dataset.set_current_epoch(step // 2 + 1)
+    for step, batch in fetch_ahead(dataset, args.max_train_steps):
         if step == args.crash_at_step:
             raise RuntimeError("stand-in crash")
-        batch = dataset[step]
         captions += batch["captions"]
         context = batch_context(batch, text_encoders)
         latents = torch.randn(len(batch["captions"]), 4, 8, 8)

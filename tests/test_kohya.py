@@ -4,15 +4,22 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import sdplug
+from sdplug.errors import SdplugError
 from sdplug.hosts.kohya import patching
 from sdplug.hosts.kohya.config_bridge import from_kohya, to_kohya
-from sdplug.hosts.kohya.version import KohyaVersionError, detect
+from sdplug.hosts.kohya.runtime import KohyaAdapter
+from sdplug.hosts.kohya.version import KNOWN, KohyaVersionError, detect
+from sdplug.plan import Plan
 from sdplug.presets import parse_preset
+from sdplug.schedule import scaled_linear_alphas_cumprod
 from tests.kohya_standin import make_standin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,12 +94,18 @@ def check_applied(out: Path, version: str, script: str):
         "script": script,
         "prediction_type": "v_prediction",
         "rules": audit["host"]["rules"],
+        "kohya_flags": audit["host"]["kohya_flags"],
     }
-    assert audit["problems"] == []
+    # every trick-family flag set on the command line, and how it stands next to the preset
+    assert audit["host"]["kohya_flags"]["v_parameterization"].startswith("independent (loss_weighting)")
+    assert audit["problems"] == [] and audit["completed"] is True
     assert audit["steps"] == 4
     assert audit["noise"]["applied"] == [{"type": "pyramid", "calls": 4}]
     assert audit["loss_weighting"]["calls"] == 4
+    # 4 steps of batch 4: the stand-in's loader fetches a fifth batch ahead, as accelerate's does,
+    # which never trains and is not counted
     assert audit["caption"]["samples"] == 16 and audit["caption"]["dropout_rate_within_interval"]
+    assert len(record["captions"]) == 16
     assert audit["optimizer"]["class"].startswith("bitsandbytes.optim")
     assert 1.9 < audit["optimizer"]["state_bytes_per_trainable_parameter"] < 3.0
     assert audit["optimizer"]["learning_rates"] == [1e-3]  # the preset's lr, whatever the groups said
@@ -117,8 +130,25 @@ def test_launcher_applies_every_trick(standin, preset, tmp_path, script):
     result = launch(preset, root, script, out)
     assert result.returncode == 0, result.stderr[-3000:]
     audit = check_applied(out, version, script)
-    assert audit["attention"]["modules"] == 1
+    # what kohya's attention modules ran before and after the switch, not just a count
+    assert audit["attention"] == {
+        "strategy": "sdpa",
+        "before": {"CrossAttention: vanilla": 1},
+        "after": {"CrossAttention: sdpa": 1},
+        "modules": 1,
+        "changed": 1,
+    }
     assert "--max_data_loader_n_workers 8 -> 0" in audit["host"]["rules"][0]
+
+
+def test_validation_batches_are_not_training_steps(preset, tmp_path):
+    # sd-scripts main validates the validation split at pinned timesteps: no step, no caption counted
+    root = make_standin(tmp_path / "sd", "main")
+    out = tmp_path / "out"
+    result = launch(preset, root, "train_network.py", out, "--validate_every_n_steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    audit = check_applied(out, "main", "train_network.py")
+    assert audit["timesteps"]["draws"] == 16 and audit["noise"]["applied"][0]["calls"] == 4
 
 
 def test_kohya_lr_arguments_follow_the_preset_and_a_crash_is_in_the_audit(preset, tmp_path):
@@ -143,8 +173,9 @@ def test_kohya_lr_arguments_follow_the_preset_and_a_crash_is_in_the_audit(preset
     crashed = launch(preset, root, "train_network.py", tmp_path / "crash", "--crash_at_step", "2")
     assert crashed.returncode == 1 and "stand-in crash" in crashed.stderr
     audit = json.loads((tmp_path / "crash" / "audit.json").read_text())
-    assert audit["steps"] == 2
+    assert audit["steps"] == 2 and audit["caption"]["samples"] == 8  # the batch fetched ahead never trained
     assert audit["problems"] == ["sd-scripts stopped with an exception: RuntimeError: stand-in crash"]
+    assert audit["completed"] is False
 
 
 def test_patch_route_applies_and_unpatch_restores_bytes(standin, preset, tmp_path, monkeypatch):
@@ -181,6 +212,14 @@ def test_patch_route_applies_and_unpatch_restores_bytes(standin, preset, tmp_pat
     )
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "sdplug: error:" in refused.stderr and "--noise_offset=0.1" in refused.stderr
+    assert "--noise_offset=0.1" in json.loads((tmp_path / "o2" / "audit.json").read_text())["problems"][0]
+    # refused before the adapter exists (no such preset): a message and an audit as well
+    missing = run(
+        [str(root / "train_network.py"), "--output_dir", str(tmp_path / "o3"), "--sdplug_preset", str(tmp_path / "nope.toml")],
+        cwd=root,
+    )
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr and "sdplug: error:" in missing.stderr
+    assert "nope.toml" in json.loads((tmp_path / "o3" / "audit.json").read_text())["problems"][0]
 
     patching.revert(root)
     assert {p.name: p.read_bytes() for p in root.glob("*.py")} == before
@@ -225,6 +264,10 @@ def test_version_detection_and_refusal(standin, tmp_path):
     assert "main" in str(info.value) and "v0.8.7" in str(info.value) and "missing" in str(info.value)
     result = launch(tmp_path / "none.toml", root, "train_network.py", tmp_path / "o")
     assert result.returncode == 1 and "Traceback" not in result.stderr
+    # refused before the adapter could configure: the audit in --output_dir says so
+    refused = json.loads((tmp_path / "o" / "audit.json").read_text())
+    assert refused["steps"] == 0 and refused["problems"][0].startswith("refused before training:")
+    assert "none.toml" in refused["problems"][0]
 
 
 @pytest.mark.parametrize(
@@ -235,6 +278,8 @@ def test_version_detection_and_refusal(standin, tmp_path):
         (["--sdpa"], "sets [attention]"),
         (["--caption_dropout_rate", "0.2"], "sets [caption]"),
         (["--min_snr_gamma", "5"], "sets [loss_weighting]"),
+        (["--keep_tokens_separator", "|||"], "sets [caption] and the kohya command line sets --keep_tokens_separator=|||"),
+        (["--token_warmup_step", "10"], "--token_warmup_step=10.0 (kohya's tag-count warm-up"),
     ],
 )
 def test_conflicting_flags_fail_before_training(preset, tmp_path, flags, words):
@@ -242,7 +287,53 @@ def test_conflicting_flags_fail_before_training(preset, tmp_path, flags, words):
     result = launch(preset, root, "train_network.py", tmp_path / "o", *flags)
     assert result.returncode == 1
     assert words in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "o" / "standin-record.json").exists()
+    assert not (tmp_path / "o" / "standin-model-loaded").exists()  # refused before any model loads
+    # a refused run has an audit: no step, the refusal in problems
+    audit = json.loads((tmp_path / "o" / "audit.json").read_text())
+    assert audit["steps"] == 0 and audit["completed"] is False and words in audit["problems"][0]
+
+
+@pytest.mark.parametrize("script", ["train_network.py", "train_db.py"])
+def test_optimizer_args_with_a_preset_optimizer_is_refused_before_the_model_loads(standin, preset, tmp_path, script):
+    version, root = standin
+    out = tmp_path / "o"
+    result = launch(preset, root, script, out, "--optimizer_args", "weight_decay=0.01", "betas=0.5,0.5")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    words = "sets [optimizer] and the kohya command line sets --optimizer_args=['weight_decay=0.01', 'betas=0.5,0.5']"
+    assert words in result.stderr
+    assert not (out / "standin-model-loaded").exists()
+    assert words in json.loads((out / "audit.json").read_text())["problems"][0]
+
+
+def test_noise_flags_are_refused_with_a_timesteps_only_preset(tmp_path):
+    # sdplug's timestep hook replaces kohya's whole noise function: --noise_offset would be lost
+    preset = tmp_path / "t.toml"
+    preset.write_text('[timesteps]\ntype = "logit_normal"\n')
+    root = make_standin(tmp_path / "sd", "v0.8.7")
+    result = launch(preset, root, "train_network.py", tmp_path / "o", "--noise_offset", "0.05")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "sets [timesteps] and the kohya command line sets --noise_offset=0.05" in result.stderr
+    assert "replaces kohya's noise function" in result.stderr
+
+
+def test_independent_flags_run_and_are_named_in_the_audit(preset, tmp_path):
+    root = make_standin(tmp_path / "sd", "main")
+    out = tmp_path / "out"
+    result = launch(preset, root, "train_network.py", out, "--lr_scheduler", "cosine", "--max_grad_norm", "0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    flags = json.loads((out / "audit.json").read_text())["host"]["kohya_flags"]
+    assert flags["lr_scheduler"].startswith("independent (optimizer): presets set no lr schedule")
+    assert flags["max_grad_norm"].startswith("independent (optimizer): presets set no gradient clipping")
+
+
+def test_dataset_config_caption_keys_are_refused_before_the_model_loads(preset, tmp_path):
+    root = make_standin(tmp_path / "sd", "main")
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text("[general]\nshuffle_caption = true\n\n[[datasets]]\n[[datasets.subsets]]\nkeep_tokens = 2\n")
+    result = launch(preset, root, "train_network.py", tmp_path / "o", "--dataset_config", str(dataset))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "shuffle_caption = True in [general], keep_tokens = 2 in [[datasets.subsets]] 1.1" in result.stderr
+    assert not (tmp_path / "o" / "standin-model-loaded").exists()
 
 
 def test_learned_weighting_joins_kohyas_optimizer_in_a_trained_group(standin, tmp_path):
@@ -257,6 +348,57 @@ def test_learned_weighting_joins_kohyas_optimizer_in_a_trained_group(standin, tm
     assert audit["problems"] == [] and audit["loss_weighting"]["calls"] == 4
     optimizer = audit["optimizer"]
     assert optimizer["learned_weighting_parameters"] > 0 and optimizer["learned_weighting_lr"] == [1e-3]
+    assert optimizer["learned_weighting_devices"] == ["cpu"]  # parameters and buffers alike
+
+
+def test_learned_weighting_moves_with_its_buffers_to_the_device_of_its_group():
+    # the first CUDA step used to fail: parameters moved, the frequencies/phases buffers stayed on
+    # the CPU. "meta" stands in for a GPU: every tensor of the weighting must follow the group.
+    preset = parse_preset({"loss_weighting": {"type": "learned"}, "optimizer": {"type": "adamw", "lr": 1e-3}}, path="p.toml")
+    adapter = KohyaAdapter(preset, KNOWN[0], "train_network.py")
+    adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    group = {"params": [torch.nn.Parameter(torch.zeros(3, device="meta"))], "lr": 1e-4}
+    adapter._optimizer_hook(SimpleNamespace(learning_rate=1e-4), [group])
+    network = adapter.plan.loss_weighting.network
+    assert len(list(network.buffers())) == 2
+    assert {t.device.type for t in [*network.parameters(), *network.buffers()]} == {"meta"}
+    trained = {id(p) for p in adapter.optimizer.param_groups[0]["params"]}
+    assert {id(p) for p in network.parameters()} <= trained  # the same Parameters, moved in place
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, sdpa: bool):
+        super().__init__()
+        self.to_q, self.to_k = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        self.use_memory_efficient_attention_xformers = self.use_memory_efficient_attention_mem_eff = False
+        self.use_sdpa = sdpa
+
+
+def _attention_adapter(replace):
+    preset = parse_preset({"attention": {"type": "sdpa"}}, path="a.toml")
+    adapter = KohyaAdapter(preset, KNOWN[0], "train_network.py")
+    adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    adapter._train_util = types.ModuleType("library.train_util")  # hashable, like the real module
+    adapter._train_util.replace_unet_modules = replace
+    adapter._replace(adapter._train_util, "replace_unet_modules", adapter._attention_hook)
+    return adapter
+
+
+def test_attention_record_shows_what_ran_before_and_after_the_switch():
+    def replace(unet, mem_eff_attn, xformers, sdpa):
+        for m in unet:
+            m.use_sdpa = sdpa
+
+    already = torch.nn.Sequential(_Attention(True), _Attention(True))
+    adapter = _attention_adapter(replace)
+    adapter._train_util.replace_unet_modules(already, False, False, False)
+    # already SDPA: the record says so instead of claiming two switched modules
+    assert adapter.attention_record["before"] == adapter.attention_record["after"] == {"_Attention: sdpa": 2}
+    assert adapter.attention_record["changed"] == 0
+
+    ignored = _attention_adapter(lambda unet, *flags: None)  # a switch that does not take
+    with pytest.raises(SdplugError, match="still run _Attention: vanilla"):
+        ignored._train_util.replace_unet_modules(torch.nn.Sequential(_Attention(False)), False, False, False)
 
 
 @pytest.mark.parametrize(
@@ -393,6 +535,20 @@ def test_real_sd_scripts_checkout(preset, tmp_path, script):
     if script == "train_network.py":
         extra += ["--network_module", "networks.lora"]
     run_real(preset, tmp_path / "out", script, extra)
+
+
+@pytest.mark.skipif(not KOHYA_DIR, reason="set SDPLUG_KOHYA_DIR to run against a real sd-scripts checkout")
+@pytest.mark.parametrize("script", ["train_network.py", "sdxl_train_network.py", "train_db.py", "fine_tune.py"])
+def test_real_sd_scripts_refuse_optimizer_args_before_the_model_loads(preset, tmp_path, script):
+    python = os.environ.get("SDPLUG_KOHYA_PYTHON", sys.executable)
+    out = tmp_path / "out"
+    command = [python, "-m", "sdplug", "kohya", "--preset", str(preset), "--sd-scripts", KOHYA_DIR, "--", script]
+    command += ["--output_dir", str(out), "--optimizer_args", "weight_decay=0.01", "betas=0.5,0.5"]  # no model given
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "sets [optimizer] and the kohya command line sets --optimizer_args=" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["audit.json"]  # nothing of a training run
+    assert "--optimizer_args=" in json.loads((out / "audit.json").read_text())["problems"][0]
 
 
 @pytest.mark.skipif(

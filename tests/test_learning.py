@@ -1,5 +1,6 @@
 """The embedded default learns something visible: samples follow their prompts (small scale)."""
 
+import pytest
 import torch
 
 from sdplug.trainer.config import TrainConfig
@@ -20,6 +21,7 @@ def border_brightness(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) / 2).mean(dim=-3)[..., frame].mean(dim=-1)
 
 
+@pytest.mark.slow  # minutes on a 2-core CPU: run with `python -m pytest -m slow` (CI runs it)
 def test_after_training_samples_follow_the_prompted_brightness_and_colour(tmp_path):
     config = TrainConfig(
         preset="tiny-default",

@@ -2,7 +2,10 @@
 
 ``from_kohya`` reads the keys kohya uses for the tricks sdplug carries and writes a preset;
 ``to_kohya`` writes kohya config keys for what kohya can do natively and lists what it cannot.
-Both say what they could not carry over: nothing is dropped silently.
+Both say what they could not carry over: nothing is dropped silently. What a kohya key means
+comes from the adapter's flag table (``flags.py``): a trick key ``from_kohya`` does not
+translate gets the table's reason as its note; keys that set no trick (paths, saving, ...)
+stay in the kohya config without a note.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdplug.errors import PresetError
+from sdplug.hosts.kohya.flags import FLAGS, host_setting_group
 from sdplug.presets import Preset, parse_preset, tomllib
 
 KOHYA_OPTIMIZERS = {
@@ -74,16 +78,45 @@ def _optimizer_args(values: list[str] | None, notes: list[str]) -> dict[str, Any
     return params
 
 
+class _Used(dict):
+    """The kohya config, remembering which keys the translation read."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def _untranslated(config: _Used) -> list[str]:
+    """A note for every set key the translation did not read, from the flag table."""
+    table = {f.name: f for f in FLAGS}  # either version's row: the reason reads the same
+    notes = []
+    for key, value in dict(config).items():
+        if key in config.read or value in (None, False, "", [], 0):
+            continue
+        flag = table.get(key)
+        if flag is not None:
+            verb = {"independent": "stays a kohya setting:", "reconciled": "not carried over; next to a preset it is"}
+            notes.append(f"{key}: {verb.get(flag.kind, 'not carried over:')} {flag.why}")
+        elif host_setting_group(key) is None:
+            notes.append(f"{key}: not carried over: not an argument of sd-scripts main or v0.8.7")
+    return notes
+
+
 def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
+    config = _Used(config)
     notes: list[str] = []
     preset: dict[str, Any] = {"preset": {"name": name, "description": "translated from a kohya sd-scripts config"}}
     noise: list[dict[str, Any]] = []
     if config.get("noise_offset"):
         noise.append({"type": "offset", "strength": float(config["noise_offset"])})
-        if config.get("adaptive_noise_scale"):
-            notes.append("adaptive_noise_scale: not carried over (no sdplug equivalent)")
-        if config.get("noise_offset_random_strength"):
-            notes.append("noise_offset_random_strength: not carried over (no sdplug equivalent)")
     if config.get("multires_noise_iterations"):
         # kohya's loop: intended sizes from level 0 (a second full-size Gaussian), added onto
         # the offset noise, then divided by the batch std: exactly the "kohya" variant
@@ -97,8 +130,6 @@ def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
         )
     if config.get("ip_noise_gamma"):
         noise.append({"type": "input_perturbation", "gamma": float(config["ip_noise_gamma"])})
-        if config.get("ip_noise_gamma_random_strength"):
-            notes.append("ip_noise_gamma_random_strength: not carried over (sdplug's gamma is fixed)")
     if noise:
         preset["noise"] = noise
     if config.get("min_timestep") is not None or config.get("max_timestep") is not None:
@@ -120,19 +151,19 @@ def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
         notes.append(f"kohya multiplies {len(weightings)} weightings together; a preset has one: kept {weightings[0]['type']!r}")
     if weightings:
         preset["loss_weighting"] = weightings[0]
-    if config.get("v_pred_like_loss"):
-        notes.append("v_pred_like_loss: not carried over (no sdplug equivalent)")
     captions = []
     if config.get("caption_dropout_rate") or config.get("caption_dropout_every_n_epochs"):
         entry: dict[str, Any] = {"type": "dropout", "rate": float(config.get("caption_dropout_rate") or 0.0)}
         if config.get("caption_dropout_every_n_epochs"):
             entry["every_n_epochs"] = int(config["caption_dropout_every_n_epochs"])
         captions.append(entry)
-    keep = int(config.get("keep_tokens") or 0)
+    keep = int(dict.get(config, "keep_tokens") or 0)  # carried over only with a shuffle or tag dropout
     if config.get("shuffle_caption"):
         captions.append({"type": "shuffle", "keep_tokens": keep})
+        config.read.add("keep_tokens")
     if config.get("caption_tag_dropout_rate"):
         captions.append({"type": "tag_dropout", "rate": float(config["caption_tag_dropout_rate"]), "keep_tokens": keep})
+        config.read.add("keep_tokens")
     if captions:
         preset["caption"] = captions
     if config.get("optimizer_type"):
@@ -150,8 +181,6 @@ def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
         preset["attention"] = {"type": "xformers"}
     elif config.get("sdpa"):
         preset["attention"] = {"type": "sdpa"}
-    elif config.get("mem_eff_attn"):
-        notes.append("mem_eff_attn: not carried over (kohya's own attention; use attention 'sdpa')")
     memory = {}
     for key in ("gradient_checkpointing", "cache_latents", "cache_text_encoder_outputs"):
         if config.get(key):
@@ -160,7 +189,7 @@ def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
         memory["mixed_precision"] = config["mixed_precision"]
     if memory:
         preset["memory"] = memory
-    return Bridged(preset, notes)
+    return Bridged(preset, notes + _untranslated(config))
 
 
 def to_kohya(preset: Preset) -> Bridged:

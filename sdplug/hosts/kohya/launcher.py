@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sdplug.errors import SdplugError
+from sdplug.hosts.kohya import report
 from sdplug.hosts.kohya.runtime import activate_for_launch, record_failure
 from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError, detect
 from sdplug.presets import load_preset
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch(args.preset, args.script, script_args, args.sd_scripts)
     except SdplugError as exc:
-        record_failure(exc)
+        if not record_failure(exc):
+            # refused before the adapter configured (preset, script, version): the audit says so
+            output_dir = report.output_dir_from_args(script_args)
+            if output_dir:
+                report.write(report.refusal(str(exc), script=Path(args.script).name), output_dir, 0)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,202 @@
+"""The kohya command line against a preset, before training: refusals, and the preset's changes.
+
+Pure: argument values and parser defaults in, an error or the changes out; what each flag
+means next to a preset comes from the flag table (``flags.py``) alone. The runtime applies the
+changes to kohya's Namespace, prints the rules and writes them into ``audit.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sdplug.errors import SdplugError
+from sdplug.hosts.kohya.flags import (
+    FLAGS,
+    KohyaFlag,
+    flags_for,
+    host_setting_group,
+    is_set,
+    preset_value,
+    section_set,
+)
+from sdplug.presets import Preset, tomllib
+from sdplug.strategies import registry
+
+# caption flags kohya's datasets also take per subset (``--dataset_config``): the same conflicts
+SUBSET_CAPTION_KEYS = tuple(dict.fromkeys(f.name for f in FLAGS if f.family == "caption" and f.kind == "conflict"))
+
+
+class KohyaConflictError(SdplugError):
+    """The kohya command line and the preset both set one trick."""
+
+
+@dataclasses.dataclass
+class Reconciliation:
+    """What the preset changes in kohya's arguments, and what the audit says about the flags."""
+
+    changes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rules: list[str] = dataclasses.field(default_factory=list)
+    flags: dict[str, str] = dataclasses.field(default_factory=dict)  # set trick-family flags -> kind
+    unclassified: list[str] = dataclasses.field(default_factory=list)  # set flags the table lacks
+
+
+def _label(section: str, preset: Preset) -> str:
+    if section.startswith("memory."):
+        return f"{section} = {preset_value(preset, section)!r}"
+    return f"[{section}]"
+
+
+def check_conflicts(preset: Preset, version: str, values: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Refuse a flag that sets a trick a section of the preset replaces (one paragraph, every clash)."""
+    clashes: dict[str, list[str]] = {}
+    for flag in flags_for(version).values():
+        if flag.kind != "conflict" or flag.name not in values:
+            continue
+        value = values[flag.name]
+        if not is_set(value, defaults.get(flag.name)):
+            continue
+        for section in flag.sections:
+            if section_set(preset, section) and value != preset_value(preset, section):
+                clashes.setdefault(section, []).append(f"--{flag.name}={value} ({_why(flag, section)})")
+                break
+    if clashes:
+        parts = [
+            f"the preset sets {_label(s, preset)} and the kohya command line sets {', '.join(c)}" for s, c in clashes.items()
+        ]
+        raise KohyaConflictError(
+            f"{preset.path}: {'; '.join(parts)}. Remove the flag(s) or the section(s): sdplug never applies both."
+        )
+
+
+def _why(flag: KohyaFlag, section: str) -> str:
+    if flag.family == "noise" and section == "timesteps":
+        return f"{flag.why}; sdplug's timestep hook replaces kohya's noise function, which applies it"
+    return flag.why
+
+
+def check_subset(preset: Preset, subset: Any, defaults: Mapping[str, Any]) -> None:
+    """A dataset subset's own caption settings against a preset's [caption] (kohya takes them per subset)."""
+    if not preset.caption:
+        return
+    clashing = [
+        f"{key}={getattr(subset, key)}" for key in SUBSET_CAPTION_KEYS if is_set(getattr(subset, key, None), defaults.get(key))
+    ]
+    if clashing:
+        raise KohyaConflictError(
+            f"{preset.path}: the preset sets [caption] and the dataset config sets {', '.join(clashing)} for a subset. "
+            "Remove them from the dataset config: sdplug never applies both."
+        )
+
+
+def check_dataset_config(preset: Preset, path: str | None, defaults: Mapping[str, Any]) -> None:
+    """The same check on the ``--dataset_config`` file itself, so it refuses before the model loads."""
+    if not preset.caption or not path or not Path(path).is_file():
+        return  # no file: kohya reports that itself
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return  # kohya's own reader reports a broken file
+    tables = [("[general]", data.get("general", {}))]
+    for i, dataset in enumerate(data.get("datasets", [])):
+        tables.append((f"[[datasets]] {i + 1}", dataset))
+        tables += [(f"[[datasets.subsets]] {i + 1}.{j + 1}", s) for j, s in enumerate(dataset.get("subsets", []))]
+    clashing = [
+        f"{key} = {table[key]!r} in {where}"
+        for where, table in tables
+        if isinstance(table, dict)
+        for key in SUBSET_CAPTION_KEYS
+        if key in table and is_set(table[key], defaults.get(key))
+    ]
+    if clashing:
+        raise KohyaConflictError(
+            f"{preset.path}: the preset sets [caption] and the dataset config {path} sets {', '.join(clashing)}. "
+            "Remove them from the dataset config: sdplug never applies both."
+        )
+
+
+def reconcile(
+    preset: Preset, version: str, values: Mapping[str, Any], defaults: Mapping[str, Any], *, script: str, lr: float | None
+) -> Reconciliation:
+    """The changes the preset makes to kohya's arguments (after ``check_conflicts``); ``lr`` is the
+    lr of the optimizer the plan uses (None: kohya's lrs stay)."""
+    result = Reconciliation()
+    _memory(preset, values, script, result)
+    if preset.caption and values.get("cache_text_encoder_outputs"):
+        # cached outputs skip process_caption: only a dropout decision can still apply to them
+        needs_text = [s.type for s in preset.caption if registry("caption").get(s.type).cls.needs_text]
+        if needs_text:
+            raise KohyaConflictError(
+                f"{preset.path}: [caption] {', '.join(needs_text)} rewrite the caption text, which "
+                "--cache_text_encoder_outputs leaves no longer there (sd-scripts encodes each caption once). "
+                "Allowed with cached outputs: 'dropout' only. Remove those transforms or --cache_text_encoder_outputs."
+            )
+        result.rules.append(
+            "caption dropout on cached text-encoder outputs: a dropped sample gets the empty caption's outputs, "
+            "encoded once by sd-scripts' own caching code"
+        )
+    workers = int(values.get("max_data_loader_n_workers", 0) or 0)
+    if preset.caption and workers > 0:
+        # caption decisions must be made (and audited) in this process, not in loader workers
+        result.rules.append(f"--max_data_loader_n_workers {workers} -> 0 (caption transforms run in the main process)")
+        result.changes.update(max_data_loader_n_workers=0, persistent_data_loader_workers=False)
+    if preset.optimizer is not None and lr is not None:
+        _learning_rates(version, values, lr, result)
+    _classify(preset, version, values, defaults, result)
+    return result
+
+
+def _memory(preset: Preset, values: Mapping[str, Any], script: str, result: Reconciliation) -> None:
+    for key in ("gradient_checkpointing", "cache_latents", "cache_text_encoder_outputs"):
+        if not section_set(preset, f"memory.{key}"):
+            continue
+        if key not in values:
+            raise SdplugError(
+                f"{preset.path}: memory.{key} = true, but {script} has no --{key} "
+                "(sd-scripts caches text-encoder outputs in its SDXL scripts)."
+                if key == "cache_text_encoder_outputs"
+                else f"{preset.path}: memory.{key} = true, but {script} has no --{key}."
+            )
+        if not values[key]:
+            result.changes[key] = True
+            result.rules.append(f"--{key} on (preset [memory])")
+    wanted = preset.memory.mixed_precision
+    if wanted != "no" and values.get("mixed_precision", "no") != wanted:
+        result.changes["mixed_precision"] = wanted  # a different explicit value was refused as a conflict
+        result.rules.append(f"--mixed_precision {values.get('mixed_precision', 'no')} -> {wanted} (preset [memory])")
+
+
+def _learning_rates(version: str, values: Mapping[str, Any], lr: float, result: Reconciliation) -> None:
+    """The preset's lr in kohya's own lr arguments too, so its logs and saved metadata tell the
+    truth; the optimizer hook still puts it on every parameter group."""
+    changed = []
+    names = [f.name for f in flags_for(version).values() if f.family == "optimizer" and f.kind == "reconciled"]
+    for name in names:
+        value = values.get(name)
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue  # unset: kohya falls back to --learning_rate
+        # an lr of 0 is how kohya leaves a part untrained (it drops the group): keep it 0
+        aligned = [lr if v else v for v in value] if isinstance(value, (list, tuple)) else (lr if value else value)
+        if value != aligned:
+            changed.append(f"--{name} {value} -> {lr}")
+            result.changes[name] = aligned
+    if changed:
+        result.rules.append(f"{', '.join(changed)} (preset [optimizer] lr)")
+
+
+def _classify(preset: Preset, version: str, values: Mapping[str, Any], defaults: Mapping[str, Any], result) -> None:
+    """For the audit: every trick-family flag the user set, and how it stands next to the preset."""
+    table = flags_for(version)
+    for name, value in values.items():
+        if not is_set(value, defaults.get(name)):
+            continue
+        flag = table.get(name)
+        if flag is None:
+            if host_setting_group(name) is None:
+                result.unclassified.append(name)
+            continue
+        taken = [s for s in flag.sections if section_set(preset, s)]
+        kind = flag.kind if taken else "independent"  # its sections unset: kohya does what it says
+        result.flags[name] = f"{kind} ({flag.family}): {flag.why}"
