@@ -119,7 +119,7 @@ def _cmd_from_kohya(args: argparse.Namespace) -> int:
 
     preset, bridged = preset_from_kohya_file(args.config)
     text = preset.to_toml(with_defaults=False)
-    notes = "".join(f"# not carried over exactly: {note}\n" for note in bridged.notes)
+    notes = "".join(f"# note: {note}\n" for note in bridged.notes)
     _write(args.output, f"# translated by sdplug from {args.config}\n{notes}\n{text}")
     for note in bridged.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -27,5 +27,5 @@ def shipped_dir(name: str) -> Path:
         return source
     raise SdplugError(
         f"this sdplug installation has no shipped {name} (looked in {installed} and {source}). "
-        'Reinstall it: pip install --force-reinstall --no-deps sdplug'
+        "Reinstall it: pip install --force-reinstall --no-deps sdplug"
     )
