@@ -24,3 +24,21 @@ def zero_terminal_alphas(sd_alphas):
     from sdplug.schedule import rescale_zero_terminal_snr
 
     return rescale_zero_terminal_snr(sd_alphas)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny latent SD 1.x-layout model folder (VAE, UNet, CLIP), as a --model."""
+    from tests.tiny_sd import build_pipeline
+
+    directory = tmp_path_factory.mktemp("tiny-sd")
+    build_pipeline(directory)
+    return directory / "model"
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A small --data folder of the synthetic shapes (one image per combination)."""
+    from sdplug.trainer.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("data"), per_combination=1)

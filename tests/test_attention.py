@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
 import sdplug
@@ -66,18 +65,7 @@ def test_sliced_sizes_up_to_the_head_count_keep_the_math(tiny_unet, slice_size):
 def test_sliced_auto_works_on_one_head_layers():
     # diffusers' "auto" (heads // 2) gives a slice of 0 heads here: a ZeroDivisionError at the first step
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=1,
-        norm_num_groups=16,
-    ).eval()
+    unet = build_unet(cross_attention_dim=32, attention_head_dim=1).eval()
     sdplug.create("attention", "default").apply(unet)
     reference = run(unet)
     sdplug.create("attention", "sliced").apply(unet)

@@ -38,15 +38,6 @@ def request(tmp_path, **options):
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from tests.tiny_sd import build_pipeline
-
-    directory = tmp_path_factory.mktemp("tiny-sd")
-    build_pipeline(directory)
-    return directory / "model"
-
-
 def test_sample_with_an_embedded_lora_reproduces_the_runs_after_grid(tmp_path):
     trainer = run(tmp_path, train_text_encoder=True, seed=3)
     after, before = trainer.samples_after[3.0], trainer.samples_before[3.0]

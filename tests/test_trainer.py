@@ -34,20 +34,6 @@ def quick(tmp_path, preset_text, **options):
     return TrainConfig(preset=preset_file(tmp_path, preset_text), **defaults)
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from tests.tiny_sd import build_pipeline
-
-    directory = tmp_path_factory.mktemp("tiny-sd")
-    build_pipeline(directory)
-    return directory / "model"
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("data"), per_combination=1)
-
-
 def test_lora_file_is_kohya_format_and_loads_with_diffusers(tmp_path, tiny_sd, small_data):
     from diffusers import StableDiffusionPipeline
 

@@ -8,21 +8,6 @@ from safetensors.torch import load_file
 
 from sdplug.trainer.config import TrainConfig
 from sdplug.trainer.loop import Trainer
-from sdplug.trainer.synthetic import write_dataset
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from tests.tiny_sd import build_pipeline
-
-    directory = tmp_path_factory.mktemp("tiny-sd")
-    build_pipeline(directory)
-    return directory / "model"
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("data"), per_combination=1)
 
 
 def config_for(tmp_path, name, preset_text='[preset]\nname = "plain"\n', **options):

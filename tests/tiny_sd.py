@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from sdplug.trainer import tiny
 
 
-def build_unet(cross_attention_dim: int = tiny.TEXT_WIDTH) -> UNet2DConditionModel:
+def build_unet(cross_attention_dim: int = tiny.TEXT_WIDTH, attention_head_dim: int = 8) -> UNet2DConditionModel:
     """A two-level SD-layout UNet on 4x16x16 latents (cross-attention down, mid and up)."""
     return UNet2DConditionModel(
         sample_size=16,
@@ -22,7 +22,7 @@ def build_unet(cross_attention_dim: int = tiny.TEXT_WIDTH) -> UNet2DConditionMod
         mid_block_type="UNetMidBlock2DCrossAttn",
         layers_per_block=1,
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
+        attention_head_dim=attention_head_dim,
         norm_num_groups=16,
     )
 
