@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from sdplug.audit import Audit
-from sdplug.errors import MissingDependencyError, PresetError
+from sdplug.errors import MissingDependencyError, PresetError, SdplugError
 from sdplug.presets import Preset, check_against_schedule
 from sdplug.schedule import check_prediction_type
 from sdplug.strategies.base import CaptionTransform, LossWeighting, NoiseStrategy, TimestepStrategy
@@ -111,6 +111,18 @@ class CaptionPipeline:
                 )
             dropped = transform.decide(epoch=epoch, rng=rng) or dropped
         return dropped
+
+
+def check_memory_runs_here(preset: Preset) -> None:
+    """``[memory]`` settings this machine cannot run, refused before anything loads. Hosts that
+    apply ``[memory]`` (the reference trainer, kohya) call it; a loop of one's own sets its own
+    precision. (Optimizer and attention strategies are checked by ``Plan`` itself.)"""
+    if preset.memory.mixed_precision == "fp16" and not torch.cuda.is_available():
+        # fp16 autocast on a CPU runs, at a crawl (a convolution ~300x slower than fp32)
+        raise SdplugError(
+            f"{preset.path}: memory.mixed_precision = 'fp16' needs a CUDA GPU and this machine has none. "
+            "Allowed here: 'bf16' or 'no' (write a preset that extends this one and sets it)."
+        )
 
 
 class Plan:

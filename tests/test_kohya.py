@@ -305,6 +305,20 @@ def test_optimizer_args_with_a_preset_optimizer_is_refused_before_the_model_load
     assert words in json.loads((out / "audit.json").read_text())["problems"][0]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_fp16_without_cuda_is_refused_before_the_model_loads(tmp_path):
+    # fp16 autocast on a CPU does not fail: it crawls (a real sd-scripts run sat 15 minutes in
+    # latent caching). The same rule as the reference trainer's, from the plan.
+    preset = tmp_path / "fp16.toml"
+    preset.write_text('[[noise]]\ntype = "offset"\n[memory]\nmixed_precision = "fp16"\n')
+    root = make_standin(tmp_path / "sd", "main")
+    out = tmp_path / "o"
+    result = launch(preset, root, "train_network.py", out)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "memory.mixed_precision = 'fp16' needs a CUDA GPU" in result.stderr
+    assert not (out / "standin-model-loaded").exists()
+
+
 def test_noise_flags_are_refused_with_a_timesteps_only_preset(tmp_path):
     # sdplug's timestep hook replaces kohya's whole noise function: --noise_offset would be lost
     preset = tmp_path / "t.toml"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sdplug.errors import MissingDependencyError, SdplugError
-from sdplug.plan import Plan
+from sdplug.plan import Plan, check_memory_runs_here
 from sdplug.presets import load_preset
 from sdplug.trainer import checkpoint, data, lora, models, outputs, synthetic
 from sdplug.trainer.config import OptionError, TrainConfig
@@ -66,12 +66,7 @@ class Trainer:
         self.preset = load_preset(config.preset)
         config.output = Path(config.output)
         mixed = self.preset.memory.mixed_precision
-        if mixed == "fp16" and not torch.cuda.is_available():
-            # checked before the Accelerator exists: it would fail (or fall back) on its own terms
-            raise SdplugError(
-                f"{self.preset.path}: memory.mixed_precision = 'fp16' needs a CUDA GPU and this machine has none. "
-                "Allowed here: 'bf16' or 'no' (write a preset that extends this one and sets it)."
-            )
+        check_memory_runs_here(self.preset)  # before the Accelerator exists: it would fail (or fall back) on its own terms
         # Under torchrun / accelerate launch without CUDA, accelerate forms a gloo group only
         # when told the run is on CPU; otherwise every process would train alone.
         multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

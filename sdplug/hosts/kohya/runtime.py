@@ -45,7 +45,7 @@ from sdplug.hosts.kohya.attention_switch import switch_attention
 from sdplug.hosts.kohya.caption_hooks import CaptionHooks
 from sdplug.hosts.kohya.reconcile import KohyaConflictError, check_conflicts, check_dataset_config, reconcile
 from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
-from sdplug.plan import Plan
+from sdplug.plan import Plan, check_memory_runs_here
 from sdplug.presets import Preset
 from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
 from sdplug.strategies import registry
@@ -147,6 +147,7 @@ class KohyaAdapter:
         values = vars(args)
         self.defaults = {name: parser.get_default(name) for name in values} if parser is not None else {}
         check_conflicts(preset, version, values, self.defaults)
+        check_memory_runs_here(preset)  # [memory] becomes kohya's arguments: refuse what cannot run here
         check_dataset_config(preset, values.get("dataset_config"), self.defaults)
         alphas = scaled_linear_alphas_cumprod()
         if getattr(args, "zero_terminal_snr", False):
