@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdplug.errors import MissingDependencyError, PluginError, PresetError, SdplugError, UnknownStrategyError
+from sdplug.plan import NoiseDraw, Plan
 from sdplug.presets import Preset, load_preset
 from sdplug.strategies import FAMILIES, registry
 
@@ -20,6 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "FAMILIES",
     "MissingDependencyError",
+    "NoiseDraw",
+    "Plan",
     "PluginError",
     "Preset",
     "PresetError",

@@ -1,116 +1,45 @@
 """The plan: a preset's strategies bound to one model's schedule, called by every host.
 
-Hosts call the same few methods at the same moments of a training step (see
-docs/architecture.md): ``caption`` when a sample is loaded, ``noise`` / ``timesteps`` /
-``noisy_input`` / ``target`` before the forward pass, ``weight`` on the per-sample loss,
-``optimizer`` and ``attention`` once at set-up. So a preset behaves the same in every host.
+Every host -- the reference trainer, kohya sd-scripts, a loop of one's own -- calls the same
+methods at the same moments of a training step, so a preset behaves the same everywhere::
+
+    plan = preset.build(noise_scheduler, seed=0, rank=rank)   # once
+    plan.attention(unet); optimizer = plan.optimizer(params, default=...)
+    text = plan.caption(caption, epoch=epoch)                  # per sample, when loaded
+    noise = plan.noise(latents); t = plan.timesteps(len(latents), device=latents.device)
+    x_t = plan.noisy_input(latents, noise, t); target = plan.target(latents, noise, t)
+    loss = plan.loss(model_pred, target, t).mean()             # per-sample, weighted
+    plan.step()                                                # once per optimizer step
+    plan.write_audit(output_dir, host={"name": ...})           # at the end
+
+The plan owns the random streams (``sdplug.streams``: one per seed, rank and purpose), its
+audit, and the learned state of learned strategies; ``state_dict`` holds all three.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import random
 import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from sdplug.audit import Audit
 from sdplug.errors import MissingDependencyError, PresetError, SdplugError
+from sdplug.pipelines import CaptionDraw, CaptionPipeline, NoiseDraw, NoisePipeline
 from sdplug.presets import Preset, check_against_schedule
 from sdplug.schedule import check_prediction_type
-from sdplug.strategies.base import CaptionTransform, LossWeighting, NoiseStrategy, TimestepStrategy
+from sdplug.strategies.base import LossWeighting, TimestepStrategy
 from sdplug.strategies.timesteps import UniformTimesteps
+from sdplug.streams import Streams
+
+__all__ = ["CaptionDraw", "CaptionPipeline", "NoiseDraw", "NoisePipeline", "Plan", "check_memory_runs_here"]
 
 _UNIFORM = UniformTimesteps()
-
-
-@dataclasses.dataclass(frozen=True)
-class NoiseDraw:
-    """The noise of one step: ``target`` enters the loss, ``model_input`` builds ``x_t``.
-
-    They differ only when an input-only strategy (input perturbation) is in the noise list.
-    """
-
-    target: torch.Tensor
-    model_input: torch.Tensor
-
-
-@dataclasses.dataclass(frozen=True)
-class CaptionDraw:
-    """A caption after the transforms, whether a dropout emptied it, and what each tag
-    dropout did (``(index in the caption list, TagCount)``, for the audit)."""
-
-    text: str
-    dropped: bool
-    tag_counts: tuple = ()
-
-
-class NoisePipeline:
-    """Noise strategies composed in the order written; input-only ones act on a copy."""
-
-    def __init__(self, strategies: list[NoiseStrategy]):
-        self.strategies = list(strategies)
-
-    def __call__(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
-        noise = None
-        for strategy in self.strategies:
-            if strategy.role == "target":
-                noise = strategy.transform(noise, latents, generator)
-        if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        model_input = noise
-        for strategy in self.strategies:  # presets list input-only strategies last
-            if strategy.role == "input":
-                model_input = strategy.transform(model_input, latents, generator)
-        return NoiseDraw(target=noise, model_input=model_input)
-
-
-class CaptionPipeline:
-    """Caption transforms in the order written, with each sample's dropout decision exposed."""
-
-    def __init__(self, transforms: list[CaptionTransform]):
-        self.transforms = list(transforms)
-
-    def __call__(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> CaptionDraw:
-        rng = rng if rng is not None else random.Random()
-        dropped = False
-        counts = []
-        for index, transform in enumerate(self.transforms):
-            decide = getattr(transform, "decide", None)
-            if decide is not None:
-                if decide(epoch=epoch, rng=rng):
-                    dropped = True
-                    caption = ""
-            else:
-                before, caption = caption, transform(caption, epoch=epoch, rng=rng)
-                if hasattr(transform, "count"):
-                    counts.append((index, transform.count(before, caption)))
-        return CaptionDraw(caption, dropped, tuple(counts))
-
-    def drop_probability(self, epoch: int = 0) -> float:
-        """The chance that some dropout in the pipeline empties a caption in ``epoch``."""
-        keep = 1.0
-        for transform in self.transforms:
-            if hasattr(transform, "drop_probability"):
-                keep *= 1.0 - transform.drop_probability(epoch)
-        return 1.0 - keep
-
-    def dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
-        """The dropout decision alone, for hosts with cached text-encoder outputs.
-
-        Draws from ``rng`` exactly as ``__call__`` does for the same transforms, which must
-        all be dropouts here (presets refuse text transforms under caching).
-        """
-        rng = rng if rng is not None else random.Random()
-        dropped = False
-        for transform in self.transforms:
-            if transform.needs_text:
-                raise MissingDependencyError(
-                    f"caption transform {type(transform).__name__} needs caption text, which cached "
-                    "text-encoder outputs do not have."
-                )
-            dropped = transform.decide(epoch=epoch, rng=rng) or dropped
-        return dropped
 
 
 def check_memory_runs_here(preset: Preset) -> None:
@@ -128,8 +57,10 @@ def check_memory_runs_here(preset: Preset) -> None:
 class Plan:
     """A preset's strategies, built and bound to a noise schedule and prediction type."""
 
-    def __init__(self, preset: Preset, *, alphas_cumprod: torch.Tensor, prediction_type: str):
+    def __init__(self, preset: Preset, *, alphas_cumprod: torch.Tensor, prediction_type: str, seed: int = 0, rank: int = 0):
         self.preset = preset
+        self.streams = Streams(seed, rank)
+        self.steps = 0
         self.prediction_type = check_prediction_type(prediction_type)
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float32).cpu()
         self.num_train_timesteps = len(self.alphas_cumprod)
@@ -155,14 +86,16 @@ class Plan:
         )
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
-        """The step's noise: ``target`` for the loss, ``model_input`` for ``x_t``."""
-        draw = self.noise_pipeline(latents, generator)
+        """The step's noise: ``target`` for the loss, ``model_input`` for ``x_t``; drawn from the
+        plan's ``noise`` stream on the latents' device unless ``generator`` is given."""
+        draw = self.noise_pipeline(latents, generator or self.streams.generator("noise", latents.device))
         self.audit.record_noise(draw.target, draw.model_input)
         return draw
 
     def caption(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> CaptionDraw:
-        """One caption through the transforms (call once per sample, when it is loaded)."""
-        draw = self.caption_pipeline(caption, epoch=epoch, rng=rng)
+        """One caption through the transforms (call once per sample, when it is loaded); draws
+        from the plan's ``captions`` stream unless ``rng`` is given."""
+        draw = self.caption_pipeline(caption, epoch=epoch, rng=rng or self.streams.random("captions"))
         if self.caption_pipeline.transforms:
             self.audit.record_caption(
                 dropped=draw.dropped,
@@ -174,7 +107,7 @@ class Plan:
     def caption_dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
         """The dropout decision alone, for hosts with cached text-encoder outputs: when True,
         the host substitutes the empty caption's embedding."""
-        dropped = self.caption_pipeline.dropped(epoch=epoch, rng=rng)
+        dropped = self.caption_pipeline.dropped(epoch=epoch, rng=rng or self.streams.random("captions"))
         if self.caption_pipeline.transforms:
             self.audit.record_caption(
                 dropped=dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), substituted=dropped
@@ -202,8 +135,11 @@ class Plan:
             return fallback
 
     def timesteps(self, batch_size: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """One timestep per sample (uniform over the schedule when the preset names none)."""
+        """One timestep per sample (uniform over the schedule when the preset names none), drawn
+        on the CPU from the plan's ``timesteps`` stream unless ``generator`` is given, then moved
+        to ``device``."""
         sampler = self.timestep_sampler or _UNIFORM
+        generator = generator or self.streams.generator("timesteps", "cpu")
         t = sampler(batch_size, self.num_train_timesteps, generator=generator, device=device)
         self.audit.record_timesteps(t)
         return t
@@ -227,6 +163,23 @@ class Plan:
         signal, sigma = self._coefficients(timesteps, latents)
         return signal * noise.target - sigma * latents
 
+    def loss(
+        self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The per-sample loss ``(B,)``: the loss type (MSE, in float32, mean over every non-batch
+        dimension), then the preset's weighting. ``mask`` is reserved for masked loss."""
+        if mask is not None:
+            raise SdplugError("plan.loss(mask=...): masked loss is not available in this sdplug version.")
+        if model_pred.shape != target.shape:
+            raise SdplugError(f"plan.loss: the prediction has shape {tuple(model_pred.shape)}, the target {tuple(target.shape)}.")
+        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.dim())))
+        return self.weight(per_sample, timesteps)
+
+    def step(self) -> None:
+        """Once per optimizer step: counts the steps the audit compares every strategy's calls with."""
+        self.steps += 1
+        self.audit.step()
+
     def weight(self, loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample loss in, weighted per-sample loss out."""
         if self.loss_weighting is None:
@@ -246,12 +199,57 @@ class Plan:
         """Parameters of learned strategies, which the host's optimizer must also train."""
         return self.loss_weighting.parameters() if self.loss_weighting is not None else []
 
-    def optimizer(self, params, default_factory=None) -> torch.optim.Optimizer:
+    def optimizer(
+        self,
+        params: Iterable[Any],
+        default: Callable[[list[Any]], torch.optim.Optimizer] | None = None,
+    ) -> torch.optim.Optimizer:
+        """The preset's optimizer over ``params`` (tensors or parameter groups), or
+        ``default(groups)`` when the preset names none. A learned weighting's parameters join
+        as a group of their own, so they train with the model."""
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        learned = self.trainable_parameters()
+        if learned:
+            groups = [*groups, {"params": learned}]
         if self.optimizer_strategy is None:
-            if default_factory is None:
-                raise ValueError("the preset names no optimizer and the host gave no default")
-            return default_factory(params)
-        return self.optimizer_strategy.build(params)
+            if default is None:
+                raise SdplugError("the preset names no optimizer and the host gave no default= to use instead.")
+            return default(groups)
+        return self.optimizer_strategy.build(groups)
+
+    # -- resume and audit ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The random streams, the step count, the audit and any learned strategy state: a run
+        resumed from it draws what an uninterrupted run would. Tensors and plain data only."""
+        learned = {k: v.detach().cpu() for k, v in self.loss_weighting.network.state_dict().items()} if self.trainable_parameters() else {}
+        return {"streams": self.streams.state_dict(), "steps": self.steps, "audit": self.audit.state_dict(), "learned": learned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.streams.load_state_dict(state["streams"])
+        self.steps = int(state["steps"])
+        self.audit.load_state_dict(state["audit"])
+        if state["learned"]:
+            network = self.loss_weighting.network
+            with torch.no_grad():
+                for key, value in network.state_dict().items():
+                    value.copy_(state["learned"][key].to(value.device, value.dtype))
+
+    def report(self) -> dict[str, Any]:
+        """What ``audit.json`` holds for this plan, with the problems found."""
+        report = self.audit.report()
+        report["problems"] = self.audit.problems()
+        return report
+
+    def write_audit(self, output_dir: str | Path, host: dict[str, Any] | None = None) -> Path:
+        """Write ``audit.json`` into ``output_dir`` (created if needed); returns its path."""
+        report = self.report()
+        report["host"] = {**report.get("host", {}), **(host or {})}
+        output = Path(output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        path = output / "audit.json"
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        return path
 
     def attention(self, model: torch.nn.Module) -> int:
         """Install the preset's attention in ``model``; the number of modules changed."""

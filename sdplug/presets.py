@@ -26,11 +26,14 @@ import dataclasses
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sdplug.errors import PresetError, SdplugError, did_you_mean
 from sdplug.params import check_known_keys, strategy_params, validate_params
 from sdplug.strategies import registry
+
+if TYPE_CHECKING:
+    from sdplug.plan import Plan
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -117,6 +120,40 @@ class Preset:
             data["optimizer"]["fallback"] = self.optimizer_fallback.type
         data["memory"] = dataclasses.asdict(self.memory)
         return data
+
+    def build(
+        self,
+        noise_scheduler: Any = None,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        alphas_cumprod: Any = None,
+        prediction_type: str | None = None,
+    ) -> Plan:
+        """The plan: this preset bound to a model's noise schedule and prediction type.
+
+        ``noise_scheduler`` is a diffusers-style scheduler (its ``alphas_cumprod`` and
+        ``config.prediction_type``); or give ``alphas_cumprod`` and ``prediction_type``
+        (explicit values win over the scheduler's). ``seed`` and ``rank`` derive the plan's
+        random streams (``sdplug.streams``). Everything the file alone cannot know is checked
+        here: timestep ranges against the schedule, the prediction type, an optimizer or
+        attention that cannot run on this machine.
+        """
+        from sdplug.plan import Plan
+
+        if noise_scheduler is not None:
+            alphas_cumprod = noise_scheduler.alphas_cumprod if alphas_cumprod is None else alphas_cumprod
+            config = getattr(noise_scheduler, "config", None)
+            prediction_type = prediction_type or getattr(config, "prediction_type", None) or "epsilon"
+        if alphas_cumprod is None or prediction_type is None:
+            raise SdplugError(
+                f"{self.path or self.name}: Preset.build needs a noise scheduler, or alphas_cumprod= and prediction_type=."
+            )
+        import torch
+
+        return Plan(
+            self, alphas_cumprod=torch.as_tensor(alphas_cumprod), prediction_type=prediction_type, seed=seed, rank=rank
+        )
 
     def to_toml(self, *, with_defaults: bool = True) -> str:
         import tomli_w

@@ -230,19 +230,15 @@ def save_run(trainer, directory: Path) -> None:
     if trainer.accelerator.is_main_process:
         shared = {
             "weights": trainable_state(unwrapped, trainer.bundle.text_encoder),
-            "learned": [p.detach().cpu() for p in trainer.learned_parameters],
             "optimizer": trainer.optimizer.state_dict(),
             "step": trainer.step,
             "loss_bins": trainer.loss_bins,
             "losses": trainer.losses,
         }
     streams = {
-        "noise": trainer.noise_generator.get_state(),
-        "latents": trainer.latent_generator.get_state(),
+        "plan": trainer.plan.state_dict(),  # noise, timesteps, caption and latent streams, audit
         "sampler": trainer.sampler.state_dict(),
         "class_sampler": trainer.class_sampler.state_dict() if trainer.class_sampler else None,
-        "captions": trainer.caption_rng.getstate(),
-        "audit": trainer.audit.state_dict(),
         "draw_log": trainer.draw_log,
     }
     write_part(directory, rank=trainer.rank, shared=shared, streams=streams)
@@ -256,16 +252,10 @@ def load_run(trainer, directory: Path) -> None:
     """Continue a reference-trainer run from a complete checkpoint of the same run."""
     shared, streams = load(directory, rank=trainer.rank, identity=run_identity(trainer), steps=trainer.config.steps)
     load_trainable_state(shared["weights"], trainer.accelerator.unwrap_model(trainer.unet), trainer.bundle.text_encoder)
-    with torch.no_grad():
-        for p, saved in zip(trainer.learned_parameters, shared["learned"], strict=True):
-            p.copy_(saved.to(p.device))
     trainer.optimizer.load_state_dict(shared["optimizer"])
     trainer.step, trainer.loss_bins, trainer.losses = shared["step"], shared["loss_bins"], shared["losses"]
-    trainer.noise_generator.set_state(streams["noise"])
-    trainer.latent_generator.set_state(streams["latents"])
+    trainer.plan.load_state_dict(streams["plan"])  # also the learned weighting's state
     trainer.sampler.load_state_dict(streams["sampler"])
     if trainer.class_sampler is not None:
         trainer.class_sampler.load_state_dict(streams["class_sampler"])
-    trainer.caption_rng.setstate(streams["captions"])
-    trainer.audit.load_state_dict(streams["audit"])
     trainer.draw_log = streams["draw_log"]

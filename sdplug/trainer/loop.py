@@ -6,9 +6,8 @@ caption -> noise -> timesteps -> noisy input / target -> weight, and the audit p
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
-import random
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sdplug.errors import MissingDependencyError, SdplugError
-from sdplug.plan import Plan, check_memory_runs_here
+from sdplug.plan import check_memory_runs_here
 from sdplug.presets import load_preset
 from sdplug.trainer import checkpoint, data, lora, models, outputs, synthetic
 from sdplug.trainer.config import OptionError, TrainConfig
@@ -91,9 +90,7 @@ class Trainer:
         self.examples = data.find_examples(_resolve_data(config, self.accelerator))
         self.class_examples = data.find_examples(config.class_data) if config.class_data else []
 
-        self.plan = Plan(
-            self.preset, alphas_cumprod=self.bundle.scheduler.alphas_cumprod, prediction_type=self.bundle.prediction_type
-        )
+        self.plan = self.preset.build(self.bundle.scheduler, seed=config.seed, rank=self.rank)
         self.audit = self.plan.audit
         preflight(self.preset, config)
         self._prepare_random_streams()  # first: caching latents draws from them
@@ -213,10 +210,9 @@ class Trainer:
         bundle = self.bundle
         params = [p for m in (bundle.unet, bundle.text_encoder) for p in m.parameters() if p.requires_grad]
         self.plan.to(self.device)  # a learned weighting's parameters and buffers, in place
-        learned = self.plan.trainable_parameters()
-        groups = [{"params": params}] + ([{"params": learned}] if learned else [])
-        self.optimizer = self.plan.optimizer(groups, default_factory=lambda g: torch.optim.AdamW(g, lr=1e-4))
-        self.learned_parameters = learned
+        # a learned weighting's parameters join as a group of their own (plan.optimizer)
+        self.optimizer = self.plan.optimizer(params, default=functools.partial(torch.optim.AdamW, lr=1e-4))
+        self.learned_parameters = self.plan.trainable_parameters()
         prepared = self.accelerator.prepare(bundle.unet, self.optimizer)
         self.unet, self.optimizer = prepared
         if self.config.train_text_encoder:
@@ -225,33 +221,25 @@ class Trainer:
             self.text_encoder = bundle.text_encoder
 
     def _prepare_random_streams(self):
-        seed, rank = self.config.seed, self.rank
-        # Each rank has its own streams (different noise, timesteps, data order and caption
-        # decisions); all are derived from --seed, so a run repeats exactly.
-        self.noise_generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + 2 * rank + 1)
-        self.sampler = data.BatchSampler(
-            len(self.examples), self.config.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + 2 * rank + 2)
-        )
+        # Every stream is the plan's (sdplug.streams: one per --seed, rank and purpose), so the
+        # noise, timesteps and caption decisions are those any host draws for this preset and
+        # seed; data order and a VAE's posterior samples are streams of their own.
+        streams = self.plan.streams
+        self.sampler = data.BatchSampler(len(self.examples), self.config.batch_size, streams.generator("data"))
         self.class_sampler = (
-            data.BatchSampler(
-                len(self.class_examples), self.config.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + 2 * rank + 3)
-            )
+            data.BatchSampler(len(self.class_examples), self.config.batch_size, streams.generator("class-data"))
             if self.class_examples
             else None
         )
-        self.caption_rng = random.Random(f"sdplug-captions-{seed}-{rank}")
-        # a VAE's latents are a sample of its posterior: drawn from --seed, not the global RNG
-        self.latent_generator = torch.Generator(device=self.device).manual_seed(
-            int.from_bytes(hashlib.sha256(f"sdplug-latents-{seed}-{rank}".encode()).digest()[:7], "little")
-        )
+        self.latent_generator = streams.generator("latents", self.device)
 
     # -- one step -----------------------------------------------------------------------------
     def _text(self, captions: list[str], epochs: list[int]) -> tuple[torch.Tensor, list[bool]]:
         if self.text_cache is not None:
-            dropped = [self.plan.caption_dropped(epoch=e, rng=self.caption_rng) for e in epochs]
+            dropped = [self.plan.caption_dropped(epoch=e) for e in epochs]
             states = [self.text_cache["" if d else c] for c, d in zip(captions, dropped, strict=True)]
             return torch.stack(states).to(self.device), dropped
-        draws = [self.plan.caption(c, epoch=e, rng=self.caption_rng) for c, e in zip(captions, epochs, strict=True)]
+        draws = [self.plan.caption(c, epoch=e) for c, e in zip(captions, epochs, strict=True)]
         tokens = self.bundle.tokenizer(
             [d.text for d in draws],
             padding="max_length",
@@ -275,8 +263,8 @@ class Trainer:
         epochs, indices = sampler.next()
         hidden, dropped = self._text([examples[i].caption for i in indices], epochs)
         latents = self._latents(images[indices])
-        noise = self.plan.noise(latents, self.noise_generator)
-        t = self.plan.timesteps(len(indices), generator=self.noise_generator, device=self.device)
+        noise = self.plan.noise(latents)
+        t = self.plan.timesteps(len(indices), device=self.device)
         noisy = self.plan.noisy_input(latents, noise, t)
         target = self.plan.target(latents, noise, t)
         with self.accelerator.autocast():
@@ -303,7 +291,7 @@ class Trainer:
                     p.grad = self.accelerator.reduce(p.grad, reduction="mean")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.audit.step()
+        self.plan.step()
         self.step += 1
         if self.checkpointed is not None and not self.checkpointed_recorded:
             # what really ran in one step, not the switch (see gradient_checkpointing.py)

@@ -60,7 +60,7 @@ class CaptionHooks:
             return original(dataset, subset, caption)
         check_subset(adapter.preset, subset, adapter.defaults)
         text = original(dataset, subset, caption)
-        return adapter.plan.caption(text, epoch=_epoch(dataset), rng=adapter.caption_rng).text
+        return adapter.plan.caption(text, epoch=_epoch(dataset)).text
 
     def text_cache(self, original, dataset, args, kwargs):
         result = original(dataset, *args, **kwargs)
@@ -113,7 +113,7 @@ class CaptionHooks:
         captions = example.get("captions")
         for row in range(tensors[0].shape[0]):
             try:
-                dropped = adapter.plan.caption_dropped(epoch=_epoch(dataset), rng=adapter.caption_rng)
+                dropped = adapter.plan.caption_dropped(epoch=_epoch(dataset))
             except MissingDependencyError as exc:
                 raise SdplugError(f"{adapter.preset.path}: with cached text-encoder outputs: {exc}") from None
             if dropped:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -153,7 +152,9 @@ class KohyaAdapter:
         if getattr(args, "zero_terminal_snr", False):
             alphas = rescale_zero_terminal_snr(alphas)
         prediction = "v_prediction" if getattr(args, "v_parameterization", False) else "epsilon"
-        self.plan = Plan(preset, alphas_cumprod=alphas, prediction_type=prediction)
+        seed = int(getattr(args, "seed", None) or 0)
+        # the plan's streams (seed, rank, purpose): the draws any other host makes for this preset and seed
+        self.plan = Plan(preset, alphas_cumprod=alphas, prediction_type=prediction, seed=seed, rank=self.rank)
         lr = self._optimizer_spec().params.get("lr") if preset.optimizer is not None else None
         result = reconcile(preset, version, values, self.defaults, script=self.script, lr=lr)
         for name, value in result.changes.items():
@@ -172,10 +173,6 @@ class KohyaAdapter:
                 min_timestep=args.min_timestep or 0, max_timestep=args.max_timestep
             )  # kohya's own range carries over
         self.configured_range = (getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
-        seed = int(getattr(args, "seed", None) or 0)
-        self.generator_seed = seed * 1_000_003 + 2 * self.rank + 1
-        self.generator: torch.Generator | None = None
-        self.caption_rng = random.Random(f"sdplug-kohya-captions-{seed}-{self.rank}")
         for rule in self.rules:
             print(f"sdplug: {rule}", file=sys.stderr)
 
@@ -224,20 +221,18 @@ class KohyaAdapter:
     def _noise_hook(self, args, noise_scheduler, latents):
         self.validating = self._validating(args)
         if not self.validating:
-            self.plan.audit.step()  # kohya draws noise once per training step
+            self.plan.step()  # kohya draws noise once per training step
             self.captions.commit()  # the batch this step trains on
         if not (self.preset.noise or self.preset.timesteps):
             self.noise_calls += not self.validating
             return self.original(self._train_util, "get_noise_noisy_latents_and_timesteps")(args, noise_scheduler, latents)
         self._check_schedule(noise_scheduler)
-        if self.generator is None or self.generator.device != latents.device:
-            self.generator = torch.Generator(device=latents.device).manual_seed(self.generator_seed)
-        if self.validating:  # the preset's noise at kohya's pinned timestep; no training step, no audit
-            draw = self.plan.noise_pipeline(latents, self.generator)
+        if self.validating:  # the preset's noise at kohya's pinned timestep, from a stream of its own; no audit
+            draw = self.plan.noise_pipeline(latents, self.plan.streams.generator("validation-noise", latents.device))
             timesteps = torch.full((latents.shape[0],), int(args.min_timestep), device=latents.device, dtype=torch.long)
         else:
-            draw = self.plan.noise(latents, self.generator)
-            timesteps = self.plan.timesteps(latents.shape[0], generator=self.generator, device=latents.device)
+            draw = self.plan.noise(latents)
+            timesteps = self.plan.timesteps(latents.shape[0], device=latents.device)
             self.noise_calls += 1
         noisy = self.plan.noisy_input(latents, draw, timesteps)
         result = (draw.target, noisy, timesteps)

@@ -1,0 +1,100 @@
+"""The noise and caption pipelines a plan runs: strategies composed in the order written."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+
+from sdplug.errors import MissingDependencyError
+from sdplug.strategies.base import CaptionTransform, NoiseStrategy
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseDraw:
+    """The noise of one step: ``target`` enters the loss, ``model_input`` builds ``x_t``.
+
+    They differ only when an input-only strategy (input perturbation) is in the noise list.
+    """
+
+    target: torch.Tensor
+    model_input: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionDraw:
+    """A caption after the transforms, whether a dropout emptied it, and what each tag
+    dropout did (``(index in the caption list, TagCount)``, for the audit)."""
+
+    text: str
+    dropped: bool
+    tag_counts: tuple = ()
+
+
+class NoisePipeline:
+    """Noise strategies composed in the order written; input-only ones act on a copy."""
+
+    def __init__(self, strategies: list[NoiseStrategy]):
+        self.strategies = list(strategies)
+
+    def __call__(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
+        noise = None
+        for strategy in self.strategies:
+            if strategy.role == "target":
+                noise = strategy.transform(noise, latents, generator)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        model_input = noise
+        for strategy in self.strategies:  # presets list input-only strategies last
+            if strategy.role == "input":
+                model_input = strategy.transform(model_input, latents, generator)
+        return NoiseDraw(target=noise, model_input=model_input)
+
+
+class CaptionPipeline:
+    """Caption transforms in the order written, with each sample's dropout decision exposed."""
+
+    def __init__(self, transforms: list[CaptionTransform]):
+        self.transforms = list(transforms)
+
+    def __call__(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> CaptionDraw:
+        rng = rng if rng is not None else random.Random()
+        dropped = False
+        counts = []
+        for index, transform in enumerate(self.transforms):
+            decide = getattr(transform, "decide", None)
+            if decide is not None:
+                if decide(epoch=epoch, rng=rng):
+                    dropped = True
+                    caption = ""
+            else:
+                before, caption = caption, transform(caption, epoch=epoch, rng=rng)
+                if hasattr(transform, "count"):
+                    counts.append((index, transform.count(before, caption)))
+        return CaptionDraw(caption, dropped, tuple(counts))
+
+    def drop_probability(self, epoch: int = 0) -> float:
+        """The chance that some dropout in the pipeline empties a caption in ``epoch``."""
+        keep = 1.0
+        for transform in self.transforms:
+            if hasattr(transform, "drop_probability"):
+                keep *= 1.0 - transform.drop_probability(epoch)
+        return 1.0 - keep
+
+    def dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
+        """The dropout decision alone, for hosts with cached text-encoder outputs.
+
+        Draws from ``rng`` exactly as ``__call__`` does for the same transforms, which must
+        all be dropouts here (presets refuse text transforms under caching).
+        """
+        rng = rng if rng is not None else random.Random()
+        dropped = False
+        for transform in self.transforms:
+            if transform.needs_text:
+                raise MissingDependencyError(
+                    f"caption transform {type(transform).__name__} needs caption text, which cached "
+                    "text-encoder outputs do not have."
+                )
+            dropped = transform.decide(epoch=epoch, rng=rng) or dropped
+        return dropped
