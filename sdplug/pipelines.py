@@ -22,14 +22,22 @@ class NoiseDraw:
     model_input: torch.Tensor
 
 
-@dataclasses.dataclass(frozen=True)
-class CaptionDraw:
-    """A caption after the transforms, whether a dropout emptied it, and what each tag
-    dropout did (``(index in the caption list, TagCount)``, for the audit)."""
+class CaptionDraw(str):
+    """A caption after the transforms: the text itself (a ``str``, so hosts use it as one),
+    with ``dropped`` (a dropout emptied it) and ``tag_counts`` (what each tag dropout did,
+    ``(index in the caption list, TagCount)``, for the audit)."""
 
-    text: str
     dropped: bool
-    tag_counts: tuple = ()
+    tag_counts: tuple
+
+    def __new__(cls, text: str, dropped: bool = False, tag_counts: tuple = ()) -> CaptionDraw:
+        draw = super().__new__(cls, text)
+        draw.dropped, draw.tag_counts = dropped, tag_counts
+        return draw
+
+    @property
+    def text(self) -> str:
+        return str(self)
 
 
 class NoisePipeline:

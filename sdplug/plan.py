@@ -93,8 +93,9 @@ class Plan:
         return draw
 
     def caption(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> CaptionDraw:
-        """One caption through the transforms (call once per sample, when it is loaded); draws
-        from the plan's ``captions`` stream unless ``rng`` is given."""
+        """One caption through the transforms (call once per sample, when it is loaded): the new
+        text, a ``str`` that also tells ``.dropped``. Draws from the plan's ``captions`` stream
+        unless ``rng`` is given."""
         draw = self.caption_pipeline(caption, epoch=epoch, rng=rng or self.streams.random("captions"))
         if self.caption_pipeline.transforms:
             self.audit.record_caption(
@@ -222,7 +223,11 @@ class Plan:
     def state_dict(self) -> dict[str, Any]:
         """The random streams, the step count, the audit and any learned strategy state: a run
         resumed from it draws what an uninterrupted run would. Tensors and plain data only."""
-        learned = {k: v.detach().cpu() for k, v in self.loss_weighting.network.state_dict().items()} if self.trainable_parameters() else {}
+        learned = (
+            {k: v.detach().cpu() for k, v in self.loss_weighting.network.state_dict().items()}
+            if self.trainable_parameters()
+            else {}
+        )
         return {"streams": self.streams.state_dict(), "steps": self.steps, "audit": self.audit.state_dict(), "learned": learned}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -151,9 +151,7 @@ class Preset:
             )
         import torch
 
-        return Plan(
-            self, alphas_cumprod=torch.as_tensor(alphas_cumprod), prediction_type=prediction_type, seed=seed, rank=rank
-        )
+        return Plan(self, alphas_cumprod=torch.as_tensor(alphas_cumprod), prediction_type=prediction_type, seed=seed, rank=rank)
 
     def to_toml(self, *, with_defaults: bool = True) -> str:
         import tomli_w

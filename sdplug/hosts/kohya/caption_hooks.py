@@ -60,7 +60,7 @@ class CaptionHooks:
             return original(dataset, subset, caption)
         check_subset(adapter.preset, subset, adapter.defaults)
         text = original(dataset, subset, caption)
-        return adapter.plan.caption(text, epoch=_epoch(dataset)).text
+        return str(adapter.plan.caption(text, epoch=_epoch(dataset)))
 
     def text_cache(self, original, dataset, args, kwargs):
         result = original(dataset, *args, **kwargs)

@@ -1,0 +1,129 @@
+"""The public plan API a loop of one's own uses: build, streams, loss, optimizer, resume, audit."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+import sdplug
+from sdplug.errors import SdplugError
+from sdplug.presets import parse_preset
+from sdplug.schedule import scaled_linear_alphas_cumprod, snr
+from sdplug.streams import Streams, stream_seed
+
+PRESET = {
+    "noise": [{"type": "pyramid", "discount": 0.8}],
+    "timesteps": {"type": "logit_normal"},
+    "loss_weighting": {"type": "min_snr", "gamma": 5.0},
+    "caption": [{"type": "dropout", "rate": 0.5}],
+}
+
+
+def build(data=PRESET, **options):
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
+    return parse_preset(data, path="api.toml").build(scheduler, **options)
+
+
+def draws(plan, steps=3):
+    out = []
+    for _ in range(steps):
+        noise = plan.noise(torch.zeros(2, 4, 8, 8))
+        t = plan.timesteps(2)
+        out.append((noise.target.clone(), t.clone(), [plan.caption("a cat").dropped for _ in range(4)]))
+        plan.step()
+    return out
+
+
+def same(a, b):
+    return all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2] for x, y in zip(a, b, strict=True))
+
+
+def test_build_reads_the_scheduler_and_explicit_values_win():
+    plan = build()
+    assert isinstance(plan, sdplug.Plan) and plan.prediction_type == "v_prediction"
+    assert torch.allclose(plan.alphas_cumprod, scaled_linear_alphas_cumprod(), atol=1e-6)
+    explicit = parse_preset(PRESET, path="api.toml").build(
+        alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon"
+    )
+    assert explicit.prediction_type == "epsilon" and explicit.num_train_timesteps == 1000
+    with pytest.raises(SdplugError, match="needs a noise scheduler, or alphas_cumprod= and prediction_type="):
+        parse_preset(PRESET, path="api.toml").build()
+
+
+def test_streams_are_one_per_seed_rank_and_purpose():
+    seeds = {stream_seed(s, r, p) for s in (0, 1) for r in (0, 1) for p in ("noise", "timesteps", "captions", "data")}
+    assert len(seeds) == 16
+    assert same(draws(build(seed=3)), draws(build(seed=3)))  # a seed repeats
+    other_rank, other_seed = draws(build(seed=3, rank=1)), draws(build(seed=4))
+    first = draws(build(seed=3))
+    assert not torch.equal(first[0][0], other_rank[0][0]) and not torch.equal(first[0][0], other_seed[0][0])
+
+
+def test_timesteps_do_not_depend_on_how_much_the_noise_draws():
+    # separate streams: a noise strategy that draws more leaves the timesteps as they were
+    plain, pyramid = build({"timesteps": {"type": "logit_normal"}}), build(PRESET)
+    for _ in range(3):
+        plain.noise(torch.zeros(2, 4, 8, 8)), pyramid.noise(torch.zeros(2, 4, 8, 8))
+        assert torch.equal(plain.timesteps(2), pyramid.timesteps(2))
+
+
+def test_an_explicit_generator_overrides_the_stream():
+    plan = build()
+    a = plan.noise(torch.zeros(1, 4, 8, 8), torch.Generator().manual_seed(5)).target
+    b = build().noise(torch.zeros(1, 4, 8, 8), torch.Generator().manual_seed(5)).target
+    assert torch.equal(a, b) and not torch.equal(a, build().noise(torch.zeros(1, 4, 8, 8)).target)
+
+
+def test_state_dict_resumes_the_same_draws_through_a_weights_only_checkpoint():
+    whole = draws(build(seed=2), steps=6)
+    first = build(seed=2)
+    draws(first, steps=3)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = build(seed=2)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert same(draws(resumed, steps=3), whole[3:])
+    assert resumed.report()["steps"] == 6
+    with pytest.raises(SdplugError, match="resume with the same seed"):
+        build(seed=9).load_state_dict(first.state_dict())
+
+
+def test_loss_is_the_per_sample_mse_then_the_weighting():
+    plan = build()
+    pred, target, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 990])
+    mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    ratio = snr(t, plan.alphas_cumprod)
+    expected = mse * torch.minimum(ratio, torch.tensor(5.0)) / (ratio + 1)  # min-SNR-5 for v-prediction
+    assert torch.allclose(plan.loss(pred, target, t), expected, rtol=1e-5)
+    with pytest.raises(SdplugError, match="masked loss"):
+        plan.loss(pred, target, t, mask=torch.ones(3, 1, 8, 8))
+    with pytest.raises(SdplugError, match="shape"):
+        plan.loss(pred, target[:, :2], t)
+
+
+def test_optimizer_is_the_presets_or_the_default_and_learned_parameters_join():
+    model = torch.nn.Linear(4, 4)
+    default = functools.partial(torch.optim.SGD, lr=0.1)
+    plain = build({}).optimizer(model.parameters(), default=default)
+    assert isinstance(plain, torch.optim.SGD) and len(plain.param_groups) == 1
+    learned = build({"loss_weighting": {"type": "learned"}, "optimizer": {"type": "adamw", "lr": 1e-3}})
+    optimizer = learned.optimizer(model.parameters(), default=default)
+    assert isinstance(optimizer, torch.optim.AdamW) and len(optimizer.param_groups) == 2
+    assert optimizer.param_groups[1]["params"] == learned.trainable_parameters()
+    with pytest.raises(SdplugError, match="names no optimizer"):
+        build({}).optimizer(model.parameters())
+
+
+def test_write_audit_holds_the_host_and_the_problems(tmp_path):
+    plan = build()
+    draws(plan, steps=2)
+    path = plan.write_audit(tmp_path / "out", host={"name": "test loop", "version": "1"})
+    audit = json.loads(path.read_text())
+    assert audit["host"] == {"name": "test loop", "version": "1"} and audit["steps"] == 2
+    assert audit["problems"] == ["loss weighting ran 0 times in 2 steps"]  # draws() never weighted a loss
