@@ -9,6 +9,7 @@ Public API::
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any
 
 from sdplug.errors import MissingDependencyError, PluginError, PresetError, SdplugError, UnknownStrategyError
@@ -16,7 +17,10 @@ from sdplug.plan import NoiseDraw, Plan
 from sdplug.presets import Preset, load_preset
 from sdplug.strategies import FAMILIES, registry
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version: one number, in pyproject.toml
+    __version__ = importlib.metadata.version("sdplug")
+except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "FAMILIES",

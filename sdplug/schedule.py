@@ -1,6 +1,6 @@
 """Noise-schedule helpers that read ``alphas_cumprod`` and nothing else.
 
-Notation (docs/techniques.md): ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` with ``a_t`` the
+Notation: ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` with ``a_t`` the
 cumulative product of alphas, and ``SNR(t) = a_t / (1 - a_t)``.
 """
 

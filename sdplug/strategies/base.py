@@ -13,8 +13,6 @@ import torch
 
 from sdplug.schedule import check_prediction_type, snr
 
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
-
 
 class NoiseStrategy:
     """Makes or reshapes the training noise for a batch of latents.

@@ -1,7 +1,7 @@
 """Caption transforms: dropout for classifier-free guidance, tag dropout, tag shuffling.
 
-Source: seed 002 (docs/techniques.md section 3): classifier-free guidance (Ho & Salimans,
-2022) needs the model trained without its caption some of the time.
+Source: classifier-free guidance (Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022)
+needs the model trained without its caption some of the time.
 """
 
 from __future__ import annotations

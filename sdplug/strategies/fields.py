@@ -1,7 +1,7 @@
 """Spatially correlated noise fields: pink (1/f) and Perlin noise.
 
 Both are named as further options by J. Whitaker, "Multi-Resolution Noise for Diffusion Model
-Training" (2023), seed 000 in docs/techniques.md section 1.
+Training" (2023).
 """
 
 from __future__ import annotations

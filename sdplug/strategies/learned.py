@@ -3,7 +3,8 @@
 Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models" (CVPR 2024),
 section 2 / eq. 21: a tiny network predicts a log-variance ``u`` per noise level and the loss
 becomes ``L / exp(u) + u``, so each level's weight adapts to its own loss scale; the answer to
-the open question at the end of the min-SNR article (docs/techniques.md section 2).
+the open question at the end of the min-SNR article (Hang et al., "Efficient Diffusion
+Training via Min-SNR Weighting Strategy", 2023).
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Pyramid (multi-resolution) noise.
 
-Source: J. Whitaker, "Multi-Resolution Noise for Diffusion Model Training" (2023), seed 000 in
-docs/techniques.md section 1. Gaussian noise plus Gaussian noise drawn at random lower
+Source: J. Whitaker, "Multi-Resolution Noise for Diffusion Model Training" (2023). Gaussian noise plus Gaussian noise drawn at random lower
 resolutions (each side divided by ``r**i``, ``r ~ U(scale_min, scale_max)``), bilinearly
 upsampled and weighted by ``discount**i``, then rescaled to about unit variance.
 
@@ -87,7 +86,7 @@ class PyramidNoise(NoiseStrategy):
         seed code's shrinking ``w, h`` and its full-size level 0) or ``"kohya"`` (sd-scripts'
         ``multires_noise_*``: intended sizes plus a full-size level 0); see ``level_sizes``.
       normalize: divide by the std of the whole batch (seed), of each sample, or ``"none"``,
-        which keeps the white component at unit variance (docs/techniques.md section 1).
+        which keeps the white component at unit variance.
     """
 
     discount: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8

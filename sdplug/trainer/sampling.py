@@ -2,12 +2,11 @@
 
 Sampling starts from the preset's training noise family (e.g. pyramid noise) by default:
 a model trained on pyramid noise and sampled from N(0, I) keeps high-frequency noise in its
-images (docs/techniques.md section 1).
+images (J. Whitaker, "Multi-Resolution Noise for Diffusion Model Training", 2023, and
+sdplug's own runs of the embedded model).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
@@ -99,6 +98,3 @@ def _grid(results, prompts, seeds, guidance_scales, zoom: int = 3) -> Image.Imag
                 grid.paste(image, (x + s_index * (tile + gap), y))
     return grid
 
-
-def save_grid(grid: Image.Image, path: Path) -> None:
-    grid.save(path, format="PNG")  # the format named: the path may be a temporary name
