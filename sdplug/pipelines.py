@@ -84,10 +84,12 @@ class CaptionPipeline:
 
     def drop_probability(self, epoch: int = 0) -> float:
         """The chance that some dropout in the pipeline empties a caption in ``epoch``."""
+        chances = [t.drop_probability(epoch) for t in self.transforms if hasattr(t, "drop_probability")]
+        if len(chances) == 1:
+            return chances[0]  # exactly the configured rate (1 - (1 - 0.1) is 0.09999999999999998)
         keep = 1.0
-        for transform in self.transforms:
-            if hasattr(transform, "drop_probability"):
-                keep *= 1.0 - transform.drop_probability(epoch)
+        for chance in chances:
+            keep *= 1.0 - chance
         return 1.0 - keep
 
     def dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:

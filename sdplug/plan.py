@@ -80,6 +80,8 @@ class Plan:
                 "caption": [s.type for s in preset.caption],
                 "timesteps": [preset.timesteps.type] if preset.timesteps else [],
                 "loss_weighting": [preset.loss_weighting.type] if preset.loss_weighting else [],
+                "optimizer": [self._optimizer_spec().type] if preset.optimizer else [],
+                "attention": [preset.attention.type] if preset.attention else [],
             },
             self.num_train_timesteps,
             tag_dropout_rates={i: s.create().rate for i, s in enumerate(preset.caption) if s.type == "tag_dropout"},
@@ -114,6 +116,10 @@ class Plan:
                 dropped=dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), substituted=dropped
             )
         return dropped
+
+    def _optimizer_spec(self):
+        """The preset's optimizer table, or its fallback's when the plan had to use it."""
+        return self.preset.optimizer_fallback if self.optimizer_fell_back else self.preset.optimizer
 
     def _choose_optimizer(self):
         if self.preset.optimizer is None:
