@@ -60,38 +60,69 @@ class Audit:
             },
             "host": {},
         }
+        self._sums: dict[str, torch.Tensor] = {}  # on-device accumulators, see _settle
 
     # -- fed by the plan -------------------------------------------------------------------
+    # Tensor statistics accumulate as tensors on the device of the tensors measured, and are
+    # folded into the plain record (``_settle``) only when it is read: no call made during a
+    # training step waits for the device.
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().to(torch.float64).reshape(-1)
+        if key in self._sums:
+            self._sums[key] += value
+        else:
+            self._sums[key] = value.clone()
+
+    def _bin_counts(self, timesteps: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        bins = (timesteps.detach().long() * TIMESTEP_BINS // self.num_train_timesteps).clamp(0, TIMESTEP_BINS - 1).reshape(-1)
+        source = torch.ones_like(bins, dtype=torch.float64) if values is None else values.detach().to(torch.float64).reshape(-1)
+        # scatter_add into a fixed-size tensor (bincount would read the maximum back to size its output)
+        return torch.zeros(TIMESTEP_BINS, dtype=torch.float64, device=bins.device).scatter_add_(0, bins, source.to(bins.device))
+
     def record_noise(self, target: torch.Tensor, model_input: torch.Tensor) -> None:
         noise = self.data["noise"]
         noise["calls"] = [c + 1 for c in noise["calls"]]
         noise["draws"] += 1
         detached = target.detach().float()
-        noise["target_std_sum"] += detached.std().item()
+        self._add("noise.target_std_sum", detached.std())
         if detached.dim() == 4 and detached.shape[0] * detached.shape[1] > 1:
             # Low-frequency energy: the variance of the per-channel means, unbiased (n - 1), so
             # that for N(0, I) noise its expectation is exactly 1 / (H * W), the reference, at
             # every batch size (the biased estimate reads 3/4 of it with 4 channels at batch 1).
-            noise["channel_mean_variance_sum"] += detached.mean(dim=(-2, -1)).flatten().var(unbiased=True).item()
+            self._add("noise.channel_mean_variance_sum", detached.mean(dim=(-2, -1)).flatten().var(unbiased=True))
             noise["channel_mean_variance_draws"] = noise.get("channel_mean_variance_draws", 0) + 1
             noise["gaussian_channel_mean_variance"] = 1.0 / (detached.shape[-1] * detached.shape[-2])
         if model_input is not target:
-            noise["input_minus_target_std_sum"] += (model_input.detach().float() - detached).std().item()
+            self._add("noise.input_minus_target_std_sum", (model_input.detach().float() - detached).std())
 
     def record_timesteps(self, timesteps: torch.Tensor) -> None:
-        record = self.data["timesteps"]
-        record["draws"] += timesteps.numel()
-        bins = (timesteps.detach().cpu().long() * TIMESTEP_BINS // self.num_train_timesteps).clamp(0, TIMESTEP_BINS - 1)
-        for b, count in zip(*torch.unique(bins, return_counts=True), strict=True):
-            record["histogram"][int(b)] += int(count)
+        self.data["timesteps"]["draws"] += timesteps.numel()
+        self._add("timesteps.histogram", self._bin_counts(timesteps))
 
     def record_weights(self, timesteps: torch.Tensor, weights: torch.Tensor) -> None:
-        record = self.data["loss_weighting"]
-        record["calls"] += 1
-        bins = (timesteps.detach().cpu().long() * TIMESTEP_BINS // self.num_train_timesteps).clamp(0, TIMESTEP_BINS - 1)
-        for b, w in zip(bins.tolist(), weights.detach().float().cpu().tolist(), strict=True):
-            record["weight_sum"][b] += w
-            record["weight_count"][b] += 1
+        self.data["loss_weighting"]["calls"] += 1
+        self._add("loss_weighting.weight_sum", self._bin_counts(timesteps, weights))
+        self._add("loss_weighting.weight_count", self._bin_counts(timesteps))
+
+    def _settle(self) -> None:
+        """Fold the on-device sums into the plain record: one transfer per device, at read time."""
+        by_device: dict[torch.device, list[str]] = {}
+        for key, value in self._sums.items():
+            by_device.setdefault(value.device, []).append(key)
+        for keys in by_device.values():
+            values = torch.cat([self._sums[k] for k in keys]).tolist()
+            for key in keys:
+                size = self._sums[key].numel()
+                chunk, values = values[:size], values[size:]
+                family, name = key.split(".")
+                if size == 1:
+                    self.data[family][name] += chunk[0]
+                else:
+                    integral = name in ("histogram", "weight_count")
+                    self.data[family][name] = [
+                        old + (round(new) if integral else new) for old, new in zip(self.data[family][name], chunk, strict=True)
+                    ]
+        self._sums = {}
 
     def record_caption(
         self, *, dropped: bool, drop_probability: float, substituted: bool = False, tag_counts: tuple = ()
@@ -112,18 +143,25 @@ class Audit:
     def record_host(self, **facts: Any) -> None:
         self.data["host"].update(facts)
 
+    def extend_host(self, section: str, **facts: Any) -> None:
+        """Add facts to one host section (``memory``, ``attention``, ...) recorded earlier."""
+        self.data["host"].setdefault(section, {}).update(facts)
+
     def step(self) -> None:
         self.data["steps"] += 1
 
     # -- reading ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self._settle()
         return json.loads(json.dumps(self.data))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.data = json.loads(json.dumps(state))
+        self._sums = {}
 
     def report(self) -> dict[str, Any]:
         """What audit.json holds: per family, counts and realised statistics."""
+        self._settle()  # the one host-device sync of the audit
         d = self.data
         report: dict[str, Any] = {"steps": d["steps"], "strategies": self.strategies}
         noise = d["noise"]

@@ -198,3 +198,30 @@ def test_import_notices_of_unused_parts_are_quieted(caplog):
         text=True,
     )
     assert result.returncode == 0 and "gemm_4bit" not in result.stderr and "requires torchvision" not in result.stderr
+
+
+def test_audit_problems_keep_the_trained_weights_and_fail_the_run(tmp_path, monkeypatch):
+    """The one problems policy: save everything, list the problems in audit.json, exit non-zero."""
+    from sdplug.audit import Audit
+
+    monkeypatch.setattr(Audit, "problems", lambda self: ["noise 'offset' ran 1 times in 2 steps"])
+    (tmp_path / "p.toml").write_text('[[noise]]\ntype = "offset"\n')
+    out = tmp_path / "out"
+    code = main(
+        [
+            "train",
+            str(tmp_path / "p.toml"),
+            "--output",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--no-samples",
+            "--no-progress",
+        ]
+    )
+    assert code == 1
+    assert (out / "lora.safetensors").is_file()
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["completed"] is True and audit["problems"] == ["noise 'offset' ran 1 times in 2 steps"]

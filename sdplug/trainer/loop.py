@@ -297,9 +297,7 @@ class Trainer:
         if self.checkpointed is not None and not self.checkpointed_recorded:
             # what really ran in one step, not the switch (see gradient_checkpointing.py)
             calls = dict(self.checkpointed.calls)
-            self.audit.record_host(
-                memory={**self.audit.data["host"]["memory"], "gradient_checkpointing": {"checkpointed_calls_in_step_1": calls}}
-            )
+            self.audit.extend_host("memory", gradient_checkpointing={"checkpointed_calls_in_step_1": calls})
             self.checkpointed_recorded = True
             idle = [name for name, count in calls.items() if count == 0]
             if idle:
@@ -367,6 +365,8 @@ def train(config: TrainConfig) -> dict:
     try:
         trainer = Trainer(config)
         report = trainer.run()
+    except outputs.AuditProblems:
+        raise  # everything is saved and audit.json lists the problems: nothing to clean up
     except BaseException as exc:
         outputs.clean_failed(Path(config.output), fresh)
         if isinstance(exc, Exception):  # not for Ctrl-C / SystemExit: nothing to explain there

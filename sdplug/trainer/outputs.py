@@ -258,9 +258,7 @@ def _loss_bins(trainer) -> dict:
 def finish(trainer) -> dict:
     """Record the run, then (main process) write every final output; returns the audit report."""
     accelerator, audit, out = trainer.accelerator, trainer.audit, trainer.config.output
-    problems = audit.problems()
-    if problems:
-        raise SdplugError("the audit found strategies that did not apply: " + "; ".join(problems))
+    problems = audit.problems()  # the policy: save everything, record them, then fail (AuditProblems)
     _record_run(trainer)
     from accelerate.utils import gather_object
 
@@ -301,10 +299,22 @@ def finish(trainer) -> dict:
     ]
     trainer.written.append("audit.json")  # written last; a refused or failed run writes one with completed = false
     report["completed"] = True
+    report["problems"] = problems
     report["files"] = list(dict.fromkeys(trainer.written))
     write_text(out / "audit.json", json.dumps(report, indent=2) + "\n")
     accelerator.wait_for_everyone()
+    if problems:
+        raise AuditProblems(
+            f"the run finished and its outputs are saved in {out}, but the audit found strategies that did not "
+            f"apply: {'; '.join(problems)} (audit.json, 'problems')."
+        )
     return report
+
+
+class AuditProblems(SdplugError):
+    """A finished run whose audit found a strategy that did not apply. Its outputs are saved and
+    ``audit.json`` lists the problems; the run still fails (non-zero exit), so it is never
+    mistaken for a run that applied its preset."""
 
 
 # -- a failed run ----------------------------------------------------------------------------

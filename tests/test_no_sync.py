@@ -1,0 +1,121 @@
+"""No plan call of a training step waits for the device: no .item(), .tolist(), bool(), float(),
+int() of a tensor inside any of them; the audit syncs once, when it is read.
+
+On a GPU each of those is a host-device synchronisation; on this CPU the test makes them raise
+inside every plan call, which catches the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+
+import sdplug
+from sdplug.presets import parse_preset
+from sdplug.schedule import scaled_linear_alphas_cumprod
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+STEP_CALLS = ("noise", "timesteps", "noisy_input", "target", "loss", "weight", "caption", "caption_dropped", "step")
+
+# Strategies whose draw decides a shape on the host (pyramid's random level sizes, immiscible's
+# assignment on the CPU) read one value back per step by design; see their docstrings.
+HOST_DECIDED = {("noise", "pyramid"), ("noise", "immiscible")}
+
+
+class SyncInStep(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def syncs_raise_inside(plan):
+    inside = {"depth": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCS}
+
+    def guarded(name):
+        original = originals[name]
+
+        @functools.wraps(original)
+        def method(self, *args, **kwargs):
+            if inside["depth"]:
+                raise SyncInStep(f"Tensor.{name} inside a plan call")
+            return original(self, *args, **kwargs)
+
+        return method
+
+    def entered(call):
+        @functools.wraps(call)
+        def method(*args, **kwargs):
+            inside["depth"] += 1
+            try:
+                return call(*args, **kwargs)
+            finally:
+                inside["depth"] -= 1
+
+        return method
+
+    for name in SYNCS:
+        setattr(torch.Tensor, name, guarded(name))
+    for name in STEP_CALLS:
+        setattr(plan, name, entered(getattr(plan, name)))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        for name in STEP_CALLS:
+            delattr(plan, name)  # the instance attribute: the class method again
+
+
+def run_steps(plan, steps=3, batch=4):
+    for _ in range(steps):
+        latents = torch.randn(batch, 4, 16, 16)
+        texts = [plan.caption("a red circle, on a black background, small") for _ in range(batch)]
+        if all(not t.needs_text for t in plan.caption_pipeline.transforms):
+            plan.caption_dropped()  # the cached-embeddings route, where it applies
+        noise = plan.noise(latents)
+        t = plan.timesteps(batch, device=latents.device)
+        x_t = plan.noisy_input(latents, noise, t)
+        prediction = x_t * 0.5
+        plan.loss(prediction, plan.target(latents, noise, t), t).mean()
+        plan.step()
+    return texts
+
+
+def one_of_each(family, name):
+    entry = {"type": name}
+    if (family, name) == ("timesteps", "biased"):
+        entry["bias"] = "later"
+    return entry
+
+
+def cases():
+    for family in ("noise", "timesteps", "loss_weighting", "caption"):
+        for name in sdplug.available(family):
+            if (family, name) not in HOST_DECIDED:
+                yield family, name
+
+
+@pytest.mark.parametrize("family,name", list(cases()))
+def test_no_plan_call_syncs(family, name):
+    table = one_of_each(family, name)
+    data = {family: [table]} if family in ("noise", "caption") else {family: table}
+    if family == "caption" and name != "dropout":
+        data["caption"].append({"type": "dropout", "rate": 0.5})
+    plan = parse_preset(data, path="sync.toml").build(
+        alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="v_prediction"
+    )
+    with syncs_raise_inside(plan):
+        run_steps(plan)
+    report = plan.report()  # reading syncs, once, outside the step
+    assert report["steps"] == 3 and sum(report["timesteps"]["histogram"]) == 12
+    assert report["problems"] == []
+
+
+def test_the_guard_catches_a_sync():
+    plan = parse_preset({}, path="sync.toml").build(alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    plan.noisy_input = lambda latents, noise, t: latents.sum().item()  # a sync where none belongs
+    with pytest.raises(SyncInStep), syncs_raise_inside(plan):
+        plan.noisy_input(torch.ones(1), None, None)
