@@ -173,14 +173,17 @@ class Plan:
     def loss(
         self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The per-sample loss ``(B,)``: the loss type (MSE, in float32, mean over every non-batch
-        dimension), then the preset's weighting. ``mask`` is reserved for masked loss."""
+        """The per-sample loss ``(B,)``: the loss type, then the preset's weighting."""
+        return self.weight(self.unweighted_loss(model_pred, target, mask), timesteps)
+
+    def unweighted_loss(self, model_pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss type alone, per sample ``(B,)``: MSE in float32, the mean over every non-batch
+        dimension. ``mask`` is reserved for masked loss."""
         if mask is not None:
             raise SdplugError("plan.loss(mask=...): masked loss is not available in this sdplug version.")
         if model_pred.shape != target.shape:
             raise SdplugError(f"plan.loss: the prediction has shape {tuple(model_pred.shape)}, the target {tuple(target.shape)}.")
-        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.dim())))
-        return self.weight(per_sample, timesteps)
+        return F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.dim())))
 
     def step(self) -> None:
         """Once per optimizer step: counts the steps the audit compares every strategy's calls with."""

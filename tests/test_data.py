@@ -1,6 +1,5 @@
 """Training data: caption files as written by real editors, and each sample's own epoch."""
 
-import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +9,7 @@ from PIL import Image
 
 from sdplug.plan import Plan
 from sdplug.presets import parse_preset
+from sdplug.trainer.batches import TrainingInputs
 from sdplug.trainer.data import BatchSampler, DataError, Example, find_examples
 from sdplug.trainer.loop import Trainer
 
@@ -46,14 +46,18 @@ def every_second_epoch_plan(sd_alphas):
     return Plan(preset, alphas_cumprod=sd_alphas, prediction_type="epsilon")
 
 
+def inputs_for(plan, **fields):
+    """TrainingInputs with only what text() reads (the rest of a run is not needed here)."""
+    inputs = TrainingInputs.__new__(TrainingInputs)
+    inputs.plan, inputs.device = plan, "cpu"
+    for name, value in fields.items():
+        setattr(inputs, name, value)
+    return inputs
+
+
 def test_cached_text_decides_dropout_with_each_samples_epoch(sd_alphas):
-    host = SimpleNamespace(
-        plan=every_second_epoch_plan(sd_alphas),
-        caption_rng=random.Random(0),
-        device="cpu",
-        text_cache={"": torch.zeros(3), "a": torch.ones(3)},
-    )
-    states, dropped = Trainer._text(host, ["a", "a"], [0, 1])  # epoch 1 is every_n_epochs = 2's drop epoch
+    inputs = inputs_for(every_second_epoch_plan(sd_alphas), text_cache={"": torch.zeros(3), "a": torch.ones(3)})
+    states, dropped = inputs.text(None, ["a", "a"], [0, 1], train_text_encoder=False)  # epoch 1: every_n_epochs = 2 drops
     assert dropped == [False, True]
     assert states[:, 0].tolist() == [1.0, 0.0]
 
@@ -66,16 +70,9 @@ def test_encoded_text_decides_dropout_with_each_samples_epoch(sd_alphas):
         return SimpleNamespace(input_ids=torch.zeros(len(texts), 4, dtype=torch.long))
 
     tokenizer.model_max_length = 4
-    host = SimpleNamespace(
-        plan=every_second_epoch_plan(sd_alphas),
-        caption_rng=random.Random(0),
-        device="cpu",
-        text_cache=None,
-        bundle=SimpleNamespace(tokenizer=tokenizer),
-        config=SimpleNamespace(train_text_encoder=False),
-        text_encoder=lambda tokens: (torch.zeros(tokens.shape[0], 4, 8),),
-    )
-    _, dropped = Trainer._text(host, ["a", "b", "c"], [1, 2, 3])
+    inputs = inputs_for(every_second_epoch_plan(sd_alphas), text_cache=None, bundle=SimpleNamespace(tokenizer=tokenizer))
+    encoder = lambda tokens: (torch.zeros(tokens.shape[0], 4, 8),)  # noqa: E731
+    _, dropped = inputs.text(encoder, ["a", "b", "c"], [1, 2, 3], train_text_encoder=False)
     assert dropped == [True, False, True] and seen == ["", "b", ""]
 
 
@@ -83,12 +80,12 @@ def test_loss_passes_each_samples_epoch_to_the_captions():
     class Stop(Exception):
         pass
 
-    def text(captions, epochs):
+    def text(encoder, captions, epochs, **_):
         raise Stop(epochs)
 
     sampler = BatchSampler(3, 2, torch.Generator().manual_seed(0))
     sampler.next()  # the next batch straddles epochs 0 and 1
-    host = SimpleNamespace(_text=text)
+    host = SimpleNamespace(inputs=SimpleNamespace(text=text), text_encoder=None, config=SimpleNamespace(train_text_encoder=False))
     with pytest.raises(Stop) as info:
         Trainer._loss(host, sampler, [Example(Path("x.png"), "c")] * 3, None)
     assert info.value.args[0] == [0, 1]

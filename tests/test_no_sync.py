@@ -18,7 +18,18 @@ from sdplug.presets import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-STEP_CALLS = ("noise", "timesteps", "noisy_input", "target", "loss", "weight", "caption", "caption_dropped", "step")
+STEP_CALLS = (
+    "noise",
+    "timesteps",
+    "noisy_input",
+    "target",
+    "loss",
+    "unweighted_loss",
+    "weight",
+    "caption",
+    "caption_dropped",
+    "step",
+)
 
 # Strategies whose draw decides a shape on the host (pyramid's random level sizes, immiscible's
 # assignment on the CPU) read one value back per step by design; see their docstrings.

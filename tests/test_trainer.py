@@ -118,11 +118,11 @@ def test_dropout_with_cached_text_embeddings_substitutes_the_empty_caption(tmp_p
     preset = '[[caption]]\ntype = "dropout"\nrate = 0.5\n[memory]\ncache_text_encoder_outputs = true\n'
     trainer = Trainer(quick(tmp_path, preset, data=small_data, steps=3))
     captions = [e.caption for e in trainer.examples[:16]]
-    hidden, dropped = trainer._text(captions, [0] * len(captions))
-    empty = trainer.text_cache[""]
+    cache = trainer.inputs.text_cache
+    hidden, dropped = trainer.inputs.text(None, captions, [0] * len(captions), train_text_encoder=False)
     assert any(dropped) and not all(dropped)
     for h, d, c in zip(hidden, dropped, captions, strict=True):
-        assert torch.equal(h.cpu(), empty if d else trainer.text_cache[c])
+        assert torch.equal(h.cpu(), cache[""] if d else cache[c])
     report = trainer.run()
     caption = report["caption"]
     assert caption["empty_caption_embeddings_substituted"] == caption["dropped"] > 0

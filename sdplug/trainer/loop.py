@@ -13,16 +13,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sdplug.errors import MissingDependencyError, SdplugError
 from sdplug.plan import check_memory_runs_here
 from sdplug.presets import load_preset
 from sdplug.trainer import checkpoint, data, lora, models, outputs, synthetic
+from sdplug.trainer.batches import TrainingInputs
 from sdplug.trainer.config import OptionError, TrainConfig
 from sdplug.trainer.gradient_checkpointing import CheckpointedCalls
 from sdplug.trainer.requirements import check_trainer_requirements
-from sdplug.trainer.sampling import encode_prompts
+from sdplug.trainer.step import diffusion_loss
 
 TIMESTEP_BINS = 10
 
@@ -111,28 +111,14 @@ class Trainer:
         if bundle.vae is not None:
             bundle.vae.requires_grad_(False).to(self.device)
         self.lora_alpha = config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
-        if config.mode == "lora":
-            # the adapters' initial weights come from --seed (two different seeds: the UNet's and
-            # the text encoder's adapters must not start as copies of one draw)
-            lora.add_lora(
-                bundle.unet, rank=config.lora_rank, alpha=self.lora_alpha, targets=lora.UNET_TARGETS, seed=2 * config.seed
-            )
-            if config.train_text_encoder:
-                lora.add_lora(
-                    bundle.text_encoder,
-                    rank=config.lora_rank,
-                    alpha=self.lora_alpha,
-                    targets=lora.TEXT_ENCODER_TARGETS,
-                    seed=2 * config.seed + 1,
-                )
-        else:
-            bundle.unet.requires_grad_(True)
-            if config.train_text_encoder:
-                bundle.text_encoder.requires_grad_(True)
-        # from_pretrained returns modules in eval mode, and transformers checkpoints (and drops
-        # out) only in train mode: trained modules train, a frozen text encoder stays in eval
-        bundle.unet.train()
-        bundle.text_encoder.train(config.train_text_encoder)
+        lora.make_trainable(
+            bundle,
+            mode=config.mode,
+            rank=config.lora_rank,
+            alpha=self.lora_alpha,
+            train_text_encoder=config.train_text_encoder,
+            seed=config.seed,
+        )
 
         def processor_classes() -> str:
             return ",".join(sorted({type(p).__name__ for p in bundle.unet.attn_processors.values()}))
@@ -162,48 +148,21 @@ class Trainer:
             p.numel() for m in (bundle.unet, bundle.text_encoder) for p in m.parameters() if p.requires_grad
         )
 
-    def _encode_images(self, examples) -> torch.Tensor:
-        images = torch.stack([data.load_image(e.image, self.bundle.resolution) for e in examples])
-        if self.bundle.vae is None:
-            return images
-        encoded = []
-        with torch.no_grad():
-            for chunk in images.split(8):
-                encoded.append(
-                    self.bundle.vae.encode(chunk.to(self.device)).latent_dist.sample(generator=self.latent_generator)
-                    * self.bundle.latent_scale
-                )
-        return torch.cat(encoded).cpu()
-
     def _prepare_data(self):
-        memory = self.preset.memory
-        if self.bundle.vae is None or memory.cache_latents:
-            # pixel space: the images are the model's input, there is nothing to encode
-            self.images = self._encode_images(self.examples)
-            self.class_images = self._encode_images(self.class_examples) if self.class_examples else None
-            self.latents_cached = self.bundle.vae is not None
-        else:
-            self.images = torch.stack([data.load_image(e.image, self.bundle.resolution) for e in self.examples])
-            self.class_images = (
-                torch.stack([data.load_image(e.image, self.bundle.resolution) for e in self.class_examples])
-                if self.class_examples
-                else None
-            )
-            self.latents_cached = False
-        self.text_cache = None
-        if memory.cache_text_encoder_outputs:
-            captions = sorted({e.caption for e in (*self.examples, *self.class_examples)} | {""})
-            with torch.no_grad():
-                encoded = torch.cat(
-                    [encode_prompts(self.bundle, captions[i : i + 32], self.device) for i in range(0, len(captions), 32)]
-                )
-            self.text_cache = dict(zip(captions, encoded.cpu(), strict=True))
+        self.inputs = TrainingInputs(
+            self.bundle,
+            self.plan,
+            self.examples,
+            self.class_examples,
+            memory=self.preset.memory,
+            device=self.device,
+            latent_generator=self.latent_generator,
+        )
         self.audit.record_host(
             memory={
                 "gradient_checkpointing": self.preset.memory.gradient_checkpointing,
                 "mixed_precision": self.preset.memory.mixed_precision,
-                "cache_latents": "pixel space: no VAE" if self.bundle.vae is None else self.latents_cached,
-                "cache_text_encoder_outputs": self.text_cache is not None,
+                **self.inputs.memory_record(),
             }
         )
 
@@ -235,55 +194,28 @@ class Trainer:
         self.latent_generator = streams.generator("latents", self.device)
 
     # -- one step -----------------------------------------------------------------------------
-    def _text(self, captions: list[str], epochs: list[int]) -> tuple[torch.Tensor, list[bool]]:
-        if self.text_cache is not None:
-            dropped = [self.plan.caption_dropped(epoch=e) for e in epochs]
-            states = [self.text_cache["" if d else c] for c, d in zip(captions, dropped, strict=True)]
-            return torch.stack(states).to(self.device), dropped
-        draws = [self.plan.caption(c, epoch=e) for c, e in zip(captions, epochs, strict=True)]
-        tokens = self.bundle.tokenizer(
-            [d.text for d in draws],
-            padding="max_length",
-            max_length=self.bundle.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        with torch.set_grad_enabled(self.config.train_text_encoder):
-            return self.text_encoder(tokens)[0], [d.dropped for d in draws]
-
-    def _latents(self, images: torch.Tensor) -> torch.Tensor:
-        if self.bundle.vae is None or self.latents_cached:
-            return images.to(self.device)
-        with torch.no_grad():
-            return (
-                self.bundle.vae.encode(images.to(self.device)).latent_dist.sample(generator=self.latent_generator)
-                * self.bundle.latent_scale
-            )
-
     def _loss(self, sampler: data.BatchSampler, examples, images) -> tuple[torch.Tensor, dict]:
         epochs, indices = sampler.next()
-        hidden, dropped = self._text([examples[i].caption for i in indices], epochs)
-        latents = self._latents(images[indices])
-        noise = self.plan.noise(latents)
-        t = self.plan.timesteps(len(indices), device=self.device)
-        noisy = self.plan.noisy_input(latents, noise, t)
-        target = self.plan.target(latents, noise, t)
-        with self.accelerator.autocast():
-            prediction = self.unet(noisy, t, encoder_hidden_states=hidden).sample
-        raw = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, prediction.dim())))
-        weighted = self.plan.weight(raw, t)
-        bins = (t * TIMESTEP_BINS // self.plan.num_train_timesteps).clamp(max=TIMESTEP_BINS - 1).tolist()
-        for b, r, w in zip(bins, raw.detach().tolist(), weighted.detach().tolist(), strict=True):
+        captions = [examples[i].caption for i in indices]
+        states, dropped = self.inputs.text(self.text_encoder, captions, epochs, train_text_encoder=self.config.train_text_encoder)
+        step = diffusion_loss(self.plan, self.unet, self.inputs.latents(images[indices]), states, self.accelerator.autocast)
+        bins = (step.timesteps * TIMESTEP_BINS // self.plan.num_train_timesteps).clamp(max=TIMESTEP_BINS - 1).tolist()
+        for b, r, w in zip(bins, step.unweighted.detach().tolist(), step.weighted.detach().tolist(), strict=True):
             self.loss_bins["raw_sum"][b] += r
             self.loss_bins["weighted_sum"][b] += w
             self.loss_bins["count"][b] += 1
-        draw = {"indices": indices, "timesteps": t.tolist(), "dropped": dropped, "noise_sum": float(noise.target.double().sum())}
-        return weighted.mean(), draw
+        draw = {
+            "indices": indices,
+            "timesteps": step.timesteps.tolist(),
+            "dropped": dropped,
+            "noise_sum": float(step.noise.target.double().sum()),
+        }
+        return step.weighted.mean(), draw
 
     def train_step(self) -> float:
-        loss, draw = self._loss(self.sampler, self.examples, self.images)
+        loss, draw = self._loss(self.sampler, self.examples, self.inputs.images)
         if self.class_sampler is not None:
-            prior_loss, _ = self._loss(self.class_sampler, self.class_examples, self.class_images)
+            prior_loss, _ = self._loss(self.class_sampler, self.class_examples, self.inputs.class_images)
             loss = loss + self.config.prior_loss_weight * prior_loss
         self.accelerator.backward(loss)
         if self.accelerator.num_processes > 1:

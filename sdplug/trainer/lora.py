@@ -41,6 +41,24 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[s
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def make_trainable(bundle, *, mode: str, rank: int, alpha: float, train_text_encoder: bool, seed: int) -> None:
+    """LoRA adapters (``mode`` "lora") or the whole weights ("dreambooth") of the UNet, and of
+    the text encoder with ``train_text_encoder``, become trainable; everything else is frozen."""
+    if mode == "lora":
+        # initial weights from the run's seed: two seeds, so the UNet's and the text encoder's
+        # adapters do not start as copies of one draw
+        add_lora(bundle.unet, rank=rank, alpha=alpha, targets=UNET_TARGETS, seed=2 * seed)
+        if train_text_encoder:
+            add_lora(bundle.text_encoder, rank=rank, alpha=alpha, targets=TEXT_ENCODER_TARGETS, seed=2 * seed + 1)
+    else:
+        bundle.unet.requires_grad_(True)
+        bundle.text_encoder.requires_grad_(train_text_encoder)
+    # from_pretrained returns modules in eval mode, and transformers checkpoints (and drops out)
+    # only in train mode: trained modules train, a frozen text encoder stays in eval
+    bundle.unet.train()
+    bundle.text_encoder.train(train_text_encoder)
+
+
 def lora_layers(model: torch.nn.Module):
     """(module path, down weight, up weight, scaling alpha) for each peft LoRA layer."""
     for name, module in model.named_modules():

@@ -1,0 +1,72 @@
+"""What a training step feeds the model: latents (or pixels) and text-encoder states.
+
+Latents are cached once when the preset says so (or when there is no VAE: pixel space);
+text-encoder outputs likewise, with the empty caption's, which a dropped caption gets. Every
+caption decision is the plan's (``plan.caption`` / ``plan.caption_dropped``), made with each
+sample's own epoch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdplug.trainer import data
+from sdplug.trainer.sampling import encode_prompts
+
+
+class TrainingInputs:
+    """The images of a run (as the model takes them) and the text states for its captions."""
+
+    def __init__(self, bundle, plan, examples, class_examples, *, memory, device, latent_generator):
+        self.bundle, self.plan, self.device, self.latent_generator = bundle, plan, device, latent_generator
+        self.latents_cached = bundle.vae is not None and memory.cache_latents
+        # pixel space: the images are the model's input, there is nothing to encode
+        prepare = self._encode if bundle.vae is None or memory.cache_latents else self._load
+        self.images = prepare(examples)
+        self.class_images = prepare(class_examples) if class_examples else None
+        self.text_cache = None
+        if memory.cache_text_encoder_outputs:
+            captions = sorted({e.caption for e in (*examples, *class_examples)} | {""})
+            with torch.no_grad():
+                encoded = torch.cat([encode_prompts(bundle, captions[i : i + 32], device) for i in range(0, len(captions), 32)])
+            self.text_cache = dict(zip(captions, encoded.cpu(), strict=True))
+
+    def memory_record(self) -> dict:
+        return {
+            "cache_latents": "pixel space: no VAE" if self.bundle.vae is None else self.latents_cached,
+            "cache_text_encoder_outputs": self.text_cache is not None,
+        }
+
+    def _load(self, examples) -> torch.Tensor:
+        return torch.stack([data.load_image(e.image, self.bundle.resolution) for e in examples])
+
+    def _vae(self, images: torch.Tensor) -> torch.Tensor:
+        posterior = self.bundle.vae.encode(images.to(self.device)).latent_dist
+        return posterior.sample(generator=self.latent_generator) * self.bundle.latent_scale
+
+    def _encode(self, examples) -> torch.Tensor:
+        images = self._load(examples)
+        if self.bundle.vae is None:
+            return images
+        with torch.no_grad():
+            return torch.cat([self._vae(chunk) for chunk in images.split(8)]).cpu()
+
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        if self.bundle.vae is None or self.latents_cached:
+            return images.to(self.device)
+        with torch.no_grad():
+            return self._vae(images)
+
+    def text(self, text_encoder, captions: list[str], epochs: list[int], *, train_text_encoder: bool):
+        """The text-encoder states of ``captions`` and which of them a dropout emptied."""
+        if self.text_cache is not None:
+            dropped = [self.plan.caption_dropped(epoch=e) for e in epochs]
+            states = [self.text_cache["" if d else c] for c, d in zip(captions, dropped, strict=True)]
+            return torch.stack(states).to(self.device), dropped
+        texts = [self.plan.caption(c, epoch=e) for c, e in zip(captions, epochs, strict=True)]
+        tokenizer = self.bundle.tokenizer
+        tokens = tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        with torch.set_grad_enabled(train_text_encoder):
+            return text_encoder(tokens)[0], [t.dropped for t in texts]

@@ -1,0 +1,41 @@
+"""The diffusion step of the reference trainer, as a small function over the plan.
+
+It is the reference use of the plan's public API (README, "Your own training loop"): noise,
+timesteps, the noisy input and the target from the plan, the model's prediction, then the
+plan's loss type and weighting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from sdplug.plan import NoiseDraw, Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLoss:
+    """One batch's loss: ``weighted`` (B,) trains; ``unweighted`` (B,) is for the loss plots."""
+
+    weighted: torch.Tensor
+    unweighted: torch.Tensor
+    timesteps: torch.Tensor
+    noise: NoiseDraw
+
+
+def diffusion_loss(
+    plan: Plan,
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    text_states: torch.Tensor,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> StepLoss:
+    noise = plan.noise(latents)
+    timesteps = plan.timesteps(len(latents), device=latents.device)
+    with autocast():
+        prediction = unet(plan.noisy_input(latents, noise, timesteps), timesteps, encoder_hidden_states=text_states).sample
+    unweighted = plan.unweighted_loss(prediction, plan.target(latents, noise, timesteps))
+    return StepLoss(plan.weight(unweighted, timesteps), unweighted, timesteps, noise)
