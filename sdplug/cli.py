@@ -45,10 +45,32 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+_BENCH_OPTIONS = {"pyramid": ("repeats",), "plan-overhead": ("preset", "steps", "rounds", "batch_size", "quick")}
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    # the benches share one subparser: an option of the other bench is refused, not ignored
+    foreign = [n for w, names in _BENCH_OPTIONS.items() if w != args.what for n in names if getattr(args, n) not in (None, False)]
+    if foreign:
+        mine = ", ".join("--" + n.replace("_", "-") for n in (*_BENCH_OPTIONS[args.what], "threads"))
+        raise SdplugError(
+            f"sdplug bench {args.what}: {', '.join('--' + n.replace('_', '-') for n in foreign)} belongs to another bench; "
+            f"{args.what} takes {mine}."
+        )
+    if args.what == "plan-overhead":
+        from sdplug.bench import plan_overhead
+
+        return plan_overhead.main(
+            args.preset or "tiny-default",
+            steps=args.steps,
+            rounds=args.rounds,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            quick=args.quick,
+        )
     from sdplug.bench import pyramid_cost
 
-    return pyramid_cost.main(repeats=args.repeats, threads=args.threads)
+    return pyramid_cost.main(repeats=200 if args.repeats is None else args.repeats, threads=args.threads)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -282,10 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("directory", type=Path)
         p.set_defaults(run=_cmd_patch)
 
-    p = sub.add_parser("bench", help="print pyramid-noise cost ratios against randn_like, measured side by side")
-    p.add_argument("what", choices=["pyramid"])
-    p.add_argument("--repeats", type=int, default=200, help="timed calls per method and shape (median reported)")
+    p = sub.add_parser(
+        "bench",
+        help="print cost ratios measured side by side: pyramid noise / randn_like, or a step through the plan / hand-written",
+    )
+    p.add_argument("what", choices=["pyramid", "plan-overhead"])
+    p.add_argument("--repeats", type=int, help="pyramid: timed calls per method and shape (median reported; default 200)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: comparable on shared machines)")
+    p.add_argument("--preset", help="plan-overhead: the preset whose plan calls are timed (default tiny-default)")
+    p.add_argument("--steps", type=int, help="plan-overhead: steps per side per round (default 5)")
+    p.add_argument("--rounds", type=int, help="plan-overhead: timed rounds (default 15; medians over rounds)")
+    p.add_argument("--batch-size", type=int, help="plan-overhead: batch size (default 8)")
+    p.add_argument("--quick", action="store_true", help="plan-overhead: 3 rounds x 3 steps of batch 4 (a smoke run)")
     p.set_defaults(run=_cmd_bench)
     return parser
 
