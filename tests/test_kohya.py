@@ -1,5 +1,8 @@
 """The kohya adapter against stand-in sd-scripts trees (main and v0.8.7 layouts)."""
 
+import argparse
+import atexit
+import importlib
 import json
 import os
 import subprocess
@@ -13,8 +16,7 @@ import torch
 
 import sdplug
 from sdplug.errors import SdplugError
-from sdplug.hosts.kohya import patching
-from sdplug.hosts.kohya.config_bridge import from_kohya, to_kohya
+from sdplug.hosts.kohya import patching, runtime
 from sdplug.hosts.kohya.runtime import KohyaAdapter
 from sdplug.hosts.kohya.version import KNOWN, KohyaVersionError, detect
 from sdplug.plan import Plan
@@ -450,66 +452,148 @@ def test_unsupported_script_is_refused(preset, tmp_path):
     assert result.returncode == 1 and "supports train_network.py" in result.stderr and "should not run" not in result.stdout
 
 
-KOHYA_CONFIG = {
-    "noise_offset": 0.05,
-    "min_snr_gamma": 5,
-    "caption_dropout_rate": 0.1,
-    "caption_dropout_every_n_epochs": 3,
-    "shuffle_caption": True,
-    "keep_tokens": 1,
-    "optimizer_type": "AdamW8bit",
-    "learning_rate": 1e-4,
-    "optimizer_args": ["weight_decay=0.05", "betas=0.9,0.99"],
-    "xformers": True,
-    "gradient_checkpointing": True,
-    "mixed_precision": "fp16",
-    "cache_latents": True,
-}
+# -- the session: installed in this process, and undone --------------------------------------------
+IN_PROCESS_PRESET = """
+[[noise]]
+type = "offset"
+
+[loss_weighting]
+type = "min_snr"
+
+[[caption]]
+type = "dropout"
+
+[optimizer]
+type = "adamw"
+lr = 1e-3
+
+[attention]
+type = "sdpa"
+"""
 
 
-def test_from_kohya_builds_a_valid_preset():
-    bridged = from_kohya(KOHYA_CONFIG)
-    preset = parse_preset(bridged.data, path="kohya.toml")
-    assert [s.type for s in preset.noise] == ["offset"] and preset.noise[0].params == {"strength": 0.05}
-    assert preset.loss_weighting.type == "min_snr" and preset.loss_weighting.params == {"gamma": 5.0}
-    assert [(s.type, dict(s.params)) for s in preset.caption] == [
-        ("dropout", {"rate": 0.1, "every_n_epochs": 3}),
-        ("shuffle", {"keep_tokens": 1}),
-    ]
-    assert preset.optimizer.type == "adamw8bit"
-    assert preset.optimizer.params == {"lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.99]}
-    assert preset.attention.type == "xformers"
-    assert preset.memory.gradient_checkpointing and preset.memory.mixed_precision == "fp16" and preset.memory.cache_latents
-    assert bridged.notes == []
+@pytest.fixture
+def in_process(monkeypatch):
+    """The stand-in's library imported into this process (gone again afterwards), with atexit
+    recording instead of registering: the list of handlers that would run at exit."""
+    for name in [n for n in sys.modules if n == "library" or n.startswith("library.") or n == "train_network"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(runtime, "_ACTIVE", None)
+    handlers = []
+    monkeypatch.setattr(atexit, "register", lambda f, *a, **k: handlers.append(f) or f)
+    monkeypatch.setattr(atexit, "unregister", lambda f: handlers.__setitem__(slice(None), [h for h in handlers if h != f]))
+    yield handlers
+    for name in [n for n in sys.modules if n == "library" or n.startswith("library.") or n == "train_network"]:
+        del sys.modules[name]
 
 
-def test_to_kohya_round_trips_what_kohya_can_express():
-    preset = parse_preset(from_kohya(KOHYA_CONFIG).data, path="kohya.toml")
-    config = to_kohya(preset).data
-    for key, value in KOHYA_CONFIG.items():
-        if key == "optimizer_args":
-            assert sorted(config[key]) == ["betas=0.9,0.99", "weight_decay=0.05"]
-        else:
-            assert config[key] == value, key
+def _import_standin(root):
+    folder = str(root.resolve())
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module("library.train_util"), importlib.import_module("library.custom_train_functions")
+    finally:
+        sys.path.remove(folder)  # imported; the adapter puts the folder on sys.path itself
 
 
-def test_bridges_name_what_they_cannot_carry():
-    bridged = from_kohya(
-        {"multires_noise_iterations": 6, "multires_noise_discount": 0.3, "optimizer_type": "Prodigy", "v_pred_like_loss": 0.1}
-    )
-    # kohya's multires noise is the "kohya" pyramid variant exactly, both ways
-    assert bridged.data["noise"] == [{"type": "pyramid", "variant": "kohya", "discount": 0.3, "iterations": 6}]
-    assert to_kohya(parse_preset(bridged.data, path="k.toml")).data == {
-        "multires_noise_iterations": 6,
-        "multires_noise_discount": 0.3,
-    }
-    assert any("Prodigy" in n for n in bridged.notes) and any("v_pred_like_loss" in n for n in bridged.notes)
+def _namespaces(train_util, custom, *more):
+    return [vars(train_util), vars(custom), vars(train_util.BaseDataset), *more]
+
+
+def _snapshot(namespaces):
+    return [dict(namespace) for namespace in namespaces]
+
+
+def _assert_restored(namespaces, snapshot):
+    for namespace, before in zip(namespaces, snapshot, strict=True):
+        assert set(namespace) == set(before)  # nothing added (an inherited method gets no entry of its own)
+        changed = [key for key, value in before.items() if namespace[key] is not value]
+        assert changed == []
+
+
+@pytest.mark.parametrize("route", ["launcher", "patched script"])
+def test_session_undo_restores_every_patched_function_the_excepthook_and_atexit(standin, tmp_path, in_process, route):
+    version, root = standin
+    handlers = in_process
+    (tmp_path / "p.toml").write_text(IN_PROCESS_PRESET)
+    train_util, custom = _import_standin(root)
+    original_weight = custom.apply_snr_weight
+    script_globals = {"__file__": str(root / "train_network.py"), "apply_snr_weight": original_weight}
+    loaded = types.ModuleType("train_network")  # sdxl_train_network runs train_network's loop
+    loaded.apply_snr_weight = original_weight
+    sys.modules["train_network"] = loaded
+    namespaces = _namespaces(train_util, custom, script_globals, vars(loaded))
+    before, previous_hook = _snapshot(namespaces), sys.excepthook
+
+    parser = argparse.ArgumentParser()
+    train_util.add_training_arguments(parser)
+    custom.add_custom_train_arguments(parser)
+    args = parser.parse_args(["--output_dir", str(tmp_path / "out")])
+    if route == "launcher":
+        adapter = runtime.activate_for_launch(sdplug.load_preset(tmp_path / "p.toml"), detect(root), root, "train_network.py")
+        adapter.rebind_script_globals(script_globals, custom)
+        args = train_util.read_config_from_file(args, parser)  # the hook: configures
+    else:
+        args.sdplug_preset = str(tmp_path / "p.toml")
+        adapter = runtime.activate(args, parser, script_globals)
+    # installed: every hook, the script's imported names, the excepthook and the audit at exit
+    assert train_util.get_noise_noisy_latents_and_timesteps == adapter._noise_hook
+    assert "process_caption" in vars(train_util.BaseDataset) and custom.apply_snr_weight == adapter._weight_hook
+    assert script_globals["apply_snr_weight"] == loaded.apply_snr_weight == adapter._weight_hook
+    assert sys.excepthook is not previous_hook and handlers == [adapter.write_audit]
+    assert str(root.resolve()) in sys.path and runtime._ACTIVE is adapter and adapter.plan is not None
+
+    adapter.session.undo()
+    _assert_restored(namespaces, before)
+    assert custom.apply_snr_weight is original_weight and script_globals["apply_snr_weight"] is original_weight
+    assert sys.excepthook is previous_hook
+    assert handlers == []  # unregistered: at exit no audit is written
+    assert str(root.resolve()) not in sys.path and runtime._ACTIVE is None
+    adapter.session.undo()  # a second undo changes nothing
+    _assert_restored(namespaces, before)
+
+
+def test_an_install_that_fails_midway_leaves_sd_scripts_untouched(tmp_path, in_process):
+    root = make_standin(tmp_path / "sd", "main")
+    train_util, custom = _import_standin(root)
+    namespaces = _namespaces(train_util, custom)
+    before = _snapshot(namespaces)
+    adapter = KohyaAdapter(parse_preset({"noise": [{"type": "offset"}]}, path="p.toml"), detect(root), "train_network.py")
+
+    def failing_caption_hooks(train_util, method):  # after the library's hooks and one caption hook
+        adapter._replace(train_util.BaseDataset, "__getitem__", lambda dataset, index: None)
+        raise RuntimeError("caption hooks failed")
+
+    adapter.captions.install = failing_caption_hooks
+    with pytest.raises(RuntimeError, match="caption hooks failed"):
+        adapter.install(train_util, custom)
+    _assert_restored(namespaces, before)
+
+
+def test_the_audit_names_every_hook_that_never_ran(tmp_path):
     preset = parse_preset(
-        {"noise": [{"type": "perlin"}], "loss_weighting": {"type": "learned"}, "timesteps": {"type": "logit_normal"}},
+        {
+            "noise": [{"type": "offset"}],
+            "loss_weighting": {"type": "min_snr"},
+            "caption": [{"type": "dropout"}],
+            "optimizer": {"type": "adamw", "lr": 1e-3},
+            "attention": {"type": "sdpa"},
+        },
         path="p.toml",
     )
-    cannot = to_kohya(preset).notes
-    assert any("perlin" in n for n in cannot) and any("learned" in n for n in cannot) and any("logit_normal" in n for n in cannot)
+    adapter = KohyaAdapter(preset, KNOWN[0], "train_network.py")
+    adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    adapter.args = SimpleNamespace(output_dir=str(tmp_path), no_metadata=False)
+    scheduler = SimpleNamespace(alphas_cumprod=scaled_linear_alphas_cumprod())
+    never = ["noise hook never ran", "loss weighting never ran", "caption transforms never ran"]
+    never += ["optimizer hook never ran", "attention hook never ran"]
+    # main's validation pins the timestep: a noise call, but no training step
+    adapter._noise_hook(SimpleNamespace(min_timestep=200, max_timestep=200), scheduler, torch.zeros(2, 4, 8, 8))
+    assert json.loads(adapter.write_audit().read_text())["problems"] == never
+    adapter._noise_hook(SimpleNamespace(min_timestep=None, max_timestep=None), scheduler, torch.zeros(2, 4, 8, 8))
+    assert json.loads(adapter.write_audit().read_text())["problems"] == never[1:]
 
 
 def test_cli_from_and_to_kohya(tmp_path):

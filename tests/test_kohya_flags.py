@@ -1,17 +1,27 @@
 """The kohya flag table: every argument of sd-scripts main and v0.8.7 classified once, and the
 checks and the config bridge that read it (no sd-scripts tree needed)."""
 
+import copy
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
+import sdplug
 from sdplug.hosts.kohya.config_bridge import from_kohya, to_kohya
 from sdplug.hosts.kohya.flags import FAMILIES, FLAGS, HOST_SETTINGS, KINDS, MEMORY_KEYS, VERSIONS, flags_for, is_set
-from sdplug.hosts.kohya.reconcile import KohyaConflictError, check_conflicts, check_dataset_config, reconcile
+from sdplug.hosts.kohya.reconcile import (
+    KohyaConflictError,
+    PresetWeightingMarker,
+    check_conflicts,
+    check_dataset_config,
+    reconcile,
+)
 from sdplug.presets import parse_preset
 
 DATA = Path(__file__).parent / "data" / "kohya_parser_flags.json"
@@ -158,6 +168,156 @@ def test_to_kohya_writes_only_keys_of_the_table():
     )
     keys = set(to_kohya(preset).data)
     assert keys <= set(flags_for("main")) & set(flags_for("v0.8.7"))
+
+
+KOHYA_CONFIG = {
+    "noise_offset": 0.05,
+    "min_snr_gamma": 5,
+    "caption_dropout_rate": 0.1,
+    "caption_dropout_every_n_epochs": 3,
+    "shuffle_caption": True,
+    "keep_tokens": 1,
+    "optimizer_type": "AdamW8bit",
+    "learning_rate": 1e-4,
+    "optimizer_args": ["weight_decay=0.05", "betas=0.9,0.99"],
+    "xformers": True,
+    "gradient_checkpointing": True,
+    "mixed_precision": "fp16",
+    "cache_latents": True,
+}
+
+
+def test_from_kohya_builds_a_valid_preset():
+    bridged = from_kohya(KOHYA_CONFIG)
+    preset = parse_preset(bridged.data, path="kohya.toml")
+    assert [s.type for s in preset.noise] == ["offset"] and preset.noise[0].params == {"strength": 0.05}
+    assert preset.loss_weighting.type == "min_snr" and preset.loss_weighting.params == {"gamma": 5.0}
+    assert [(s.type, dict(s.params)) for s in preset.caption] == [
+        ("dropout", {"rate": 0.1, "every_n_epochs": 3}),
+        ("shuffle", {"keep_tokens": 1}),
+    ]
+    assert preset.optimizer.type == "adamw8bit"
+    assert preset.optimizer.params == {"lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.99]}
+    assert preset.attention.type == "xformers"
+    assert preset.memory.gradient_checkpointing and preset.memory.mixed_precision == "fp16" and preset.memory.cache_latents
+    assert bridged.notes == []
+
+
+def test_to_kohya_round_trips_what_kohya_can_express():
+    preset = parse_preset(from_kohya(KOHYA_CONFIG).data, path="kohya.toml")
+    config = to_kohya(preset).data
+    for key, value in KOHYA_CONFIG.items():
+        if key == "optimizer_args":  # and the eps kohya's config left at the optimizer's default
+            eps = sdplug.create("optimizer", "adamw8bit").eps
+            assert sorted(config[key]) == ["betas=0.9,0.99", f"eps={eps}", "weight_decay=0.05"]
+        else:
+            assert config[key] == value, key
+
+
+def test_bridges_name_what_they_cannot_carry():
+    bridged = from_kohya(
+        {"multires_noise_iterations": 6, "multires_noise_discount": 0.3, "optimizer_type": "Prodigy", "v_pred_like_loss": 0.1}
+    )
+    # kohya's multires noise is the "kohya" pyramid variant exactly, both ways
+    assert bridged.data["noise"] == [{"type": "pyramid", "variant": "kohya", "discount": 0.3, "iterations": 6}]
+    assert to_kohya(parse_preset(bridged.data, path="k.toml")).data == {
+        "multires_noise_iterations": 6,
+        "multires_noise_discount": 0.3,
+    }
+    assert any("Prodigy" in n for n in bridged.notes) and any("v_pred_like_loss" in n for n in bridged.notes)
+    preset = parse_preset(
+        {"noise": [{"type": "perlin"}], "loss_weighting": {"type": "learned"}, "timesteps": {"type": "logit_normal"}},
+        path="p.toml",
+    )
+    cannot = to_kohya(preset).notes
+    assert any("perlin" in n for n in cannot) and any("learned" in n for n in cannot) and any("logit_normal" in n for n in cannot)
+
+
+# strategies whose every parameter is left at its default (pyramid: kohya's variant, as kohya has only that)
+DEFAULTS_ONLY = {
+    "noise": [{"type": "offset"}, {"type": "pyramid", "variant": "kohya"}, {"type": "input_perturbation"}],
+    "timesteps": {"type": "uniform"},
+    "loss_weighting": {"type": "min_snr"},
+    "caption": [{"type": "dropout"}, {"type": "tag_dropout"}, {"type": "shuffle"}],
+    "optimizer": {"type": "lion8bit"},
+}
+
+
+def test_to_kohya_writes_the_strategies_own_defaults():
+    config = to_kohya(_preset(DEFAULTS_ONLY)).data
+    assert config["noise_offset"] == sdplug.create("noise", "offset").strength
+    pyramid = sdplug.create("noise", "pyramid")
+    assert (config["multires_noise_iterations"], config["multires_noise_discount"]) == (pyramid.iterations, pyramid.discount)
+    assert config["ip_noise_gamma"] == sdplug.create("noise", "input_perturbation").gamma
+    uniform = sdplug.create("timesteps", "uniform")
+    assert config["min_timestep"] == uniform.min_timestep and uniform.max_timestep is None and "max_timestep" not in config
+    assert config["min_snr_gamma"] == sdplug.create("loss_weighting", "min_snr").gamma
+    assert config["caption_dropout_rate"] == sdplug.create("caption", "dropout").rate
+    assert config["caption_tag_dropout_rate"] == sdplug.create("caption", "tag_dropout").rate
+    assert config["keep_tokens"] == sdplug.create("caption", "shuffle").keep_tokens
+    # kohya's Lion8bit is bitsandbytes' at weight decay 0; the preset's means the strategy's
+    lion = sdplug.create("optimizer", "lion8bit")
+    written = sorted(config["optimizer_args"])
+    assert written == sorted([f"weight_decay={lion.weight_decay}", "betas=" + ",".join(str(b) for b in lion.betas)])
+    assert "learning_rate" not in config  # no lr in the preset: kohya's --learning_rate rules, as in the adapter
+    assert to_kohya(_preset(DEFAULTS_ONLY)).notes == []
+
+
+def test_to_kohya_follows_a_changed_strategy_default(monkeypatch):
+    from sdplug.params import strategy_params
+    from sdplug.strategies import registry
+    from sdplug.strategies.noise import OffsetNoise
+
+    @strategy_params
+    class ChangedDefault(OffsetNoise):
+        strength: float = 0.37
+
+    entries = registry("noise")._entries  # the registered offset noise, with another default
+    monkeypatch.setitem(entries, "offset", dataclasses.replace(entries["offset"], cls=ChangedDefault))
+    assert to_kohya(_preset({"noise": [{"type": "offset"}]})).data == {"noise_offset": 0.37}
+
+
+def test_to_kohya_names_keep_tokens_it_cannot_keep_apart():
+    preset = _preset({"caption": [{"type": "shuffle", "keep_tokens": 1}, {"type": "tag_dropout", "keep_tokens": 2}]})
+    bridged = to_kohya(preset)
+    assert bridged.data["keep_tokens"] == 2
+    assert any(n.startswith("keep_tokens: kohya has one") for n in bridged.notes)
+
+
+def test_reconcile_is_pure_and_returns_every_change_it_makes():
+    preset = _preset(
+        {
+            "caption": [{"type": "dropout", "rate": 0.1}],
+            "loss_weighting": {"type": "min_snr"},
+            "optimizer": {"type": "adamw", "lr": 1e-3},
+            "memory": {"gradient_checkpointing": True, "mixed_precision": "bf16"},
+        }
+    )
+    values = {
+        "max_data_loader_n_workers": 4,
+        "learning_rate": 1e-4,
+        "text_encoder_lr": [0.0, 3e-4],
+        "gradient_checkpointing": False,
+        "mixed_precision": "no",
+    }
+    defaults = {"max_data_loader_n_workers": 8, "learning_rate": 2e-6, "mixed_precision": "no"}
+    given = copy.deepcopy(values)
+    # read-only mappings: a write to kohya's values or defaults would raise
+    first = reconcile(preset, "main", MappingProxyType(given), MappingProxyType(defaults), script="train_network.py", lr=1e-3)
+    second = reconcile(preset, "main", MappingProxyType(given), MappingProxyType(defaults), script="train_network.py", lr=1e-3)
+    assert given == values  # the lists inside untouched too
+    assert (first.changes, first.rules, first.flags) == (second.changes, second.rules, second.flags)
+    # kohya calls its weighting function only with --min_snr_gamma set: the marker that routes it to the preset's
+    assert isinstance(first.changes.pop("min_snr_gamma"), PresetWeightingMarker)
+    assert first.changes == {
+        "gradient_checkpointing": True,
+        "mixed_precision": "bf16",
+        "max_data_loader_n_workers": 0,
+        "persistent_data_loader_workers": False,
+        "learning_rate": 1e-3,
+        "text_encoder_lr": [0.0, 1e-3],  # an lr of 0 (a part left untrained) stays 0
+    }
+    assert "min_snr_gamma" not in reconcile(_preset({}), "main", given, defaults, script="train_network.py", lr=None).changes
 
 
 # -- a real sd-scripts checkout (skipped unless SDPLUG_KOHYA_DIR points to one) -------------------

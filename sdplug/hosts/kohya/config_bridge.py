@@ -16,6 +16,7 @@ from typing import Any
 
 from sdplug.errors import PresetError
 from sdplug.hosts.kohya.flags import FLAGS, host_setting_group
+from sdplug.params import field_names
 from sdplug.presets import Preset, parse_preset, tomllib
 
 KOHYA_OPTIMIZERS = {
@@ -192,42 +193,37 @@ def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
     return Bridged(preset, notes + _untranslated(config))
 
 
+# kohya's multires noise is the pyramid's "kohya" variant with kohya's fixed settings (scales
+# drawn in [2, 4), the sum divided by the batch std), and only with those
+KOHYA_MULTIRES = {"variant": "kohya", "normalize": "batch", "scale_min": 2.0, "scale_max": 4.0}
+KOHYA_SEPARATOR = ","  # the tag separator of kohya's caption transforms
+OPTIMIZER_ARGS = ("weight_decay", "betas", "eps")  # what optimizer_args carries (and from_kohya reads)
+
+
 def to_kohya(preset: Preset) -> Bridged:
+    """kohya config keys for what kohya does natively, and notes on what it cannot do.
+
+    Every value is the strategy's own (``spec.create()``): a parameter the preset leaves out is
+    written at the strategy's default, so the kohya config means what the preset means even where
+    kohya's defaults differ (pyramid discount 0.8 against kohya's 0.3, Lion8bit's weight decay).
+    The one exception is the optimizer's lr: without one in the preset, kohya's --learning_rate
+    rules, as it does in the adapter."""
     config: dict[str, Any] = {}
     notes: list[str] = []
     for spec in preset.noise:
-        p = spec.params
-        if spec.type == "offset":
-            config["noise_offset"] = p.get("strength", 0.1)
-        elif (
-            spec.type == "pyramid"
-            and p.get("variant") == "kohya"
-            and p.get("normalize", "batch") == "batch"
-            and (
-                p.get("scale_min", 2.0),
-                p.get("scale_max", 4.0),
-            )
-            == (2.0, 4.0)
-        ):
-            config["multires_noise_iterations"] = int(p.get("iterations", 10))
-            config["multires_noise_discount"] = p.get("discount", 0.8)
-        elif spec.type == "input_perturbation":
-            config["ip_noise_gamma"] = p.get("gamma", 0.1)
-        elif spec.type != "gaussian":
-            notes.append(f"noise {spec.type!r} {dict(p) or ''}: kohya has no equivalent (run it through sdplug's kohya adapter)")
+        _noise_to_kohya(spec, config, notes)
     if preset.timesteps is not None:
         if preset.timesteps.type == "uniform":
-            p = preset.timesteps.params
-            if "min_timestep" in p:
-                config["min_timestep"] = p["min_timestep"]
-            if p.get("max_timestep") is not None:
-                config["max_timestep"] = p["max_timestep"]
+            timesteps = preset.timesteps.create()
+            config["min_timestep"] = timesteps.min_timestep
+            if timesteps.max_timestep is not None:  # None: up to the schedule's end, kohya's default too
+                config["max_timestep"] = timesteps.max_timestep
         else:
             notes.append(f"timesteps {preset.timesteps.type!r}: kohya has no equivalent")
     if preset.loss_weighting is not None:
-        kind, p = preset.loss_weighting.type, preset.loss_weighting.params
+        kind = preset.loss_weighting.type
         if kind == "min_snr":
-            config["min_snr_gamma"] = p.get("gamma", 5.0)
+            config["min_snr_gamma"] = preset.loss_weighting.create().gamma
         elif kind == "debiased":
             config["debiased_estimation_loss"] = True
             notes.append("debiased: kohya's v-prediction form (1/(SNR+1)) differs from sdplug's (sqrt(SNR)/(SNR+1))")
@@ -236,40 +232,9 @@ def to_kohya(preset: Preset) -> Bridged:
             notes.append("snr: kohya's scale_v_pred_loss_like_noise_pred equals it for v-prediction models only")
         elif kind != "constant":
             notes.append(f"loss_weighting {kind!r}: kohya has no equivalent")
-    for spec in preset.caption:
-        p = spec.params
-        if spec.type == "dropout":
-            config["caption_dropout_rate"] = p.get("rate", 0.1)
-            if p.get("every_n_epochs"):
-                config["caption_dropout_every_n_epochs"] = p["every_n_epochs"]
-        elif spec.type == "shuffle":
-            config["shuffle_caption"] = True
-            config["keep_tokens"] = p.get("keep_tokens", 0)
-        elif spec.type == "tag_dropout":
-            config["caption_tag_dropout_rate"] = p.get("rate", 0.1)
-            config["keep_tokens"] = p.get("keep_tokens", 0)
-        if p.get("separator", ",") != ",":
-            notes.append(f"caption {spec.type!r} separator {p['separator']!r}: kohya splits on ','")
+    _caption_to_kohya(preset, config, notes)
     if preset.optimizer is not None:
-        p = dict(preset.optimizer.params)
-        config["optimizer_type"] = (
-            TO_KOHYA_OPTIMIZER[preset.optimizer.type] if preset.optimizer.type in TO_KOHYA_OPTIMIZER else preset.optimizer.type
-        )
-        if "lr" in p:
-            config["learning_rate"] = p.pop("lr")
-        args = []
-        if "weight_decay" in p:
-            args.append(f"weight_decay={p.pop('weight_decay')}")
-        if "betas" in p:
-            args.append("betas=" + ",".join(str(b) for b in p.pop("betas")))
-        if "eps" in p:
-            args.append(f"eps={p.pop('eps')}")
-        if args:
-            config["optimizer_args"] = args
-        for key, value in p.items():
-            notes.append(f"optimizer {key} = {value}: not expressible in kohya's config")
-        if preset.optimizer_fallback is not None:
-            notes.append("optimizer.fallback: kohya has no fallback")
+        _optimizer_to_kohya(preset, config, notes)
     if preset.attention is not None:
         if preset.attention.type in ("xformers", "sdpa"):
             config[preset.attention.type] = True
@@ -282,6 +247,71 @@ def to_kohya(preset: Preset) -> Bridged:
     if memory.mixed_precision != "no":
         config["mixed_precision"] = memory.mixed_precision
     return Bridged(config, notes)
+
+
+def _noise_to_kohya(spec, config: dict[str, Any], notes: list[str]) -> None:
+    if spec.type == "gaussian":
+        return  # kohya's own noise
+    noise = spec.create()
+    if spec.type == "offset":
+        config["noise_offset"] = noise.strength
+    elif spec.type == "pyramid" and all(getattr(noise, k) == v for k, v in KOHYA_MULTIRES.items()):
+        config["multires_noise_iterations"] = noise.iterations
+        config["multires_noise_discount"] = noise.discount
+    elif spec.type == "input_perturbation":
+        config["ip_noise_gamma"] = noise.gamma
+    else:
+        notes.append(
+            f"noise {spec.type!r} {dict(spec.params) or ''}: kohya has no equivalent (run it through sdplug's kohya adapter)"
+        )
+
+
+def _caption_to_kohya(preset: Preset, config: dict[str, Any], notes: list[str]) -> None:
+    keep_tokens: dict[str, int] = {}
+    for spec in preset.caption:
+        caption = spec.create()
+        if spec.type == "dropout":
+            config["caption_dropout_rate"] = caption.rate
+            if caption.every_n_epochs:  # 0: every epoch, kohya's default too
+                config["caption_dropout_every_n_epochs"] = caption.every_n_epochs
+        elif spec.type == "shuffle":
+            config["shuffle_caption"] = True
+            keep_tokens[spec.type] = caption.keep_tokens
+        elif spec.type == "tag_dropout":
+            config["caption_tag_dropout_rate"] = caption.rate
+            keep_tokens[spec.type] = caption.keep_tokens
+        else:
+            notes.append(f"caption {spec.type!r}: kohya has no equivalent")
+        separator = getattr(caption, "separator", KOHYA_SEPARATOR)
+        if separator != KOHYA_SEPARATOR:
+            notes.append(f"caption {spec.type!r} separator {separator!r}: kohya splits on {KOHYA_SEPARATOR!r}")
+    if keep_tokens:
+        config["keep_tokens"] = max(keep_tokens.values())
+        if len(set(keep_tokens.values())) > 1:
+            notes.append(
+                f"keep_tokens: kohya has one for its shuffle and tag dropout; the preset's differ ({keep_tokens}), "
+                f"kept {config['keep_tokens']}"
+            )
+
+
+def _optimizer_to_kohya(preset: Preset, config: dict[str, Any], notes: list[str]) -> None:
+    spec = preset.optimizer
+    optimizer = spec.create()
+    config["optimizer_type"] = TO_KOHYA_OPTIMIZER.get(spec.type, spec.type)
+    if "lr" in spec.params:
+        config["learning_rate"] = optimizer.lr
+    fields = field_names(type(optimizer))
+    args = []
+    for key in (k for k in OPTIMIZER_ARGS if k in fields):
+        value = getattr(optimizer, key)
+        args.append(f"{key}=" + (",".join(str(v) for v in value) if key == "betas" else str(value)))
+    if args:
+        config["optimizer_args"] = args
+    for key, value in spec.params.items():
+        if key != "lr" and key not in OPTIMIZER_ARGS:
+            notes.append(f"optimizer {key} = {value}: not expressible in kohya's config")
+    if preset.optimizer_fallback is not None:
+        notes.append("optimizer.fallback: kohya has no fallback")
 
 
 def preset_from_kohya_file(path: Path) -> tuple[Preset, Bridged]:

@@ -33,6 +33,22 @@ class KohyaConflictError(SdplugError):
     """The kohya command line and the preset both set one trick."""
 
 
+class PresetWeightingMarker(float):
+    """Stands in ``args.min_snr_gamma`` so kohya calls the weighting hook; never a real gamma.
+
+    kohya calls ``apply_snr_weight`` on the per-sample loss only when ``min_snr_gamma`` is set,
+    so with a preset [loss_weighting] the adapter sets this marker there and the hook runs the
+    preset's weighting in its place (``--min_snr_gamma`` itself is refused as a conflict)."""
+
+    def __new__(cls):
+        return super().__new__(cls, 1.0)
+
+    def __repr__(self) -> str:
+        return "sdplug-preset-weighting"
+
+    __str__ = __repr__
+
+
 @dataclasses.dataclass
 class Reconciliation:
     """What the preset changes in kohya's arguments, and what the audit says about the flags."""
@@ -144,6 +160,8 @@ def reconcile(
         result.changes.update(max_data_loader_n_workers=0, persistent_data_loader_workers=False)
     if preset.optimizer is not None and lr is not None:
         _learning_rates(version, values, lr, result)
+    if preset.loss_weighting is not None:
+        result.changes["min_snr_gamma"] = PresetWeightingMarker()
     _classify(preset, version, values, defaults, result)
     return result
 

@@ -99,12 +99,14 @@ def _learned_weighting(adapter) -> dict[str, Any]:
     }
 
 
-def _problems(adapter) -> list[str]:
-    preset, data = adapter.preset, adapter.plan.audit.data
+def _problems(adapter, data: dict[str, Any]) -> list[str]:
+    """What the run's report (``data``, the plan's audit report) shows the hooks did not do."""
+    preset = adapter.preset
     problems = []
     if adapter.failure is not None:
         problems.append(f"sd-scripts stopped with an exception: {adapter.failure}")
-    if preset.noise and adapter.noise_calls == 0:
+    # a training step's noise call: main's validation draws are not in the audit
+    if preset.noise and not any(entry["calls"] for entry in data["noise"]["applied"]):
         problems.append("noise hook never ran")
     if preset.loss_weighting and data["loss_weighting"]["calls"] == 0:
         problems.append("loss weighting never ran")
@@ -139,7 +141,7 @@ def write_run(adapter) -> Path | None:
     data = audit.report()
     data["host"] = {**_host(adapter), "prediction_type": adapter.plan.prediction_type, **adapter.flag_report}
     data["completed"] = adapter.failure is None  # the script ran to its end
-    data["problems"] = _problems(adapter)
+    data["problems"] = _problems(adapter, data)
     path = write(data, adapter.args.output_dir, adapter.rank)
     if adapter.rank == 0:
         print(f"\nsdplug audit ({path}):\n{audit.summary()}", file=sys.stderr)

@@ -21,6 +21,12 @@ patched scripts (``--sdplug_preset``, from inside the script). Hooks, all in
   text-encoder outputs (SDXL scripts) there is no caption text, so dropout replaces a dropped
   sample's cached rows with the empty caption's outputs (see ``cached_text``).
 
+Each hook translates kohya's calling convention and calls the plan; what kohya itself needs
+(its parameter groups, its attention switches, its cached text) lives in the modules beside
+this one. Everything the adapter changes in the process goes through its ``Session``
+(``session.py``), whose ``undo()`` restores every hooked function, rebound script name,
+``sys.excepthook`` and the ``atexit`` handler.
+
 At exit the plan's audit is written to ``output_dir/audit.json``; a refused run writes one too,
 with the refusal in ``problems``. Captions count once their batch trains: kohya's loader
 fetches a batch ahead, and main's validation batches never train.
@@ -28,7 +34,6 @@ fetches a batch ahead, and main's validation batches never train.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import sys
@@ -42,7 +47,15 @@ from sdplug.errors import SdplugError
 from sdplug.hosts.kohya import report
 from sdplug.hosts.kohya.attention_switch import switch_attention
 from sdplug.hosts.kohya.caption_hooks import CaptionHooks
-from sdplug.hosts.kohya.reconcile import KohyaConflictError, check_conflicts, check_dataset_config, reconcile
+from sdplug.hosts.kohya.optimizer_groups import join_learned, with_lr
+from sdplug.hosts.kohya.reconcile import (
+    KohyaConflictError,
+    PresetWeightingMarker,
+    check_conflicts,
+    check_dataset_config,
+    reconcile,
+)
+from sdplug.hosts.kohya.session import Session
 from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
 from sdplug.plan import Plan, check_memory_runs_here
 from sdplug.presets import Preset
@@ -50,27 +63,9 @@ from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cump
 from sdplug.strategies import registry
 from sdplug.strategies.timesteps import UniformTimesteps
 
-
-class PresetWeightingMarker(float):
-    """Stands in ``args.min_snr_gamma`` so kohya calls the weighting hook; never a real gamma."""
-
-    def __new__(cls):
-        return super().__new__(cls, 1.0)
-
-    def __repr__(self) -> str:
-        return "sdplug-preset-weighting"
-
-    __str__ = __repr__
-
-
 __all__ = ["KohyaAdapter", "KohyaConflictError", "activate", "activate_for_launch", "record_failure"]
 
 _ACTIVE: KohyaAdapter | None = None
-
-
-def _frozen(group: Any) -> bool:
-    """A parameter group kohya set to lr 0: its way to leave that part untrained."""
-    return isinstance(group, dict) and group.get("lr") == 0
 
 
 class KohyaAdapter:
@@ -78,35 +73,42 @@ class KohyaAdapter:
         self.preset, self.version, self.script = preset, version, script
         self.plan: Plan | None = None
         self.args = None
+        self.session = Session()  # every change to the process, and its undo
         self.originals: dict[tuple[Any, str], Any] = {}
         self.optimizer = None
         self.trainable_count = 0
         self.attention_record: dict[str, Any] | None = None
         self.rules: list[str] = []
-        self.noise_calls = 0
         self.checked_schedule = False
         self.failure: str | None = None  # set when sd-scripts stops with an exception
         self.writes_audit = False  # configure ran: an audit (or a refusal) will be written
         self.rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
         self.defaults: dict[str, Any] = {}
+        self.configured_range: tuple[Any, Any] = (None, None)  # kohya's --min/--max_timestep
         self.captions = CaptionHooks(self)
         self.validating = False  # the current noise/weight calls are main's validation, not a step
         self.flag_report: dict[str, Any] = {}
 
     # -- installation -----------------------------------------------------------------------
-    def install(self, train_util, custom_train_functions) -> None:
+    def install(self, train_util, custom_train_functions) -> Session:
+        """Replace the hooked functions (all present, or nothing is touched); the session undoes it."""
         check_hooks({"library.train_util": train_util, "library.custom_train_functions": custom_train_functions}, self.version)
-        self._replace(train_util, "read_config_from_file", self._read_config_hook)
-        self._replace(train_util, "get_noise_noisy_latents_and_timesteps", self._noise_hook)
-        self._replace(train_util, "get_optimizer", self._optimizer_hook)
-        self._replace(train_util, "replace_unet_modules", self._attention_hook)
-        self._replace(custom_train_functions, "apply_snr_weight", self._weight_hook)
-        self._replace(train_util, "get_sai_model_spec", self._model_spec_hook)
-        self.captions.install(train_util, self.version.text_cache_method)
+        self._train_util, self._custom = train_util, custom_train_functions
+        try:
+            self._replace(train_util, "read_config_from_file", self._read_config_hook)
+            self._replace(train_util, "get_noise_noisy_latents_and_timesteps", self._noise_hook)
+            self._replace(train_util, "get_optimizer", self._optimizer_hook)
+            self._replace(train_util, "replace_unet_modules", self._attention_hook)
+            self._replace(custom_train_functions, "apply_snr_weight", self._weight_hook)
+            self._replace(train_util, "get_sai_model_spec", self._model_spec_hook)
+            self.captions.install(train_util, self.version.text_cache_method)
+        except BaseException:
+            self.session.undo()  # never a half-hooked sd-scripts
+            raise
+        return self.session
 
     def _replace(self, owner, name: str, replacement) -> None:
-        self.originals[(owner, name)] = getattr(owner, name)
-        setattr(owner, name, replacement)
+        self.originals[(owner, name)] = self.session.replace(owner, name, replacement)
 
     def original(self, owner, name: str):
         return self.originals[(owner, name)]
@@ -120,7 +122,7 @@ class KohyaAdapter:
         loaded = sys.modules.get("train_network")
         for namespace in (script_globals, getattr(loaded, "__dict__", {})):
             if namespace.get("apply_snr_weight") is original:
-                namespace["apply_snr_weight"] = self._weight_hook
+                self.session.rebind(namespace, "apply_snr_weight", self._weight_hook)
 
     # -- configuration ----------------------------------------------------------------------
     def _read_config_hook(self, args, parser):
@@ -139,7 +141,7 @@ class KohyaAdapter:
         except Exception as exc:
             report.write_refusal(self, exc)
             raise
-        atexit.register(self.write_audit)
+        self.session.at_exit(self.write_audit)
 
     def _configure(self, args, parser) -> None:
         preset, version = self.preset, self.version.name
@@ -148,13 +150,7 @@ class KohyaAdapter:
         check_conflicts(preset, version, values, self.defaults)
         check_memory_runs_here(preset)  # [memory] becomes kohya's arguments: refuse what cannot run here
         check_dataset_config(preset, values.get("dataset_config"), self.defaults)
-        alphas = scaled_linear_alphas_cumprod()
-        if getattr(args, "zero_terminal_snr", False):
-            alphas = rescale_zero_terminal_snr(alphas)
-        prediction = "v_prediction" if getattr(args, "v_parameterization", False) else "epsilon"
-        seed = int(getattr(args, "seed", None) or 0)
-        # the plan's streams (seed, rank, purpose): the draws any other host makes for this preset and seed
-        self.plan = Plan(preset, alphas_cumprod=alphas, prediction_type=prediction, seed=seed, rank=self.rank)
+        self.plan = self._build_plan(args)
         lr = self._optimizer_spec().params.get("lr") if preset.optimizer is not None else None
         result = reconcile(preset, version, values, self.defaults, script=self.script, lr=lr)
         for name, value in result.changes.items():
@@ -166,15 +162,23 @@ class KohyaAdapter:
             self.rules.append(
                 f"flags not in sdplug's kohya flag table, left to kohya: {', '.join('--' + n for n in result.unclassified)}"
             )
-        if preset.loss_weighting is not None:
-            args.min_snr_gamma = PresetWeightingMarker()
-        if preset.timesteps is None and (preset.noise or preset.timesteps):
-            self.plan.timestep_sampler = UniformTimesteps(
-                min_timestep=args.min_timestep or 0, max_timestep=args.max_timestep
-            )  # kohya's own range carries over
+        if preset.noise and preset.timesteps is None:
+            # the noise hook replaces kohya's whole noise function, timestep draw included:
+            # kohya's own range carries over into the plan's uniform draw
+            self.plan.timestep_sampler = UniformTimesteps(min_timestep=args.min_timestep or 0, max_timestep=args.max_timestep)
         self.configured_range = (getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
         for rule in self.rules:
             print(f"sdplug: {rule}", file=sys.stderr)
+
+    def _build_plan(self, args) -> Plan:
+        """The preset on kohya's schedule: Stable Diffusion's (rescaled as kohya rescales it with
+        --zero_terminal_snr), its prediction type, and random streams from its --seed."""
+        alphas = scaled_linear_alphas_cumprod()
+        if getattr(args, "zero_terminal_snr", False):
+            alphas = rescale_zero_terminal_snr(alphas)
+        prediction = "v_prediction" if getattr(args, "v_parameterization", False) else "epsilon"
+        seed = int(getattr(args, "seed", None) or 0)
+        return self.preset.build(alphas_cumprod=alphas, prediction_type=prediction, seed=seed, rank=self.rank)
 
     def _optimizer_spec(self):
         """The preset's optimizer, or its fallback when the plan had to use it."""
@@ -192,12 +196,12 @@ class KohyaAdapter:
             else:
                 previous(kind, value, traceback)
 
-        sys.excepthook = excepthook
+        self.session.set_excepthook(excepthook)
 
     def record_failure(self, exc: BaseException) -> None:
         self.failure = f"{type(exc).__name__}: {exc}"
 
-    # -- hooks --------------------------------------------------------------------------------
+    # -- hooks: kohya's calling convention in, the plan's calls out ------------------------------
     def _check_schedule(self, noise_scheduler) -> None:
         if self.checked_schedule:
             return
@@ -224,76 +228,69 @@ class KohyaAdapter:
             self.plan.step()  # kohya draws noise once per training step
             self.captions.commit()  # the batch this step trains on
         if not (self.preset.noise or self.preset.timesteps):
-            self.noise_calls += not self.validating
             return self.original(self._train_util, "get_noise_noisy_latents_and_timesteps")(args, noise_scheduler, latents)
         self._check_schedule(noise_scheduler)
-        if self.validating:  # the preset's noise at kohya's pinned timestep, from a stream of its own; no audit
-            draw = self.plan.noise_pipeline(latents, self.plan.streams.generator("validation-noise", latents.device))
-            timesteps = torch.full((latents.shape[0],), int(args.min_timestep), device=latents.device, dtype=torch.long)
+        if self.validating:
+            draw, timesteps = self._validation_draw(latents, int(args.min_timestep))
         else:
             draw = self.plan.noise(latents)
             timesteps = self.plan.timesteps(latents.shape[0], device=latents.device)
-            self.noise_calls += 1
-        noisy = self.plan.noisy_input(latents, draw, timesteps)
-        result = (draw.target, noisy, timesteps)
+        result = (draw.target, self.plan.noisy_input(latents, draw, timesteps), timesteps)
         return result + (1,) if self.version.noise_returns == 4 else result  # v0.8.7: huber_c, unused by l2
+
+    def _validation_draw(self, latents, timestep: int):
+        """main's validation: the preset's noise at kohya's pinned timestep, from a stream of its
+        own and kept out of the audit (no training step). The plan has no unaudited draw, so
+        this reads its pipeline and streams."""
+        plan = self.plan
+        draw = plan.noise_pipeline(latents, plan.streams.generator("validation-noise", latents.device))
+        return draw, torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
 
     def _weight_hook(self, loss, timesteps, noise_scheduler, gamma, v_prediction=False):
         if not isinstance(gamma, PresetWeightingMarker):
             return self.original(self._custom, "apply_snr_weight")(loss, timesteps, noise_scheduler, gamma, v_prediction)
         self._check_schedule(noise_scheduler)
-        expected = self.plan.prediction_type == "v_prediction"
-        if bool(v_prediction) != expected:
+        if bool(v_prediction) != (self.plan.prediction_type == "v_prediction"):
             raise SdplugError(f"kohya passed v_prediction={v_prediction} but the preset was bound to {self.plan.prediction_type}")
-        if self.validating:  # a validation loss: weighted alike, but not a training call for the audit
+        timesteps = timesteps.to(loss.device)
+        if self.validating:
+            # a validation loss: weighted alike, but not a training call for the audit (the plan
+            # has no unaudited weighting, so this applies its strategy directly)
             plan = self.plan
-            return plan.loss_weighting.apply(loss, timesteps.to(loss.device), plan.alphas_cumprod, plan.prediction_type)
-        return self.plan.weight(loss, timesteps.to(loss.device))
+            return plan.loss_weighting.apply(loss, timesteps, plan.alphas_cumprod, plan.prediction_type)
+        return self.plan.weight(loss, timesteps)
 
     def _optimizer_hook(self, args, trainable_params):
-        params = list(trainable_params)
-        if self.plan.trainable_parameters():
-            # join the first trained group: sd-scripts main indexes its lr descriptions by group,
-            # so a new group would break its logging; a group at lr 0 (v0.8.7 keeps one for
-            # --text_encoder_lr 0) would leave the weighting untrained
-            index = next((i for i, g in enumerate(params) if not _frozen(g)), None)
-            joined = params[index] if index is not None else (params[0] if params else None)
-            first = next(iter(joined["params"])) if isinstance(joined, dict) else joined
-            if isinstance(first, torch.Tensor):
-                # parameters AND buffers of the weighting, to the device of what it trains with
-                self.plan.to(device=first.device)
-            learned = self.plan.trainable_parameters()  # after the move (one to "meta" makes new Parameters)
-            if index is None or not isinstance(params[index], dict):
-                params.extend(learned)  # kohya gave plain parameters (train_db, fine_tune): one group
-            else:
-                params[index] = {**joined, "params": [*joined["params"], *learned]}
+        params = join_learned(self.plan, list(trainable_params))
         if self.preset.optimizer is None:
             result = self.original(self._train_util, "get_optimizer")(args, params)
-            optimizer = result[-1]
+            self._record_optimizer(result[-1])
+            return result
+        spec = self._optimizer_spec()
+        if "lr" in spec.params:
+            # kohya's groups carry their own lr (--unet_lr, --text_encoder_lr, --learning_rate),
+            # which would silently win over the preset's: the preset's lr rules
+            params = with_lr(params, spec.params["lr"])
+            self.rules.append(f"every parameter group's lr -> {spec.params['lr']}, except groups at lr 0 (preset [optimizer] lr)")
+            print(f"sdplug: {self.rules[-1]}", file=sys.stderr)
+            strategy = self.plan.optimizer_strategy
         else:
-            spec = self._optimizer_spec()
-            if "lr" in spec.params:
-                # sd-scripts gives its parameter groups their own lr (--unet_lr, --text_encoder_lr,
-                # --learning_rate), which would silently win over the preset's: the preset's lr rules.
-                lr = spec.params["lr"]
-                params = [{**g, "lr": lr} if isinstance(g, dict) and not _frozen(g) else g for g in params]
-                self.rules.append(f"every parameter group's lr -> {lr}, except groups at lr 0 (preset [optimizer] lr)")
-                print(f"sdplug: {self.rules[-1]}", file=sys.stderr)
-                strategy = self.plan.optimizer_strategy
-            else:
-                # no lr in the preset: kohya's --learning_rate (and its per-group lrs) stay in charge
-                strategy = registry("optimizer").create(spec.type, **{**spec.params, "lr": args.learning_rate})
-            optimizer = strategy.build(params)
-            result = (f"sdplug:{spec.type}", json.dumps(dict(spec.params)), optimizer)
+            # no lr in the preset: kohya's --learning_rate (and its per-group lrs) stay in charge
+            strategy = registry("optimizer").create(spec.type, **{**spec.params, "lr": args.learning_rate})
+        optimizer = strategy.build(params)
+        self._record_optimizer(optimizer)
+        return (f"sdplug:{spec.type}", json.dumps(dict(spec.params)), optimizer)  # kohya's (name, args, optimizer)
+
+    def _record_optimizer(self, optimizer) -> None:
         self.optimizer = optimizer
         self.trainable_count = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-        return result
 
     def _attention_hook(self, unet, mem_eff_attn, xformers, sdpa):
         replace = self.original(self._train_util, "replace_unet_modules")
         if self.preset.attention is None:
             return replace(unet, mem_eff_attn, xformers, sdpa)
-        self.plan.attention_strategy.check_available()
+        # kohya's UNet takes no diffusers attention processors (plan.attention): the preset's
+        # attention goes through kohya's own switches. The plan checked it can run here.
         self.attention_record = switch_attention(replace, unet, self.preset.attention.type)
 
     def _model_spec_hook(self, *args, **kwargs):
@@ -309,10 +306,8 @@ class KohyaAdapter:
         return report.write_run(self)
 
 
-def _import_library(root: Path):
-    root_text = str(Path(root).resolve())
-    if root_text not in sys.path:
-        sys.path.insert(0, root_text)
+def _import_library(root: Path, session: Session):
+    session.add_path(str(Path(root).resolve()))
     import importlib
 
     try:
@@ -326,14 +321,36 @@ def _import_library(root: Path):
     return train_util, custom
 
 
-def activate_for_launch(preset: Preset, version: KohyaVersion, root: Path, script: str) -> KohyaAdapter:
-    """Install the hooks before the script runs (the launcher route)."""
-    global _ACTIVE
-    train_util, custom = _import_library(root)
+def _install(preset: Preset, version: KohyaVersion, root: Path, script: str) -> tuple[KohyaAdapter, Any]:
+    """An adapter with its hooks in sd-scripts' library under ``root``, and that library's
+    custom_train_functions; nothing stays changed when it fails."""
     adapter = KohyaAdapter(preset, version, script)
-    adapter._train_util, adapter._custom = train_util, custom
-    adapter.install(train_util, custom)
+    try:
+        train_util, custom = _import_library(root, adapter.session)
+        adapter.install(train_util, custom)
+    except BaseException:
+        adapter.session.undo()
+        raise
+    return adapter, custom
+
+
+def _make_active(adapter: KohyaAdapter) -> None:
+    global _ACTIVE
     _ACTIVE = adapter
+
+    def inactive() -> None:
+        global _ACTIVE
+        if _ACTIVE is adapter:
+            _ACTIVE = None
+
+    adapter.session.on_undo(inactive)
+
+
+def activate_for_launch(preset: Preset, version: KohyaVersion, root: Path, script: str) -> KohyaAdapter:
+    """Install the hooks before the script runs (the launcher route); ``adapter.session.undo()``
+    takes them out again (the launcher never does: the audit is written at exit)."""
+    adapter, _ = _install(preset, version, root, script)
+    _make_active(adapter)
     return adapter
 
 
@@ -348,7 +365,6 @@ def record_failure(exc: BaseException) -> bool:
 
 def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | None:
     """Called by the patched scripts after they read their arguments (the patch route)."""
-    global _ACTIVE
     if _ACTIVE is not None:  # launched through `sdplug kohya` as well: already active
         return _ACTIVE
     from sdplug.hosts.kohya.version import detect
@@ -359,10 +375,7 @@ def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | Non
     try:
         version = detect(root)
         preset = load_preset(args.sdplug_preset)
-        train_util, custom = _import_library(root)
-        adapter = KohyaAdapter(preset, version, script_file.name)
-        adapter._train_util, adapter._custom = train_util, custom
-        adapter.install(train_util, custom)
+        adapter, custom = _install(preset, version, root, script_file.name)
     except SdplugError as exc:  # refused before configuring: the audit says so, the message is one paragraph
         if getattr(args, "output_dir", None):
             report.write(report.refusal(str(exc), script=script_file.name), args.output_dir, 0)
@@ -370,6 +383,6 @@ def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | Non
         raise SystemExit(1) from None
     adapter.rebind_script_globals(script_globals, custom)
     print(f"sdplug: preset {preset.name!r} on sd-scripts {version.name} ({script_file.name})", file=sys.stderr)
-    _ACTIVE = adapter
+    _make_active(adapter)
     adapter.configure(args, parser)
     return adapter
