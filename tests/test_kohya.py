@@ -660,3 +660,30 @@ def test_real_sd_scripts_sdxl_cached_text_encoder_outputs(preset, tmp_path):
     audit = run_real(preset, tmp_path / "out", "sdxl_train_network.py", extra)
     caption = audit["caption"]
     assert caption["samples"] >= 2 and caption["empty_caption_embeddings_substituted"] == caption["dropped"]
+
+
+def test_launcher_exits_non_zero_when_the_audit_finds_problems(tmp_path, in_process, monkeypatch, capsys):
+    """The one problems policy: the script ran (its outputs are its own), the audit is written,
+    and the launcher's exit status says a trick did not apply."""
+    from sdplug.hosts.kohya import launcher
+
+    root = make_standin(tmp_path / "sd", "main")
+    (tmp_path / "p.toml").write_text(IN_PROCESS_PRESET)
+    out = tmp_path / "out"
+
+    def script_that_never_trains(path, run_name):  # reads its config (the adapter configures), then stops
+        train_util = sys.modules["library.train_util"]
+        parser = argparse.ArgumentParser()
+        train_util.add_training_arguments(parser)
+        sys.modules["library.custom_train_functions"].add_custom_train_arguments(parser)
+        train_util.read_config_from_file(parser.parse_args(sys.argv[1:]), parser)
+
+    monkeypatch.setattr(launcher.runpy, "run_path", script_that_never_trains)
+    code = launcher.main(
+        ["--preset", str(tmp_path / "p.toml"), "--sd-scripts", str(root), "train_network.py", "--output_dir", str(out)]
+    )
+    assert code == 1
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["completed"] is True and "noise hook never ran" in audit["problems"]
+    assert "the audit found strategies that did not apply: noise hook never ran" in capsys.readouterr().err
+    assert in_process == []  # written by the launcher, so nothing is left for exit

@@ -10,6 +10,7 @@ imports bind to them; then the script runs as ``__main__`` with its own argument
 from __future__ import annotations
 
 import argparse
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -34,15 +35,21 @@ def resolve_script(script: str, sd_scripts: Path | None) -> Path:
     return path.resolve()
 
 
-def launch(preset_path: str, script: str, script_args: list[str], sd_scripts: Path | None = None) -> None:
+def launch(preset_path: str, script: str, script_args: list[str], sd_scripts: Path | None = None) -> list[str]:
+    """Run the script with the preset; the audit's problems (empty when every trick applied)."""
     preset = load_preset(preset_path)
     path = resolve_script(script, sd_scripts)
     root = Path(sd_scripts).resolve() if sd_scripts else path.parent
     version = detect(root)
-    activate_for_launch(preset, version, root, path.name)
+    adapter = activate_for_launch(preset, version, root, path.name)
     print(f"sdplug: preset {preset.name!r} on sd-scripts {version.name} ({path.name})", file=sys.stderr)
     sys.argv = [str(path), *script_args]
     runpy.run_path(str(path), run_name="__main__")
+    # the script returned: take the hooks out and write the audit now (not at exit), so that
+    # its problems can set the exit status
+    adapter.session.undo()
+    written = adapter.write_audit()
+    return json.loads(written.read_text())["problems"] if written is not None else []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
     try:
-        launch(args.preset, args.script, script_args, args.sd_scripts)
+        problems = launch(args.preset, args.script, script_args, args.sd_scripts)
     except SdplugError as exc:
         if not record_failure(exc):
             # refused before the adapter configured (preset, script, version): the audit says so
@@ -66,5 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             if output_dir:
                 report.write(report.refusal(str(exc), script=Path(args.script).name), output_dir, 0)
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if problems:  # the one problems policy: weights saved by the script, audit written, non-zero exit
+        print(f"error: the run finished, but the audit found strategies that did not apply: {'; '.join(problems)}", file=sys.stderr)
         return 1
     return 0
