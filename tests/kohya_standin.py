@@ -463,11 +463,14 @@ def batch_context(batch, text_encoders):
     return text_encoders[0](ids)
 
 
-def record(args, captions, noises, optimizer, unet, empty_rows):
+def record(args, captions, noises, optimizer, unet, empty_rows, timesteps):
     os.makedirs(args.output_dir, exist_ok=True)
     low = [n.mean(dim=(2, 3)).flatten().var().item() for n in noises]
     data = {
         "captions": captions,
+        # per training step, what the model trained on: the noise's checksum and the timesteps
+        "noise_sums": [float(n.double().sum()) for n in noises],
+        "timesteps": [t.tolist() for t in timesteps],
         "empty_caption_rows": empty_rows,
         "noise_channel_mean_variance": sum(low) / len(low),
         "optimizer": type(optimizer).__module__ + "." + type(optimizer).__name__,
@@ -545,7 +548,7 @@ class NetworkTrainer:
         pred, target, timesteps, noise = self.get_noise_pred_and_target(args, noise_scheduler, latents, conds[0], unet)
         loss = torch.nn.functional.mse_loss(pred, target, reduction="none").mean([1, 2, 3])
         loss = self.post_process_loss(loss, args, timesteps, noise_scheduler)
-        return loss.mean(), noise, conds[0]
+        return loss.mean(), noise, conds[0], timesteps
 
     def train(self, args):
         unet, scheduler, text_encoders = setup(args)
@@ -561,22 +564,23 @@ class NetworkTrainer:
             trainable_params.insert(0, {"params": list(text_encoders[0].parameters()), "lr": args.text_encoder_lr[0]})
         optimizer_name, optimizer_args, optimizer = train_util.get_optimizer(args, trainable_params)
         validation = train_util.BaseDataset(args, is_training_dataset=False)
-        captions, noises, empty_rows = [], [], 0
+        captions, noises, drawn, empty_rows = [], [], [], 0
         for step, batch in fetch_ahead(dataset, args.max_train_steps):
             if step == args.crash_at_step:
                 raise RuntimeError("stand-in crash")
             captions += batch["captions"]
-            loss, noise, context = self.process_batch(
+            loss, noise, context, timesteps = self.process_batch(
                 batch, text_encoders, unet, scheduler, args, text_encoding_strategy, tokenize_strategy
             )
             noises.append(noise)
+            drawn.append(timesteps)
             empty_rows += count_empty_rows(context, text_encoders[0])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             if args.validate_every_n_steps and (step + 1) % args.validate_every_n_steps == 0:
                 self.validate(args, validation, text_encoders, unet, scheduler, text_encoding_strategy, tokenize_strategy)
-        record(args, captions, noises, optimizer, unet, empty_rows)
+        record(args, captions, noises, optimizer, unet, empty_rows, drawn)
 
     def validate(self, args, validation, text_encoders, unet, scheduler, text_encoding_strategy, tokenize_strategy):
         # like sd-scripts main: the validation split, each batch at fixed timesteps pinned through
@@ -630,7 +634,7 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
 )
 
 INLINE_LOOP = """
-    captions, noises, empty_rows = [], [], 0
+    captions, noises, drawn, empty_rows = [], [], [], 0
     for step, batch in fetch_ahead(dataset, args.max_train_steps):
         if step == args.crash_at_step:
             raise RuntimeError("stand-in crash")
@@ -639,6 +643,7 @@ INLINE_LOOP = """
         latents = torch.randn(len(batch["captions"]), 4, 8, 8)
         noise, noisy_latents, timesteps, huber_c = train_util.get_noise_noisy_latents_and_timesteps(args, scheduler, latents)
         noises.append(noise)
+        drawn.append(timesteps)
         empty_rows += count_empty_rows(context, text_encoders[0])
         pred = unet(noisy_latents, timesteps, context)
         target = scheduler.get_velocity(latents, noise, timesteps) if args.v_parameterization else noise
@@ -648,7 +653,7 @@ INLINE_LOOP = """
         loss.mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    record(args, captions, noises, optimizer, unet, empty_rows)
+    record(args, captions, noises, optimizer, unet, empty_rows, drawn)
 """
 
 # v0.8.7's train_network.py: a NetworkTrainer class whose train() holds the whole loop inline

@@ -1,0 +1,123 @@
+"""One preset, one seed: the same draws in every host.
+
+The reference trainer and the kohya adapter (stand-in trees of both layouts) train the same
+preset -- noise, timesteps, loss weighting and caption families all at once -- from the same
+seed on latents of one shape, and must draw identical noise (checksums), timesteps, caption
+dropout decisions and per-timestep weights for every step. The plan owns the random streams
+(``sdplug.streams``), so nothing else can make them agree.
+
+Not in the preset: immiscible noise, whose assignment depends on the latents' values, which
+two hosts with different data pipelines never share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdplug.trainer.config import TrainConfig
+from sdplug.trainer.loop import Trainer
+from tests.kohya_standin import make_standin
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS, BATCH = 3, 4
+PRESET = """
+[[noise]]
+type = "offset"
+strength = 0.1
+
+[[noise]]
+type = "pyramid"
+discount = 0.8
+
+[[noise]]
+type = "input_perturbation"
+gamma = 0.1
+
+[timesteps]
+type = "logit_normal"
+
+[loss_weighting]
+type = "min_snr"
+gamma = 5.0
+
+[[caption]]
+type = "dropout"
+rate = 0.4
+
+[[caption]]
+type = "shuffle"
+keep_tokens = 1
+
+[[caption]]
+type = "tag_dropout"
+rate = 0.3
+keep_tokens = 1
+
+[optimizer]
+type = "adamw"
+lr = 1e-3
+"""
+
+
+def trainer_draws(tmp_path, tiny_sd, preset) -> tuple[list[dict], dict]:
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):  # captions of four tags, as the stand-in's: caption transforms draw per tag
+        Image.new("RGB", (16, 16), (30 * i, 100, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"sks cat, picture {i}, sofa, evening")
+    config = TrainConfig(
+        preset=str(preset),
+        model=tiny_sd,
+        data=data,
+        resolution=16,  # the tiny VAE halves it: 4 x 8 x 8 latents, the stand-in's shape
+        output=tmp_path / "trainer",
+        steps=STEPS,
+        batch_size=BATCH,
+        seed=0,
+        samples=False,
+        progress=False,
+        record_draws=True,
+    )
+    trainer = Trainer(config)
+    report = trainer.run()
+    return trainer.draw_log, report
+
+
+def kohya_draws(tmp_path, version, preset) -> tuple[dict, dict]:
+    root = make_standin(tmp_path / f"sd-{version}", version)
+    out = tmp_path / f"kohya-{version}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sdplug", "kohya", "--preset", str(preset), "--sd-scripts", str(root), "--"]
+    command += ["train_network.py", "--output_dir", str(out), "--max_train_steps", str(STEPS)]
+    command += ["--train_batch_size", str(BATCH), "--seed", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "standin-record.json").read_text()), json.loads((out / "audit.json").read_text())
+
+
+@pytest.mark.parametrize("version", ["main", "v0.8.7"])
+def test_trainer_and_kohya_draw_the_same_for_one_preset_and_seed(tmp_path, tiny_sd, version):
+    preset = tmp_path / "every-family.toml"
+    preset.write_text(PRESET)
+    draws, trainer_report = trainer_draws(tmp_path, tiny_sd, preset)
+    record, kohya_report = kohya_draws(tmp_path, version, preset)
+
+    assert [d["noise_sum"] for d in draws] == pytest.approx(record["noise_sums"], rel=1e-6, abs=1e-6)
+    assert [d["timesteps"] for d in draws] == record["timesteps"]
+    dropped = [c == "" for c in record["captions"]]
+    assert [flag for d in draws for flag in d["dropped"]] == dropped
+    assert any(dropped) and not all(dropped)  # the comparison can fail both ways
+    for report in (trainer_report, kohya_report):
+        assert report["steps"] == STEPS and report["caption"]["samples"] == STEPS * BATCH
+    weights = [r["loss_weighting"]["mean_weight_per_timestep_bin"] for r in (trainer_report, kohya_report)]
+    assert [w is None for w in weights[0]] == [w is None for w in weights[1]]
+    assert [w for w in weights[0] if w is not None] == pytest.approx([w for w in weights[1] if w is not None], rel=1e-6)
+    tags = [r["caption"]["tag_dropout"][0] for r in (trainer_report, kohya_report)]
+    assert tags[0]["tags_droppable"] == tags[1]["tags_droppable"] and tags[0]["tags_dropped"] == tags[1]["tags_dropped"]
