@@ -23,7 +23,7 @@ import random
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from sdplug.audit import Audit
 from sdplug.errors import MissingDependencyError, PresetError, SdplugError
 from sdplug.pipelines import CaptionDraw, CaptionPipeline, NoiseDraw, NoisePipeline
-from sdplug.presets import Preset, check_against_schedule
+from sdplug.presets import Preset, StrategySpec, check_against_schedule
 from sdplug.schedule import check_prediction_type
-from sdplug.strategies.base import LossWeighting, TimestepStrategy
+from sdplug.strategies.base import AttentionStrategy, LossWeighting, OptimizerStrategy, TimestepStrategy
+from sdplug.strategies.learned import LearnedWeighting
 from sdplug.strategies.timesteps import UniformTimesteps
 from sdplug.streams import Streams
 
@@ -71,16 +72,19 @@ class Plan:
         self.loss_weighting: LossWeighting | None = preset.loss_weighting.create() if preset.loss_weighting else None
         self.optimizer_fell_back = False
         self.optimizer_strategy = self._choose_optimizer()
-        self.attention_strategy = preset.attention.create() if preset.attention else None
+        self.attention_strategy: AttentionStrategy | None = preset.attention.create() if preset.attention else None
         if self.attention_strategy is not None:
-            self.attention_strategy.check_available()
+            try:
+                self.attention_strategy.check_available()
+            except MissingDependencyError as exc:
+                raise self._cannot_run(exc, "attention.type") from exc
         self.audit = Audit(
             {
                 "noise": [s.type for s in preset.noise],
                 "caption": [s.type for s in preset.caption],
                 "timesteps": [preset.timesteps.type] if preset.timesteps else [],
                 "loss_weighting": [preset.loss_weighting.type] if preset.loss_weighting else [],
-                "optimizer": [self._optimizer_spec().type] if preset.optimizer else [],
+                "optimizer": [spec.type] if (spec := self._optimizer_spec()) is not None else [],
                 "attention": [preset.attention.type] if preset.attention else [],
             },
             self.num_train_timesteps,
@@ -117,11 +121,15 @@ class Plan:
             )
         return dropped
 
-    def _optimizer_spec(self):
+    def _optimizer_spec(self) -> StrategySpec | None:
         """The preset's optimizer table, or its fallback's when the plan had to use it."""
         return self.preset.optimizer_fallback if self.optimizer_fell_back else self.preset.optimizer
 
-    def _choose_optimizer(self):
+    def _cannot_run(self, exc: MissingDependencyError, key: str) -> MissingDependencyError:
+        """The same error, naming the preset file and key that asked for what cannot run here."""
+        return MissingDependencyError(f"{self.preset.path}: {key}: {exc}")
+
+    def _choose_optimizer(self) -> OptimizerStrategy | None:
         if self.preset.optimizer is None:
             return None
         primary = self.preset.optimizer.create()
@@ -130,9 +138,12 @@ class Plan:
             return primary
         except MissingDependencyError as exc:
             if self.preset.optimizer_fallback is None:
-                raise
+                raise self._cannot_run(exc, "optimizer.type") from exc
             fallback = self.preset.optimizer_fallback.create()
-            fallback.check_available()
+            try:
+                fallback.check_available()
+            except MissingDependencyError as fallback_exc:
+                raise self._cannot_run(fallback_exc, "optimizer.fallback") from fallback_exc
             warnings.warn(
                 f"optimizer {self.preset.optimizer.type!r} cannot run here ({exc}); using the preset's "
                 f"fallback {self.preset.optimizer_fallback.type!r} as it names in optimizer.fallback.",
@@ -141,7 +152,9 @@ class Plan:
             self.optimizer_fell_back = True
             return fallback
 
-    def timesteps(self, batch_size: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    def timesteps(
+        self, batch_size: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """One timestep per sample (uniform over the schedule when the preset names none), drawn
         on the CPU from the plan's ``timesteps`` stream unless ``generator`` is given, then moved
         to ``device``."""
@@ -233,9 +246,7 @@ class Plan:
         """The random streams, the step count, the audit and any learned strategy state: a run
         resumed from it draws what an uninterrupted run would. Tensors and plain data only."""
         learned = (
-            {k: v.detach().cpu() for k, v in self.loss_weighting.network.state_dict().items()}
-            if self.trainable_parameters()
-            else {}
+            {k: v.detach().cpu() for k, v in self._learned_network().state_dict().items()} if self.trainable_parameters() else {}
         )
         return {"streams": self.streams.state_dict(), "steps": self.steps, "audit": self.audit.state_dict(), "learned": learned}
 
@@ -244,10 +255,15 @@ class Plan:
         self.steps = int(state["steps"])
         self.audit.load_state_dict(state["audit"])
         if state["learned"]:
-            network = self.loss_weighting.network
+            network = self._learned_network()
             with torch.no_grad():
                 for key, value in network.state_dict().items():
                     value.copy_(state["learned"][key].to(value.device, value.dtype))
+
+    def _learned_network(self) -> torch.nn.Module:
+        # Learned state lives in the learned weighting's network; only LearnedWeighting has
+        # parameters, and callers ask only when trainable_parameters() is not empty.
+        return cast(LearnedWeighting, self.loss_weighting).network
 
     def report(self) -> dict[str, Any]:
         """What ``audit.json`` holds for this plan, with the problems found."""
@@ -276,4 +292,5 @@ class Plan:
                 raise
             # a parameter that only the model can judge (sliced slice_size against its heads):
             # the strategy knows the key, the plan knows the file
-            raise PresetError(exc.problem, path=self.preset.attention.path or self.preset.path, key=exc.key) from None
+            spec = self.preset.attention  # not None: it made attention_strategy
+            raise PresetError(exc.problem, path=(spec.path if spec else None) or self.preset.path, key=exc.key) from None
