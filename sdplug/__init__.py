@@ -44,7 +44,7 @@ def available(family: str) -> list[str]:
     return registry(family).names()
 
 
-def create(family: str, name: str, **params: Any):
+def create(family: str, name: str, **params: Any) -> Any:
     """A strategy of ``family`` named ``name``, its ``params`` validated.
 
     Raises ``UnknownStrategyError`` for an unknown family or name and ``PresetError`` for a

@@ -209,7 +209,7 @@ class Audit:
                 "dropout_rate_realised": realised,
                 "dropout_rate_configured": expected_rate,
                 "dropout_rate_999_interval": [low, high],
-                "dropout_rate_within_interval": low <= realised <= high if samples else None,
+                "dropout_rate_within_interval": low <= realised <= high if realised is not None else None,
                 "empty_caption_embeddings_substituted": c["substituted_embeddings"],
             }
             tag_dropout = []
@@ -225,7 +225,7 @@ class Audit:
                         "tag_drop_rate_realised": realised,
                         "tag_drop_rate_configured": rate,
                         "tag_drop_rate_999_interval": [low, high],
-                        "tag_drop_rate_within_interval": low <= realised <= high if n else None,
+                        "tag_drop_rate_within_interval": low <= realised <= high if realised is not None else None,
                         "keep_tokens_always_kept": tags["head_lost"] == 0,
                     }
                 )

@@ -130,12 +130,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_kohya(args: argparse.Namespace) -> int:
-    from sdplug.hosts.kohya.launcher import main as kohya_main
-
-    return kohya_main(args.rest)
-
-
 def _cmd_from_kohya(args: argparse.Namespace) -> int:
     from sdplug.hosts.kohya.config_bridge import preset_from_kohya_file
 
@@ -283,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         "kohya", help="run an sd-scripts script with a preset: sdplug kohya --preset P [--sd-scripts DIR] -- SCRIPT ARGS"
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(run=_cmd_kohya)
+    # listed for `sdplug --help` only: main() hands `sdplug kohya ...` to the launcher before
+    # argparse, which cannot pass options after a subcommand through as REMAINDER
 
     p = sub.add_parser("from-kohya", help="translate a kohya --config_file into a preset")
     p.add_argument("config", type=Path)

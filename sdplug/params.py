@@ -8,8 +8,9 @@ problem as ``PresetError`` naming the key, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import annotated_types
 import pydantic
@@ -17,13 +18,25 @@ from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 from sdplug.errors import PresetError, did_you_mean
 
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # pragma: no cover - Python 3.10
+    from typing_extensions import dataclass_transform
+
+_T = TypeVar("_T")
+
 # strict: "0.8" is not silently read as 0.8, nor true as 1; an int is still a valid float.
 STRATEGY_CONFIG = pydantic.ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
 
 
-def strategy_params(cls):
+# dataclass_transform: type checkers then know a decorated class's fields and its keyword
+# constructor, as they do for pydantic's own decorator (whose field specifiers these are).
+@dataclass_transform(field_specifiers=(dataclasses.field, pydantic.Field))
+def strategy_params(cls: type[_T]) -> type[_T]:
     """Class decorator: turn a strategy class into a validating dataclass of its parameters."""
-    return _pydantic_dataclass(cls, config=STRATEGY_CONFIG)
+    # pydantic types its result as type[PydanticDataclass]; it is ``cls`` (a subclass
+    # of it when ``cls`` is already a stdlib dataclass) made a validating dataclass
+    return typing.cast("type[_T]", _pydantic_dataclass(cls, config=STRATEGY_CONFIG))
 
 
 def field_names(cls) -> list[str]:
@@ -86,7 +99,7 @@ def check_known_keys(table, allowed, *, what: str, path: str | None, key: str) -
             )
 
 
-def validate_params(cls, params: dict[str, Any], *, what: str, path: str | None = None, key: str = ""):
+def validate_params(cls: type, params: dict[str, Any], *, what: str, path: str | None = None, key: str = "") -> Any:
     """Build ``cls(**params)``; turn every validation problem into one ``PresetError``.
 
     ``what`` names the strategy in messages (e.g. "noise 'pyramid'"); ``key`` is the key path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Protocol, cast
 
 import torch
 
@@ -60,6 +61,13 @@ class NoisePipeline:
         return NoiseDraw(target=noise, model_input=model_input)
 
 
+class _Dropout(Protocol):
+    """A caption transform that works on cached text-encoder outputs (``needs_text`` False): it
+    only decides whether the caption is dropped (``CaptionDropout``)."""
+
+    def decide(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool: ...
+
+
 class CaptionPipeline:
     """Caption transforms in the order written, with each sample's dropout decision exposed."""
 
@@ -106,5 +114,5 @@ class CaptionPipeline:
                     f"caption transform {type(transform).__name__} needs caption text, which cached "
                     "text-encoder outputs do not have."
                 )
-            dropped = transform.decide(epoch=epoch, rng=rng) or dropped
+            dropped = cast(_Dropout, transform).decide(epoch=epoch, rng=rng) or dropped
         return dropped

@@ -26,14 +26,15 @@ import dataclasses
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from sdplug.errors import PresetError, SdplugError, did_you_mean
-from sdplug.params import check_known_keys, strategy_params, validate_params
+from sdplug.params import check_known_keys, field_names, strategy_params, validate_params
 from sdplug.strategies import registry
 
 if TYPE_CHECKING:
     from sdplug.plan import Plan
+    from sdplug.strategies.base import CaptionTransform, NoiseStrategy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,6 +60,12 @@ class MemorySettings:
     cache_text_encoder_outputs: bool = False
 
 
+def _memory_table(memory: MemorySettings) -> dict[str, Any]:
+    """The settings by name. Not ``dataclasses.asdict``: type checkers do not see a
+    ``strategy_params`` class as a stdlib dataclass (it is a pydantic one)."""
+    return {name: getattr(memory, name) for name in field_names(MemorySettings)}
+
+
 @dataclasses.dataclass(frozen=True)
 class StrategySpec:
     """One strategy table of a preset: family, registered name, validated parameters."""
@@ -70,7 +77,7 @@ class StrategySpec:
     path: str | None = None  # the file this table was written in (a parent's, when inherited)
     key: str = ""  # its key path there, e.g. "timesteps" or "noise[1]"
 
-    def create(self):
+    def create(self) -> Any:
         return registry(self.family).create(self.type, **dict(self.params))
 
     def to_table(self, *, with_defaults: bool = False) -> dict[str, Any]:
@@ -118,7 +125,7 @@ class Preset:
                 data[section] = spec.to_table(with_defaults=with_defaults)
         if self.optimizer_fallback is not None:
             data["optimizer"]["fallback"] = self.optimizer_fallback.type
-        data["memory"] = dataclasses.asdict(self.memory)
+        data["memory"] = _memory_table(self.memory)
         return data
 
     def build(
@@ -286,7 +293,7 @@ def parse_preset(data: Any, *, path: str = "<preset>", _chain: tuple[Path, ...] 
             ) from None
         parent = _load(parent_path, _chain)
 
-    memory_values = dict(dataclasses.asdict(parent.memory)) if parent else {}
+    memory_values = _memory_table(parent.memory) if parent else {}
     memory_values.update(memory_table)
     memory = validate_params(MemorySettings, memory_values, what="[memory]", path=path, key="memory")
 
@@ -383,7 +390,8 @@ def check_against_schedule(preset: Preset, num_train_timesteps: int) -> None:
 def _check_consistency(preset: Preset, path: str) -> None:
     seen_input = None
     for i, spec in enumerate(preset.noise):
-        role = registry("noise").get(spec.type).cls.role
+        # the noise registry holds NoiseStrategy subclasses only (Registry._check_fits)
+        role = cast("type[NoiseStrategy]", registry("noise").get(spec.type).cls).role
         if role == "input":
             seen_input = seen_input if seen_input is not None else i
         elif seen_input is not None:
@@ -396,7 +404,7 @@ def _check_consistency(preset: Preset, path: str) -> None:
             )
     if preset.memory.cache_text_encoder_outputs:
         for i, spec in enumerate(preset.caption):
-            if registry("caption").get(spec.type).cls.needs_text:
+            if cast("type[CaptionTransform]", registry("caption").get(spec.type).cls).needs_text:
                 raise PresetError(
                     f"caption transform {spec.type!r} rewrites the caption text, which cached text-encoder outputs "
                     "no longer have. Allowed with memory.cache_text_encoder_outputs = true: 'dropout' only "

@@ -12,12 +12,14 @@ import importlib.metadata
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from sdplug.errors import DuplicateStrategyError, PluginError, UnknownStrategyError
 from sdplug.params import validate_params
 
 BUILTIN_ORIGIN = "sdplug"
+
+_C = TypeVar("_C", bound=type)
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Registry:
     ``entry_points`` is injectable so tests can fake installed plugins.
     """
 
-    def __init__(self, family: str, base: type, *, entry_points: EntryPointSource = _installed_entry_points):
+    def __init__(self, family: str, base: type, *, entry_points: EntryPointSource = _installed_entry_points) -> None:
         self.family = family
         self.base = base
         self.group = f"sdplug.{family}"
@@ -61,10 +63,14 @@ class Registry:
     def __repr__(self) -> str:
         return f"Registry({self.family!r}, {len(self._entries)} loaded)"
 
-    def register(self, name: str, cls: type | None = None, *, origin: str = BUILTIN_ORIGIN):
+    @overload
+    def register(self, name: str, cls: None = None, *, origin: str = BUILTIN_ORIGIN) -> Callable[[_C], _C]: ...
+    @overload
+    def register(self, name: str, cls: _C, *, origin: str = BUILTIN_ORIGIN) -> _C: ...
+    def register(self, name: str, cls: type | None = None, *, origin: str = BUILTIN_ORIGIN) -> type | Callable[[_C], _C]:
         """Register ``cls`` under ``name``; usable as ``@registry.register("name")``."""
 
-        def add(target: type) -> type:
+        def add(target: _C) -> _C:
             self._check_fits(name, target, origin)
             if name in self._entries:
                 known = self._entries[name]
@@ -133,7 +139,7 @@ class Registry:
         """All entries, loading every plugin (used by listings)."""
         return [self.get(name) for name in self.names()]
 
-    def create(self, name: str, *, _path: str | None = None, _key: str = "", **params: Any):
+    def create(self, name: str, *, _path: str | None = None, _key: str = "", **params: Any) -> Any:
         """A validated strategy instance; bad parameters raise ``PresetError``."""
         entry = self.get(name)
         return validate_params(entry.cls, params, what=f"{self.family} {name!r}", path=_path, key=_key)

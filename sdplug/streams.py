@@ -31,7 +31,7 @@ def stream_seed(seed: int, rank: int, purpose: str) -> int:
 class Streams:
     """Lazily created torch generators (one device each) and Python RNGs, with their state."""
 
-    def __init__(self, seed: int = 0, rank: int = 0):
+    def __init__(self, seed: int = 0, rank: int = 0) -> None:
         self.seed, self.rank = int(seed), int(rank)
         self._generators: dict[str, torch.Generator] = {}
         self._randoms: dict[str, random.Random] = {}

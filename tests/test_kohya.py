@@ -23,6 +23,7 @@ from sdplug.plan import Plan
 from sdplug.presets import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 from tests.kohya_standin import make_standin
+from tests.make_kohya_patches import make_patches
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = """
@@ -183,7 +184,7 @@ def test_kohya_lr_arguments_follow_the_preset_and_a_crash_is_in_the_audit(preset
 def test_patch_route_applies_and_unpatch_restores_bytes(standin, preset, tmp_path, monkeypatch):
     version, root = standin
     patches = tmp_path / "patches"
-    manifest = {version: patching.make_patches(root, version, patches)}
+    manifest = {version: make_patches(root, version, patches)}
     (patches / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(patching, "patches_dir", lambda: patches)
     before = {p.name: p.read_bytes() for p in root.glob("*.py")}
@@ -231,7 +232,7 @@ def test_patch_refuses_local_changes_and_unknown_trees(standin, tmp_path, monkey
     version, root = standin
     patches = tmp_path / "patches"
     (patches / "manifest.json").parent.mkdir(parents=True, exist_ok=True)
-    (patches / "manifest.json").write_text(json.dumps({version: patching.make_patches(root, version, patches)}))
+    (patches / "manifest.json").write_text(json.dumps({version: make_patches(root, version, patches)}))
     monkeypatch.setattr(patching, "patches_dir", lambda: patches)
     (root / "train_db.py").write_text((root / "train_db.py").read_text() + "# mine\n")
     untouched = (root / "train_network.py").read_bytes()

@@ -61,7 +61,7 @@ def measure(repeats: int = 200, warmup: int = 10) -> dict[tuple[int, ...], dict[
     """
     intended = PyramidNoise(discount=0.8)
     seed_exact = PyramidNoise(discount=0.8, variant="seed-exact")
-    results = {}
+    results: dict[tuple[int, ...], dict[str, float]] = {}
     for shape in SHAPES:
         x = torch.randn(shape)
         methods = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Protocol, cast
 
 import torch
 from pydantic import Field
@@ -10,7 +10,13 @@ from pydantic import Field
 from sdplug.errors import MissingDependencyError, PresetError, SdplugError
 from sdplug.optional import require
 from sdplug.params import strategy_params
-from sdplug.strategies.base import AttentionStrategy
+from sdplug.strategies.base import AttentionStrategy, ProcessorModel
+
+
+class _SliceableModel(ProcessorModel, Protocol):
+    """A diffusers model that can slice its attention (``UNet2DConditionModel`` and others)."""
+
+    def set_attention_slice(self, slice_size: Any) -> None: ...
 
 
 @strategy_params
@@ -68,16 +74,18 @@ class SlicedAttention(AttentionStrategy):
         super().check_available()
         if not hasattr(model, "set_attention_slice"):
             return super().apply(model)  # reports the model as unsupported
-        model.set_attention_slice(self._sizes(model))
-        changed = sum(isinstance(p, SlicedAttnProcessor) for p in model.attn_processors.values())
+        sliceable = cast(_SliceableModel, model)  # checked just above
+        sliceable.set_attention_slice(self._sizes(model))
+        changed = sum(isinstance(p, SlicedAttnProcessor) for p in sliceable.attn_processors.values())
         if changed == 0:
             raise SdplugError(f"sliced attention found no attention module to slice in {type(model).__name__}.")
         return changed
 
     def _sizes(self, model: torch.nn.Module) -> list[int] | int | str:
         """One slice size per sliceable layer, in the order ``set_attention_slice`` takes a list."""
-        heads = _sliceable_heads(model)
-        if not heads or None in heads:  # not diffusers' Attention layers: let the model decide
+        all_heads = _sliceable_heads(model)
+        heads = [h for h in all_heads if h is not None]
+        if not heads or len(heads) < len(all_heads):  # not diffusers' Attention layers: let the model decide
             return self.slice_size
         if self.slice_size == "max":
             return [1] * len(heads)

@@ -7,7 +7,7 @@ import a host, the trainer or the CLI, and never set attributes on a host's obje
 from __future__ import annotations
 
 import random
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, cast
 
 import torch
 
@@ -115,6 +115,15 @@ class OptimizerStrategy:
         raise NotImplementedError
 
 
+class ProcessorModel(Protocol):
+    """The part of a diffusers model (``AttentionMixin``) that attention strategies use."""
+
+    @property
+    def attn_processors(self) -> dict[str, Any]: ...
+
+    def set_attn_processor(self, processor: Any) -> None: ...
+
+
 class AttentionStrategy:
     """Installs an attention implementation in a diffusers model."""
 
@@ -134,8 +143,9 @@ class AttentionStrategy:
                 f"{type(self).__name__} applies to diffusers models with attention processors; "
                 f"{type(model).__name__} has none (hosts with their own attention use their adapter)."
             )
-        names = list(model.attn_processors)
+        diffusers_model = cast(ProcessorModel, model)  # it has both, checked just above
+        names = list(diffusers_model.attn_processors)
         if not names:
             raise SdplugError(f"{type(model).__name__} has no attention modules to apply {type(self).__name__} to.")
-        model.set_attn_processor(self.processor())
+        diffusers_model.set_attn_processor(self.processor())
         return len(names)

@@ -29,6 +29,10 @@ class UncertaintyNetwork(torch.nn.Module):
     The layer starts at zero, so training starts from the host's unweighted loss (u = 0).
     """
 
+    # registered buffers, declared so type checkers do not take them for Tensor | Module
+    frequencies: torch.Tensor
+    phases: torch.Tensor
+
     def __init__(self, num_features: int, seed: int):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)

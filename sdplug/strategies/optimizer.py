@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 from pydantic import Field
@@ -15,6 +15,9 @@ from sdplug.strategies.base import OptimizerStrategy
 _LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
 _Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 _Betas = Annotated[list[_Beta], Field(min_length=2, max_length=2)]
+# A list, as a preset gives it (strict validation reads a TOML array as a list, never a tuple).
+_ADAM_BETAS = [0.9, 0.999]
+_LION_BETAS = [0.9, 0.99]
 _WeightDecay = Annotated[float, Field(ge=0.0, le=1.0)]
 _Eps = Annotated[float, Field(gt=0.0, le=1e-2)]
 
@@ -24,7 +27,7 @@ class AdamW(OptimizerStrategy):
     """AdamW, PyTorch's (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019): 8 bytes of state per parameter."""
 
     lr: _LearningRate = 1e-4
-    betas: _Betas = (0.9, 0.999)
+    betas: _Betas = Field(default_factory=lambda: list(_ADAM_BETAS))
     weight_decay: _WeightDecay = 1e-2
     eps: _Eps = 1e-8
 
@@ -41,6 +44,11 @@ _Min8bitSize = Annotated[int, Field(ge=1, le=2**31)]
 class _Bitsandbytes8bit(OptimizerStrategy):
     requires = ("bitsandbytes",)
     bnb_class = ""
+    if TYPE_CHECKING:  # the parameters every subclass declares as fields
+        lr: float
+        betas: list[float]
+        weight_decay: float
+        min_8bit_size: int
 
     def check_available(self, device: torch.device | str | None = None) -> None:
         """Importable is not enough: bitsandbytes before 0.50 imports on a CPU-only machine and
@@ -84,7 +92,8 @@ class _Bitsandbytes8bit(OptimizerStrategy):
         )
 
     def _extra(self) -> dict:
-        return {"eps": self.eps}
+        """Keyword arguments only some of the bitsandbytes optimizers take."""
+        return {}
 
 
 @strategy_params
@@ -93,10 +102,13 @@ class AdamW8bit(_Bitsandbytes8bit):
 
     bnb_class = "AdamW8bit"
     lr: _LearningRate = 1e-4
-    betas: _Betas = (0.9, 0.999)
+    betas: _Betas = Field(default_factory=lambda: list(_ADAM_BETAS))
     weight_decay: _WeightDecay = 1e-2
     eps: _Eps = 1e-8
     min_8bit_size: _Min8bitSize = 4096
+
+    def _extra(self) -> dict:
+        return {"eps": self.eps}
 
 
 @strategy_params
@@ -115,12 +127,9 @@ class Lion8bit(_Bitsandbytes8bit):
 
     bnb_class = "Lion8bit"
     lr: _LearningRate = 3e-5
-    betas: _Betas = (0.9, 0.99)
+    betas: _Betas = Field(default_factory=lambda: list(_LION_BETAS))
     weight_decay: _WeightDecay = 1e-1
     min_8bit_size: _Min8bitSize = 4096
-
-    def _extra(self) -> dict:
-        return {}
 
 
 @strategy_params

@@ -124,6 +124,7 @@ class BiasedTimesteps(TimestepStrategy):
         """``(parameter, sentence)`` when ``begin``/``end`` do not fit the schedule, else None."""
         if self.bias != "range":
             return None
+        assert self.begin is not None  # __post_init__ set it (0 when omitted) for bias 'range'
         allowed = f"allowed: 0 <= begin < end <= {num_train_timesteps}"
         if self.begin >= num_train_timesteps:
             return "begin", (
@@ -146,6 +147,7 @@ class BiasedTimesteps(TimestepStrategy):
     def probabilities(self, num_train_timesteps: int) -> torch.Tensor:
         weights = torch.ones(num_train_timesteps, dtype=torch.float64)
         if self.bias in ("earlier", "later"):
+            assert self.portion is not None  # __post_init__ set it (0.25 when omitted) for these biases
             count = max(1, round(self.portion * num_train_timesteps))
             region = slice(None, count) if self.bias == "earlier" else slice(-count, None)
             weights[region] *= self.multiplier

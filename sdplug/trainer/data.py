@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ class Example:
     caption: str
 
 
-def _listing(paths: list[Path], limit: int = 5) -> str:
+def _listing(paths: Sequence[Path | str], limit: int = 5) -> str:
     shown = ", ".join(str(p) for p in paths[:limit])
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
@@ -96,7 +97,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
         image = image.convert("RGB")
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -119,7 +120,8 @@ class BatchSampler:
     def next(self) -> tuple[list[int], list[int]]:
         """``(epochs, indices)``: each sample's own epoch, since a batch can straddle two epochs
         (per-epoch caption rules such as dropout's ``every_n_epochs`` follow the sample)."""
-        epochs, batch = [], []
+        epochs: list[int] = []
+        batch: list[int] = []
         while len(batch) < self.batch_size:
             if self.position >= len(self.order):
                 self.order = torch.randperm(self.size, generator=self.generator).tolist()

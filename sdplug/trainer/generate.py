@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -24,9 +25,9 @@ from sdplug.trainer.config import TrainConfig
 from sdplug.trainer.outputs import atomic
 from sdplug.trainer.sampling import sample_grid
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -152,7 +153,8 @@ def generate(request: SampleRequest) -> tuple[dict, str]:
     if family == "gaussian":
         start = "N(0, I) (--noise gaussian)"
     device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+    modules: tuple[torch.nn.Module | None, ...] = (bundle.unet, bundle.text_encoder, bundle.vae)
+    for module in modules:
         if module is not None:
             module.to(device).eval()
     images, grid = sample_grid(

@@ -23,7 +23,9 @@ class CheckpointedCalls:
             for module in model.modules():
                 function = module.__dict__.get("_gradient_checkpointing_func")
                 if function is not None:
-                    module._gradient_checkpointing_func = self._counting(name, function)
+                    # ignore: torch types Module.__setattr__'s value as Tensor | Module, but any
+                    # other value (here a function) is stored as a plain attribute
+                    module._gradient_checkpointing_func = self._counting(name, function)  # type: ignore[assignment]
 
     def _counting(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:

@@ -99,7 +99,7 @@ class Trainer:
         self._prepare_data()
         self._prepare_optimizer()
         self.step = 0
-        self.loss_bins = {"raw_sum": [0.0] * TIMESTEP_BINS, "weighted_sum": [0.0] * TIMESTEP_BINS, "count": [0] * TIMESTEP_BINS}
+        self.loss_bins: dict[str, list[float]] = {"raw_sum": [0.0] * TIMESTEP_BINS, "weighted_sum": [0.0] * TIMESTEP_BINS, "count": [0] * TIMESTEP_BINS}
         self.draw_log: list[dict] = []
         self.losses: list[float] = []
 

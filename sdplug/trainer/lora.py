@@ -36,7 +36,9 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[s
     model.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+        # ignore: peft types lora_alpha as int, but only ever divides by it (scaling = alpha / r),
+        # and kohya LoRAs (which sdplug writes) have float alphas
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)  # type: ignore[arg-type]
         inject_adapter_in_model(config, model, adapter_name="default")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -9,11 +9,17 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sdplug.errors import SdplugError
 from sdplug.trainer import tiny
+
+if TYPE_CHECKING:
+    # Not ``from diffusers import ...``: type checkers read diffusers' top level as its dummy
+    # objects (the branch for a missing torch), which have none of the real attributes.
+    from diffusers.models import AutoencoderKL, UNet2DConditionModel
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 PIXEL_MARKER = "sdplug_model.json"
 
@@ -24,17 +30,18 @@ class ModelError(SdplugError):
 
 @dataclasses.dataclass
 class ModelBundle:
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler: object  # a diffusers DDPMScheduler (its alphas_cumprod and config)
-    vae: torch.nn.Module | None  # None: pixel space, "latents" are images in [-1, 1]
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDPMScheduler
+    vae: AutoencoderKL | None  # None: pixel space, "latents" are images in [-1, 1]
     resolution: int
     source: str
 
     @property
     def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
+        # diffusers types config as a dict (it is one, a FrozenDict, that also allows attribute access)
+        return self.scheduler.config["prediction_type"]
 
     @property
     def pixel_space(self) -> bool:
@@ -42,7 +49,7 @@ class ModelBundle:
 
     @property
     def latent_scale(self) -> float:
-        return 1.0 if self.vae is None else float(self.vae.config.scaling_factor)
+        return 1.0 if self.vae is None else float(self.vae.config["scaling_factor"])
 
 
 def embedded(*, prediction_type: str = "epsilon", seed: int = 0) -> ModelBundle:
@@ -86,7 +93,7 @@ def load(path: Path, *, resolution: int | None = None) -> ModelBundle:
         vae = None if pixel else AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"--model {path}: cannot load its components ({exc}).") from None
-    if pixel:
+    if vae is None:  # pixel space
         native = unet.config.sample_size
     else:
         native = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
@@ -117,19 +124,24 @@ def save_folder(bundle: ModelBundle, directory: Path) -> None:
     diffusers loads it with ``StableDiffusionPipeline.from_pretrained(folder, vae=None)``, and
     ``output_type="latent"`` returns its images (pixels in [-1, 1]); ``sdplug sample`` writes PNGs.
     """
-    from diffusers import StableDiffusionPipeline
+    # the class diffusers' top level exports, imported where type checkers see the real one
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
     directory.mkdir(parents=True, exist_ok=True)
-    pipeline = StableDiffusionPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        tokenizer=bundle.tokenizer,
-        unet=bundle.unet,
-        scheduler=bundle.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    # Passed as one dict: diffusers annotates ``scheduler`` as its KarrasDiffusionSchedulers enum
+    # (it takes a scheduler instance) and vae/safety_checker/feature_extractor as required, though
+    # None is what a pixel-space model and requires_safety_checker=False are documented to pass.
+    components: dict[str, Any] = {
+        "vae": bundle.vae,
+        "text_encoder": bundle.text_encoder,
+        "tokenizer": bundle.tokenizer,
+        "unet": bundle.unet,
+        "scheduler": bundle.scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+    pipeline = StableDiffusionPipeline(**components)
     # diffusers warns that the absent VAE "cannot be saved"; a pixel-space model has none by design
     notices = logging.getLogger("diffusers.pipelines.pipeline_utils")
     drop = lambda record: "self.vae=None" not in str(record.msg)  # noqa: E731

@@ -94,7 +94,7 @@ def _grid(results, prompts, seeds, guidance_scales, zoom: int = 3) -> Image.Imag
             if g_index == 0:
                 pen.text((4, y + tile // 2 - 6), prompt, fill=(0, 0, 0))
             for s_index in range(len(seeds)):
-                image = to_image(results[guidance][p_index, s_index]).resize((tile, tile), Image.NEAREST)
+                image = to_image(results[guidance][p_index, s_index]).resize((tile, tile), Image.Resampling.NEAREST)
                 grid.paste(image, (x + s_index * (tile + gap), y))
     return grid
 

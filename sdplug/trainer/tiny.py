@@ -9,8 +9,11 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
+# diffusers.models and .schedulers.scheduling_ddpm, not diffusers' top level (the same classes):
+# type checkers read the top level as its dummy objects (the branch for a missing torch).
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.models import UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdplug.trainer.synthetic import VOCABULARY
@@ -43,7 +46,9 @@ def build_tokenizer(words: tuple[str, ...] = VOCABULARY) -> CLIPTokenizer:
     for token in SPECIAL:
         vocab.setdefault(token, len(vocab))
     # built in memory: several processes of one run may build it at once
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=MAX_TOKENS)
+    # ignore: transformers types merges as list[str], but passes them to tokenizers' BPE, which
+    # takes (left, right) pairs
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=MAX_TOKENS)  # type: ignore[misc]
 
 
 def build_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
