@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ def cached_tensors(example: dict, version: str) -> list[torch.Tensor] | None:
         outputs = example.get("text_encoder_outputs_list")
         return list(outputs) if outputs is not None else None
     tensors = [example.get(key) for key in BATCH_KEYS[version]]
-    return tensors if tensors[0] is not None else None
+    # cached batches carry every key of their version (None only when nothing was cached)
+    return cast("list[torch.Tensor]", tensors) if tensors[0] is not None else None
 
 
 def encode_empty_main(train_util, models) -> list[torch.Tensor]:

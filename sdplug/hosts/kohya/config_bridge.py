@@ -296,6 +296,7 @@ def _caption_to_kohya(preset: Preset, config: dict[str, Any], notes: list[str]) 
 
 def _optimizer_to_kohya(preset: Preset, config: dict[str, Any], notes: list[str]) -> None:
     spec = preset.optimizer
+    assert spec is not None  # called for presets with [optimizer]
     optimizer = spec.create()
     config["optimizer_type"] = TO_KOHYA_OPTIMIZER.get(spec.type, spec.type)
     if "lr" in spec.params:

@@ -181,5 +181,5 @@ def is_set(value, default) -> bool:
     """A flag the user set: its value is not the parser's default (an empty value is unset)."""
     if value == default:
         return False
-    empty = (None, False, 0, 0.0, "", (), [])
+    empty: tuple[object, ...] = (None, False, 0, 0.0, "", (), [])
     return not (value in empty and default in empty)

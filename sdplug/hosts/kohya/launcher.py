@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if problems:  # the one problems policy: weights saved by the script, audit written, non-zero exit
-        print(f"error: the run finished, but the audit found strategies that did not apply: {'; '.join(problems)}", file=sys.stderr)
+        print(
+            f"error: the run finished, but the audit found strategies that did not apply: {'; '.join(problems)}", file=sys.stderr
+        )
         return 1
     return 0

@@ -36,7 +36,8 @@ def join_learned(plan, params: list[Any]) -> list[Any]:
     if index is None or not isinstance(params[index], dict):
         params.extend(learned)  # plain parameters: one group
     else:
-        params[index] = {**joined, "params": [*joined["params"], *learned]}
+        group = params[index]  # a dict: checked above
+        params[index] = {**group, "params": [*group["params"], *learned]}
     return params
 
 

@@ -142,7 +142,7 @@ def reconcile(
     _memory(preset, values, script, result)
     if preset.caption and values.get("cache_text_encoder_outputs"):
         # cached outputs skip process_caption: only a dropout decision can still apply to them
-        needs_text = [s.type for s in preset.caption if registry("caption").get(s.type).cls.needs_text]
+        needs_text = [s.type for s in preset.caption if getattr(registry("caption").get(s.type).cls, "needs_text", True)]
         if needs_text:
             raise KohyaConflictError(
                 f"{preset.path}: [caption] {', '.join(needs_text)} rewrite the caption text, which "

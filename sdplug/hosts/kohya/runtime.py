@@ -206,6 +206,7 @@ class KohyaAdapter:
         if self.checked_schedule:
             return
         theirs = getattr(noise_scheduler, "alphas_cumprod", None)
+        assert self.plan is not None  # hooks run after configure built it
         if (
             theirs is None
             or theirs.shape != self.plan.alphas_cumprod.shape
@@ -243,6 +244,7 @@ class KohyaAdapter:
         own and kept out of the audit (no training step). The plan has no unaudited draw, so
         this reads its pipeline and streams."""
         plan = self.plan
+        assert plan is not None  # hooks run after configure built it
         draw = plan.noise_pipeline(latents, plan.streams.generator("validation-noise", latents.device))
         return draw, torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
 
