@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sdplug.log import show_messages
+
+    show_messages()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["kohya"]:  # everything after belongs to the launcher and the script
         from sdplug.hosts.kohya.launcher import main as kohya_main

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from sdplug.cli import build_parser, main
+from sdplug.log import show_messages
 from sdplug.trainer import outputs
 from sdplug.trainer.config import OptionError, TrainConfig
 from sdplug.trainer.loop import train
@@ -139,6 +140,7 @@ def test_failed_run_keeps_checkpoints_and_says_so(tmp_path, capsys):
     (out / "checkpoint-5").mkdir(parents=True)
     (out / "embedded-data").mkdir()
     (out / "samples-before.png").write_bytes(b"png")
+    show_messages()  # what train() does: sdplug's messages on stderr
     outputs.clean_failed(out, fresh=True)
     assert [p.name for p in out.iterdir()] == ["checkpoint-5"]
     assert "the failed run kept in" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdplug.errors import MissingDependencyError, SdplugError
+from sdplug.log import show_messages
 from sdplug.plan import check_memory_runs_here
 from sdplug.presets import load_preset
 from sdplug.trainer import checkpoint, data, lora, models, outputs, synthetic
@@ -255,7 +256,7 @@ class Trainer:
         if config.resume is not None:  # before the banner, which names the folder 'latest' resolved to
             config.resume = checkpoint.resolve(Path(config.resume), config.output)
         if accelerator.is_main_process:
-            print(outputs.banner(self), flush=True)
+            print(outputs.banner(self), flush=True)  # the trainer's own screen, like its progress bar
         if config.resume is not None:
             self.load_checkpoint(config.resume)
         elif config.samples:
@@ -292,6 +293,7 @@ class Trainer:
 def train(config: TrainConfig) -> dict:
     """One run, then the list of what it wrote. A refused or failed run into a new folder removes
     what it made, and writes ``audit.json`` saying why (``completed`` false, ``problems``)."""
+    show_messages()  # the reference trainer's session: its messages on stderr
     fresh = outputs.is_fresh(Path(config.output))
     trainer = None
     try:
@@ -305,5 +307,5 @@ def train(config: TrainConfig) -> dict:
             outputs.write_failure_audit(Path(config.output), exc, trainer)
         raise
     if trainer.accelerator.is_main_process:
-        print(outputs.closing_table(trainer))
+        print(outputs.closing_table(trainer))  # the trainer's own screen
     return report

@@ -13,12 +13,12 @@ import json
 import os
 import resource
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
 from sdplug.errors import SdplugError
+from sdplug.log import logger
 from sdplug.strategies.optimizer import state_bytes
 from sdplug.trainer import lora, models
 from sdplug.trainer.config import SAMPLE_PROMPTS, read_prompts_file
@@ -334,7 +334,7 @@ def clean_failed(output: Path, fresh: bool) -> None:
             _remove(entry)
     left = sorted(p.name for p in output.iterdir())
     if left:
-        print(f"sdplug: the failed run kept in {output}: {', '.join(left)}", file=sys.stderr)
+        logger.info(f"the failed run kept in {output}: {', '.join(left)}")
     else:
         output.rmdir()
 

@@ -19,6 +19,7 @@ from sdplug.errors import SdplugError
 from sdplug.hosts.kohya import report
 from sdplug.hosts.kohya.runtime import activate_for_launch, record_failure
 from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError, detect
+from sdplug.log import logger
 from sdplug.presets import load_preset
 
 
@@ -42,7 +43,7 @@ def launch(preset_path: str, script: str, script_args: list[str], sd_scripts: Pa
     root = Path(sd_scripts).resolve() if sd_scripts else path.parent
     version = detect(root)
     adapter = activate_for_launch(preset, version, root, path.name)
-    print(f"sdplug: preset {preset.name!r} on sd-scripts {version.name} ({path.name})", file=sys.stderr)
+    logger.info(f"preset {preset.name!r} on sd-scripts {version.name} ({path.name})")
     sys.argv = [str(path), *script_args]
     runpy.run_path(str(path), run_name="__main__")
     # the script returned: take the hooks out and write the audit now (not at exit), so that

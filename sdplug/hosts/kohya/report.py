@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from sdplug.log import logger
 
 HOST_NAME = "kohya sd-scripts"
 
@@ -24,9 +25,9 @@ def write(report: dict[str, Any], output_dir: str | Path, rank: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     if report["steps"] == 0 and report["problems"][:1] and report["problems"][0].startswith("refused"):
-        print(f"sdplug: the refusal is in {path}", file=sys.stderr)  # its message follows as the error
+        logger.info(f"the refusal is in {path}")  # its message follows as the error
     elif report["problems"]:
-        print(f"sdplug: AUDIT PROBLEMS in {path}: {'; '.join(report['problems'])}", file=sys.stderr)
+        logger.warning(f"AUDIT PROBLEMS in {path}: {'; '.join(report['problems'])}")
     return path
 
 
@@ -144,5 +145,5 @@ def write_run(adapter) -> Path | None:
     data["problems"] = _problems(adapter, data)
     path = write(data, adapter.args.output_dir, adapter.rank)
     if adapter.rank == 0:
-        print(f"\nsdplug audit ({path}):\n{audit.summary()}", file=sys.stderr)
+        logger.info(f"audit ({path}):\n{audit.summary()}")
     return path

@@ -57,6 +57,7 @@ from sdplug.hosts.kohya.reconcile import (
 )
 from sdplug.hosts.kohya.session import Session
 from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
+from sdplug.log import logger, show_messages
 from sdplug.plan import Plan, check_memory_runs_here
 from sdplug.presets import Preset
 from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
@@ -168,7 +169,7 @@ class KohyaAdapter:
             self.plan.timestep_sampler = UniformTimesteps(min_timestep=args.min_timestep or 0, max_timestep=args.max_timestep)
         self.configured_range = (getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
         for rule in self.rules:
-            print(f"sdplug: {rule}", file=sys.stderr)
+            logger.info(rule)
 
     def _build_plan(self, args) -> Plan:
         """The preset on kohya's schedule: Stable Diffusion's (rescaled as kohya rescales it with
@@ -192,7 +193,7 @@ class KohyaAdapter:
         def excepthook(kind, value, traceback):
             self.record_failure(value)
             if isinstance(value, SdplugError):
-                print(f"sdplug: error: {value}", file=sys.stderr)
+                logger.error(f"error: {value}")
             else:
                 previous(kind, value, traceback)
 
@@ -274,7 +275,7 @@ class KohyaAdapter:
             # which would silently win over the preset's: the preset's lr rules
             params = with_lr(params, spec.params["lr"])
             self.rules.append(f"every parameter group's lr -> {spec.params['lr']}, except groups at lr 0 (preset [optimizer] lr)")
-            print(f"sdplug: {self.rules[-1]}", file=sys.stderr)
+            logger.info(self.rules[-1])
             strategy = self.plan.optimizer_strategy
         else:
             # no lr in the preset: kohya's --learning_rate (and its per-group lrs) stay in charge
@@ -351,6 +352,7 @@ def _make_active(adapter: KohyaAdapter) -> None:
 def activate_for_launch(preset: Preset, version: KohyaVersion, root: Path, script: str) -> KohyaAdapter:
     """Install the hooks before the script runs (the launcher route); ``adapter.session.undo()``
     takes them out again (the launcher never does: the audit is written at exit)."""
+    show_messages()
     adapter, _ = _install(preset, version, root, script)
     _make_active(adapter)
     return adapter
@@ -369,6 +371,7 @@ def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | Non
     """Called by the patched scripts after they read their arguments (the patch route)."""
     if _ACTIVE is not None:  # launched through `sdplug kohya` as well: already active
         return _ACTIVE
+    show_messages()  # no sdplug command around a patched script: this session shows them
     from sdplug.hosts.kohya.version import detect
     from sdplug.presets import load_preset
 
@@ -381,10 +384,10 @@ def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | Non
     except SdplugError as exc:  # refused before configuring: the audit says so, the message is one paragraph
         if getattr(args, "output_dir", None):
             report.write(report.refusal(str(exc), script=script_file.name), args.output_dir, 0)
-        print(f"sdplug: error: {exc}", file=sys.stderr)
+        logger.error(f"error: {exc}")
         raise SystemExit(1) from None
     adapter.rebind_script_globals(script_globals, custom)
-    print(f"sdplug: preset {preset.name!r} on sd-scripts {version.name} ({script_file.name})", file=sys.stderr)
+    logger.info(f"preset {preset.name!r} on sd-scripts {version.name} ({script_file.name})")
     _make_active(adapter)
     adapter.configure(args, parser)
     return adapter
