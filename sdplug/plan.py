@@ -18,10 +18,11 @@ audit, and the learned state of learned strategies; ``state_dict`` holds all thr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -58,17 +59,28 @@ def check_memory_runs_here(preset: Preset) -> None:
 class Plan:
     """A preset's strategies, built and bound to a noise schedule and prediction type."""
 
-    def __init__(self, preset: Preset, *, alphas_cumprod: torch.Tensor, prediction_type: str, seed: int = 0, rank: int = 0):
+    def __init__(
+        self,
+        preset: Preset,
+        *,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str,
+        seed: int = 0,
+        rank: int = 0,
+        default_timesteps: TimestepStrategy | None = None,
+    ):
         self.preset = preset
         self.streams = Streams(seed, rank)
         self.steps = 0
+        self._validating = False
         self.prediction_type = check_prediction_type(prediction_type)
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float32).cpu()
         self.num_train_timesteps = len(self.alphas_cumprod)
         check_against_schedule(preset, self.num_train_timesteps)  # file and key, before any training
         self.noise_pipeline = NoisePipeline([spec.create() for spec in preset.noise])
         self.caption_pipeline = CaptionPipeline([spec.create() for spec in preset.caption])
-        self.timestep_sampler: TimestepStrategy | None = preset.timesteps.create() if preset.timesteps else None
+        # the host's own draw (kohya's --min/max_timestep range) when the preset names none
+        self.timestep_sampler: TimestepStrategy | None = preset.timesteps.create() if preset.timesteps else default_timesteps
         self.loss_weighting: LossWeighting | None = preset.loss_weighting.create() if preset.loss_weighting else None
         self.optimizer_fell_back = False
         self.optimizer_strategy = self._choose_optimizer()
@@ -94,16 +106,34 @@ class Plan:
     def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
         """The step's noise: ``target`` for the loss, ``model_input`` for ``x_t``; drawn from the
         plan's ``noise`` stream on the latents' device unless ``generator`` is given."""
-        draw = self.noise_pipeline(latents, generator or self.streams.generator("noise", latents.device))
-        self.audit.record_noise(draw.target, draw.model_input)
+        stream = "validation-noise" if self._validating else "noise"
+        draw = self.noise_pipeline(latents, generator or self.streams.generator(stream, latents.device))
+        if not self._validating:
+            self.audit.record_noise(draw.target, draw.model_input)
         return draw
+
+    @contextlib.contextmanager
+    def validation(self) -> Iterator[Plan]:
+        """Calls inside draw from streams of their own and are not audited: a validation pass
+        neither shifts the training draws nor counts as training."""
+        previous, self._validating = self._validating, True
+        try:
+            yield self
+        finally:
+            self._validating = previous
+
+    def matches_schedule(self, alphas_cumprod: torch.Tensor) -> bool:
+        """Whether a host's schedule is the one this plan was bound to."""
+        theirs = alphas_cumprod.detach().float().cpu()
+        return theirs.shape == self.alphas_cumprod.shape and bool(torch.allclose(theirs, self.alphas_cumprod, atol=1e-5))
 
     def caption(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> CaptionDraw:
         """One caption through the transforms (call once per sample, when it is loaded): the new
         text, a ``str`` that also tells ``.dropped``. Draws from the plan's ``captions`` stream
         unless ``rng`` is given."""
-        draw = self.caption_pipeline(caption, epoch=epoch, rng=rng or self.streams.random("captions"))
-        if self.caption_pipeline.transforms:
+        stream = "validation-captions" if self._validating else "captions"
+        draw = self.caption_pipeline(caption, epoch=epoch, rng=rng or self.streams.random(stream))
+        if self.caption_pipeline.transforms and not self._validating:
             self.audit.record_caption(
                 dropped=draw.dropped,
                 drop_probability=self.caption_pipeline.drop_probability(epoch),
@@ -159,9 +189,11 @@ class Plan:
         on the CPU from the plan's ``timesteps`` stream unless ``generator`` is given, then moved
         to ``device``."""
         sampler = self.timestep_sampler or _UNIFORM
-        generator = generator or self.streams.generator("timesteps", "cpu")
+        stream = "validation-timesteps" if self._validating else "timesteps"
+        generator = generator or self.streams.generator(stream, "cpu")
         t = sampler(batch_size, self.num_train_timesteps, generator=generator, device=device)
-        self.audit.record_timesteps(t)
+        if not self._validating:
+            self.audit.record_timesteps(t)
         return t
 
     def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +239,10 @@ class Plan:
         """Per-sample loss in, weighted per-sample loss out."""
         if self.loss_weighting is None:
             return loss
-        self.audit.record_weights(timesteps, self.loss_weighting.weights(timesteps, self.alphas_cumprod, self.prediction_type))
+        if not self._validating:
+            self.audit.record_weights(
+                timesteps, self.loss_weighting.weights(timesteps, self.alphas_cumprod, self.prediction_type)
+            )
         return self.loss_weighting.apply(loss, timesteps, self.alphas_cumprod, self.prediction_type)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Plan:

@@ -136,13 +136,15 @@ class Preset:
         rank: int = 0,
         alphas_cumprod: Any = None,
         prediction_type: str | None = None,
+        default_timesteps: Any = None,
     ) -> Plan:
         """The plan: this preset bound to a model's noise schedule and prediction type.
 
         ``noise_scheduler`` is a diffusers-style scheduler (its ``alphas_cumprod`` and
         ``config.prediction_type``); or give ``alphas_cumprod`` and ``prediction_type``
         (explicit values win over the scheduler's). ``seed`` and ``rank`` derive the plan's
-        random streams (``sdplug.streams``). Everything the file alone cannot know is checked
+        random streams (``sdplug.streams``). ``default_timesteps`` is the host's own timestep
+        strategy, used when the preset names none (uniform over the schedule otherwise). Everything the file alone cannot know is checked
         here: timestep ranges against the schedule, the prediction type, an optimizer or
         attention that cannot run on this machine.
         """
@@ -158,7 +160,14 @@ class Preset:
             )
         import torch
 
-        return Plan(self, alphas_cumprod=torch.as_tensor(alphas_cumprod), prediction_type=prediction_type, seed=seed, rank=rank)
+        return Plan(
+            self,
+            alphas_cumprod=torch.as_tensor(alphas_cumprod),
+            prediction_type=prediction_type,
+            seed=seed,
+            rank=rank,
+            default_timesteps=default_timesteps,
+        )
 
     def to_toml(self, *, with_defaults: bool = True) -> str:
         import tomli_w

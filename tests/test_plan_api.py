@@ -127,3 +127,24 @@ def test_write_audit_holds_the_host_and_the_problems(tmp_path):
     audit = json.loads(path.read_text())
     assert audit["host"] == {"name": "test loop", "version": "1"} and audit["steps"] == 2
     assert audit["problems"] == ["loss weighting ran 0 times in 2 steps"]  # draws() never weighted a loss
+
+
+def test_validation_calls_neither_shift_the_training_draws_nor_count():
+    plain, validated = build(seed=1), build(seed=1)
+    with validated.validation():
+        validated.noise(torch.zeros(2, 4, 8, 8))
+        t = validated.timesteps(2)
+        validated.weight(torch.ones(2), t)
+        validated.caption("a cat")
+    assert same(draws(plain), draws(validated))
+    assert validated.report()["loss_weighting"]["calls"] == 0 and validated.report()["caption"]["samples"] == 12
+
+
+def test_default_timesteps_apply_only_when_the_preset_names_none():
+    from sdplug.strategies.timesteps import UniformTimesteps
+
+    narrow = UniformTimesteps(min_timestep=100, max_timestep=110)
+    own = build({}, default_timesteps=narrow).timesteps(64)
+    assert int(own.min()) >= 100 and int(own.max()) < 110
+    assert int(build(PRESET, default_timesteps=narrow).timesteps(64).max()) >= 110  # the preset's logit-normal wins
+    assert build({}).matches_schedule(scaled_linear_alphas_cumprod()) and not build({}).matches_schedule(torch.ones(1000))

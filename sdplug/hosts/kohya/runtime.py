@@ -163,10 +163,6 @@ class KohyaAdapter:
             self.rules.append(
                 f"flags not in sdplug's kohya flag table, left to kohya: {', '.join('--' + n for n in result.unclassified)}"
             )
-        if preset.noise and preset.timesteps is None:
-            # the noise hook replaces kohya's whole noise function, timestep draw included:
-            # kohya's own range carries over into the plan's uniform draw
-            self.plan.timestep_sampler = UniformTimesteps(min_timestep=args.min_timestep or 0, max_timestep=args.max_timestep)
         self.configured_range = (getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
         for rule in self.rules:
             logger.info(rule)
@@ -179,7 +175,12 @@ class KohyaAdapter:
             alphas = rescale_zero_terminal_snr(alphas)
         prediction = "v_prediction" if getattr(args, "v_parameterization", False) else "epsilon"
         seed = int(getattr(args, "seed", None) or 0)
-        return self.preset.build(alphas_cumprod=alphas, prediction_type=prediction, seed=seed, rank=self.rank)
+        # the noise hook replaces kohya's whole noise function, timestep draw included: with no
+        # [timesteps], kohya's own range carries over into the plan's uniform draw
+        kohya_range = UniformTimesteps(min_timestep=args.min_timestep or 0, max_timestep=args.max_timestep)
+        return self.preset.build(
+            alphas_cumprod=alphas, prediction_type=prediction, seed=seed, rank=self.rank, default_timesteps=kohya_range
+        )
 
     def _optimizer_spec(self):
         """The preset's optimizer, or its fallback when the plan had to use it."""
@@ -208,11 +209,7 @@ class KohyaAdapter:
             return
         theirs = getattr(noise_scheduler, "alphas_cumprod", None)
         assert self.plan is not None  # hooks run after configure built it
-        if (
-            theirs is None
-            or theirs.shape != self.plan.alphas_cumprod.shape
-            or not torch.allclose(theirs.detach().float().cpu(), self.plan.alphas_cumprod, atol=1e-5)
-        ):
+        if theirs is None or not self.plan.matches_schedule(theirs):
             raise SdplugError(
                 "sd-scripts' noise scheduler is not the Stable Diffusion schedule sdplug bound the preset to "
                 "(scaled_linear, 1000 steps); refusing to weight or noise it wrongly."
@@ -241,12 +238,11 @@ class KohyaAdapter:
         return result + (1,) if self.version.noise_returns == 4 else result  # v0.8.7: huber_c, unused by l2
 
     def _validation_draw(self, latents, timestep: int):
-        """main's validation: the preset's noise at kohya's pinned timestep, from a stream of its
-        own and kept out of the audit (no training step). The plan has no unaudited draw, so
-        this reads its pipeline and streams."""
-        plan = self.plan
-        assert plan is not None  # hooks run after configure built it
-        draw = plan.noise_pipeline(latents, plan.streams.generator("validation-noise", latents.device))
+        """main's validation: the preset's noise at kohya's pinned timestep, from the plan's
+        validation streams and kept out of the audit (no training step)."""
+        assert self.plan is not None  # hooks run after configure built it
+        with self.plan.validation():
+            draw = self.plan.noise(latents)
         return draw, torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
 
     def _weight_hook(self, loss, timesteps, noise_scheduler, gamma, v_prediction=False):
@@ -256,11 +252,9 @@ class KohyaAdapter:
         if bool(v_prediction) != (self.plan.prediction_type == "v_prediction"):
             raise SdplugError(f"kohya passed v_prediction={v_prediction} but the preset was bound to {self.plan.prediction_type}")
         timesteps = timesteps.to(loss.device)
-        if self.validating:
-            # a validation loss: weighted alike, but not a training call for the audit (the plan
-            # has no unaudited weighting, so this applies its strategy directly)
-            plan = self.plan
-            return plan.loss_weighting.apply(loss, timesteps, plan.alphas_cumprod, plan.prediction_type)
+        if self.validating:  # a validation loss: weighted alike, not a training call for the audit
+            with self.plan.validation():
+                return self.plan.weight(loss, timesteps)
         return self.plan.weight(loss, timesteps)
 
     def _optimizer_hook(self, args, trainable_params):
