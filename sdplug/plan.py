@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -30,30 +29,20 @@ import torch
 import torch.nn.functional as F
 
 from sdplug.audit import Audit
-from sdplug.errors import MissingDependencyError, PresetError, SdplugError
+from sdplug.errors import PresetError, SdplugError
 from sdplug.pipelines import CaptionDraw, CaptionPipeline, NoiseDraw, NoisePipeline
-from sdplug.presets import Preset, StrategySpec, check_against_schedule
+from sdplug.preset_checks import check_against_schedule
+from sdplug.presets import Preset, StrategySpec
+from sdplug.runs_here import choose_attention, choose_optimizer
 from sdplug.schedule import check_prediction_type
-from sdplug.strategies.base import AttentionStrategy, LossWeighting, OptimizerStrategy, TimestepStrategy
+from sdplug.strategies.base import LossWeighting, TimestepStrategy
 from sdplug.strategies.learned import LearnedWeighting
 from sdplug.strategies.timesteps import UniformTimesteps
 from sdplug.streams import Streams
 
-__all__ = ["CaptionDraw", "CaptionPipeline", "NoiseDraw", "NoisePipeline", "Plan", "check_memory_runs_here"]
+__all__ = ["CaptionDraw", "CaptionPipeline", "NoiseDraw", "NoisePipeline", "Plan"]
 
 _UNIFORM = UniformTimesteps()
-
-
-def check_memory_runs_here(preset: Preset) -> None:
-    """``[memory]`` settings this machine cannot run, refused before anything loads. Hosts that
-    apply ``[memory]`` (the reference trainer, kohya) call it; a loop of one's own sets its own
-    precision. (Optimizer and attention strategies are checked by ``Plan`` itself.)"""
-    if preset.memory.mixed_precision == "fp16" and not torch.cuda.is_available():
-        # fp16 autocast on a CPU runs, at a crawl (a convolution ~300x slower than fp32)
-        raise SdplugError(
-            f"{preset.path}: memory.mixed_precision = 'fp16' needs a CUDA GPU and this machine has none. "
-            "Allowed here: 'bf16' or 'no' (write a preset that extends this one and sets it)."
-        )
 
 
 class Plan:
@@ -82,14 +71,8 @@ class Plan:
         # the host's own draw (kohya's --min/max_timestep range) when the preset names none
         self.timestep_sampler: TimestepStrategy | None = preset.timesteps.create() if preset.timesteps else default_timesteps
         self.loss_weighting: LossWeighting | None = preset.loss_weighting.create() if preset.loss_weighting else None
-        self.optimizer_fell_back = False
-        self.optimizer_strategy = self._choose_optimizer()
-        self.attention_strategy: AttentionStrategy | None = preset.attention.create() if preset.attention else None
-        if self.attention_strategy is not None:
-            try:
-                self.attention_strategy.check_available()
-            except MissingDependencyError as exc:
-                raise self._cannot_run(exc, "attention.type") from exc
+        self.optimizer_strategy, self.optimizer_fell_back = choose_optimizer(preset)
+        self.attention_strategy = choose_attention(preset)
         self.audit = Audit(
             {
                 "noise": [s.type for s in preset.noise],
@@ -154,33 +137,6 @@ class Plan:
     def _optimizer_spec(self) -> StrategySpec | None:
         """The preset's optimizer table, or its fallback's when the plan had to use it."""
         return self.preset.optimizer_fallback if self.optimizer_fell_back else self.preset.optimizer
-
-    def _cannot_run(self, exc: MissingDependencyError, key: str) -> MissingDependencyError:
-        """The same error, naming the preset file and key that asked for what cannot run here."""
-        return MissingDependencyError(f"{self.preset.path}: {key}: {exc}")
-
-    def _choose_optimizer(self) -> OptimizerStrategy | None:
-        if self.preset.optimizer is None:
-            return None
-        primary = self.preset.optimizer.create()
-        try:
-            primary.check_available()
-            return primary
-        except MissingDependencyError as exc:
-            if self.preset.optimizer_fallback is None:
-                raise self._cannot_run(exc, "optimizer.type") from exc
-            fallback = self.preset.optimizer_fallback.create()
-            try:
-                fallback.check_available()
-            except MissingDependencyError as fallback_exc:
-                raise self._cannot_run(fallback_exc, "optimizer.fallback") from fallback_exc
-            warnings.warn(
-                f"optimizer {self.preset.optimizer.type!r} cannot run here ({exc}); using the preset's "
-                f"fallback {self.preset.optimizer_fallback.type!r} as it names in optimizer.fallback.",
-                stacklevel=2,
-            )
-            self.optimizer_fell_back = True
-            return fallback
 
     def timesteps(
         self, batch_size: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None

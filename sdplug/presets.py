@@ -26,15 +26,15 @@ import dataclasses
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from sdplug.errors import PresetError, SdplugError, did_you_mean
 from sdplug.params import check_known_keys, field_names, strategy_params, validate_params
+from sdplug.preset_checks import check_consistency
 from sdplug.strategies import registry
 
 if TYPE_CHECKING:
     from sdplug.plan import Plan
-    from sdplug.strategies.base import CaptionTransform, NoiseStrategy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -316,7 +316,7 @@ def parse_preset(data: Any, *, path: str = "<preset>", _chain: tuple[Path, ...] 
         memory=memory,
     )
     preset = Preset(**merged)
-    _check_consistency(preset, path)
+    check_consistency(preset, path)
     return preset
 
 
@@ -376,51 +376,6 @@ def _fallback(value: Mapping[str, Any], primary: StrategySpec, path: str) -> Str
         return None
     table = {"type": value["fallback"], **primary.params}
     return _strategy(table, "optimizer", path, "optimizer.fallback")
-
-
-def check_against_schedule(preset: Preset, num_train_timesteps: int) -> None:
-    """Refuse, when the preset is bound to a noise schedule, parameters that do not fit its length.
-
-    Validation cannot know the schedule (``max_timestep = 5000`` is fine for a 10,000-step one),
-    so strategies whose parameters are timesteps define ``schedule_problem(num_train_timesteps)``,
-    returning ``(parameter, sentence)`` or None. The error names the file and key the table came
-    from (a parent's file, when inherited), before anything is trained.
-    """
-    specs = [*preset.noise, *preset.caption, preset.timesteps, preset.loss_weighting]
-    for spec in specs:
-        if spec is None or not hasattr(registry(spec.family).get(spec.type).cls, "schedule_problem"):
-            continue
-        problem = spec.create().schedule_problem(num_train_timesteps)
-        if problem is not None:
-            parameter, sentence = problem
-            raise PresetError(sentence, path=spec.path, key=f"{spec.key}.{parameter}" if spec.key else parameter)
-
-
-def _check_consistency(preset: Preset, path: str) -> None:
-    seen_input = None
-    for i, spec in enumerate(preset.noise):
-        # the noise registry holds NoiseStrategy subclasses only (Registry._check_fits)
-        role = cast("type[NoiseStrategy]", registry("noise").get(spec.type).cls).role
-        if role == "input":
-            seen_input = seen_input if seen_input is not None else i
-        elif seen_input is not None:
-            raise PresetError(
-                f"{spec.type!r} changes the target noise but comes after noise[{seen_input}] "
-                f"({preset.noise[seen_input].type!r}), which changes only the model-input noise. "
-                "Allowed: list input-only strategies last, so the loss target is fully built first.",
-                path=path,
-                key=f"noise[{i}].type",
-            )
-    if preset.memory.cache_text_encoder_outputs:
-        for i, spec in enumerate(preset.caption):
-            if cast("type[CaptionTransform]", registry("caption").get(spec.type).cls).needs_text:
-                raise PresetError(
-                    f"caption transform {spec.type!r} rewrites the caption text, which cached text-encoder outputs "
-                    "no longer have. Allowed with memory.cache_text_encoder_outputs = true: 'dropout' only "
-                    "(applied by substituting the empty caption's embedding); or turn caching off.",
-                    path=path,
-                    key=f"caption[{i}].type",
-                )
 
 
 def _show(value: Any) -> str:

@@ -16,8 +16,8 @@ import torch
 
 from sdplug.errors import MissingDependencyError, SdplugError
 from sdplug.log import show_messages
-from sdplug.plan import check_memory_runs_here
 from sdplug.presets import load_preset
+from sdplug.runs_here import check_memory_runs_here
 from sdplug.trainer import checkpoint, data, lora, models, outputs, synthetic
 from sdplug.trainer.batches import TrainingInputs
 from sdplug.trainer.config import OptionError, TrainConfig

@@ -58,8 +58,9 @@ from sdplug.hosts.kohya.reconcile import (
 from sdplug.hosts.kohya.session import Session
 from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
 from sdplug.log import logger, show_messages
-from sdplug.plan import Plan, check_memory_runs_here
+from sdplug.plan import Plan
 from sdplug.presets import Preset
+from sdplug.runs_here import check_memory_runs_here
 from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
 from sdplug.strategies import registry
 from sdplug.strategies.timesteps import UniformTimesteps
