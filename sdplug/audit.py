@@ -25,6 +25,14 @@ def _binomial_interval(p: float, n: int, z: float = 3.29) -> tuple[float, float]
     return (max(0.0, p - half), min(1.0, p + half))
 
 
+def _rate_check(count: int, n: int, expected: float) -> tuple[float | None, list[float], bool | None]:
+    """A realised rate ``count / n``, the 99.9% interval of ``expected`` at ``n``, and whether
+    the rate lies in it; no rate (None) when nothing was drawn."""
+    low, high = _binomial_interval(expected, n)
+    realised = count / n if n else None
+    return realised, [low, high], (low <= realised <= high if realised is not None else None)
+
+
 class Audit:
     """Counts and realised statistics of every strategy a run used."""
 
@@ -200,23 +208,21 @@ class Audit:
             samples = c["samples"]
             # no captions drawn: no rates to report (0.0 would read as "dropout configured off")
             expected_rate = c["expected_drops"] / samples if samples else None
-            low, high = _binomial_interval(expected_rate or 0.0, samples)
-            realised = c["dropped"] / samples if samples else None
+            realised, interval, within = _rate_check(c["dropped"], samples, expected_rate or 0.0)
             report["caption"] = {
                 "applied": [{"type": t, "calls": n} for t, n in zip(self.strategies["caption"], c["calls"], strict=True)],
                 "samples": samples,
                 "dropped": c["dropped"],
                 "dropout_rate_realised": realised,
                 "dropout_rate_configured": expected_rate,
-                "dropout_rate_999_interval": [low, high],
-                "dropout_rate_within_interval": low <= realised <= high if realised is not None else None,
+                "dropout_rate_999_interval": interval,
+                "dropout_rate_within_interval": within,
                 "empty_caption_embeddings_substituted": c["substituted_embeddings"],
             }
             tag_dropout = []
             for index, tags in sorted(c.get("tags", {}).items(), key=lambda item: int(item[0])):
                 rate, n = self.tag_dropout_rates[int(index)], tags["droppable"]
-                low, high = _binomial_interval(rate, n)
-                realised = tags["dropped"] / n if n else None
+                realised, interval, within = _rate_check(tags["dropped"], n, rate)
                 tag_dropout.append(
                     {
                         "caption_index": int(index),
@@ -224,8 +230,8 @@ class Audit:
                         "tags_dropped": tags["dropped"],
                         "tag_drop_rate_realised": realised,
                         "tag_drop_rate_configured": rate,
-                        "tag_drop_rate_999_interval": [low, high],
-                        "tag_drop_rate_within_interval": low <= realised <= high if realised is not None else None,
+                        "tag_drop_rate_999_interval": interval,
+                        "tag_drop_rate_within_interval": within,
                         "keep_tokens_always_kept": tags["head_lost"] == 0,
                     }
                 )
