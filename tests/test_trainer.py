@@ -219,6 +219,31 @@ def test_cli_reports_bad_data_without_traceback(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr and "no images found" in result.stderr
 
 
+def _launch_two_ranks(tmp_path, preset, name, *options):
+    out = tmp_path / name
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29400 + len(name))]
+    command += ["-m", "sdplug", "train", preset, "--batch-size", "4", "--no-samples", "--no-progress", "--output", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, *options], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_process_resume_through_save_state_continues_each_ranks_streams(tmp_path):
+    """accelerate writes registered objects from the main process only: every rank's plan and
+    sampler state must still come back to its own rank."""
+    preset = preset_file(tmp_path, '[[noise]]\ntype = "pyramid"\n[[caption]]\ntype = "dropout"\nrate = 0.5\n')
+    whole = _launch_two_ranks(tmp_path, preset, "w", "--steps", "4")
+    saved = _launch_two_ranks(tmp_path, preset, "saved", "--steps", "4", "--save-every", "2")
+    resumed = _launch_two_ranks(tmp_path, preset, "resumed", "--steps", "4", "--resume", str(saved / "checkpoint-2"))
+    a, b = (json.loads((out / "audit.json").read_text()) for out in (whole, resumed))
+    assert b["steps"] == 4 and b["run"]["processes"] == 2
+    # first_draws hold steps 1-3 of each rank: step 3 is drawn after the resume
+    assert a["per_rank"] == b["per_rank"]
+    assert a["caption"] == b["caption"] and a["timesteps"] == b["timesteps"]
+
+
 def test_two_process_gloo_run_draws_differently_per_rank_and_repeats(tmp_path):
     preset = preset_file(tmp_path, '[[noise]]\ntype = "pyramid"\n[[caption]]\ntype = "dropout"\nrate = 0.5\n')
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

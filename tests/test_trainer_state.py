@@ -113,10 +113,11 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs(tmp_path, saved_run):
 
     crafted = tmp_path / "out-crafted" / "checkpoint-2"
     shutil.copytree(saved_run, crafted)
-    with (crafted / "shared.pt").open("wb") as handle:
-        pickle.dump({"weights": Exploit()}, handle)
+    # a registered object's state: accelerate itself would unpickle it with weights_only=False
+    with (crafted / "custom_checkpoint_0.pkl").open("wb") as handle:
+        pickle.dump({"ranks": [Exploit()]}, handle)
     manifest = json.loads((crafted / MANIFEST).read_text())
-    manifest["files"]["shared.pt"] = _sha256(crafted / "shared.pt")
+    manifest["files"]["custom_checkpoint_0.pkl"] = _sha256(crafted / "custom_checkpoint_0.pkl")
     (crafted / MANIFEST).write_text(json.dumps(manifest))
     trainer = Trainer(config_for(tmp_path, "crafted", RESUME_PRESET, steps=4, lora_rank=4, resume=crafted))
     with pytest.raises(CheckpointError, match="could run code"):
@@ -127,19 +128,18 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs(tmp_path, saved_run):
 KILL_DURING_SAVE = """
 import os, signal, sys
 import torch
-from sdplug.trainer import checkpoint
 
 real_save = torch.save
 
 def save_then_die(obj, path, *args, **kwargs):
-    # the process is killed in the middle of writing checkpoint-4's shared state
+    # the process is killed in the middle of writing checkpoint-4's optimizer state
     real_save(obj, path, *args, **kwargs)
-    if str(path).endswith("checkpoint-4.partial/shared.pt"):
+    if str(path).endswith("checkpoint-4.partial/optimizer.bin"):
         with open(path, "r+b") as handle:
             handle.truncate(os.path.getsize(path) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 
-checkpoint.torch.save = save_then_die
+torch.save = save_then_die  # accelerate's save_state writes through torch.save
 from sdplug.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -195,8 +195,26 @@ def test_a_truncated_file_in_a_complete_looking_checkpoint_is_named_corrupt(tmp_
 
     copy = tmp_path / "out-copy" / "checkpoint-2"
     shutil.copytree(saved_run, copy)
-    data = (copy / "shared.pt").read_bytes()
-    (copy / "shared.pt").write_bytes(data[: len(data) // 2])
+    data = (copy / "optimizer.bin").read_bytes()
+    (copy / "optimizer.bin").write_bytes(data[: len(data) // 2])
     trainer = Trainer(config_for(tmp_path, "corrupt", RESUME_PRESET, steps=4, lora_rank=4, resume=copy))
-    with pytest.raises(CheckpointError, match="corrupt checkpoint: shared.pt"):
+    with pytest.raises(CheckpointError, match="corrupt checkpoint: optimizer.bin"):
         trainer.run()
+
+
+def test_a_checkpoint_is_accelerates_state_with_only_the_trainable_weights(saved_run):
+    """save_state wrote the optimizer, each rank's random states and the registered objects; the
+    model files are replaced by the trainable weights alone, and the manifest vouches for all."""
+    import json
+
+    from sdplug.trainer.checkpoint import MANIFEST, _sha256
+
+    names = {p.name for p in saved_run.iterdir()}
+    registered = {f"custom_checkpoint_{i}.pkl" for i in range(3)}  # plan, sampler, records
+    assert names == {"optimizer.bin", "random_states_0.pkl", "trainable.safetensors", MANIFEST} | registered
+    weights = load_file(saved_run / "trainable.safetensors")
+    assert weights and all("lora" in name for name in weights)  # no frozen base weight
+    state = torch.load(saved_run / "custom_checkpoint_0.pkl", weights_only=True)
+    assert state["name"] == "plan" and state["ranks"][0]["steps"] == 2
+    files = json.loads((saved_run / MANIFEST).read_text())["files"]
+    assert files == {name: _sha256(saved_run / name) for name in names - {MANIFEST}}

@@ -1,14 +1,21 @@
 """Checkpoints that resume with the same random streams as an uninterrupted run, or refuse.
 
-A checkpoint holds the trainable weights, the optimizer, the step, the audit and loss records
-(``shared.pt``, written once: they are identical across data-parallel ranks), every random
-stream of each rank (``rank<R>.pt``) and, written last, ``checkpoint.json``: the run's
-identity (the options and preset that shape its state), the step, and the SHA-256 of every
-file. Everything is written into ``checkpoint-N.partial/`` and renamed to ``checkpoint-N/``
-only when complete, so a run killed while saving leaves no folder that looks finished.
+Saving and loading go through accelerate's ``save_state`` / ``load_state``: the optimizer, the
+global random states of every rank and the objects registered for checkpointing (the plan, the
+batch samplers and the run's records, each holding every rank's state) are accelerate's files.
+Two things are sdplug's own:
 
-Loading is safe against files someone else made: the tensors and plain data are read with
-``torch.load(weights_only=True)``, which never runs code from the file.
+- the weights: only the trainable ones (LoRA, or what DreamBooth trains), as
+  ``trainable.safetensors``, through accelerate's model-state hooks -- accelerate would store
+  every weight of the model (about 3.4 GB per LoRA checkpoint on SD 1.5);
+- ``checkpoint.json``, written last: the run's identity (the options and preset that shape its
+  state), the step and the SHA-256 of every file. Everything is written into
+  ``checkpoint-N.partial/`` and renamed to ``checkpoint-N/`` only when complete, so a run
+  killed while saving leaves no folder that looks finished.
+
+Loading is safe against files someone else made: before accelerate reads a pickle (it loads
+registered objects with ``weights_only=False``), every pickle in the folder must load with
+``weights_only=True``, which never runs code from the file.
 """
 
 from __future__ import annotations
@@ -82,19 +89,10 @@ def partial_dir(directory: Path) -> Path:
     return directory.with_name(directory.name + PARTIAL)
 
 
-def write_part(directory: Path, *, rank: int, shared: dict | None, streams: dict) -> None:
-    """This rank's files, into the folder's ``.partial`` twin (every rank calls this first)."""
-    work = partial_dir(directory)
-    work.mkdir(parents=True, exist_ok=True)
-    if shared is not None:
-        torch.save(shared, work / "shared.pt")
-    torch.save(streams, work / f"rank{rank}.pt")
-
-
 def seal(directory: Path, *, identity: dict[str, Any], step: int) -> None:
     """Main process, after every rank wrote its part: the manifest last, then the rename."""
     work = partial_dir(directory)
-    files = sorted(p.name for p in work.iterdir() if p.suffix == ".pt")
+    files = sorted(p.name for p in work.iterdir() if p.is_file() and p.name != MANIFEST)
     manifest = {"step": step, "identity": identity, "files": {name: _sha256(work / name) for name in files}}
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if directory.exists():  # a re-run that saves the same step again replaces the old folder
@@ -179,83 +177,23 @@ def check_identity(directory: Path, manifest: dict[str, Any], identity: dict[str
         )
 
 
-def load_part(directory: Path, name: str) -> Any:
-    """One part of a checked checkpoint: tensors and plain data only, never code."""
-    try:
-        return torch.load(directory / name, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"--resume {directory}: {name} holds more than tensors and plain data, so sdplug does not load it "
-            f"(unpickling it could run code). Resume only from checkpoints a sdplug run wrote. ({str(exc).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"--resume {directory}: {name} cannot be read ({exc}). {_newest_before(directory)}") from None
+# the files accelerate unpickles; everything else is safetensors or JSON
+_PICKLES = (".pkl", ".bin", ".pt")
 
 
-def load(directory: Path, *, rank: int, identity: dict[str, Any], steps: int) -> tuple[dict, dict]:
-    """The shared state and this rank's streams of a complete, matching checkpoint."""
-    manifest = read_manifest(directory)
-    check_identity(directory, manifest, identity, steps)
-    if f"rank{rank}.pt" not in manifest["files"] or "shared.pt" not in manifest["files"]:
-        raise CheckpointError(f"--resume {directory}: has no state for rank {rank}.")
-    return load_part(directory, "shared.pt"), load_part(directory, f"rank{rank}.pt")
+def check_pickles(directory: Path) -> None:
+    """Refuse a checkpoint with a pickle that holds more than tensors and plain data: accelerate
+    loads registered objects with ``weights_only=False``, so each is tried first with
+    ``weights_only=True`` (numpy's random state allowed, as accelerate allows it)."""
+    from accelerate.utils import load as weights_only_load
 
-
-# -- the reference trainer's runs -------------------------------------------------------------
-def run_identity(trainer) -> dict[str, Any]:
-    """What shapes this run's state: a checkpoint resumes only into a run with the same."""
-    config = trainer.config
-    return {
-        "preset": trainer.preset.to_toml(),
-        "model": str(Path(config.model).resolve()) if config.model is not None else trainer.bundle.source,
-        "prediction_type": trainer.bundle.prediction_type,
-        "resolution": trainer.bundle.resolution,
-        "examples": len(trainer.examples),
-        "class_examples": len(trainer.class_examples),
-        "mode": config.mode,
-        "lora_rank": config.lora_rank if config.mode == "lora" else None,
-        "lora_alpha": trainer.lora_alpha if config.mode == "lora" else None,
-        "train_text_encoder": config.train_text_encoder,
-        "seed": config.seed,
-        "batch_size": config.batch_size,
-        "prior_loss_weight": config.prior_loss_weight if trainer.class_examples else None,
-        "processes": trainer.accelerator.num_processes,
-    }
-
-
-def save_run(trainer, directory: Path) -> None:
-    """Checkpoint a reference-trainer run: every rank writes its part, the main process seals."""
-    unwrapped = trainer.accelerator.unwrap_model(trainer.unet)
-    shared = None
-    if trainer.accelerator.is_main_process:
-        shared = {
-            "weights": trainable_state(unwrapped, trainer.bundle.text_encoder),
-            "optimizer": trainer.optimizer.state_dict(),
-            "step": trainer.step,
-            "loss_bins": trainer.loss_bins,
-            "losses": trainer.losses,
-        }
-    streams = {
-        "plan": trainer.plan.state_dict(),  # noise, timesteps, caption and latent streams, audit
-        "sampler": trainer.sampler.state_dict(),
-        "class_sampler": trainer.class_sampler.state_dict() if trainer.class_sampler else None,
-        "draw_log": trainer.draw_log,
-    }
-    write_part(directory, rank=trainer.rank, shared=shared, streams=streams)
-    trainer.accelerator.wait_for_everyone()
-    if trainer.accelerator.is_main_process:
-        seal(directory, identity=run_identity(trainer), step=trainer.step)
-    trainer.accelerator.wait_for_everyone()
-
-
-def load_run(trainer, directory: Path) -> None:
-    """Continue a reference-trainer run from a complete checkpoint of the same run."""
-    shared, streams = load(directory, rank=trainer.rank, identity=run_identity(trainer), steps=trainer.config.steps)
-    load_trainable_state(shared["weights"], trainer.accelerator.unwrap_model(trainer.unet), trainer.bundle.text_encoder)
-    trainer.optimizer.load_state_dict(shared["optimizer"])
-    trainer.step, trainer.loss_bins, trainer.losses = shared["step"], shared["loss_bins"], shared["losses"]
-    trainer.plan.load_state_dict(streams["plan"])  # also the learned weighting's state
-    trainer.sampler.load_state_dict(streams["sampler"])
-    if trainer.class_sampler is not None:
-        trainer.class_sampler.load_state_dict(streams["class_sampler"])
-    trainer.draw_log = streams["draw_log"]
+    for path in sorted(p for p in directory.iterdir() if p.suffix in _PICKLES):
+        try:
+            weights_only_load(path, map_location="cpu")
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"--resume {directory}: {path.name} holds more than tensors and plain data, so sdplug does not load it "
+                f"(unpickling it could run code). Resume only from checkpoints a sdplug run wrote. ({str(exc).splitlines()[0]})"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise CheckpointError(f"--resume {directory}: {path.name} cannot be read ({exc}). {_newest_before(directory)}") from None

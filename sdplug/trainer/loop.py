@@ -18,7 +18,7 @@ from sdplug.errors import MissingDependencyError, SdplugError
 from sdplug.log import show_messages
 from sdplug.presets import load_preset
 from sdplug.runs_here import check_memory_runs_here
-from sdplug.trainer import checkpoint, data, lora, models, outputs, synthetic
+from sdplug.trainer import checkpoint, data, lora, models, outputs, resume, synthetic
 from sdplug.trainer.batches import TrainingInputs
 from sdplug.trainer.config import OptionError, TrainConfig
 from sdplug.trainer.gradient_checkpointing import CheckpointedCalls
@@ -103,6 +103,7 @@ class Trainer:
         self.loss_bins: dict[str, list[float]] = {"raw_sum": [0.0] * TIMESTEP_BINS, "weighted_sum": [0.0] * TIMESTEP_BINS, "count": [0] * TIMESTEP_BINS}
         self.draw_log: list[dict] = []
         self.losses: list[float] = []
+        resume.register(self)  # the plan, the samplers and these records in accelerate's save_state
 
     # -- set-up ------------------------------------------------------------------------------
     def _prepare_models(self):
@@ -244,10 +245,10 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> None:
-        checkpoint.save_run(self, directory)
+        resume.save_run(self, directory)
 
     def load_checkpoint(self, directory: Path) -> None:
-        checkpoint.load_run(self, directory)
+        resume.load_run(self, directory)
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> dict:
