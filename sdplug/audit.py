@@ -10,11 +10,28 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from sdplug.presets import Preset, StrategySpec
+
 TIMESTEP_BINS = 10
+
+
+def preset_strategies(preset: Preset, optimizer: StrategySpec | None = None) -> dict[str, list[str]]:
+    """The strategy types a preset names, per family, as ``audit.json`` lists them."""
+    optimizer = optimizer or preset.optimizer
+    return {
+        "noise": [s.type for s in preset.noise],
+        "caption": [s.type for s in preset.caption],
+        "timesteps": [preset.timesteps.type] if preset.timesteps else [],
+        "loss": [preset.loss.type] if preset.loss else [],
+        "loss_weighting": [preset.loss_weighting.type] if preset.loss_weighting else [],
+        "optimizer": [optimizer.type] if optimizer is not None else [],
+        "attention": [preset.attention.type] if preset.attention else [],
+    }
 
 
 def _binomial_interval(p: float, n: int, z: float = 3.29) -> tuple[float, float]:
@@ -69,6 +86,12 @@ class Audit:
             "host": {},
         }
         self._sums: dict[str, torch.Tensor] = {}  # on-device accumulators, see _settle
+
+    @classmethod
+    def for_preset(cls, preset: Preset, num_train_timesteps: int, *, optimizer: StrategySpec | None = None) -> Audit:
+        """The audit of a run of ``preset``; ``optimizer``: the optimizer table in use (a fallback)."""
+        rates = {i: s.create().rate for i, s in enumerate(preset.caption) if s.type == "tag_dropout"}
+        return cls(preset_strategies(preset, optimizer), num_train_timesteps, tag_dropout_rates=rates)
 
     # -- fed by the plan -------------------------------------------------------------------
     # Tensor statistics accumulate as tensors on the device of the tensors measured, and are

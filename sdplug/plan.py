@@ -19,24 +19,23 @@ audit, and the learned state of learned strategies; ``state_dict`` holds all thr
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from sdplug import plan_report, plan_setup, schedule
 from sdplug.audit import Audit
-from sdplug.errors import PresetError, SdplugError
+from sdplug.errors import SdplugError
+from sdplug.optimizer_groups import LearnedGroup
 from sdplug.pipelines import CaptionDraw, CaptionPipeline, NoiseDraw, NoisePipeline
 from sdplug.preset_checks import check_against_schedule
 from sdplug.presets import Preset, StrategySpec
 from sdplug.runs_here import choose_attention, choose_optimizer
 from sdplug.schedule import check_prediction_type
 from sdplug.strategies.base import LossWeighting, TimestepStrategy
-from sdplug.strategies.learned import LearnedWeighting
 from sdplug.strategies.timesteps import UniformTimesteps
 from sdplug.streams import Streams
 
@@ -71,20 +70,13 @@ class Plan:
         # the host's own draw (kohya's --min/max_timestep range) when the preset names none
         self.timestep_sampler: TimestepStrategy | None = preset.timesteps.create() if preset.timesteps else default_timesteps
         self.loss_weighting: LossWeighting | None = preset.loss_weighting.create() if preset.loss_weighting else None
+        self.loss_type = (preset.loss or StrategySpec("loss", "mse", {}, "the default loss type")).create()
         self.optimizer_strategy, self.optimizer_fell_back = choose_optimizer(preset)
         self.attention_strategy = choose_attention(preset)
-        self.audit = Audit(
-            {
-                "noise": [s.type for s in preset.noise],
-                "caption": [s.type for s in preset.caption],
-                "timesteps": [preset.timesteps.type] if preset.timesteps else [],
-                "loss_weighting": [preset.loss_weighting.type] if preset.loss_weighting else [],
-                "optimizer": [spec.type] if (spec := self._optimizer_spec()) is not None else [],
-                "attention": [preset.attention.type] if preset.attention else [],
-            },
-            self.num_train_timesteps,
-            tag_dropout_rates={i: s.create().rate for i, s in enumerate(preset.caption) if s.type == "tag_dropout"},
-        )
+        self.built_optimizer: torch.optim.Optimizer | None = None  # what plan.optimizer returned
+        self.failure: str | None = None  # what stopped the host, when something did
+        self._held_captions: list[dict[str, Any]] | None = None  # see deferred_captions
+        self.audit = Audit.for_preset(preset, self.num_train_timesteps, optimizer=self.optimizer_spec)
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
         """The step's noise: ``target`` for the loss, ``model_input`` for ``x_t``; drawn from the
@@ -117,10 +109,8 @@ class Plan:
         stream = "validation-captions" if self._validating else "captions"
         draw = self.caption_pipeline(caption, epoch=epoch, rng=rng or self.streams.random(stream))
         if self.caption_pipeline.transforms and not self._validating:
-            self.audit.record_caption(
-                dropped=draw.dropped,
-                drop_probability=self.caption_pipeline.drop_probability(epoch),
-                tag_counts=draw.tag_counts,
+            self._record_caption(
+                dropped=draw.dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), tag_counts=draw.tag_counts
             )
         return draw
 
@@ -129,13 +119,36 @@ class Plan:
         the host substitutes the empty caption's embedding."""
         dropped = self.caption_pipeline.dropped(epoch=epoch, rng=rng or self.streams.random("captions"))
         if self.caption_pipeline.transforms:
-            self.audit.record_caption(
+            self._record_caption(
                 dropped=dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), substituted=dropped
             )
         return dropped
 
-    def _optimizer_spec(self) -> StrategySpec | None:
-        """The preset's optimizer table, or its fallback's when the plan had to use it."""
+    def _record_caption(self, **decision: Any) -> None:
+        if self._held_captions is not None:
+            self._held_captions.append(decision)
+        else:
+            self.audit.record_caption(**decision)
+
+    @contextlib.contextmanager
+    def deferred_captions(self) -> Iterator[list[dict[str, Any]]]:
+        """Caption decisions made inside are held in the list yielded, not counted: for hosts
+        whose loader fetches batches ahead, or loads samples that never train (validation).
+        ``count_captions(held)`` counts them once their batch trains."""
+        previous, self._held_captions = self._held_captions, []
+        try:
+            yield self._held_captions
+        finally:
+            self._held_captions = previous
+
+    def count_captions(self, held: list[dict[str, Any]]) -> None:
+        """Count caption decisions held by ``deferred_captions``: their batch trains now."""
+        for decision in held:
+            self.audit.record_caption(**decision)
+
+    @property
+    def optimizer_spec(self) -> StrategySpec | None:
+        """The preset's optimizer table, or its fallback's when the named one cannot run here."""
         return self.preset.optimizer_fallback if self.optimizer_fell_back else self.preset.optimizer
 
     def timesteps(
@@ -152,39 +165,41 @@ class Plan:
             self.audit.record_timesteps(t)
         return t
 
-    def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.alphas_cumprod.to(like.device)[timesteps.to(like.device)].to(like.dtype)
-        shape = (-1, *([1] * (like.dim() - 1)))
-        return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
-
     def noisy_input(self, latents: torch.Tensor, noise: NoiseDraw, timesteps: torch.Tensor) -> torch.Tensor:
         """``x_t`` from the model-input noise (input perturbation acts here, never on the target)."""
-        signal, sigma = self._coefficients(timesteps, latents)
-        return signal * latents + sigma * noise.model_input
+        return schedule.noisy_sample(self.alphas_cumprod, latents, noise.model_input, timesteps)
 
     def target(self, latents: torch.Tensor, noise: NoiseDraw, timesteps: torch.Tensor) -> torch.Tensor:
         """What the model should predict, from the clean target noise."""
-        if self.prediction_type == "epsilon":
-            return noise.target
-        if self.prediction_type == "sample":
-            return latents
-        signal, sigma = self._coefficients(timesteps, latents)
-        return signal * noise.target - sigma * latents
+        return schedule.prediction_target(self.alphas_cumprod, self.prediction_type, latents, noise.target, timesteps)
 
     def loss(
         self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The per-sample loss ``(B,)``: the loss type, then the preset's weighting."""
-        return self.weight(self.unweighted_loss(model_pred, target, mask), timesteps)
+        return self.weight(self.unweighted_loss(model_pred, target, mask, timesteps=timesteps), timesteps)
 
-    def unweighted_loss(self, model_pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss type alone, per sample ``(B,)``: MSE in float32, the mean over every non-batch
-        dimension. ``mask`` is reserved for masked loss."""
-        if mask is not None:
-            raise SdplugError("plan.loss(mask=...): masked loss is not available in this sdplug version.")
+    def unweighted_loss(
+        self,
+        model_pred: torch.Tensor,
+        target: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss type alone, per sample ``(B,)`` in float32: the preset's ``[loss]`` (MSE when it
+        names none) elementwise, times ``mask`` (broadcastable to the prediction, 1 = train) with
+        the loss type's mask options, then the mean over every non-batch dimension. ``timesteps``
+        gives scheduled thresholds (pseudo_huber, smooth_l1) each sample's own ``c_t``."""
         if model_pred.shape != target.shape:
             raise SdplugError(f"plan.loss: the prediction has shape {tuple(model_pred.shape)}, the target {tuple(target.shape)}.")
-        return F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.dim())))
+        if timesteps is None and self.loss_type.needs_timesteps():
+            spec = self.preset.loss
+            raise SdplugError(
+                f"plan.unweighted_loss: loss type {spec.type if spec else 'mse'!r} computes a threshold per sample from "
+                "its timestep; pass timesteps= (plan.loss passes them)."
+            )
+        return self.loss_type.per_sample(model_pred, target, timesteps, self.alphas_cumprod, mask)
 
     def step(self) -> None:
         """Once per optimizer step: counts the steps the audit compares every strategy's calls with."""
@@ -213,75 +228,70 @@ class Plan:
         """Parameters of learned strategies, which the host's optimizer must also train."""
         return self.loss_weighting.parameters() if self.loss_weighting is not None else []
 
+    def learned_buffers(self) -> list[torch.Tensor]:
+        """Buffers of learned strategies: they must live where the parameters train."""
+        return self.loss_weighting.buffers() if self.loss_weighting is not None else []
+
     def optimizer(
         self,
         params: Iterable[Any],
         default: Callable[[list[Any]], torch.optim.Optimizer] | None = None,
+        *,
+        host_lr: float | None = None,
+        learned_group: LearnedGroup = "own",
     ) -> torch.optim.Optimizer:
         """The preset's optimizer over ``params`` (tensors or parameter groups), or
-        ``default(groups)`` when the preset names none. A learned weighting's parameters join
-        as a group of their own, so they train with the model."""
-        params = list(params)
-        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-        learned = self.trainable_parameters()
-        if learned:
-            groups = [*groups, {"params": learned}]
-        if self.optimizer_strategy is None:
-            if default is None:
-                raise SdplugError("the preset names no optimizer and the host gave no default= to use instead.")
-            return default(groups)
-        return self.optimizer_strategy.build(groups)
+        ``default(params)`` when the preset names none (``sdplug.optimizer_groups``):
+
+        - the preset's ``lr`` is every group's lr except groups at lr 0; with no ``lr`` in the
+          preset, ``host_lr`` (the host's own learning-rate option) when given;
+        - a learned weighting's parameters (and buffers) move to the first trained parameter's
+          device and join as a group of their own, or into the first trained group
+          (``learned_group="first"``).
+
+        Recorded in the audit; call it once."""
+        self.built_optimizer = plan_setup.build_optimizer(self, list(params), default, host_lr, learned_group)
+        return self.built_optimizer
 
     # -- resume and audit ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The random streams, the step count, the audit and any learned strategy state: a run
         resumed from it draws what an uninterrupted run would. Tensors and plain data only."""
-        learned = (
-            {k: v.detach().cpu() for k, v in self._learned_network().state_dict().items()} if self.trainable_parameters() else {}
-        )
+        learned = self.loss_weighting.state_dict() if self.loss_weighting is not None else {}
         return {"streams": self.streams.state_dict(), "steps": self.steps, "audit": self.audit.state_dict(), "learned": learned}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.streams.load_state_dict(state["streams"])
         self.steps = int(state["steps"])
         self.audit.load_state_dict(state["audit"])
-        if state["learned"]:
-            network = self._learned_network()
-            with torch.no_grad():
-                for key, value in network.state_dict().items():
-                    value.copy_(state["learned"][key].to(value.device, value.dtype))
+        if state["learned"] and self.loss_weighting is not None:
+            self.loss_weighting.load_state_dict(state["learned"])
 
-    def _learned_network(self) -> torch.nn.Module:
-        # Learned state lives in the learned weighting's network; only LearnedWeighting has
-        # parameters, and callers ask only when trainable_parameters() is not empty.
-        return cast(LearnedWeighting, self.loss_weighting).network
+    def record_failure(self, exc: BaseException) -> None:
+        """What stopped the host's run: ``report()`` then says the run did not complete, and
+        why -- refused before training (an sdplug error before the first step) or stopped."""
+        if isinstance(exc, SdplugError) and self.steps == 0:
+            self.failure = f"refused before training: {exc}"
+        else:
+            self.failure = f"stopped at step {self.steps} by {type(exc).__name__}: {exc}"
 
     def report(self) -> dict[str, Any]:
-        """What ``audit.json`` holds for this plan, with the problems found."""
-        report = self.audit.report()
-        report["problems"] = self.audit.problems()
-        return report
+        """What ``audit.json`` holds for this plan: every family's record, ``completed``, and the
+        ``problems`` -- the one policy of every host (``sdplug.plan_report``)."""
+        return plan_report.report(self)
 
-    def write_audit(self, output_dir: str | Path, host: dict[str, Any] | None = None) -> Path:
-        """Write ``audit.json`` into ``output_dir`` (created if needed); returns its path."""
-        report = self.report()
-        report["host"] = {**report.get("host", {}), **(host or {})}
-        output = Path(output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        path = output / "audit.json"
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        return path
+    def write_audit(self, output_dir: str | Path, host: dict[str, Any] | None = None, **sections: Any) -> Path:
+        """Write the report into ``output_dir`` (created if needed): ``audit.json`` on rank 0,
+        ``audit-rank<R>.json`` on the others; ``sections`` are added at the top level. Problems
+        are also logged. Returns the path."""
+        return plan_report.write(self, Path(output_dir), host or {}, sections)
 
-    def attention(self, model: torch.nn.Module) -> int:
-        """Install the preset's attention in ``model``; the number of modules changed."""
-        if self.attention_strategy is None:
-            return 0
-        try:
-            return self.attention_strategy.apply(model)
-        except PresetError as exc:
-            if exc.path is not None:
-                raise
-            # a parameter that only the model can judge (sliced slice_size against its heads):
-            # the strategy knows the key, the plan knows the file
-            spec = self.preset.attention  # not None: it made attention_strategy
-            raise PresetError(exc.problem, path=(spec.path if spec else None) or self.preset.path, key=exc.key) from None
+    def attention(self, model: torch.nn.Module, install: Callable[[str], dict[str, Any]] | None = None) -> int:
+        """Install the preset's attention in ``model`` and record it (``attention`` in the audit:
+        the processors before and after, so a change is shown, not claimed). A host whose model
+        takes no diffusers processors (kohya's UNet) passes ``install(type) -> record``, which
+        switches it the host's way and says what changed (``changed``: a module count).
+        Returns the number of modules changed."""
+        record = plan_setup.install_attention(self, model, install)
+        self.audit.record_host(attention=record)
+        return int(record["changed"])

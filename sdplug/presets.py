@@ -5,6 +5,7 @@ A preset file has these sections, all optional::
     [preset]            name, description, extends (a shipped preset's name or a path)
     [[noise]]           noise strategies, applied in the order written
     [timesteps]         one timestep sampler
+    [loss]              one loss type (mse when omitted), with its mask options
     [loss_weighting]    one loss weighting
     [[caption]]         caption transforms, applied in the order written
     [optimizer]         one optimizer; `fallback` may name another to use when it cannot run
@@ -42,7 +43,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 LIST_SECTIONS = ("noise", "caption")
-SINGLE_SECTIONS = ("timesteps", "loss_weighting", "optimizer", "attention")
+SINGLE_SECTIONS = ("timesteps", "loss", "loss_weighting", "optimizer", "attention")
 SECTIONS = ("preset", *LIST_SECTIONS, *SINGLE_SECTIONS, "memory")
 PRESET_KEYS = ("name", "description", "extends")
 OPTIMIZER_EXTRA_KEYS = ("fallback",)
@@ -106,6 +107,7 @@ class Preset:
     noise: tuple[StrategySpec, ...] = ()
     caption: tuple[StrategySpec, ...] = ()
     timesteps: StrategySpec | None = None
+    loss: StrategySpec | None = None
     loss_weighting: StrategySpec | None = None
     optimizer: StrategySpec | None = None
     optimizer_fallback: StrategySpec | None = None

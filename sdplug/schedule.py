@@ -47,3 +47,29 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     first, last = root[0].clone(), root[-1].clone()
     root = (root - last) * first / (first - last)
     return (root**2).to(torch.float32)
+
+
+def _coefficients(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sqrt(a_t)`` and ``sqrt(1 - a_t)`` per sample, shaped to broadcast over ``like``."""
+    a = alphas_cumprod.to(like.device)[timesteps.to(like.device)].to(like.dtype)
+    shape = (-1, *([1] * (like.dim() - 1)))
+    return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
+
+
+def noisy_sample(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise`` (DDPM's forward process)."""
+    signal, sigma = _coefficients(alphas_cumprod, timesteps, latents)
+    return signal * latents + sigma * noise
+
+
+def prediction_target(
+    alphas_cumprod: torch.Tensor, prediction_type: str, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What a model of ``prediction_type`` predicts: the noise, ``x_0``, or
+    ``v = sqrt(a_t) noise - sqrt(1 - a_t) x_0`` (Salimans & Ho, 2022)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return latents
+    signal, sigma = _coefficients(alphas_cumprod, timesteps, latents)
+    return signal * noise - sigma * latents

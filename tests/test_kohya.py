@@ -177,7 +177,7 @@ def test_kohya_lr_arguments_follow_the_preset_and_a_crash_is_in_the_audit(preset
     assert crashed.returncode == 1 and "stand-in crash" in crashed.stderr
     audit = json.loads((tmp_path / "crash" / "audit.json").read_text())
     assert audit["steps"] == 2 and audit["caption"]["samples"] == 8  # the batch fetched ahead never trained
-    assert audit["problems"] == ["sd-scripts stopped with an exception: RuntimeError: stand-in crash"]
+    assert audit["problems"] == ["stopped at step 2 by RuntimeError: stand-in crash"] and audit["completed"] is False
     assert audit["completed"] is False
 
 
@@ -308,6 +308,17 @@ def test_optimizer_args_with_a_preset_optimizer_is_refused_before_the_model_load
     assert words in json.loads((out / "audit.json").read_text())["problems"][0]
 
 
+def test_a_loss_type_sd_scripts_would_not_apply_is_refused_before_the_model_loads(tmp_path):
+    preset = tmp_path / "huber.toml"
+    preset.write_text('[loss]\ntype = "pseudo_huber"\nschedule = "snr"\n')
+    root = make_standin(tmp_path / "sd", "main")
+    out = tmp_path / "o"
+    result = launch(preset, root, "train_network.py", out)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "loss.type" in result.stderr and "does not apply a preset's [loss] there (it sets 'pseudo_huber')" in result.stderr
+    assert not (out / "standin-model-loaded").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_fp16_without_cuda_is_refused_before_the_model_loads(tmp_path):
     # fp16 autocast on a CPU does not fail: it crawls (a real sd-scripts run sat 15 minutes in
@@ -379,7 +390,7 @@ def test_learned_weighting_moves_with_its_buffers_to_the_device_of_its_group():
     network = adapter.plan.loss_weighting.network
     assert len(list(network.buffers())) == 2
     assert {t.device.type for t in [*network.parameters(), *network.buffers()]} == {"meta"}
-    trained = {id(p) for p in adapter.optimizer.param_groups[0]["params"]}
+    trained = {id(p) for p in adapter.plan.built_optimizer.param_groups[0]["params"]}
     assert {id(p) for p in network.parameters()} <= trained  # the same Parameters, moved in place
 
 
@@ -410,8 +421,9 @@ def test_attention_record_shows_what_ran_before_and_after_the_switch():
     adapter = _attention_adapter(replace)
     adapter._train_util.replace_unet_modules(already, False, False, False)
     # already SDPA: the record says so instead of claiming two switched modules
-    assert adapter.attention_record["before"] == adapter.attention_record["after"] == {"_Attention: sdpa": 2}
-    assert adapter.attention_record["changed"] == 0
+    record = adapter.plan.report()["attention"]
+    assert record["before"] == record["after"] == {"_Attention: sdpa": 2}
+    assert record["changed"] == 0
 
     ignored = _attention_adapter(lambda unet, *flags: None)  # a switch that does not take
     with pytest.raises(SdplugError, match="still run _Attention: vanilla"):
@@ -588,13 +600,22 @@ def test_the_audit_names_every_hook_that_never_ran(tmp_path):
     adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
     adapter.args = SimpleNamespace(output_dir=str(tmp_path), no_metadata=False)
     scheduler = SimpleNamespace(alphas_cumprod=scaled_linear_alphas_cumprod())
-    never = ["noise hook never ran", "loss weighting never ran", "caption transforms never ran"]
-    never += ["optimizer hook never ran", "attention hook never ran"]
+    never = [
+        "optimizer 'adamw' was never built (the host did not call plan.optimizer)",
+        "attention 'sdpa' was never installed (the host did not call plan.attention)",
+    ]
     # main's validation pins the timestep: a noise call, but no training step
     adapter._noise_hook(SimpleNamespace(min_timestep=200, max_timestep=200), scheduler, torch.zeros(2, 4, 8, 8))
-    assert json.loads(adapter.write_audit().read_text())["problems"] == never
+    assert json.loads(adapter.write_audit().read_text())["problems"] == [
+        "no training step ran (plan.step() was never called): nothing the preset names is proven applied",
+        *never,
+    ]
     adapter._noise_hook(SimpleNamespace(min_timestep=None, max_timestep=None), scheduler, torch.zeros(2, 4, 8, 8))
-    assert json.loads(adapter.write_audit().read_text())["problems"] == never[1:]
+    assert json.loads(adapter.write_audit().read_text())["problems"] == [
+        "loss weighting ran 0 times in 1 steps",
+        "caption 'dropout' never ran",
+        *never,
+    ]
 
 
 def test_cli_from_and_to_kohya(tmp_path):
@@ -685,6 +706,8 @@ def test_launcher_exits_non_zero_when_the_audit_finds_problems(tmp_path, in_proc
     )
     assert code == 1
     audit = json.loads((out / "audit.json").read_text())
-    assert audit["completed"] is True and "noise hook never ran" in audit["problems"]
-    assert "the audit found strategies that did not apply: noise hook never ran" in capsys.readouterr().err
+    no_step = "no training step ran (plan.step() was never called): nothing the preset names is proven applied"
+    assert audit["completed"] is True and audit["problems"][0] == no_step
+    assert "optimizer 'adamw' was never built (the host did not call plan.optimizer)" in audit["problems"]
+    assert f"the audit found strategies that did not apply: {no_step}" in capsys.readouterr().err
     assert in_process == []  # written by the launcher, so nothing is left for exit

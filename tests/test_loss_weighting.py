@@ -22,6 +22,9 @@ def x0_weight(name: str, s: float, **p) -> float:
         "soft_min_snr": s * (gamma or 5.0) / (s + (gamma or 5.0)),
         "debiased": math.sqrt(s),
         "p2": s / (p.get("k", 1.0) + s) ** p.get("gamma", 1.0),
+        # kohya's two, with S = min(SNR, 1000) as sd-scripts caps it
+        "scale_v_pred_loss_like_noise_pred": (s + 1) * min(s, 1000.0) / (min(s, 1000.0) + 1),
+        "v_pred_like_loss": s + p.get("strength", 0.1) * (min(s, 1000.0) + 1) * s / min(s, 1000.0),
     }[name]
 
 
@@ -46,6 +49,7 @@ WITH_PARAMS = (
     [(name, {}) for name in FIXED]
     + [(name, {"gamma": 2.0}) for name in ("min_snr", "max_snr", "soft_min_snr", "p2")]
     + [("p2", {"k": 0.5, "gamma": 0.5})]
+    + [("v_pred_like_loss", {"strength": 0.5})]
 )
 
 
@@ -122,3 +126,44 @@ def test_learned_weighting_starts_neutral_and_learns_the_loss_scale(sd_alphas):
     learned_scale = 1 / strategy.weights(t, sd_alphas, "epsilon")
     correlation = torch.corrcoef(torch.stack([learned_scale.log(), level_loss.log()]))[0, 1]
     assert correlation > 0.95
+
+
+def kohya_snr_scale(s: float) -> float:
+    """sd-scripts custom_train_functions.get_snr_scale: SNR capped at 1000, then SNR / (SNR + 1)."""
+    s = min(s, 1000.0)
+    return s / (s + 1)
+
+
+@pytest.mark.parametrize("t", [0, 1, 10, 100, 500, 900, 999])
+def test_scale_v_pred_like_noise_pred_is_kohyas_factor_for_v_models(t, sd_alphas):
+    """kohya: loss * get_snr_scale(t), for v-prediction models (the flag's purpose)."""
+    a = sd_alphas[t].double().item()
+    weighting = sdplug.create("loss_weighting", "scale_v_pred_loss_like_noise_pred")
+    got = weighting.weights(torch.tensor([t]), sd_alphas, "v_prediction").item()
+    assert got == pytest.approx(kohya_snr_scale(a / (1 - a)), rel=1e-5)
+
+
+@pytest.mark.parametrize("t", [0, 1, 10, 100, 500, 900, 999])
+@pytest.mark.parametrize("strength", [0.1, 1.0])
+def test_v_pred_like_loss_is_kohyas_added_term_for_epsilon_models(t, strength, sd_alphas):
+    """kohya: loss + loss / get_snr_scale(t) * v_pred_like_loss, for epsilon models; and, for a v model
+    with --scale_v_pred_loss_like_noise_pred too, the same below the cap (scale first, then the term)."""
+    a = sd_alphas[t].double().item()
+    s = a / (1 - a)
+    weighting = sdplug.create("loss_weighting", "v_pred_like_loss", strength=strength)
+    eps = weighting.weights(torch.tensor([t]), sd_alphas, "epsilon").item()
+    assert eps == pytest.approx(1 + strength / kohya_snr_scale(s), rel=1e-5)
+    if s <= 1000:
+        scaled = kohya_snr_scale(s)
+        v = weighting.weights(torch.tensor([t]), sd_alphas, "v_prediction").item()
+        assert v == pytest.approx(scaled + scaled / scaled * strength, rel=1e-5)
+
+
+def test_kohya_weightings_differ_from_snr_only_above_the_cap(sd_alphas):
+    t = torch.arange(1000)
+    ours = sdplug.create("loss_weighting", "scale_v_pred_loss_like_noise_pred").weights(t, sd_alphas, "v_prediction")
+    plain = sdplug.create("loss_weighting", "snr").weights(t, sd_alphas, "v_prediction")
+    above = snr(t, sd_alphas) > 1000
+    assert above.any() and not above.all()
+    assert torch.allclose(ours[~above], plain[~above], rtol=1e-6)
+    assert (ours[above] < plain[above]).all()  # the cap: 1000/1001 below SNR(0)/(SNR(0) + 1)

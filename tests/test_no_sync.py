@@ -103,7 +103,7 @@ def one_of_each(family, name):
 
 
 def cases():
-    for family in ("noise", "timesteps", "loss_weighting", "caption"):
+    for family in ("noise", "timesteps", "loss", "loss_weighting", "caption"):
         for name in sdplug.available(family):
             if (family, name) not in HOST_DECIDED:
                 yield family, name

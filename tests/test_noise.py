@@ -244,3 +244,76 @@ def test_level_sizes_kohya_reproduces_sd_scripts_multires_loop():
         scales = [rng.random() * 2 + 2 for _ in range(6)]
         side = rng.choice([32, 64, 96, 128])
         assert level_sizes(side, side, scales, "kohya") == kohya_loop_sizes(side, side, scales)
+
+
+# -- offset random strength and adaptive scale, input perturbation random strength -----------------
+def map_means(noise: torch.Tensor) -> torch.Tensor:
+    return noise.double().mean(dim=(-2, -1))  # (B, C): offset plus the white part's mean
+
+
+def test_offset_defaults_draw_exactly_as_before():
+    latents = torch.zeros(4, 4, 8, 8)
+    got = sdplug.create("noise", "offset", strength=0.1)(latents, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    white = torch.randn(latents.shape, generator=g)
+    assert torch.equal(got, white + 0.1 * torch.randn(4, 4, 1, 1, generator=g))
+
+
+def test_offset_random_strength_scales_by_one_uniform_per_sample(generator):
+    """kohya --noise_offset_random_strength: offset strength * U(0, 1) * N(0, 1), U shared by a sample's channels."""
+    latents = torch.zeros(4096, 4, 16, 16)
+    means = map_means(sdplug.create("noise", "offset", strength=1.0, random_strength=True)(latents, generator=generator))
+    white = 1 / 256  # variance of a 16x16 map's mean of unit white noise
+    assert means.var().item() == pytest.approx(1 / 3 + white, rel=0.05)  # E[U^2] = 1/3
+    # U Z is heavy-tailed: kurtosis E[U^4] E[Z^4] / E[U^2]^2 = (3/5) / (1/9) = 5.4 (3 for a fixed strength)
+    centred = means.flatten()
+    kurtosis = (centred**4).mean().item() / centred.var().item() ** 2
+    assert kurtosis == pytest.approx(5.35, abs=0.8)
+    # one U per sample: the channels' squared offsets are correlated, (1/5 - 1/9) / (3/5 - 1/9) = 0.18
+    squares = means**2
+    correlation = torch.corrcoef(torch.stack([squares[:, 0], squares[:, 1]]))[0, 1].item()
+    assert correlation == pytest.approx(0.18, abs=0.06)
+    fixed = map_means(sdplug.create("noise", "offset", strength=0.6)(latents, generator=generator)) ** 2
+    assert abs(torch.corrcoef(torch.stack([fixed[:, 0], fixed[:, 1]]))[0, 1].item()) < 0.06
+
+
+def test_offset_adaptive_scale_adds_the_latent_mean_magnitude(generator):
+    """kohya --adaptive_noise_scale: strength + adaptive * |mean_HW(latents)| per sample and channel, at least 0."""
+    channel_mean = torch.tensor([0.0, 1.0, -2.0, 0.5])
+    latents = channel_mean.view(1, 4, 1, 1).expand(4096, 4, 16, 16) + torch.randn(4096, 4, 16, 16, generator=generator) * 0.01
+    noise = sdplug.create("noise", "offset", strength=0.1, adaptive_scale=0.4)(latents, generator=generator)
+    expected = (0.1 + 0.4 * channel_mean.abs()) ** 2 + 1 / 256
+    assert torch.allclose(map_means(noise).var(dim=0).float(), expected, rtol=0.08)
+    clamped = sdplug.create("noise", "offset", strength=0.1, adaptive_scale=-1.0)(latents, generator=generator)
+    realised = map_means(clamped).var(dim=0).float()
+    assert realised[0].item() == pytest.approx(0.01 + 1 / 256, rel=0.1)  # 0.1 - 0 stays 0.1
+    assert torch.allclose(realised[1:], torch.full((3,), 1 / 256), rtol=0.1)  # 0.1 - |m| < 0: no offset
+
+
+def test_input_perturbation_random_strength_is_gamma_times_a_uniform_per_sample(generator):
+    """kohya --ip_noise_gamma_random_strength: the perturbation's std per sample is gamma * U(0, 1)."""
+    strategy = sdplug.create("noise", "input_perturbation", gamma=0.2, random_strength=True)
+    draw = NoisePipeline([strategy])(torch.zeros(8000, 4, 16, 16), generator=generator)
+    u = (draw.model_input - draw.target).flatten(1).std(dim=1) / 0.2
+    assert u.min().item() >= 0 and u.max().item() <= 1.08  # a 1024-value std estimate is within ~2% of gamma U
+    assert u.mean().item() == pytest.approx(0.5, abs=0.01) and u.var().item() == pytest.approx(1 / 12, rel=0.05)
+    q = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(torch.quantile(u, q), q, atol=0.02)
+    fixed = NoisePipeline([sdplug.create("noise", "input_perturbation", gamma=0.2)])(
+        torch.zeros(64, 4, 16, 16), generator=generator
+    )
+    assert torch.allclose((fixed.model_input - fixed.target).flatten(1).std(dim=1), torch.full((64,), 0.2), rtol=0.1)
+
+
+@pytest.mark.parametrize(
+    "name,params,key",
+    [
+        ("offset", {"adaptive_scale": 2.0}, "adaptive_scale"),
+        ("offset", {"random_strength": 1}, "random_strength"),
+        ("input_perturbation", {"random_strength": "yes"}, "random_strength"),
+    ],
+)
+def test_new_noise_parameters_are_validated_naming_the_key(name, params, key):
+    with pytest.raises(sdplug.PresetError) as info:
+        sdplug.create("noise", name, **params)
+    assert info.value.key == key

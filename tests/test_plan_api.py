@@ -101,8 +101,7 @@ def test_loss_is_the_per_sample_mse_then_the_weighting():
     ratio = snr(t, plan.alphas_cumprod)
     expected = mse * torch.minimum(ratio, torch.tensor(5.0)) / (ratio + 1)  # min-SNR-5 for v-prediction
     assert torch.allclose(plan.loss(pred, target, t), expected, rtol=1e-5)
-    with pytest.raises(SdplugError, match="masked loss"):
-        plan.loss(pred, target, t, mask=torch.ones(3, 1, 8, 8))
+    assert torch.allclose(plan.loss(pred, target, t, mask=torch.ones(3, 1, 8, 8)), expected, rtol=1e-5)  # all-ones mask
     with pytest.raises(SdplugError, match="shape"):
         plan.loss(pred, target[:, :2], t)
 
@@ -148,3 +147,60 @@ def test_default_timesteps_apply_only_when_the_preset_names_none():
     assert int(own.min()) >= 100 and int(own.max()) < 110
     assert int(build(PRESET, default_timesteps=narrow).timesteps(64).max()) >= 110  # the preset's logit-normal wins
     assert build({}).matches_schedule(scaled_linear_alphas_cumprod()) and not build({}).matches_schedule(torch.ones(1000))
+
+
+# -- what every host shares: held caption decisions, optimizer groups, the problems policy -------
+def test_deferred_caption_decisions_count_only_when_their_batch_trains():
+    plan = build()
+    with plan.deferred_captions() as held:
+        fetched = [plan.caption("a cat").dropped for _ in range(6)]
+    assert plan.report()["caption"]["samples"] == 0 and len(held) == 6
+    plan.count_captions(held)
+    caption = plan.report()["caption"]
+    assert caption["samples"] == 6 and caption["dropped"] == sum(fetched)
+
+
+def test_the_presets_lr_rules_every_group_but_frozen_ones_and_the_hosts_lr_rules_otherwise():
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    groups = [{"params": [params[0]], "lr": 0}, {"params": [params[1]], "lr": 5e-4}, {"params": [params[2]], "lr": 2e-4}]
+    with_lr = build({"optimizer": {"type": "adamw", "lr": 1e-3}})
+    assert [g["lr"] for g in with_lr.optimizer(groups).param_groups] == [0, 1e-3, 1e-3]
+    without_lr = build({"optimizer": {"type": "adamw"}})
+    optimizer = without_lr.optimizer([p for p in params], host_lr=3e-5)
+    assert [g["lr"] for g in optimizer.param_groups] == [3e-5]
+    report = without_lr.report()["optimizer"]
+    assert report["strategy"] == "adamw" and report["class"] == "torch.optim.adamw.AdamW" and report["trainable_parameters"] == 6
+
+
+@pytest.mark.parametrize("where,groups", [("own", 3), ("first", 2)])
+def test_a_learned_weighting_joins_its_own_group_or_the_first_trained_one(where, groups):
+    plan = build({"loss_weighting": {"type": "learned"}, "optimizer": {"type": "adamw", "lr": 1e-3}})
+    frozen, trained = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = plan.optimizer([{"params": [frozen], "lr": 0}, {"params": [trained], "lr": 1e-4}], learned_group=where)
+    assert len(optimizer.param_groups) == groups
+    learned = {id(p) for p in plan.trainable_parameters()}
+    holding = [g for g in optimizer.param_groups if learned <= {id(p) for p in g["params"]}]
+    assert len(holding) == 1 and holding[0]["lr"] == 1e-3
+    assert plan.report()["optimizer"]["learned_weighting_lr"] == [1e-3]
+
+
+def test_the_problems_policy_names_what_the_host_never_asked_the_plan_for():
+    plan = build({"optimizer": {"type": "adamw"}, "attention": {"type": "sdpa"}})
+    report = plan.report()
+    assert report["completed"] is True
+    assert report["problems"] == [
+        "no training step ran (plan.step() was never called): nothing the preset names is proven applied",
+        "optimizer 'adamw' was never built (the host did not call plan.optimizer)",
+        "attention 'sdpa' was never installed (the host did not call plan.attention)",
+    ]
+    plan.attention(torch.nn.Module(), install=lambda kind: {"changed": 3, "how": f"the host's {kind} switch"})
+    plan.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    plan.step()
+    assert plan.report()["problems"] == [] and plan.report()["attention"] == {
+        "strategy": "sdpa",
+        "changed": 3,
+        "how": "the host's sdpa switch",
+    }
+    plan.record_failure(RuntimeError("out of memory"))
+    report = plan.report()
+    assert report["completed"] is False and report["problems"] == ["stopped at step 1 by RuntimeError: out of memory"]

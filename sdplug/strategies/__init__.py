@@ -1,6 +1,6 @@
-"""The six strategy registries and their built-in strategies.
+"""The seven strategy registries and their built-in strategies.
 
-Families: noise, timesteps, loss_weighting, caption, optimizer, attention. Third-party
+Families: noise, timesteps, loss, loss_weighting, caption, optimizer, attention. Third-party
 packages add strategies through the entry-point group ``sdplug.<family>``.
 """
 
@@ -10,10 +10,23 @@ from typing import Any
 
 from sdplug.errors import UnknownStrategyError
 from sdplug.registry import Registry
-from sdplug.strategies import attention, caption, fields, learned, loss_weighting, noise, optimizer, pyramid, timesteps
+from sdplug.strategies import (
+    attention,
+    caption,
+    fields,
+    learned,
+    loss,
+    loss_weighting,
+    noise,
+    optimizer,
+    pyramid,
+    timestep_distributions,
+    timesteps,
+)
 from sdplug.strategies.base import (
     AttentionStrategy,
     CaptionTransform,
+    LossType,
     LossWeighting,
     NoiseStrategy,
     OptimizerStrategy,
@@ -23,6 +36,7 @@ from sdplug.strategies.base import (
 FAMILY_BASES = {
     "noise": NoiseStrategy,
     "timesteps": TimestepStrategy,
+    "loss": LossType,
     "loss_weighting": LossWeighting,
     "caption": CaptionTransform,
     "optimizer": OptimizerStrategy,
@@ -43,6 +57,18 @@ BUILTINS: dict[str, dict[str, type]] = {
         "uniform": timesteps.UniformTimesteps,
         "logit_normal": timesteps.LogitNormalTimesteps,
         "biased": timesteps.BiasedTimesteps,
+        "stratified": timesteps.StratifiedTimesteps,
+        "beta": timestep_distributions.BetaTimesteps,
+        "cosmap": timestep_distributions.CosMapTimesteps,
+        "mode": timestep_distributions.ModeTimesteps,
+        "heavy_tail": timestep_distributions.HeavyTailTimesteps,
+    },
+    "loss": {
+        "mse": loss.MSELoss,
+        "l1": loss.L1Loss,
+        "huber": loss.HuberLoss,
+        "pseudo_huber": loss.PseudoHuberLoss,
+        "smooth_l1": loss.SmoothL1Loss,
     },
     "loss_weighting": {
         "constant": loss_weighting.ConstantWeighting,
@@ -52,6 +78,8 @@ BUILTINS: dict[str, dict[str, type]] = {
         "soft_min_snr": loss_weighting.SoftMinSNRWeighting,
         "debiased": loss_weighting.DebiasedWeighting,
         "p2": loss_weighting.P2Weighting,
+        "scale_v_pred_loss_like_noise_pred": loss_weighting.VPredLikeNoisePredWeighting,
+        "v_pred_like_loss": loss_weighting.VPredLikeLossWeighting,
         "learned": learned.LearnedWeighting,
     },
     "caption": {

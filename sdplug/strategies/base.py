@@ -88,6 +88,55 @@ class LossWeighting:
         """Move any tensors the weighting holds (none for fixed weightings), in place."""
         return self
 
+    def buffers(self) -> list[torch.Tensor]:
+        """Tensors the weighting holds besides its parameters (none for fixed weightings)."""
+        return []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs of the weighting (nothing for fixed weightings)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore ``state_dict()``'s tensors in place (optimizer references stay valid)."""
+
+
+class LossType:
+    """The loss between a prediction and its target, one value per sample, in float32.
+
+    Subclasses give ``elementwise(model_pred, target, timesteps, alphas_cumprod)``: the loss of
+    every element (the prediction's shape, float32). ``per_sample`` applies a loss mask to that
+    elementwise loss *before* the mean over the non-batch dimensions, so a masked-out pixel
+    never enters the mean. ``timesteps`` may be None for loss types whose ``needs_timesteps()``
+    is False (they use no per-sample schedule).
+    """
+
+    def needs_timesteps(self) -> bool:
+        """Whether ``elementwise`` reads the timesteps (a per-sample threshold schedule)."""
+        return False
+
+    def elementwise(
+        self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor | None, alphas_cumprod: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply_mask(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The elementwise loss times the mask (1 = train, 0 = ignore); the built-ins add options."""
+        return loss * mask.to(device=loss.device, dtype=loss.dtype)
+
+    def per_sample(
+        self,
+        model_pred: torch.Tensor,
+        target: torch.Tensor,
+        timesteps: torch.Tensor | None,
+        alphas_cumprod: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(B,)``: the elementwise loss (masked when ``mask`` is given), mean over non-batch dims."""
+        loss = self.elementwise(model_pred.float(), target.float(), timesteps, alphas_cumprod)
+        if mask is not None:
+            loss = self.apply_mask(loss, mask)
+        return loss.mean(dim=tuple(range(1, loss.dim())))
+
 
 class CaptionTransform:
     """Rewrites one caption. ``needs_text`` is False when the effect can be applied to cached

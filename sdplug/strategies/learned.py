@@ -85,6 +85,17 @@ class LearnedWeighting(LossWeighting):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.network.parameters())
 
+    def buffers(self) -> list[torch.Tensor]:
+        return list(self.network.buffers())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, value in self.network.state_dict().items():
+                value.copy_(state[key].to(value.device, value.dtype))
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LearnedWeighting:
         # Module.to moves parameters AND buffers (frequencies, phases) in place: the Parameter
         # objects, and so an optimizer's references to them, stay the same.

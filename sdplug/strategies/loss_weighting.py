@@ -129,3 +129,61 @@ class P2Weighting(LossWeighting):
         if prediction_type == "epsilon":
             return base
         return _in_prediction_space(snr * base, snr, prediction_type, 1.0)
+
+
+# kohya sd-scripts caps SNR at 1000 in these weightings (``get_snr_scale``: SNR(0) is huge or
+# inf). The cap acts only at the first few timesteps (SD's SNR(0) is about 1175).
+KOHYA_SNR_CAP = 1000.0
+
+
+def _cap(snr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S = min(SNR, 1000)`` and ``SNR / S`` (1 below the cap, also at SNR = 0)."""
+    capped = snr.clamp(max=KOHYA_SNR_CAP)
+    return capped, torch.where(snr > KOHYA_SNR_CAP, snr / KOHYA_SNR_CAP, torch.ones_like(snr))
+
+
+@strategy_params
+class VPredLikeNoisePredWeighting(LossWeighting):
+    """kohya's "scale v-prediction loss like noise prediction": the v loss times ``S / (S + 1)``, ``S = min(SNR, 1000)`` (sd-scripts ``--scale_v_pred_loss_like_noise_pred``).
+
+    kohya's ``scale_v_prediction_loss_like_noise_prediction`` weights a v loss as an epsilon
+    model's MSE is: ``w_x0 = (SNR + 1) S / (S + 1)``, which is ``SNR`` (the ``snr`` weighting)
+    below the cap. Model weights: v ``S / (S + 1)`` (kohya's exactly), epsilon
+    ``(SNR + 1) S / ((S + 1) SNR)`` (1 below the cap), x0 ``w_x0``. kohya multiplies by
+    ``S / (S + 1)`` whatever the model predicts; the flag is meant for v models, where the two
+    agree. OneTrainer, SimpleTuner, EveryDream2 and diffusers have no such option.
+    """
+
+    def weight_for(self, snr, prediction_type):
+        capped, over = _cap(snr)
+        if prediction_type == "v_prediction":
+            return capped / (capped + 1.0)
+        if prediction_type == "epsilon":
+            return (snr + 1.0) / ((capped + 1.0) * over)
+        return (snr + 1.0) * capped / (capped + 1.0)
+
+
+@strategy_params
+class VPredLikeLossWeighting(LossWeighting):
+    """kohya's "v-prediction-like loss": ``strength`` times the v loss added to an epsilon loss (sd-scripts ``--v_pred_like_loss``).
+
+    kohya's ``add_v_prediction_like_loss`` turns an epsilon loss ``L`` into
+    ``L (1 + strength (S + 1) / S)``, ``S = min(SNR, 1000)``; ``L (SNR + 1) / SNR`` is the v loss
+    of the same prediction. So ``w_x0 = SNR + strength (S + 1) SNR / S`` (``SNR + strength
+    (SNR + 1)`` below the cap). Model weights: epsilon ``1 + strength (S + 1) / S`` (kohya's
+    exactly; ``S`` at least ``snr_floor`` there, where kohya's divides by zero at a zero-terminal
+    step), v ``w_x0 / (SNR + 1)`` (``SNR / (SNR + 1) + strength`` below the cap: kohya's result
+    for a v model with ``--scale_v_pred_loss_like_noise_pred`` too), x0 ``w_x0``. kohya applies
+    the epsilon formula to whatever the model predicts. OneTrainer, SimpleTuner, EveryDream2 and
+    diffusers have no such option.
+    """
+
+    strength: Annotated[float, Field(gt=0.0, le=10.0)] = 0.1
+    snr_floor: _Floor = 1e-3
+
+    def weight_for(self, snr, prediction_type):
+        capped, over = _cap(snr)
+        if prediction_type == "epsilon":
+            return 1.0 + self.strength * (capped + 1.0) / capped.clamp_min(self.snr_floor)
+        w_x0 = snr + self.strength * (capped + 1.0) * over
+        return w_x0 / (snr + 1.0) if prediction_type == "v_prediction" else w_x0

@@ -31,21 +31,45 @@ class GaussianNoise(NoiseStrategy):
         return _start(noise, latents, generator).to(latents.dtype)
 
 
+def _per_sample_strength(strength: float, random: bool, latents: torch.Tensor, generator, dtype) -> torch.Tensor | float:
+    """``strength``, or ``strength * U(0, 1)`` drawn once per sample, shaped ``(B, 1, ...)``."""
+    if not random:
+        return strength
+    shape = (latents.shape[0], *([1] * (latents.dim() - 1)))
+    return strength * torch.rand(shape, generator=generator, device=latents.device, dtype=dtype)
+
+
 @strategy_params
 class OffsetNoise(NoiseStrategy):
     """Offset noise: adds one Gaussian constant per sample and channel (N. Guttenberg, 2023).
 
-    ``noise + strength * randn(B, C, 1, 1)``; the original post used ``strength`` 0.1 and no
-    renormalisation (communities use 0.03-0.1).
+    ``noise + s * randn(B, C, 1, 1)``; the original post used ``strength`` 0.1 and no
+    renormalisation (communities use 0.03-0.1). EveryDream2's ``zero_frequency_noise_ratio``
+    and OneTrainer's ``offset_noise_weight`` are this trick.
+
+    ``random_strength`` (kohya sd-scripts ``--noise_offset_random_strength``): ``s = strength *
+    U(0, 1)``, one ``U`` per sample (kohya draws one for the whole batch). ``adaptive_scale``
+    (kohya ``--adaptive_noise_scale``): ``s`` grows by ``adaptive_scale * |mean over H, W of the
+    latents|`` per sample and channel, clamped at 0 (kohya adds it to the already randomised
+    offset, as here). OneTrainer's ``generalized_offset_noise`` scales the offset by a
+    coefficient ``psi_t`` of each sample's timestep; a noise strategy is drawn before the
+    timesteps and does not see them, so it is not offered.
     """
 
     strength: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    random_strength: bool = False
+    adaptive_scale: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.0
 
     def transform(self, noise, latents, generator):
         noise = _start(noise, latents, generator)
         shape = (*latents.shape[:2], *([1] * (latents.dim() - 2)))
         offset = torch.randn(shape, generator=generator, device=latents.device, dtype=noise.dtype)
-        return (noise + self.strength * offset).to(latents.dtype)
+        scale = _per_sample_strength(self.strength, self.random_strength, latents, generator, noise.dtype)
+        if self.adaptive_scale != 0.0:
+            spatial = tuple(range(2, latents.dim()))
+            magnitude = latents.to(noise.dtype).mean(dim=spatial, keepdim=True).abs()
+            scale = (scale + self.adaptive_scale * magnitude).clamp_min(0.0)
+        return (noise + scale * offset).to(latents.dtype)
 
 
 @strategy_params
@@ -54,15 +78,20 @@ class InputPerturbation(NoiseStrategy):
 
     The model sees ``x_t`` built from ``noise + gamma * randn_like(noise)`` while the loss
     target stays ``noise``. Role ``"input"``: hosts apply it to the model-input noise only.
-    Ning et al. use ``gamma`` 0.1.
+    Ning et al. use ``gamma`` 0.1 (kohya sd-scripts ``--ip_noise_gamma``, OneTrainer
+    ``perturbation_noise_weight``, which adds it to the target noise too).
+    ``random_strength`` (kohya ``--ip_noise_gamma_random_strength``): ``gamma * U(0, 1)``, one
+    ``U`` per sample (kohya draws one for the whole batch).
     """
 
     role = "input"
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    random_strength: bool = False
 
     def transform(self, noise, latents, generator):
         noise = _start(noise, latents, generator)
-        return (noise + self.gamma * fresh_gaussian(latents, generator, noise.dtype)).to(latents.dtype)
+        gamma = _per_sample_strength(self.gamma, self.random_strength, latents, generator, noise.dtype)
+        return (noise + gamma * fresh_gaussian(latents, generator, noise.dtype)).to(latents.dtype)
 
 
 @strategy_params

@@ -1,8 +1,14 @@
-"""Timestep sampling strategies."""
+"""Timestep sampling strategies.
+
+Continuous samplers draw ``u`` in ``[0, 1)`` and take ``floor(u * T)``; their ``shift`` (OneTrainer's
+``timestep_shift``, the SD3/Flux resolution shift) first maps ``u -> s u / ((s - 1) u + 1)``:
+``shift > 1`` moves training toward noisier timesteps, ``1`` (the default) changes nothing.
+Beta, cosmap and mode sampling live in ``timestep_distributions.py``.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -12,10 +18,23 @@ from sdplug.params import strategy_params
 from sdplug.strategies.base import TimestepStrategy
 
 _Timestep = Annotated[int, Field(ge=0, le=100_000)]
+Shift = Annotated[float, Field(gt=0.0, le=100.0)]
 
 
 def _generator_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
+
+
+def shift_unit(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """``s u / ((s - 1) u + 1)``: OneTrainer's ``timestep_shift`` (and SD3's shift) on ``u`` in [0, 1]."""
+    if shift == 1.0:
+        return u
+    return shift * u / ((shift - 1.0) * u + 1.0)
+
+
+def unit_to_timesteps(u: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """``floor(low + u (high - low))`` as a LongTensor in ``[low, high)``."""
+    return (low + u * (high - low)).long().clamp_(low, high - 1)
 
 
 @strategy_params
@@ -23,11 +42,15 @@ class UniformTimesteps(TimestepStrategy):
     """Uniform integer timesteps in ``[min_timestep, max_timestep)`` (Ho et al., DDPM, 2020).
 
     ``max_timestep`` defaults to the scheduler's number of training timesteps; narrowing the
-    range is kohya's ``--min_timestep/--max_timestep``.
+    range is kohya's ``--min_timestep/--max_timestep``. ``shift`` other than 1 draws
+    ``min + (max - min) * shift(u)`` instead (the range stays the range; OneTrainer shifts the
+    absolute timestep after drawing it in its range, which agrees for the full schedule).
     """
 
     min_timestep: _Timestep = 0
     max_timestep: _Timestep | None = None
+    shift: Shift = 1.0
+    _label: ClassVar[str] = "uniform"
 
     def __post_init__(self):
         if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
@@ -38,22 +61,54 @@ class UniformTimesteps(TimestepStrategy):
         allowed = f"allowed: 0 <= min_timestep < max_timestep <= {num_train_timesteps}"
         if self.max_timestep is not None and self.max_timestep > num_train_timesteps:
             return "max_timestep", (
-                f"timesteps 'uniform' max_timestep = {self.max_timestep} is beyond the noise schedule, which has "
+                f"timesteps {self._label!r} max_timestep = {self.max_timestep} is beyond the noise schedule, which has "
                 f"{num_train_timesteps} training timesteps (0 to {num_train_timesteps - 1}); {allowed}."
             )
         if self.min_timestep >= num_train_timesteps:
             return "min_timestep", (
-                f"timesteps 'uniform' min_timestep = {self.min_timestep} is beyond the noise schedule, which has "
+                f"timesteps {self._label!r} min_timestep = {self.min_timestep} is beyond the noise schedule, which has "
                 f"{num_train_timesteps} training timesteps (0 to {num_train_timesteps - 1}); {allowed}."
             )
         return None
 
-    def sample(self, batch_size, num_train_timesteps, *, generator=None):
+    def _range(self, num_train_timesteps: int) -> int:
         problem = self.schedule_problem(num_train_timesteps)
         if problem is not None:
             raise PresetError(problem[1], key=problem[0])
-        high = num_train_timesteps if self.max_timestep is None else self.max_timestep
-        return torch.randint(self.min_timestep, high, (batch_size,), generator=generator, device=_generator_device(generator))
+        return num_train_timesteps if self.max_timestep is None else self.max_timestep
+
+    def sample(self, batch_size, num_train_timesteps, *, generator=None):
+        high = self._range(num_train_timesteps)
+        device = _generator_device(generator)
+        if self.shift == 1.0:
+            return torch.randint(self.min_timestep, high, (batch_size,), generator=generator, device=device)
+        u = torch.rand(batch_size, generator=generator, device=device)
+        return unit_to_timesteps(shift_unit(u, self.shift), self.min_timestep, high)
+
+
+@strategy_params
+class StratifiedTimesteps(UniformTimesteps):
+    """Stratified uniform timesteps: the range cut into ``B`` equal strata, one draw in each per batch (SimpleTuner ``segmented_timestep_selection``).
+
+    Sample ``i`` of the permutation gets ``u = (i + U) / B``, so every batch covers the whole
+    range evenly while each timestep's marginal law stays exactly uniform (with ``shift``, the
+    strata are cut in ``u`` before the shift). ``shuffle`` (default) hands the strata to the
+    samples in a random order; SimpleTuner gives sample ``i`` the ``i``-th segment from the
+    top, with equal integer segments and the remainder in the last one. kohya sd-scripts,
+    OneTrainer, EveryDream2 and diffusers' scripts draw independent uniform timesteps.
+    """
+
+    shuffle: bool = True
+    _label: ClassVar[str] = "stratified"
+
+    def sample(self, batch_size, num_train_timesteps, *, generator=None):
+        high = self._range(num_train_timesteps)
+        device = _generator_device(generator)
+        strata = torch.arange(batch_size, device=device, dtype=torch.float64)
+        u = (strata + torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)) / batch_size
+        if self.shuffle:
+            u = u[torch.randperm(batch_size, generator=generator, device=device)]
+        return unit_to_timesteps(shift_unit(u, self.shift), self.min_timestep, high)
 
 
 @strategy_params
@@ -61,15 +116,17 @@ class LogitNormalTimesteps(TimestepStrategy):
     """Logit-normal timesteps, ``t = T * sigmoid(N(mean, std))`` (Esser et al., "Scaling Rectified Flow Transformers", 2024).
 
     Concentrates training on middle timesteps; ``mean`` > 0 shifts it toward noisier ones.
+    OneTrainer's LOGIT_NORMAL is this with ``mean = noising_bias``, ``std = noising_weight + 1``.
     """
 
     mean: Annotated[float, Field(ge=-5.0, le=5.0)] = 0.0
     std: Annotated[float, Field(gt=0.0, le=5.0)] = 1.0
+    shift: Shift = 1.0
 
     def sample(self, batch_size, num_train_timesteps, *, generator=None):
         normal = torch.randn(batch_size, generator=generator, device=_generator_device(generator))
         u = torch.sigmoid(self.mean + self.std * normal)
-        return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+        return unit_to_timesteps(shift_unit(u, self.shift), 0, num_train_timesteps)
 
 
 @strategy_params

@@ -121,22 +121,7 @@ class Trainer:
             train_text_encoder=config.train_text_encoder,
             seed=config.seed,
         )
-
-        def processor_classes() -> str:
-            return ",".join(sorted({type(p).__name__ for p in bundle.unet.attn_processors.values()}))
-
-        # before and after: "changed" alone proves little when the strategy is the default already
-        before = processor_classes()
-        changed = self.plan.attention(bundle.unet)
-        self.audit.record_host(
-            attention={
-                "strategy": self.preset.attention.type if self.preset.attention else "(host default)",
-                "processor_before": before,
-                "processor": processor_classes(),
-                "modules": len(bundle.unet.attn_processors),
-                "changed": changed,
-            }
-        )
+        self.plan.attention(bundle.unet)  # recorded: the processors before and after
         self.checkpointed, self.checkpointed_recorded = None, False
         if memory.gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
@@ -146,6 +131,7 @@ class Trainer:
                 checkpointed["text_encoder"] = bundle.text_encoder
             self.checkpointed = CheckpointedCalls(checkpointed)
         bundle.text_encoder.to(self.device)
+        bundle.unet.to(self.device)  # before the optimizer: a learned weighting trains where the model is
         self.trainable_parameters = sum(
             p.numel() for m in (bundle.unet, bundle.text_encoder) for p in m.parameters() if p.requires_grad
         )
@@ -171,8 +157,7 @@ class Trainer:
     def _prepare_optimizer(self):
         bundle = self.bundle
         params = [p for m in (bundle.unet, bundle.text_encoder) for p in m.parameters() if p.requires_grad]
-        self.plan.to(self.device)  # a learned weighting's parameters and buffers, in place
-        # a learned weighting's parameters join as a group of their own (plan.optimizer)
+        # a learned weighting's parameters move to the model's device and join as a group of their own
         self.optimizer = self.plan.optimizer(params, default=functools.partial(torch.optim.AdamW, lr=1e-4))
         self.learned_parameters = self.plan.trainable_parameters()
         prepared = self.accelerator.prepare(bundle.unet, self.optimizer)

@@ -19,7 +19,6 @@ import torch
 
 from sdplug.errors import SdplugError
 from sdplug.log import logger
-from sdplug.strategies.optimizer import state_bytes
 from sdplug.trainer import lora, models
 from sdplug.trainer.config import SAMPLE_PROMPTS, read_prompts_file
 from sdplug.trainer.plot import loss_curve_plot, loss_per_timestep_plot
@@ -201,15 +200,7 @@ def peak_memory(device) -> dict:
 
 def _record_run(trainer) -> None:
     config, accelerator = trainer.config, trainer.accelerator
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
-    trained = trainer.trainable_parameters + sum(p.numel() for p in trainer.learned_parameters)
     trainer.audit.record_host(
-        optimizer={
-            "class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
-            "state_bytes_per_trainable_parameter": round(state_bytes(trainer.optimizer) / max(trained, 1), 4),
-            "trainable_parameters": trainer.trainable_parameters,
-            "fell_back": trainer.plan.optimizer_fell_back,
-        },
         run={
             "mode": config.mode,
             "model": trainer.bundle.source,
@@ -258,8 +249,8 @@ def _loss_bins(trainer) -> dict:
 def finish(trainer) -> dict:
     """Record the run, then (main process) write every final output; returns the audit report."""
     accelerator, audit, out = trainer.accelerator, trainer.audit, trainer.config.output
-    problems = audit.problems()  # the policy: save everything, record them, then fail (AuditProblems)
     _record_run(trainer)
+    problems = trainer.plan.report()["problems"]  # the policy: save everything, record them, then fail
     from accelerate.utils import gather_object
 
     ranks = gather_object([{"rank": trainer.rank, "draws": trainer.draw_log[:3], "audit": audit.state_dict()}])
@@ -286,22 +277,13 @@ def finish(trainer) -> dict:
     trainer.samples_after = write_grid(trainer, "after")
     if trainer.config.log_with and (out / "sdplug").is_dir():
         trainer.written.append("sdplug/")
-    report = audit.report()
-    report["loss_per_timestep_bin"] = bins
-    report["per_rank"] = [
-        {
-            "rank": r["rank"],
-            "first_draws": r["draws"],
-            "caption": r["audit"]["caption"],
-            "noise_draws": r["audit"]["noise"]["draws"],
-        }
+    per_rank = [
+        {"rank": r["rank"], "first_draws": r["draws"], "caption": r["audit"]["caption"], "noise_draws": r["audit"]["noise"]["draws"]}
         for r in ranks
     ]
     trainer.written.append("audit.json")  # written last; a refused or failed run writes one with completed = false
-    report["completed"] = True
-    report["problems"] = problems
-    report["files"] = list(dict.fromkeys(trainer.written))
-    write_text(out / "audit.json", json.dumps(report, indent=2) + "\n")
+    sections = {"loss_per_timestep_bin": bins, "per_rank": per_rank, "files": list(dict.fromkeys(trainer.written))}
+    report = json.loads(trainer.plan.write_audit(out, **sections).read_text())
     accelerator.wait_for_everyone()
     if problems:
         raise AuditProblems(
@@ -344,12 +326,14 @@ def write_failure_audit(output: Path, exc: BaseException, trainer=None) -> Path 
     ``problems``, and whatever the audit had counted (nothing, when refused before training)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return None
-    audit = getattr(trainer, "audit", None)
-    report = audit.report() if audit is not None else {"steps": 0}
-    refused = isinstance(exc, SdplugError) and report.get("steps", 0) == 0
-    kind = "refused before training" if refused else f"stopped at step {report.get('steps', 0)} by {type(exc).__name__}"
-    report.update(completed=False, problems=[f"{kind}: {exc}"])
+    plan = getattr(trainer, "plan", None)
     output.mkdir(parents=True, exist_ok=True)
+    if plan is not None:
+        plan.record_failure(exc)
+        return plan.write_audit(output)
+    # refused before the plan was built (a bad option, a model that does not load)
+    refused = isinstance(exc, SdplugError)
+    problem = f"refused before training: {exc}" if refused else f"stopped at step 0 by {type(exc).__name__}: {exc}"
     path = output / "audit.json"
-    write_text(path, json.dumps(report, indent=2) + "\n")
+    write_text(path, json.dumps({"steps": 0, "completed": False, "problems": [problem]}, indent=2) + "\n")
     return path

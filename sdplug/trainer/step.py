@@ -37,5 +37,5 @@ def diffusion_loss(
     timesteps = plan.timesteps(len(latents), device=latents.device)
     with autocast():
         prediction = unet(plan.noisy_input(latents, noise, timesteps), timesteps, encoder_hidden_states=text_states).sample
-    unweighted = plan.unweighted_loss(prediction, plan.target(latents, noise, timesteps))
+    unweighted = plan.unweighted_loss(prediction, plan.target(latents, noise, timesteps), timesteps=timesteps)
     return StepLoss(plan.weight(unweighted, timesteps), unweighted, timesteps, noise)

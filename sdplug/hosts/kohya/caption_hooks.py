@@ -84,12 +84,8 @@ class CaptionHooks:
     def getitem(self, original, dataset, index):
         if not self.adapter.preset.caption:
             return original(dataset, index)
-        audit, decisions = self.adapter.plan.audit, []
-        audit.record_caption = lambda **decision: decisions.append(decision)  # held, not counted yet
-        try:
+        with self.adapter.plan.deferred_captions() as decisions:  # held, not counted yet
             example = self._cached_captions(original(dataset, index), dataset)
-        finally:
-            del audit.record_caption  # the Audit method again
         if getattr(dataset, "is_training_dataset", True):
             self.pending.append(decisions)
         return example
@@ -97,8 +93,7 @@ class CaptionHooks:
     def commit(self) -> None:
         """A training step runs: the oldest fetched batch's caption decisions count now."""
         if self.pending:
-            for decision in self.pending.popleft():
-                self.adapter.plan.audit.record_caption(**decision)
+            self.adapter.plan.count_captions(self.pending.popleft())
 
     def _cached_captions(self, example, dataset):
         adapter = self.adapter

@@ -48,19 +48,19 @@ _NOISE = ("noise", "timesteps")  # sdplug's noise hook replaces kohya's whole no
 FLAGS: tuple[KohyaFlag, ...] = (
     # -- noise: kohya's noise function, replaced by sdplug's when the preset sets [[noise]] or [timesteps]
     *_rows("noise", "conflict", _NOISE, "kohya's offset noise (sdplug: noise 'offset')", "noise_offset"),
-    *_rows("noise", "conflict", _NOISE, "a random offset strength (sdplug's offset strength is fixed)", "noise_offset_random_strength"),
-    *_rows("noise", "conflict", _NOISE, "an offset scaled by the latent mean (no sdplug equivalent)", "adaptive_noise_scale"),
+    *_rows("noise", "conflict", _NOISE, "a random offset strength (sdplug: noise 'offset' random_strength)", "noise_offset_random_strength"),
+    *_rows("noise", "conflict", _NOISE, "an offset scaled by the latent mean (sdplug: noise 'offset' adaptive_scale)", "adaptive_noise_scale"),
     *_rows("noise", "conflict", _NOISE, "kohya's multires noise (sdplug: noise 'pyramid', variant 'kohya')", "multires_noise_iterations", "multires_noise_discount"),
     *_rows("noise", "conflict", _NOISE, "input perturbation (sdplug: noise 'input_perturbation')", "ip_noise_gamma"),
-    *_rows("noise", "conflict", _NOISE, "a random perturbation strength (sdplug's gamma is fixed)", "ip_noise_gamma_random_strength"),
+    *_rows("noise", "conflict", _NOISE, "a random perturbation strength (sdplug: noise 'input_perturbation' random_strength)", "ip_noise_gamma_random_strength"),
     *_rows("noise", "independent", (), "the noise schedule: sdplug binds the preset to the schedule it gives, rescaled as kohya rescales it", "zero_terminal_snr"),
     # -- timesteps
     *_rows("timesteps", "conflict", ("timesteps",), "kohya's timestep range; with [[noise]] alone it carries over into sdplug's uniform draw (sdplug: timesteps 'uniform' min_timestep/max_timestep)", "min_timestep", "max_timestep"),
     # -- loss weighting (kohya's loss and its weights)
     *_rows("loss_weighting", "conflict", ("loss_weighting",), "kohya's min-SNR weighting (sdplug: loss_weighting 'min_snr')", "min_snr_gamma"),
     *_rows("loss_weighting", "conflict", ("loss_weighting",), "kohya's debiased estimation weighting (sdplug: loss_weighting 'debiased')", "debiased_estimation_loss"),
-    *_rows("loss_weighting", "conflict", ("loss_weighting",), "kohya's SNR rescaling of a v-prediction loss (sdplug: loss_weighting 'snr')", "scale_v_pred_loss_like_noise_pred"),
-    *_rows("loss_weighting", "conflict", ("loss_weighting",), "an extra v-prediction-like loss term (no sdplug equivalent)", "v_pred_like_loss"),
+    *_rows("loss_weighting", "conflict", ("loss_weighting",), "kohya's SNR rescaling of a v-prediction loss (sdplug: loss_weighting 'scale_v_pred_loss_like_noise_pred')", "scale_v_pred_loss_like_noise_pred"),
+    *_rows("loss_weighting", "conflict", ("loss_weighting",), "an extra v-prediction-like loss term (sdplug: loss_weighting 'v_pred_like_loss')", "v_pred_like_loss"),
     *_rows("loss_weighting", "independent", (), "the prediction type: sdplug binds the preset's weighting and targets to it", "v_parameterization"),
     *_rows("loss_weighting", "independent", (), "presets set no loss type: kohya's loss is computed on sdplug's timesteps (its huber threshold from them), then the preset's weighting multiplies it", "loss_type", "huber_c", "huber_schedule", versions=("main",)),
     *_rows("loss_weighting", "independent", (), "kohya's huber scale, used with the loss type above", "huber_scale", versions=("main",)),

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sdplug.errors import SdplugError
+from sdplug.errors import PresetError, SdplugError
 from sdplug.hosts.kohya.flags import (
     FLAGS,
     KohyaFlag,
@@ -85,6 +85,21 @@ def check_conflicts(preset: Preset, version: str, values: Mapping[str, Any], def
         raise KohyaConflictError(
             f"{preset.path}: {'; '.join(parts)}. Remove the flag(s) or the section(s): sdplug never applies both."
         )
+
+
+def check_loss_section(preset: Preset) -> None:
+    """sd-scripts computes its own loss (its ``--loss_type``); the adapter does not replace it, so
+    a preset ``[loss]`` other than plain MSE is refused rather than silently not applied."""
+    spec = preset.loss
+    if spec is None or (spec.type == "mse" and not spec.params):
+        return
+    raise PresetError(
+        "sd-scripts computes its own loss, and this sdplug version does not apply a preset's [loss] there "
+        f"(it sets {spec.type!r}). Allowed inside sd-scripts: no [loss], or type = 'mse' with no options; use "
+        "kohya's --loss_type / --huber_c / --huber_schedule, or train with `sdplug train`.",
+        path=spec.path or preset.path,
+        key="loss.type",
+    )
 
 
 def _why(flag: KohyaFlag, section: str) -> str:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sdplug.audit import preset_strategies
 from sdplug.log import logger
 
 HOST_NAME = "kohya sd-scripts"
@@ -33,14 +34,7 @@ def write(report: dict[str, Any], output_dir: str | Path, rank: int) -> Path:
 
 def refusal(message: str, *, preset=None, version: str | None = None, script: str | None = None) -> dict[str, Any]:
     """The audit of a run sdplug refused before its first step."""
-    strategies = {}
-    if preset is not None:
-        strategies = {
-            "noise": [s.type for s in preset.noise],
-            "caption": [s.type for s in preset.caption],
-            "timesteps": [preset.timesteps.type] if preset.timesteps else [],
-            "loss_weighting": [preset.loss_weighting.type] if preset.loss_weighting else [],
-        }
+    strategies = preset_strategies(preset) if preset is not None else {}
     return {
         "steps": 0,
         "completed": False,  # as sdplug's own trainer writes a refused run
@@ -83,67 +77,13 @@ def write_refusal(adapter, exc: BaseException) -> Path | None:
     return write(refused, output_dir, adapter.rank)
 
 
-def _learned_weighting(adapter) -> dict[str, Any]:
-    plan, optimizer = adapter.plan, adapter.optimizer
-    learned = {id(p) for p in plan.trainable_parameters()}
-    if not learned:
-        return {}
-    lrs = [g["lr"] for g in optimizer.param_groups if any(id(p) in learned for p in g["params"])]
-    network = getattr(plan.loss_weighting, "network", None)
-    tensors = [*network.parameters(), *network.buffers()] if network is not None else []
-    # proof that the weighting trains: it is in the optimizer, in a group with a non-zero lr,
-    # and all its tensors (buffers too) are where that group's parameters are
-    return {
-        "learned_weighting_parameters": len(learned),
-        "learned_weighting_lr": lrs,
-        "learned_weighting_devices": sorted({str(t.device) for t in tensors}),
-    }
-
-
-def _problems(adapter, data: dict[str, Any]) -> list[str]:
-    """What the run's report (``data``, the plan's audit report) shows the hooks did not do."""
-    preset = adapter.preset
-    problems = []
-    if adapter.failure is not None:
-        problems.append(f"sd-scripts stopped with an exception: {adapter.failure}")
-    # a training step's noise call: main's validation draws are not in the audit
-    if preset.noise and not any(entry["calls"] for entry in data["noise"]["applied"]):
-        problems.append("noise hook never ran")
-    if preset.loss_weighting and data["loss_weighting"]["calls"] == 0:
-        problems.append("loss weighting never ran")
-    if preset.caption and data["caption"]["samples"] == 0:
-        problems.append("caption transforms never ran")
-    if preset.optimizer and adapter.optimizer is None:
-        problems.append("optimizer hook never ran")
-    if preset.attention and adapter.attention_record is None:
-        problems.append("attention hook never ran")
-    return problems
-
-
 def write_run(adapter) -> Path | None:
-    """``audit.json`` of a configured run (at exit, after training or a crash)."""
-    from sdplug.strategies.optimizer import state_bytes
-
+    """``audit.json`` of a configured run (at exit, after training or a crash): the plan's report
+    and problems, with what only kohya knows."""
     if adapter.plan is None or adapter.args is None or not getattr(adapter.args, "output_dir", None):
         return None
-    audit, optimizer = adapter.plan.audit, adapter.optimizer
-    if optimizer is not None:
-        audit.record_host(
-            optimizer={
-                "class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
-                "state_bytes_per_trainable_parameter": round(state_bytes(optimizer) / max(adapter.trainable_count, 1), 4),
-                "trainable_parameters": adapter.trainable_count,
-                "learning_rates": sorted({g["lr"] for g in optimizer.param_groups}),
-                **_learned_weighting(adapter),
-            }
-        )
-    if adapter.attention_record is not None:
-        audit.record_host(attention=adapter.attention_record)
-    data = audit.report()
-    data["host"] = {**_host(adapter), "prediction_type": adapter.plan.prediction_type, **adapter.flag_report}
-    data["completed"] = adapter.failure is None  # the script ran to its end
-    data["problems"] = _problems(adapter, data)
-    path = write(data, adapter.args.output_dir, adapter.rank)
+    host = {**_host(adapter), "prediction_type": adapter.plan.prediction_type, **adapter.flag_report}
+    path = adapter.plan.write_audit(adapter.args.output_dir, host=host)
     if adapter.rank == 0:
-        logger.info(f"audit ({path}):\n{audit.summary()}")
+        logger.info(f"audit ({path}):\n{adapter.plan.audit.summary()}")
     return path

@@ -47,11 +47,11 @@ from sdplug.errors import SdplugError
 from sdplug.hosts.kohya import report
 from sdplug.hosts.kohya.attention_switch import switch_attention
 from sdplug.hosts.kohya.caption_hooks import CaptionHooks
-from sdplug.hosts.kohya.optimizer_groups import join_learned, with_lr
 from sdplug.hosts.kohya.reconcile import (
     KohyaConflictError,
     PresetWeightingMarker,
     check_conflicts,
+    check_loss_section,
     check_dataset_config,
     reconcile,
 )
@@ -62,7 +62,6 @@ from sdplug.plan import Plan
 from sdplug.presets import Preset
 from sdplug.runs_here import check_memory_runs_here
 from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
-from sdplug.strategies import registry
 from sdplug.strategies.timesteps import UniformTimesteps
 
 __all__ = ["KohyaAdapter", "KohyaConflictError", "activate", "activate_for_launch", "record_failure"]
@@ -77,12 +76,8 @@ class KohyaAdapter:
         self.args = None
         self.session = Session()  # every change to the process, and its undo
         self.originals: dict[tuple[Any, str], Any] = {}
-        self.optimizer = None
-        self.trainable_count = 0
-        self.attention_record: dict[str, Any] | None = None
         self.rules: list[str] = []
         self.checked_schedule = False
-        self.failure: str | None = None  # set when sd-scripts stops with an exception
         self.writes_audit = False  # configure ran: an audit (or a refusal) will be written
         self.rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
         self.defaults: dict[str, Any] = {}
@@ -150,10 +145,12 @@ class KohyaAdapter:
         values = vars(args)
         self.defaults = {name: parser.get_default(name) for name in values} if parser is not None else {}
         check_conflicts(preset, version, values, self.defaults)
+        check_loss_section(preset)
         check_memory_runs_here(preset)  # [memory] becomes kohya's arguments: refuse what cannot run here
         check_dataset_config(preset, values.get("dataset_config"), self.defaults)
         self.plan = self._build_plan(args)
-        lr = self._optimizer_spec().params.get("lr") if preset.optimizer is not None else None
+        spec = self.plan.optimizer_spec
+        lr = spec.params.get("lr") if spec is not None else None
         result = reconcile(preset, version, values, self.defaults, script=self.script, lr=lr)
         for name, value in result.changes.items():
             setattr(args, name, value)
@@ -183,10 +180,6 @@ class KohyaAdapter:
             alphas_cumprod=alphas, prediction_type=prediction, seed=seed, rank=self.rank, default_timesteps=kohya_range
         )
 
-    def _optimizer_spec(self):
-        """The preset's optimizer, or its fallback when the plan had to use it."""
-        return self.preset.optimizer_fallback if self.plan.optimizer_fell_back else self.preset.optimizer
-
     def _watch_for_failure(self) -> None:
         """Record an exception that stops the script (the audit then says so), and print an sdplug
         error as its message (it names the file, key and what is allowed), not a traceback."""
@@ -202,7 +195,8 @@ class KohyaAdapter:
         self.session.set_excepthook(excepthook)
 
     def record_failure(self, exc: BaseException) -> None:
-        self.failure = f"{type(exc).__name__}: {exc}"
+        if self.plan is not None:  # configured: the audit of the run says what stopped it
+            self.plan.record_failure(exc)
 
     # -- hooks: kohya's calling convention in, the plan's calls out ------------------------------
     def _check_schedule(self, noise_scheduler) -> None:
@@ -259,37 +253,35 @@ class KohyaAdapter:
         return self.plan.weight(loss, timesteps)
 
     def _optimizer_hook(self, args, trainable_params):
-        params = join_learned(self.plan, list(trainable_params))
-        if self.preset.optimizer is None:
-            result = self.original(self._train_util, "get_optimizer")(args, params)
-            self._record_optimizer(result[-1])
-            return result
-        spec = self._optimizer_spec()
+        assert self.plan is not None  # hooks run after configure built it
+        built: dict[str, Any] = {}
+
+        def kohya_optimizer(params):  # the preset names none: kohya's own, from its arguments
+            built["kohya"] = self.original(self._train_util, "get_optimizer")(args, params)
+            return built["kohya"][-1]
+
+        # learned weighting into the first trained group: sd-scripts main indexes its lr
+        # descriptions by group, and v0.8.7 keeps a group at lr 0 for --text_encoder_lr 0;
+        # with no lr in the preset, kohya's --learning_rate (and its per-group lrs) stay in charge
+        optimizer = self.plan.optimizer(
+            list(trainable_params), default=kohya_optimizer, host_lr=args.learning_rate, learned_group="first"
+        )
+        spec = self.plan.optimizer_spec
+        if spec is None:
+            return built["kohya"]
         if "lr" in spec.params:
-            # kohya's groups carry their own lr (--unet_lr, --text_encoder_lr, --learning_rate),
-            # which would silently win over the preset's: the preset's lr rules
-            params = with_lr(params, spec.params["lr"])
             self.rules.append(f"every parameter group's lr -> {spec.params['lr']}, except groups at lr 0 (preset [optimizer] lr)")
             logger.info(self.rules[-1])
-            strategy = self.plan.optimizer_strategy
-        else:
-            # no lr in the preset: kohya's --learning_rate (and its per-group lrs) stay in charge
-            strategy = registry("optimizer").create(spec.type, **{**spec.params, "lr": args.learning_rate})
-        optimizer = strategy.build(params)
-        self._record_optimizer(optimizer)
         return (f"sdplug:{spec.type}", json.dumps(dict(spec.params)), optimizer)  # kohya's (name, args, optimizer)
-
-    def _record_optimizer(self, optimizer) -> None:
-        self.optimizer = optimizer
-        self.trainable_count = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
 
     def _attention_hook(self, unet, mem_eff_attn, xformers, sdpa):
         replace = self.original(self._train_util, "replace_unet_modules")
         if self.preset.attention is None:
             return replace(unet, mem_eff_attn, xformers, sdpa)
-        # kohya's UNet takes no diffusers attention processors (plan.attention): the preset's
-        # attention goes through kohya's own switches. The plan checked it can run here.
-        self.attention_record = switch_attention(replace, unet, self.preset.attention.type)
+        # kohya's UNet takes no diffusers attention processors: the preset's attention goes
+        # through kohya's own switches. The plan checked it can run here, and records it.
+        assert self.plan is not None  # hooks run after configure built it
+        self.plan.attention(unet, install=lambda kind: switch_attention(replace, unet, kind))
 
     def _model_spec_hook(self, *args, **kwargs):
         spec = self.original(self._train_util, "get_sai_model_spec")(*args, **kwargs)

@@ -1,0 +1,82 @@
+"""A host's parameters arranged for the preset's optimizer, and the audit's record of it.
+
+Hosts hand ``plan.optimizer`` plain parameters (the reference trainer, kohya's train_db and
+fine_tune) or parameter groups with their own lr (kohya's train_network: --unet_lr,
+--text_encoder_lr), some at lr 0, which is how kohya leaves a part untrained. Two rules hold
+for every host:
+
+- the preset's ``[optimizer] lr``, when it names one, is every trained group's lr: a group's
+  own lr would silently win over the optimizer's;
+- a learned weighting's parameters train with the model, on the device its first trained
+  parameter is on: as a group of their own (``"own"``), or inside the first trained group
+  (``"first"``) for hosts that index their groups (sd-scripts main logs an lr per group).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from sdplug.strategies.optimizer import state_bytes
+
+LearnedGroup = Literal["own", "first"]
+
+
+def frozen(group: Any) -> bool:
+    """A parameter group at lr 0: the host's way to leave that part untrained."""
+    return isinstance(group, dict) and group.get("lr") == 0
+
+
+def _tensors(group: Any) -> list[Any]:
+    return list(group["params"]) if isinstance(group, dict) else [group]
+
+
+def first_trained_device(params: list[Any]) -> torch.device | None:
+    """Where the first trained parameter is (a frozen group's only when every group is frozen)."""
+    for group in [g for g in params if not frozen(g)] + [g for g in params if frozen(g)]:
+        for tensor in _tensors(group):
+            if isinstance(tensor, torch.Tensor):
+                return tensor.device
+    return None
+
+
+def with_lr(params: list[Any], lr: float) -> list[Any]:
+    """Every group at ``lr`` except the frozen ones."""
+    return [{**g, "lr": lr} if isinstance(g, dict) and not frozen(g) else g for g in params]
+
+
+def join_learned(params: list[Any], learned: list[torch.nn.Parameter], where: LearnedGroup) -> list[Any]:
+    """``params`` with the learned weighting's parameters added, as a group of their own
+    (groups or plain tensors become groups) or into the first trained group."""
+    if not learned:
+        return params
+    if where == "own":
+        groups = params if params and isinstance(params[0], dict) else ([{"params": params}] if params else [])
+        return [*groups, {"params": learned}]
+    index = next((i for i, g in enumerate(params) if not frozen(g)), None)
+    if index is None or not isinstance(params[index], dict):
+        return [*params, *learned]  # plain parameters: one group
+    group = params[index]
+    return [*params[:index], {**group, "params": [*group["params"], *learned]}, *params[index + 1 :]]
+
+
+def describe(optimizer: torch.optim.Optimizer, learned: list[torch.nn.Parameter], learned_tensors: list[torch.Tensor]) -> dict:
+    """The audit's optimizer record; ``state_bytes`` read when the report is made (the state
+    exists only after a step)."""
+    learned_ids = {id(p) for p in learned}
+    # every parameter the optimizer holds state for (a group at lr 0 still gets its moments)
+    trained = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    record: dict[str, Any] = {
+        "class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+        "state_bytes_per_trainable_parameter": round(state_bytes(optimizer) / max(trained, 1), 4),
+        "trainable_parameters": trained - sum(p.numel() for p in learned),
+        "learning_rates": sorted({g["lr"] for g in optimizer.param_groups}),
+    }
+    if learned:
+        # proof that the weighting trains: it is in the optimizer, in a group with a non-zero lr,
+        # and all its tensors (buffers too) are where that group's parameters are
+        record["learned_weighting_parameters"] = len(learned)
+        record["learned_weighting_lr"] = [g["lr"] for g in optimizer.param_groups if any(id(p) in learned_ids for p in g["params"])]
+        record["learned_weighting_devices"] = sorted({str(t.device) for t in learned_tensors})
+    return record

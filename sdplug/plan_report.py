@@ -1,0 +1,69 @@
+"""The plan's report -- what ``audit.json`` holds -- and the one problems policy of every host.
+
+A problem is anything the preset names that the run cannot prove it applied: a strategy that
+ran in fewer steps than the run has, an optimizer or attention the host never asked the plan
+for, no training step at all, or an exception that stopped the host. The policy, the same in
+every host: the run keeps (saves) what it trained, ``audit.json`` lists the problems with
+``completed`` saying whether the host ran to its end, and the host exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdplug import optimizer_groups
+from sdplug.log import logger
+
+if TYPE_CHECKING:
+    from sdplug.plan import Plan
+
+
+def problems(plan: Plan, report: dict[str, Any]) -> list[str]:
+    steps = report["steps"]
+    found = []
+    if plan.failure is not None:
+        found.append(plan.failure)
+        if steps == 0:
+            return found  # a refusal: what never ran follows from it
+    elif steps == 0:
+        found.append("no training step ran (plan.step() was never called): nothing the preset names is proven applied")
+    found += plan.audit.problems()
+    if plan.preset.optimizer is not None and plan.built_optimizer is None:
+        found.append(f"optimizer {plan.preset.optimizer.type!r} was never built (the host did not call plan.optimizer)")
+    if plan.preset.attention is not None and "attention" not in report:
+        found.append(f"attention {plan.preset.attention.type!r} was never installed (the host did not call plan.attention)")
+    return found
+
+
+def report(plan: Plan) -> dict[str, Any]:
+    data = plan.audit.report()
+    if plan.built_optimizer is not None:
+        spec = plan.optimizer_spec
+        learned = plan.trainable_parameters()
+        tensors = [*learned, *plan.learned_buffers()]
+        data["optimizer"] = {
+            "strategy": spec.type if spec is not None else "(host default)",
+            "fell_back": plan.optimizer_fell_back,
+            **optimizer_groups.describe(plan.built_optimizer, learned, tensors),
+        }
+    data["completed"] = plan.failure is None
+    data["problems"] = problems(plan, data)
+    return data
+
+
+def write(plan: Plan, output_dir: Path, host: dict[str, Any], sections: dict[str, Any]) -> Path:
+    data = report(plan)
+    data["host"] = {**data.get("host", {}), **host}
+    data.update(sections)
+    rank = plan.streams.rank
+    path = output_dir / ("audit.json" if rank == 0 else f"audit-rank{rank}.json")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")  # a reader never sees half a file
+    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(partial, path)
+    if data["problems"]:
+        logger.warning(f"AUDIT PROBLEMS in {path}: {'; '.join(data['problems'])}")
+    return path
