@@ -49,6 +49,13 @@ def report(plan: Plan) -> dict[str, Any]:
             "fell_back": plan.optimizer_fell_back,
             **optimizer_groups.describe(plan.built_optimizer, learned, tensors),
         }
+    alphas = plan.alphas_cumprod  # on the CPU: no device sync
+    data["schedule"] = {
+        "zero_terminal_snr": plan.preset.schedule.zero_terminal_snr,
+        "alpha_cumprod_first": float(alphas[0]),
+        "alpha_cumprod_last": float(alphas[-1]),  # 0 under zero-terminal SNR
+        "prediction_type": plan.prediction_type,
+    }
     data["completed"] = plan.failure is None
     data["problems"] = problems(plan, data)
     return data

@@ -11,10 +11,11 @@ A preset file has these sections, all optional::
     [optimizer]         one optimizer; `fallback` may name another to use when it cannot run
     [attention]         one attention implementation
     [memory]            gradient_checkpointing, mixed_precision, cache_latents, cache_text_encoder_outputs
+    [schedule]          zero_terminal_snr (and epsilon_ok)
 
 Each strategy table has ``type`` (a registered name) and that strategy's parameters.
 ``extends``: a section the child writes replaces the parent's section whole (``noise = []``
-removes the parent's noise list), except ``[memory]``, which merges key by key.
+removes the parent's noise list), except ``[memory]`` and ``[schedule]``, which merge key by key.
 Every problem is one ``PresetError`` naming the file, the key path and what is allowed.
 A file may start with a UTF-8 byte-order mark (Windows editors write one). An empty file (or
 one holding only comments) is refused: it is almost always a wrong path or an unsaved file,
@@ -27,11 +28,12 @@ import dataclasses
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from sdplug.errors import PresetError, SdplugError, did_you_mean
-from sdplug.params import check_known_keys, field_names, strategy_params, validate_params
+from sdplug.params import check_known_keys, validate_params
 from sdplug.preset_checks import check_consistency
+from sdplug.preset_settings import MemorySettings, ScheduleSettings, settings_table
 from sdplug.strategies import registry
 
 if TYPE_CHECKING:
@@ -44,27 +46,12 @@ else:  # pragma: no cover - Python 3.10
 
 LIST_SECTIONS = ("noise", "caption")
 SINGLE_SECTIONS = ("timesteps", "loss", "loss_weighting", "optimizer", "attention")
-SECTIONS = ("preset", *LIST_SECTIONS, *SINGLE_SECTIONS, "memory")
+SETTINGS_SECTIONS = {"memory": MemorySettings, "schedule": ScheduleSettings}
+SECTIONS = ("preset", *LIST_SECTIONS, *SINGLE_SECTIONS, *SETTINGS_SECTIONS)
 PRESET_KEYS = ("name", "description", "extends")
 OPTIMIZER_EXTRA_KEYS = ("fallback",)
 # Far deeper than any real preset family, far below Python's recursion limit.
 MAX_EXTENDS_DEPTH = 32
-
-
-@strategy_params
-class MemorySettings:
-    """Host settings that trade speed for memory; hosts apply them or refuse loudly."""
-
-    gradient_checkpointing: bool = False
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    cache_latents: bool = False
-    cache_text_encoder_outputs: bool = False
-
-
-def _memory_table(memory: MemorySettings) -> dict[str, Any]:
-    """The settings by name. Not ``dataclasses.asdict``: type checkers do not see a
-    ``strategy_params`` class as a stdlib dataclass (it is a pydantic one)."""
-    return {name: getattr(memory, name) for name in field_names(MemorySettings)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +100,7 @@ class Preset:
     optimizer_fallback: StrategySpec | None = None
     attention: StrategySpec | None = None
     memory: MemorySettings = dataclasses.field(default_factory=MemorySettings)
+    schedule: ScheduleSettings = dataclasses.field(default_factory=ScheduleSettings)
 
     def to_dict(self, *, with_defaults: bool = False) -> dict[str, Any]:
         """The resolved preset as TOML-ready data (no ``extends``: everything is inlined)."""
@@ -127,7 +115,8 @@ class Preset:
                 data[section] = spec.to_table(with_defaults=with_defaults)
         if self.optimizer_fallback is not None:
             data["optimizer"]["fallback"] = self.optimizer_fallback.type
-        data["memory"] = _memory_table(self.memory)
+        data["memory"] = settings_table(self.memory)
+        data["schedule"] = settings_table(self.schedule)
         return data
 
     def build(
@@ -162,9 +151,22 @@ class Preset:
             )
         import torch
 
+        from sdplug.schedule import rescale_zero_terminal_snr
+
+        alphas_cumprod = torch.as_tensor(alphas_cumprod)
+        if self.schedule.zero_terminal_snr:
+            if prediction_type == "epsilon" and not self.schedule.epsilon_ok:
+                raise PresetError(
+                    "zero-terminal SNR trains the last timestep at SNR 0, where an epsilon-prediction model's target "
+                    "says nothing about the image (Lin et al. 2023 train v-prediction). Allowed: a v_prediction or "
+                    "sample model, or schedule.epsilon_ok = true to train epsilon anyway.",
+                    path=self.path,
+                    key="schedule.zero_terminal_snr",
+                )
+            alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)  # idempotent: a rescaled schedule stays
         return Plan(
             self,
-            alphas_cumprod=torch.as_tensor(alphas_cumprod),
+            alphas_cumprod=alphas_cumprod,
             prediction_type=prediction_type,
             seed=seed,
             rank=rank,
@@ -287,7 +289,7 @@ def parse_preset(data: Any, *, path: str = "<preset>", _chain: tuple[Path, ...] 
             )
     if "optimizer" in data:
         own["optimizer_fallback"] = _fallback(data["optimizer"], own["optimizer"], path)
-    memory_table = _table(data.get("memory", {}), path, "memory")
+    tables = {name: _table(data.get(name, {}), path, name) for name in SETTINGS_SECTIONS}
 
     parent = None
     if "extends" in info:
@@ -304,9 +306,11 @@ def parse_preset(data: Any, *, path: str = "<preset>", _chain: tuple[Path, ...] 
             ) from None
         parent = _load(parent_path, _chain)
 
-    memory_values = _memory_table(parent.memory) if parent else {}
-    memory_values.update(memory_table)
-    memory = validate_params(MemorySettings, memory_values, what="[memory]", path=path, key="memory")
+    settings = {}
+    for name, cls in SETTINGS_SECTIONS.items():  # merged key by key under extends
+        values = settings_table(getattr(parent, name)) if parent else {}
+        values.update(tables[name])
+        settings[name] = validate_params(cls, values, what=f"[{name}]", path=path, key=name)
 
     merged = {field.name: getattr(parent, field.name) for field in dataclasses.fields(Preset)} if parent else {}
     merged.update(own)
@@ -315,7 +319,7 @@ def parse_preset(data: Any, *, path: str = "<preset>", _chain: tuple[Path, ...] 
         description=info.get("description", ""),
         path=path,
         extends_chain=(*(parent.extends_chain if parent else ()), *((parent.path,) if parent else ())),
-        memory=memory,
+        **settings,
     )
     preset = Preset(**merged)
     check_consistency(preset, path)

@@ -502,7 +502,10 @@ def setup(args):
     torch.manual_seed(args.seed)
     unet = train_util.UNet2DConditionModel()
     train_util.replace_unet_modules(unet, args.mem_eff_attn, args.xformers, args.sdpa)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False)
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False,
+        rescale_betas_zero_snr=args.zero_terminal_snr,  # as kohya rescales its scheduler for --zero_terminal_snr
+    )
     custom_train_functions.prepare_scheduler_for_custom_training(scheduler, "cpu")
     text_encoders = [train_util.TextEncoder().requires_grad_(False), train_util.TextEncoder().requires_grad_(False)]
     return unet, scheduler, text_encoders

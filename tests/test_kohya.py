@@ -308,6 +308,19 @@ def test_optimizer_args_with_a_preset_optimizer_is_refused_before_the_model_load
     assert words in json.loads((out / "audit.json").read_text())["problems"][0]
 
 
+def test_a_zero_terminal_snr_preset_turns_on_kohyas_rescale_and_binds_the_plan_to_it(tmp_path):
+    preset = tmp_path / "ztsnr.toml"
+    preset.write_text('[schedule]\nzero_terminal_snr = true\n[loss_weighting]\ntype = "min_snr"\n[[noise]]\ntype = "offset"\n')
+    root = make_standin(tmp_path / "sd", "main")
+    out = tmp_path / "o"
+    result = launch(preset, root, "train_network.py", out, "--v_parameterization")
+    assert result.returncode == 0, result.stderr[-3000:]
+    audit = json.loads((out / "audit.json").read_text())
+    assert "--zero_terminal_snr -> True (preset [schedule] zero_terminal_snr)" in audit["host"]["rules"]
+    assert audit["schedule"]["alpha_cumprod_last"] == 0.0 and audit["problems"] == []
+    assert audit["loss_weighting"]["calls"] == audit["steps"] > 0
+
+
 def test_a_loss_type_sd_scripts_would_not_apply_is_refused_before_the_model_loads(tmp_path):
     preset = tmp_path / "huber.toml"
     preset.write_text('[loss]\ntype = "pseudo_huber"\nschedule = "snr"\n')

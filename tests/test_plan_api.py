@@ -204,3 +204,35 @@ def test_the_problems_policy_names_what_the_host_never_asked_the_plan_for():
     plan.record_failure(RuntimeError("out of memory"))
     report = plan.report()
     assert report["completed"] is False and report["problems"] == ["stopped at step 1 by RuntimeError: out of memory"]
+
+
+# -- [schedule] zero_terminal_snr ------------------------------------------------------------------
+def test_zero_terminal_snr_rescales_the_plans_schedule_keeping_its_first_step():
+    plain = build({})
+    rescaled = build({"schedule": {"zero_terminal_snr": True}})  # a v-prediction scheduler
+    assert rescaled.alphas_cumprod[-1] == 0 and plain.alphas_cumprod[-1] > 0
+    assert torch.isclose(rescaled.alphas_cumprod[0], plain.alphas_cumprod[0], rtol=1e-6)
+    assert bool((rescaled.alphas_cumprod[1:] <= rescaled.alphas_cumprod[:-1]).all())  # still decreasing
+    again = parse_preset({"schedule": {"zero_terminal_snr": True}}, path="z.toml").build(
+        alphas_cumprod=rescaled.alphas_cumprod, prediction_type="v_prediction"
+    )
+    assert torch.equal(again.alphas_cumprod, rescaled.alphas_cumprod)  # a host that rescaled already: unchanged
+    t = torch.tensor([999, 999])
+    loss = build({"schedule": {"zero_terminal_snr": True}, "loss_weighting": {"type": "min_snr"}}).loss(
+        torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), t
+    )
+    assert bool(torch.isfinite(loss).all())
+    report = rescaled.report()["schedule"]
+    assert report["zero_terminal_snr"] is True and report["alpha_cumprod_last"] == 0.0
+
+
+def test_zero_terminal_snr_with_an_epsilon_model_is_refused_unless_the_preset_says_it_knows():
+    from sdplug.errors import PresetError
+
+    preset = parse_preset({"schedule": {"zero_terminal_snr": True}}, path="z.toml")
+    with pytest.raises(PresetError, match=r"z\.toml.*schedule\.zero_terminal_snr.*epsilon_ok = true"):
+        preset.build(alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    knows = parse_preset({"schedule": {"zero_terminal_snr": True, "epsilon_ok": True}}, path="z.toml")
+    assert knows.build(alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon").alphas_cumprod[-1] == 0
+    with pytest.raises(PresetError, match=r"schedule.*zero_terminal"):
+        parse_preset({"schedule": {"zero_terminal": True}}, path="z.toml")  # unknown key, named

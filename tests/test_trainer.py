@@ -301,3 +301,34 @@ def test_trainer_names_its_own_requirements(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", without_peft)
     with pytest.raises(MissingDependencyError, match=r"needs peft>=0.10 \(found none\).*sdplug\[train\]"):
         check_trainer_requirements()
+
+
+def test_zero_terminal_snr_trains_and_samples_on_the_rescaled_schedule(tmp_path, small_data, monkeypatch):
+    from diffusers import DDIMScheduler
+
+    from sdplug.trainer import sampling
+
+    preset = '[schedule]\nzero_terminal_snr = true\n[loss_weighting]\ntype = "min_snr"\n'
+    config = quick(tmp_path, preset, data=small_data, steps=2, prediction_type="v_prediction")
+    trainer = Trainer(config)
+    scheduler = trainer.bundle.scheduler
+    assert scheduler.config["rescale_betas_zero_snr"] and float(scheduler.alphas_cumprod[-1]) < 1e-6
+    assert trainer.plan.alphas_cumprod[-1] == 0 and trainer.plan.matches_schedule(scheduler.alphas_cumprod)
+    seen, real = [], DDIMScheduler.step
+
+    def step(self, prediction, t, x, *args, **kwargs):
+        seen.append(int(t))
+        return real(self, prediction, t, x, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMScheduler, "step", step)
+    resolution = trainer.bundle.resolution
+    with torch.no_grad():
+        sampling.sample(trainer.bundle, trainer.bundle.unet, torch.randn(1, 3, resolution, resolution), ["a red circle"], 1.0, 4, "cpu")
+    assert seen[0] == scheduler.config.num_train_timesteps - 1  # trailing: the first step is pure noise
+    monkeypatch.undo()
+    report = trainer.run()
+    assert report["schedule"]["zero_terminal_snr"] is True and report["schedule"]["alpha_cumprod_last"] == 0.0
+    assert report["problems"] == []
+
+    with pytest.raises(SdplugError, match="schedule.zero_terminal_snr"):  # the embedded model predicts epsilon
+        Trainer(quick(tmp_path, preset, data=small_data, steps=2, output=tmp_path / "eps"))

@@ -92,6 +92,8 @@ class Trainer:
         self.examples = data.find_examples(_resolve_data(config, self.accelerator))
         self.class_examples = data.find_examples(config.class_data) if config.class_data else []
 
+        if self.preset.schedule.zero_terminal_snr:  # training and sampling alike (the plan rescales its copy)
+            self.bundle.scheduler = models.zero_terminal(self.bundle.scheduler)
         self.plan = self.preset.build(self.bundle.scheduler, seed=config.seed, rank=self.rank)
         self.audit = self.plan.audit
         preflight(self.preset, config)

@@ -157,3 +157,10 @@ def save_folder(bundle: ModelBundle, directory: Path) -> None:
             "diffusers": "StableDiffusionPipeline.from_pretrained(folder, vae=None); output_type='latent' gives pixels in [-1, 1]",
         }
         (directory / PIXEL_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def zero_terminal(scheduler: DDPMScheduler) -> DDPMScheduler:
+    """The same scheduler with its betas rescaled to zero-terminal SNR (diffusers'
+    ``rescale_betas_zero_snr``: the rescale of Lin et al. 2023 that ``[schedule]`` names)."""
+    # a keyword, not a config key: from_config resets keys listed in the config's _use_default_values
+    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)

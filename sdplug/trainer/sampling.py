@@ -27,7 +27,9 @@ def sample(bundle, unet, start_noise, prompts: list[str], guidance: float, steps
     """Images (N, 3, R, R) in [-1, 1] by DDIM (eta 0) with classifier-free guidance."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(bundle.scheduler.config)
+    # a zero-terminal schedule must start sampling at its last step, pure noise (Lin et al. 2023, 3.3)
+    trailing = {"timestep_spacing": "trailing"} if bundle.scheduler.config.get("rescale_betas_zero_snr") else {}
+    scheduler = DDIMScheduler.from_config(bundle.scheduler.config, **trailing)
     scheduler.set_timesteps(steps)
     cond = encode_prompts(bundle, prompts, device)
     uncond = encode_prompts(bundle, [""] * len(prompts), device)

@@ -53,7 +53,7 @@ FLAGS: tuple[KohyaFlag, ...] = (
     *_rows("noise", "conflict", _NOISE, "kohya's multires noise (sdplug: noise 'pyramid', variant 'kohya')", "multires_noise_iterations", "multires_noise_discount"),
     *_rows("noise", "conflict", _NOISE, "input perturbation (sdplug: noise 'input_perturbation')", "ip_noise_gamma"),
     *_rows("noise", "conflict", _NOISE, "a random perturbation strength (sdplug: noise 'input_perturbation' random_strength)", "ip_noise_gamma_random_strength"),
-    *_rows("noise", "independent", (), "the noise schedule: sdplug binds the preset to the schedule it gives, rescaled as kohya rescales it", "zero_terminal_snr"),
+    *_rows("noise", "independent", (), "the noise schedule: sdplug binds the preset to the schedule it gives, rescaled as kohya rescales it (a preset [schedule] zero_terminal_snr turns it on)", "zero_terminal_snr"),
     # -- timesteps
     *_rows("timesteps", "conflict", ("timesteps",), "kohya's timestep range; with [[noise]] alone it carries over into sdplug's uniform draw (sdplug: timesteps 'uniform' min_timestep/max_timestep)", "min_timestep", "max_timestep"),
     # -- loss weighting (kohya's loss and its weights)

@@ -148,6 +148,9 @@ class KohyaAdapter:
         check_loss_section(preset)
         check_memory_runs_here(preset)  # [memory] becomes kohya's arguments: refuse what cannot run here
         check_dataset_config(preset, values.get("dataset_config"), self.defaults)
+        if preset.schedule.zero_terminal_snr and not getattr(args, "zero_terminal_snr", False):
+            args.zero_terminal_snr = True  # kohya rescales its training scheduler; the plan rescales alike
+            self.rules.append("--zero_terminal_snr -> True (preset [schedule] zero_terminal_snr)")
         self.plan = self._build_plan(args)
         spec = self.plan.optimizer_spec
         lr = spec.params.get("lr") if spec is not None else None

@@ -1,0 +1,43 @@
+"""The preset's settings sections -- not strategies, plain keys that hosts apply or refuse.
+
+``[memory]`` trades speed for memory; ``[schedule]`` changes the noise schedule the plan and
+the host train and sample with. Both merge key by key under ``extends``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from sdplug.params import field_names, strategy_params
+
+
+@strategy_params
+class MemorySettings:
+    """Host settings that trade speed for memory; hosts apply them or refuse loudly."""
+
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cache_latents: bool = False
+    cache_text_encoder_outputs: bool = False
+
+
+@strategy_params
+class ScheduleSettings:
+    """The noise schedule. ``zero_terminal_snr``: Lin et al. 2023, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed" -- the schedule rescaled so that ``a_T = 0`` (the last
+    step is pure noise) with ``a_0`` kept (``sdplug.schedule.rescale_zero_terminal_snr``). An
+    epsilon-prediction model cannot learn SNR 0 (its target there carries no information about
+    the image), so the paper trains v-prediction; ``epsilon_ok = true`` says the preset knows.
+
+    Peers: kohya sd-scripts ``--zero_terminal_snr`` and diffusers' ``rescale_betas_zero_snr``
+    rescale the same way; EveryDream2's ``zero_terminal_snr`` rescales the betas of its
+    training scheduler only. sdplug's hosts rescale the training schedule and sampling alike."""
+
+    zero_terminal_snr: bool = False
+    epsilon_ok: bool = False
+
+
+def settings_table(settings: Any) -> dict[str, Any]:
+    """The settings by name. Not ``dataclasses.asdict``: type checkers do not see a
+    ``strategy_params`` class as a stdlib dataclass (it is a pydantic one)."""
+    return {name: getattr(settings, name) for name in field_names(type(settings))}
