@@ -7,8 +7,10 @@ modules, memory). It is plain data, so it is checkpointed with the run and writt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +74,7 @@ class Audit:
                 "input_minus_target_std_sum": 0.0,
             },
             "timesteps": {"draws": 0, "histogram": [0] * TIMESTEP_BINS},
+            "loss": {"calls": 0},
             "loss_weighting": {"calls": 0, "weight_sum": [0.0] * TIMESTEP_BINS, "weight_count": [0] * TIMESTEP_BINS},
             "caption": {
                 "calls": [0] * len(strategies.get("caption", [])),
@@ -86,6 +89,7 @@ class Audit:
             "host": {},
         }
         self._sums: dict[str, torch.Tensor] = {}  # on-device accumulators, see _settle
+        self._held: list[dict[str, Any]] | None = None  # caption decisions not counted yet
 
     @classmethod
     def for_preset(cls, preset: Preset, num_train_timesteps: int, *, optimizer: StrategySpec | None = None) -> Audit:
@@ -155,9 +159,25 @@ class Audit:
                     ]
         self._sums = {}
 
+    @contextlib.contextmanager
+    def holding_captions(self) -> Iterator[list[dict[str, Any]]]:
+        """Caption decisions recorded inside are held in the list yielded (``Plan.deferred_captions``)."""
+        previous, self._held = self._held, []
+        try:
+            yield self._held
+        finally:
+            self._held = previous
+
+    def count_captions(self, held: list[dict[str, Any]]) -> None:
+        for decision in held:
+            self.record_caption(**decision)
+
     def record_caption(
         self, *, dropped: bool, drop_probability: float, substituted: bool = False, tag_counts: tuple = ()
     ) -> None:
+        if self._held is not None:
+            self._held.append(dict(dropped=dropped, drop_probability=drop_probability, substituted=substituted, tag_counts=tag_counts))
+            return
         record = self.data["caption"]
         record["calls"] = [c + 1 for c in record["calls"]]
         record["samples"] += 1
@@ -169,6 +189,9 @@ class Audit:
             tags["droppable"] += count.droppable
             tags["dropped"] += count.dropped
             tags["head_lost"] += int(not count.kept_head)
+
+    def record_loss(self) -> None:
+        self.data.setdefault("loss", {"calls": 0})["calls"] += 1  # older checkpoints have no loss record
 
     # -- fed by the host -------------------------------------------------------------------
     def record_host(self, **facts: Any) -> None:
@@ -216,6 +239,8 @@ class Audit:
             "draws": t["draws"],
             "histogram": t["histogram"],
         }
+        if self.strategies.get("loss"):
+            report["loss"] = {"type": self.strategies["loss"][0], "calls": d.get("loss", {"calls": 0})["calls"]}
         if self.strategies.get("loss_weighting"):
             w = d["loss_weighting"]
             report["loss_weighting"] = {
@@ -271,6 +296,8 @@ class Audit:
         for entry in report.get("noise", {}).get("applied", []):
             if entry["calls"] < steps:
                 found.append(f"noise {entry['type']!r} ran {entry['calls']} times in {steps} steps")
+        if "loss" in report and report["loss"]["calls"] < steps:
+            found.append(f"loss type {report['loss']['type']!r} ran {report['loss']['calls']} times in {steps} steps")
         if "loss_weighting" in report and report["loss_weighting"]["calls"] < steps:
             found.append(f"loss weighting ran {report['loss_weighting']['calls']} times in {steps} steps")
         for entry in report.get("caption", {}).get("applied", []):

@@ -47,10 +47,14 @@ class NoisePipeline:
     def __init__(self, strategies: list[NoiseStrategy]):
         self.strategies = list(strategies)
 
-    def __call__(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
+    def __call__(
+        self, latents: torch.Tensor, generator: torch.Generator | None = None, host_rng: random.Random | None = None
+    ) -> NoiseDraw:
         noise = None
         for strategy in self.strategies:
-            if strategy.role == "target":
+            if strategy.role == "target" and strategy.uses_host_rng and host_rng is not None:
+                noise = strategy.transform(noise, latents, generator, host_rng=host_rng)  # type: ignore[call-arg]
+            elif strategy.role == "target":
                 noise = strategy.transform(noise, latents, generator)
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)

@@ -75,14 +75,15 @@ class Plan:
         self.attention_strategy = choose_attention(preset)
         self.built_optimizer: torch.optim.Optimizer | None = None  # what plan.optimizer returned
         self.failure: str | None = None  # what stopped the host, when something did
-        self._held_captions: list[dict[str, Any]] | None = None  # see deferred_captions
         self.audit = Audit.for_preset(preset, self.num_train_timesteps, optimizer=self.optimizer_spec)
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
         """The step's noise: ``target`` for the loss, ``model_input`` for ``x_t``; drawn from the
         plan's ``noise`` stream on the latents' device unless ``generator`` is given."""
         stream = "validation-noise" if self._validating else "noise"
-        draw = self.noise_pipeline(latents, generator or self.streams.generator(stream, latents.device))
+        # what a strategy decides on the host (pyramid's level sizes) from a Python stream: no sync
+        host_rng = self.streams.random(stream + "-host") if generator is None else None
+        draw = self.noise_pipeline(latents, generator or self.streams.generator(stream, latents.device), host_rng)
         if not self._validating:
             self.audit.record_noise(draw.target, draw.model_input)
         return draw
@@ -109,7 +110,7 @@ class Plan:
         stream = "validation-captions" if self._validating else "captions"
         draw = self.caption_pipeline(caption, epoch=epoch, rng=rng or self.streams.random(stream))
         if self.caption_pipeline.transforms and not self._validating:
-            self._record_caption(
+            self.audit.record_caption(
                 dropped=draw.dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), tag_counts=draw.tag_counts
             )
         return draw
@@ -119,32 +120,20 @@ class Plan:
         the host substitutes the empty caption's embedding."""
         dropped = self.caption_pipeline.dropped(epoch=epoch, rng=rng or self.streams.random("captions"))
         if self.caption_pipeline.transforms:
-            self._record_caption(
+            self.audit.record_caption(
                 dropped=dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), substituted=dropped
             )
         return dropped
 
-    def _record_caption(self, **decision: Any) -> None:
-        if self._held_captions is not None:
-            self._held_captions.append(decision)
-        else:
-            self.audit.record_caption(**decision)
-
-    @contextlib.contextmanager
-    def deferred_captions(self) -> Iterator[list[dict[str, Any]]]:
+    def deferred_captions(self) -> contextlib.AbstractContextManager[list[dict[str, Any]]]:
         """Caption decisions made inside are held in the list yielded, not counted: for hosts
         whose loader fetches batches ahead, or loads samples that never train (validation).
         ``count_captions(held)`` counts them once their batch trains."""
-        previous, self._held_captions = self._held_captions, []
-        try:
-            yield self._held_captions
-        finally:
-            self._held_captions = previous
+        return self.audit.holding_captions()
 
     def count_captions(self, held: list[dict[str, Any]]) -> None:
         """Count caption decisions held by ``deferred_captions``: their batch trains now."""
-        for decision in held:
-            self.audit.record_caption(**decision)
+        self.audit.count_captions(held)
 
     @property
     def optimizer_spec(self) -> StrategySpec | None:
@@ -191,15 +180,20 @@ class Plan:
         names none) elementwise, times ``mask`` (broadcastable to the prediction, 1 = train) with
         the loss type's mask options, then the mean over every non-batch dimension. ``timesteps``
         gives scheduled thresholds (pseudo_huber, smooth_l1) each sample's own ``c_t``."""
-        if model_pred.shape != target.shape:
-            raise SdplugError(f"plan.loss: the prediction has shape {tuple(model_pred.shape)}, the target {tuple(target.shape)}.")
-        if timesteps is None and self.loss_type.needs_timesteps():
-            spec = self.preset.loss
-            raise SdplugError(
-                f"plan.unweighted_loss: loss type {spec.type if spec else 'mse'!r} computes a threshold per sample from "
-                "its timestep; pass timesteps= (plan.loss passes them)."
-            )
+        _check_loss_inputs(self, model_pred, target, timesteps)
+        if not self._validating:
+            self.audit.record_loss()
         return self.loss_type.per_sample(model_pred, target, timesteps, self.alphas_cumprod, mask)
+
+    def elementwise_loss(
+        self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss type of every element (float32), before any mask or mean: for hosts that mask
+        and reduce it themselves (kohya's ``apply_masked_loss``), then call ``weight``."""
+        _check_loss_inputs(self, model_pred, target, timesteps)
+        if not self._validating:
+            self.audit.record_loss()
+        return self.loss_type.elementwise(model_pred.float(), target.float(), timesteps, self.alphas_cumprod)
 
     def step(self) -> None:
         """Once per optimizer step: counts the steps the audit compares every strategy's calls with."""
@@ -295,3 +289,14 @@ class Plan:
         record = plan_setup.install_attention(self, model, install)
         self.audit.record_host(attention=record)
         return int(record["changed"])
+
+
+def _check_loss_inputs(plan: Plan, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor | None) -> None:
+    if model_pred.shape != target.shape:
+        raise SdplugError(f"plan.loss: the prediction has shape {tuple(model_pred.shape)}, the target {tuple(target.shape)}.")
+    if timesteps is None and plan.loss_type.needs_timesteps():
+        spec = plan.preset.loss
+        raise SdplugError(
+            f"plan.loss: loss type {spec.type if spec else 'mse'!r} computes a threshold per sample from "
+            "its timestep; pass timesteps= (plan.loss passes them)."
+        )

@@ -243,6 +243,14 @@ def get_huber_threshold_if_needed(args, timesteps, noise_scheduler):
     return None
 
 
+def conditional_loss(model_pred, target, loss_type, reduction, huber_c=None):
+    # main's signature; the stand-in knows l2 and l1
+    loss = torch.nn.functional.mse_loss(model_pred, target, reduction=reduction) if loss_type == "l2" else (
+        torch.nn.functional.l1_loss(model_pred, target, reduction=reduction)
+    )
+    return loss
+
+
 def get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents):
     noise = _noise(args, latents)
     low = args.min_timestep or 0
@@ -339,6 +347,14 @@ class BaseDataset(DatasetCommon):
 NOISE_V087 = """
 def get_timesteps_and_huber_c(args, min_timestep, max_timestep, noise_scheduler, b_size, device):
     return torch.randint(min_timestep, max_timestep, (b_size,), device=device), 1
+
+
+def conditional_loss(model_pred, target, reduction="mean", loss_type="l2", huber_c=0.1):
+    # v0.8.7's signature (reduction before loss_type); the stand-in knows l2 and l1
+    loss = torch.nn.functional.mse_loss(model_pred, target, reduction=reduction) if loss_type == "l2" else (
+        torch.nn.functional.l1_loss(model_pred, target, reduction=reduction)
+    )
+    return loss
 
 
 def get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents):
@@ -549,7 +565,8 @@ class NetworkTrainer:
         if conds is None:
             conds = text_encoding_strategy.encode_tokens(tokenize_strategy, text_encoders, batch["input_ids_list"])
         pred, target, timesteps, noise = self.get_noise_pred_and_target(args, noise_scheduler, latents, conds[0], unet)
-        loss = torch.nn.functional.mse_loss(pred, target, reduction="none").mean([1, 2, 3])
+        huber_c = train_util.get_huber_threshold_if_needed(args, timesteps, noise_scheduler)
+        loss = train_util.conditional_loss(pred.float(), target.float(), args.loss_type, "none", huber_c).mean([1, 2, 3])
         loss = self.post_process_loss(loss, args, timesteps, noise_scheduler)
         return loss.mean(), noise, conds[0], timesteps
 
@@ -650,7 +667,9 @@ INLINE_LOOP = """
         empty_rows += count_empty_rows(context, text_encoders[0])
         pred = unet(noisy_latents, timesteps, context)
         target = scheduler.get_velocity(latents, noise, timesteps) if args.v_parameterization else noise
-        loss = torch.nn.functional.mse_loss(pred, target, reduction="none").mean([1, 2, 3])
+        loss = train_util.conditional_loss(
+            pred.float(), target.float(), reduction="none", loss_type=args.loss_type, huber_c=huber_c
+        ).mean([1, 2, 3])
         if args.min_snr_gamma:
             loss = apply_snr_weight(loss, timesteps, scheduler, args.min_snr_gamma, args.v_parameterization)
         loss.mean().backward()
@@ -724,10 +743,14 @@ def make_standin(root: Path, version: str) -> Path:
     if version == "main":
         (root / "train_network.py").write_text(TRAIN_NETWORK_MAIN)
         (root / "sdxl_train_network.py").write_text(SDXL_TRAIN_NETWORK_MAIN)
-        # main's train_util returns a 3-tuple from the noise function
-        (root / "train_db.py").write_text(
-            TRAIN_DB.replace("noise, noisy_latents, timesteps, huber_c = ", "noise, noisy_latents, timesteps = ")
+        # main's train_util returns a 3-tuple from the noise function, and takes conditional_loss's
+        # arguments in its own order with the threshold from get_huber_threshold_if_needed
+        main_db = TRAIN_DB.replace("noise, noisy_latents, timesteps, huber_c = ", "noise, noisy_latents, timesteps = ")
+        main_db = main_db.replace(
+            'reduction="none", loss_type=args.loss_type, huber_c=huber_c',
+            'args.loss_type, "none", train_util.get_huber_threshold_if_needed(args, timesteps, scheduler)',
         )
+        (root / "train_db.py").write_text(main_db)
     else:
         (root / "train_network.py").write_text(TRAIN_NETWORK_V087)
         (root / "sdxl_train_network.py").write_text(SDXL_TRAIN_NETWORK_V087)

@@ -321,14 +321,53 @@ def test_a_zero_terminal_snr_preset_turns_on_kohyas_rescale_and_binds_the_plan_t
     assert audit["loss_weighting"]["calls"] == audit["steps"] > 0
 
 
-def test_a_loss_type_sd_scripts_would_not_apply_is_refused_before_the_model_loads(tmp_path):
+@pytest.mark.parametrize("version", ["main", "v0.8.7"])
+def test_the_presets_loss_type_replaces_kohyas_elementwise_loss(tmp_path, version):
     preset = tmp_path / "huber.toml"
-    preset.write_text('[loss]\ntype = "pseudo_huber"\nschedule = "snr"\n')
+    preset.write_text('[loss]\ntype = "pseudo_huber"\nschedule = "snr"\n[loss_weighting]\ntype = "min_snr"\n')
+    root = make_standin(tmp_path / "sd", version)
+    out = tmp_path / "o"
+    result = launch(preset, root, "train_network.py", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["loss"] == {"type": "pseudo_huber", "calls": audit["steps"]} and audit["steps"] > 0
+    assert audit["problems"] == []
+    # kohya's own loss flags set the same thing: refused, naming the flag and the section
+    clash = launch(preset, root, "train_network.py", tmp_path / "clash", "--loss_type", "l1")
+    assert clash.returncode == 1 and "--loss_type=l1" in clash.stderr and "[loss]" in clash.stderr
+
+
+def test_the_loss_hook_is_the_loss_type_on_the_steps_timesteps_in_both_signatures():
+    preset = parse_preset({"loss": {"type": "pseudo_huber", "c": 0.1, "schedule": "snr"}}, path="p.toml")
+    pred, target, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 995])
+    for version in KNOWN:
+        adapter = KohyaAdapter(preset, version, "train_network.py")
+        adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+        adapter._train_util = types.ModuleType("library.train_util")
+        adapter._train_util.conditional_loss = lambda *a, **k: pytest.fail("kohya's own loss ran")
+        adapter._replace(adapter._train_util, "conditional_loss", adapter._loss_hook)
+        adapter.timesteps = t
+        expected = adapter.plan.elementwise_loss(pred, target, t)
+        sigma = ((1 - adapter.plan.alphas_cumprod[t]) / adapter.plan.alphas_cumprod[t]).sqrt()
+        c = ((1 - 0.1) / (1 + sigma) ** 2 + 0.1).view(-1, 1, 1, 1)  # kohya's snr schedule, per sample
+        assert torch.allclose(expected, 2 * c * (((pred - target) ** 2 + c**2).sqrt() - c), rtol=1e-4, atol=1e-6)
+        if version.name == "main":  # (model_pred, target, loss_type, reduction, huber_c)
+            got = adapter._train_util.conditional_loss(pred, target, "l2", "none", None)
+        else:  # (model_pred, target, reduction=, loss_type=, huber_c=)
+            got = adapter._train_util.conditional_loss(pred, target, reduction="none", loss_type="l2", huber_c=1)
+        assert torch.equal(got, expected)
+        assert torch.equal(adapter._train_util.conditional_loss(pred, target, "l2", "mean") if version.name == "main"
+                           else adapter._train_util.conditional_loss(pred, target, "mean"), expected.mean())
+
+
+def test_loss_mask_options_kohya_would_not_apply_are_refused_before_the_model_loads(tmp_path):
+    preset = tmp_path / "masked.toml"
+    preset.write_text('[loss]\ntype = "mse"\nunmasked_weight = 0.1\n')
     root = make_standin(tmp_path / "sd", "main")
     out = tmp_path / "o"
     result = launch(preset, root, "train_network.py", out)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "loss.type" in result.stderr and "does not apply a preset's [loss] there (it sets 'pseudo_huber')" in result.stderr
+    assert "loss.unmasked_weight" in result.stderr and "applies its own loss mask" in result.stderr
     assert not (out / "standin-model-loaded").exists()
 
 

@@ -27,7 +27,7 @@ from sdplug.presets import parse_preset
 DATA = Path(__file__).parent / "data" / "kohya_parser_flags.json"
 PARSERS = json.loads(DATA.read_text())
 HOST_NAMES = [n for names in HOST_SETTINGS.values() for n in names]
-SECTIONS = {"noise", "timesteps", "loss_weighting", "caption", "optimizer", "attention"} | {f"memory.{k}" for k in MEMORY_KEYS}
+SECTIONS = {"noise", "timesteps", "loss", "loss_weighting", "caption", "optimizer", "attention"} | {f"memory.{k}" for k in MEMORY_KEYS}
 
 
 def parser_names(version: str) -> set[str]:
@@ -136,7 +136,7 @@ def test_from_kohya_notes_every_trick_key_it_does_not_translate():
     bridged = from_kohya(
         {
             "noise_offset": 0.05,
-            "adaptive_noise_scale": 0.01,
+            "masked_loss": True,
             "keep_tokens_separator": "|||",
             "token_warmup_step": 100,
             "lr_scheduler": "cosine",
@@ -145,11 +145,8 @@ def test_from_kohya_notes_every_trick_key_it_does_not_translate():
         }
     )
     notes = {n.split(":")[0]: n for n in bridged.notes}
-    assert set(notes) == {"adaptive_noise_scale", "keep_tokens_separator", "token_warmup_step", "lr_scheduler", "made_up_key"}
-    assert (
-        notes["adaptive_noise_scale"]
-        == "adaptive_noise_scale: not carried over: " + flags_for("main")["adaptive_noise_scale"].why
-    )
+    assert set(notes) == {"masked_loss", "keep_tokens_separator", "token_warmup_step", "lr_scheduler", "made_up_key"}
+    assert notes["masked_loss"] == "masked_loss: stays a kohya setting: " + flags_for("main")["masked_loss"].why
     assert notes["lr_scheduler"].startswith("lr_scheduler: stays a kohya setting:")
     assert "not an argument of sd-scripts" in notes["made_up_key"]
 
@@ -216,7 +213,7 @@ def test_to_kohya_round_trips_what_kohya_can_express():
 
 def test_bridges_name_what_they_cannot_carry():
     bridged = from_kohya(
-        {"multires_noise_iterations": 6, "multires_noise_discount": 0.3, "optimizer_type": "Prodigy", "v_pred_like_loss": 0.1}
+        {"multires_noise_iterations": 6, "multires_noise_discount": 0.3, "optimizer_type": "Prodigy", "token_warmup_step": 10}
     )
     # kohya's multires noise is the "kohya" pyramid variant exactly, both ways
     assert bridged.data["noise"] == [{"type": "pyramid", "variant": "kohya", "discount": 0.3, "iterations": 6}]
@@ -224,7 +221,7 @@ def test_bridges_name_what_they_cannot_carry():
         "multires_noise_iterations": 6,
         "multires_noise_discount": 0.3,
     }
-    assert any("Prodigy" in n for n in bridged.notes) and any("v_pred_like_loss" in n for n in bridged.notes)
+    assert any("Prodigy" in n for n in bridged.notes) and any("token_warmup_step" in n for n in bridged.notes)
     preset = parse_preset(
         {"noise": [{"type": "perlin"}], "loss_weighting": {"type": "learned"}, "timesteps": {"type": "logit_normal"}},
         path="p.toml",
@@ -342,3 +339,32 @@ def test_real_sd_scripts_parsers_are_classified_and_the_names_file_is_current():
         f"{DATA} is not current for {KOHYA_DIR}: regenerate it with "
         f"`python tests/kohya_parser_flags.py {KOHYA_DIR} --write {version}`"
     )
+
+
+def test_loss_types_schedule_and_noise_extras_round_trip_through_the_bridge():
+    kohya = {
+        "loss_type": "huber",
+        "huber_c": 0.2,
+        "huber_schedule": "exponential",
+        "huber_scale": 2.0,
+        "noise_offset": 0.05,
+        "noise_offset_random_strength": True,
+        "adaptive_noise_scale": 0.01,
+        "ip_noise_gamma": 0.1,
+        "ip_noise_gamma_random_strength": True,
+        "zero_terminal_snr": True,
+        "v_parameterization": True,
+        "v_pred_like_loss": 0.2,
+    }
+    bridged = from_kohya(kohya)
+    preset = _preset(bridged.data)
+    assert preset.loss.type == "pseudo_huber" and preset.loss.create().schedule == "exponential"
+    assert preset.schedule.zero_terminal_snr and preset.loss_weighting.type == "v_pred_like_loss"
+    offset, perturbation = (spec.create() for spec in preset.noise)
+    assert offset.random_strength and offset.adaptive_scale == 0.01 and perturbation.random_strength
+    back = to_kohya(preset).data
+    assert {k: back[k] for k in kohya if k != "v_parameterization"} == {k: v for k, v in kohya.items() if k != "v_parameterization"}
+    assert not [n for n in bridged.notes if "loss_type" in n or "huber" in n or "zero_terminal" in n]
+    # kohya's smooth_l1 is sdplug's smooth_l1; l2 is the default (no [loss])
+    assert _preset(from_kohya({"loss_type": "smooth_l1"}).data).loss.type == "smooth_l1"
+    assert "loss" not in from_kohya({"loss_type": "l2"}).data

@@ -23,6 +23,9 @@ class NoiseStrategy:
     """
 
     role: ClassVar[Literal["target", "input"]] = "target"
+    # True: ``transform`` also takes ``host_rng`` (a ``random.Random``) for what it decides on
+    # the host -- shapes, counts -- so a draw on a GPU never waits to read a number back
+    uses_host_rng: ClassVar[bool] = False
 
     def transform(self, noise: torch.Tensor | None, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Return new noise shaped like ``latents``; ``noise`` is the noise so far (None: none yet)."""
@@ -152,6 +155,10 @@ class OptimizerStrategy:
     """Builds a ``torch.optim.Optimizer`` for the given parameters."""
 
     requires: ClassVar[tuple[str, ...]] = ()
+    # True: the optimizer it builds has train and eval modes (schedule-free ones), built in train
+    # mode; hosts switch it with ``sdplug.optimizer_modes`` (eval around sampling, validation and
+    # saving, train for steps). Those functions do nothing for other optimizers.
+    schedule_free: ClassVar[bool] = False
 
     def check_available(self) -> None:
         """Raise ``MissingDependencyError`` when this optimizer cannot be built here."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 from typing import Annotated, Literal
 
 import torch
@@ -100,15 +101,19 @@ class PyramidNoise(NoiseStrategy):
         if self.scale_max < self.scale_min:
             raise ValueError(f"scale_max ({self.scale_max}) must be >= scale_min ({self.scale_min}).")
 
-    def transform(self, noise, latents, generator):
+    uses_host_rng = True
+
+    def transform(self, noise, latents, generator, host_rng: random.Random | None = None):
         if latents.dim() != 4:
             raise ValueError(f"pyramid noise needs (B, C, H, W) latents, got shape {tuple(latents.shape)}")
         b, c, height, width = latents.shape
         maps = b * c
         dtype = work_dtype(latents)
         device = latents.device
-        # one draw for all levels' r: a call per level costs as much as a small level itself
-        unit = torch.rand(self.iterations, generator=generator, device=device, dtype=torch.float64).tolist()
+        if host_rng is not None:  # the plan's host stream: the sizes are known without reading the device
+            unit = [host_rng.random() for _ in range(self.iterations)]
+        else:  # one draw for all levels' r: a call per level costs as much as a small level itself
+            unit = torch.rand(self.iterations, generator=generator, device=device, dtype=torch.float64).tolist()
         scales = [self.scale_min + (self.scale_max - self.scale_min) * u for u in unit]
         sizes = level_sizes(height, width, scales, self.variant)
         first = 1 if self.variant == "intended" else 0

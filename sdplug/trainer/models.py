@@ -9,7 +9,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sdplug.errors import SdplugError
 from sdplug.trainer import tiny
@@ -163,4 +163,5 @@ def zero_terminal(scheduler: DDPMScheduler) -> DDPMScheduler:
     """The same scheduler with its betas rescaled to zero-terminal SNR (diffusers'
     ``rescale_betas_zero_snr``: the rescale of Lin et al. 2023 that ``[schedule]`` names)."""
     # a keyword, not a config key: from_config resets keys listed in the config's _use_default_values
-    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
+    rescaled = type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
+    return cast("DDPMScheduler", rescaled)  # from_config returns a tuple only with return_unused_kwargs

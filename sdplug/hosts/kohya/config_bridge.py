@@ -117,7 +117,12 @@ def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
     preset: dict[str, Any] = {"preset": {"name": name, "description": "translated from a kohya sd-scripts config"}}
     noise: list[dict[str, Any]] = []
     if config.get("noise_offset"):
-        noise.append({"type": "offset", "strength": float(config["noise_offset"])})
+        offset: dict[str, Any] = {"type": "offset", "strength": float(config["noise_offset"])}
+        if config.get("noise_offset_random_strength"):
+            offset["random_strength"] = True
+        if config.get("adaptive_noise_scale"):
+            offset["adaptive_scale"] = float(config["adaptive_noise_scale"])
+        noise.append(offset)
     if config.get("multires_noise_iterations"):
         # kohya's loop: intended sizes from level 0 (a second full-size Gaussian), added onto
         # the offset noise, then divided by the batch std: exactly the "kohya" variant
@@ -130,7 +135,10 @@ def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
             }
         )
     if config.get("ip_noise_gamma"):
-        noise.append({"type": "input_perturbation", "gamma": float(config["ip_noise_gamma"])})
+        perturbation: dict[str, Any] = {"type": "input_perturbation", "gamma": float(config["ip_noise_gamma"])}
+        if config.get("ip_noise_gamma_random_strength"):
+            perturbation["random_strength"] = True
+        noise.append(perturbation)
     if noise:
         preset["noise"] = noise
     if config.get("min_timestep") is not None or config.get("max_timestep") is not None:
@@ -147,11 +155,14 @@ def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
         weightings.append({"type": "debiased"})
         notes.append("debiased_estimation_loss: sdplug's v-prediction form is sqrt(SNR)/(SNR+1), kohya's is 1/(SNR+1)")
     if config.get("scale_v_pred_loss_like_noise_pred"):
-        weightings.append({"type": "snr"})
+        weightings.append({"type": "scale_v_pred_loss_like_noise_pred"})
+    if config.get("v_pred_like_loss"):
+        weightings.append({"type": "v_pred_like_loss", "strength": float(config["v_pred_like_loss"])})
     if len(weightings) > 1:
         notes.append(f"kohya multiplies {len(weightings)} weightings together; a preset has one: kept {weightings[0]['type']!r}")
     if weightings:
         preset["loss_weighting"] = weightings[0]
+    _loss_from_kohya(config, preset, notes)
     captions = []
     if config.get("caption_dropout_rate") or config.get("caption_dropout_every_n_epochs"):
         entry: dict[str, Any] = {"type": "dropout", "rate": float(config.get("caption_dropout_rate") or 0.0)}
@@ -193,6 +204,29 @@ def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
     return Bridged(preset, notes + _untranslated(config))
 
 
+KOHYA_LOSS = {"l1": "l1", "huber": "pseudo_huber", "smooth_l1": "smooth_l1"}  # l2 is sdplug's default, mse
+
+
+def _loss_from_kohya(config: Any, preset: dict[str, Any], notes: list[str]) -> None:
+    """kohya's loss type and zero-terminal SNR (a ``[loss]`` and a ``[schedule]``)."""
+    kind = str(config.get("loss_type") or "l2")
+    if kind in KOHYA_LOSS:
+        loss: dict[str, Any] = {"type": KOHYA_LOSS[kind]}
+        if kind != "l1":
+            loss["c"] = float(config.get("huber_c") or 0.1)
+            loss["schedule"] = str(config.get("huber_schedule") or "snr")
+            if loss["schedule"] != "snr" and config.get("huber_scale") is not None:  # kohya ignores it under snr
+                loss["scale"] = float(config["huber_scale"])
+        preset["loss"] = loss
+    elif kind != "l2":
+        notes.append(f"loss_type {kind!r}: not carried over (kohya's l2, l1, huber and smooth_l1 are)")
+    if config.get("zero_terminal_snr"):
+        preset["schedule"] = {"zero_terminal_snr": True}
+        if not config.get("v_parameterization"):
+            preset["schedule"]["epsilon_ok"] = True
+            notes.append("zero_terminal_snr without v_parameterization: kohya trains epsilon at SNR 0; kept (epsilon_ok)")
+
+
 # kohya's multires noise is the pyramid's "kohya" variant with kohya's fixed settings (scales
 # drawn in [2, 4), the sum divided by the batch std), and only with those
 KOHYA_MULTIRES = {"variant": "kohya", "normalize": "batch", "scale_min": 2.0, "scale_max": 4.0}
@@ -227,11 +261,27 @@ def to_kohya(preset: Preset) -> Bridged:
         elif kind == "debiased":
             config["debiased_estimation_loss"] = True
             notes.append("debiased: kohya's v-prediction form (1/(SNR+1)) differs from sdplug's (sqrt(SNR)/(SNR+1))")
+        elif kind == "scale_v_pred_loss_like_noise_pred":
+            config["scale_v_pred_loss_like_noise_pred"] = True
+        elif kind == "v_pred_like_loss":
+            config["v_pred_like_loss"] = preset.loss_weighting.create().strength
         elif kind == "snr":
             config["scale_v_pred_loss_like_noise_pred"] = True
             notes.append("snr: kohya's scale_v_pred_loss_like_noise_pred equals it for v-prediction models only")
         elif kind != "constant":
             notes.append(f"loss_weighting {kind!r}: kohya has no equivalent")
+    if preset.loss is not None:
+        loss = preset.loss.create()
+        kohya = {v: k for k, v in KOHYA_LOSS.items()}.get(preset.loss.type, "l2" if preset.loss.type == "mse" else None)
+        if kohya is None:
+            notes.append(f"loss {preset.loss.type!r}: kohya has no equivalent")
+        else:
+            config["loss_type"] = kohya
+            if kohya in ("huber", "smooth_l1"):
+                config.update(huber_c=loss.c, huber_schedule=loss.schedule, huber_scale=loss.scale)
+                notes.append("huber/smooth_l1: kohya v0.8.7 uses one threshold per batch; sdplug one per sample")
+    if preset.schedule.zero_terminal_snr:
+        config["zero_terminal_snr"] = True
     _caption_to_kohya(preset, config, notes)
     if preset.optimizer is not None:
         _optimizer_to_kohya(preset, config, notes)
@@ -255,11 +305,18 @@ def _noise_to_kohya(spec, config: dict[str, Any], notes: list[str]) -> None:
     noise = spec.create()
     if spec.type == "offset":
         config["noise_offset"] = noise.strength
+        if noise.random_strength:
+            config["noise_offset_random_strength"] = True
+            notes.append("offset random_strength: kohya draws one strength per batch, sdplug one per sample")
+        if noise.adaptive_scale:
+            config["adaptive_noise_scale"] = noise.adaptive_scale
     elif spec.type == "pyramid" and all(getattr(noise, k) == v for k, v in KOHYA_MULTIRES.items()):
         config["multires_noise_iterations"] = noise.iterations
         config["multires_noise_discount"] = noise.discount
     elif spec.type == "input_perturbation":
         config["ip_noise_gamma"] = noise.gamma
+        if noise.random_strength:
+            config["ip_noise_gamma_random_strength"] = True
     else:
         notes.append(
             f"noise {spec.type!r} {dict(spec.params) or ''}: kohya has no equivalent (run it through sdplug's kohya adapter)"

@@ -23,7 +23,7 @@ import dataclasses
 
 VERSIONS = ("main", "v0.8.7")
 KINDS = ("conflict", "reconciled", "independent")
-FAMILIES = ("noise", "timesteps", "loss_weighting", "caption", "optimizer", "attention", "memory")
+FAMILIES = ("noise", "timesteps", "loss", "loss_weighting", "caption", "optimizer", "attention", "memory")
 MEMORY_KEYS = ("gradient_checkpointing", "mixed_precision", "cache_latents", "cache_text_encoder_outputs")
 
 
@@ -62,10 +62,10 @@ FLAGS: tuple[KohyaFlag, ...] = (
     *_rows("loss_weighting", "conflict", ("loss_weighting",), "kohya's SNR rescaling of a v-prediction loss (sdplug: loss_weighting 'scale_v_pred_loss_like_noise_pred')", "scale_v_pred_loss_like_noise_pred"),
     *_rows("loss_weighting", "conflict", ("loss_weighting",), "an extra v-prediction-like loss term (sdplug: loss_weighting 'v_pred_like_loss')", "v_pred_like_loss"),
     *_rows("loss_weighting", "independent", (), "the prediction type: sdplug binds the preset's weighting and targets to it", "v_parameterization"),
-    *_rows("loss_weighting", "independent", (), "presets set no loss type: kohya's loss is computed on sdplug's timesteps (its huber threshold from them), then the preset's weighting multiplies it", "loss_type", "huber_c", "huber_schedule", versions=("main",)),
-    *_rows("loss_weighting", "independent", (), "kohya's huber scale, used with the loss type above", "huber_scale", versions=("main",)),
-    *_rows("loss_weighting", "conflict", _NOISE, "v0.8.7 draws ONE timestep per batch for a huber/smooth_l1 loss, inside the noise function sdplug replaces (sdplug draws one per sample); use --loss_type l2 with this preset", "loss_type", versions=("v0.8.7",)),
-    *_rows("loss_weighting", "independent", (), "only a huber/smooth_l1 --loss_type uses it, computed by kohya's own noise function (refused with [[noise]]/[timesteps])", "huber_c", "huber_schedule", versions=("v0.8.7",)),
+    *_rows("loss_weighting", "conflict", ("loss",), "kohya's loss type and its huber threshold (sdplug: [loss] type, c, schedule; kohya's huber is 'pseudo_huber'); without [loss], kohya's loss is computed on sdplug's timesteps", "loss_type", "huber_c", "huber_schedule", versions=("main",)),
+    *_rows("loss_weighting", "conflict", ("loss",), "kohya's huber scale (sdplug: [loss] scale)", "huber_scale", versions=("main",)),
+    *_rows("loss_weighting", "conflict", (*_NOISE, "loss"), "kohya's loss type (sdplug: [loss] type); v0.8.7 draws ONE timestep per batch for a huber/smooth_l1 loss, inside the noise function sdplug replaces (sdplug draws one per sample); use --loss_type l2 with this preset", "loss_type", versions=("v0.8.7",)),
+    *_rows("loss_weighting", "conflict", ("loss",), "kohya's huber threshold (sdplug: [loss] c, schedule); without [loss] only a huber/smooth_l1 --loss_type uses it, computed by kohya's own noise function", "huber_c", "huber_schedule", versions=("v0.8.7",)),
     *_rows("loss_weighting", "independent", (), "a per-pixel loss mask, applied by kohya before the preset's per-sample weighting", "masked_loss"),
     *_rows("loss_weighting", "independent", (), "a per-pixel loss mask, applied by kohya before the preset's per-sample weighting", "alpha_mask", versions=("main",)),
     *_rows("loss_weighting", "independent", (), "the loss weight of regularization images (kohya's per-sample loss_weights), multiplied with the preset's weighting", "prior_loss_weight"),

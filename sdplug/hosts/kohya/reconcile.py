@@ -88,18 +88,26 @@ def check_conflicts(preset: Preset, version: str, values: Mapping[str, Any], def
 
 
 def check_loss_section(preset: Preset) -> None:
-    """sd-scripts computes its own loss (its ``--loss_type``); the adapter does not replace it, so
-    a preset ``[loss]`` other than plain MSE is refused rather than silently not applied."""
+    """sd-scripts masks the loss itself (``apply_masked_loss``: the mask alone); a preset's
+    ``[loss]`` with other mask options is refused rather than silently masked kohya's way."""
     spec = preset.loss
-    if spec is None or (spec.type == "mse" and not spec.params):
+    if spec is None:
         return
-    raise PresetError(
-        "sd-scripts computes its own loss, and this sdplug version does not apply a preset's [loss] there "
-        f"(it sets {spec.type!r}). Allowed inside sd-scripts: no [loss], or type = 'mse' with no options; use "
-        "kohya's --loss_type / --huber_c / --huber_schedule, or train with `sdplug train`.",
-        path=spec.path or preset.path,
-        key="loss.type",
-    )
+    other = {k: v for k, v in spec.params.items() if k in KOHYA_MASK and v != KOHYA_MASK[k]}
+    if other:
+        key = next(iter(other))
+        raise PresetError(
+            f"sd-scripts applies its own loss mask (--masked_loss / --alpha_mask: the mask alone), so [loss] "
+            f"{key} = {other[key]!r} would not apply there. Allowed inside sd-scripts: "
+            + ", ".join(f"{k} = {v!r}" for k, v in KOHYA_MASK.items())
+            + " (the defaults), or train with `sdplug train`.",
+            path=spec.path or preset.path,
+            key=f"loss.{key}",
+        )
+
+
+# kohya's apply_masked_loss, as [loss] mask options
+KOHYA_MASK = {"unmasked_weight": 0.0, "normalize_by_mask_area": False}
 
 
 def _why(flag: KohyaFlag, section: str) -> str:

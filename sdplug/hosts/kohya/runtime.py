@@ -44,15 +44,15 @@ import torch
 
 from sdplug import __version__ as sdplug_version
 from sdplug.errors import SdplugError
-from sdplug.hosts.kohya import report
+from sdplug.hosts.kohya import loss_hook, report
 from sdplug.hosts.kohya.attention_switch import switch_attention
 from sdplug.hosts.kohya.caption_hooks import CaptionHooks
 from sdplug.hosts.kohya.reconcile import (
     KohyaConflictError,
     PresetWeightingMarker,
     check_conflicts,
-    check_loss_section,
     check_dataset_config,
+    check_loss_section,
     reconcile,
 )
 from sdplug.hosts.kohya.session import Session
@@ -84,6 +84,7 @@ class KohyaAdapter:
         self.configured_range: tuple[Any, Any] = (None, None)  # kohya's --min/--max_timestep
         self.captions = CaptionHooks(self)
         self.validating = False  # the current noise/weight calls are main's validation, not a step
+        self.timesteps = None  # what the step's noise call drew: the loss hook's per-sample thresholds
         self.flag_report: dict[str, Any] = {}
 
     # -- installation -----------------------------------------------------------------------
@@ -98,6 +99,7 @@ class KohyaAdapter:
             self._replace(train_util, "replace_unet_modules", self._attention_hook)
             self._replace(custom_train_functions, "apply_snr_weight", self._weight_hook)
             self._replace(train_util, "get_sai_model_spec", self._model_spec_hook)
+            self._replace(train_util, "conditional_loss", self._loss_hook)
             self.captions.install(train_util, self.version.text_cache_method)
         except BaseException:
             self.session.undo()  # never a half-hooked sd-scripts
@@ -225,13 +227,16 @@ class KohyaAdapter:
             self.plan.step()  # kohya draws noise once per training step
             self.captions.commit()  # the batch this step trains on
         if not (self.preset.noise or self.preset.timesteps):
-            return self.original(self._train_util, "get_noise_noisy_latents_and_timesteps")(args, noise_scheduler, latents)
+            kohya = self.original(self._train_util, "get_noise_noisy_latents_and_timesteps")(args, noise_scheduler, latents)
+            self.timesteps = kohya[2]
+            return kohya
         self._check_schedule(noise_scheduler)
         if self.validating:
             draw, timesteps = self._validation_draw(latents, int(args.min_timestep))
         else:
             draw = self.plan.noise(latents)
             timesteps = self.plan.timesteps(latents.shape[0], device=latents.device)
+        self.timesteps = timesteps
         result = (draw.target, self.plan.noisy_input(latents, draw, timesteps), timesteps)
         return result + (1,) if self.version.noise_returns == 4 else result  # v0.8.7: huber_c, unused by l2
 
@@ -242,6 +247,10 @@ class KohyaAdapter:
         with self.plan.validation():
             draw = self.plan.noise(latents)
         return draw, torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
+
+    def _loss_hook(self, model_pred, target, *args, **kwargs):
+        original = self.original(self._train_util, "conditional_loss")
+        return loss_hook.conditional_loss(self, original, model_pred, target, args, kwargs)
 
     def _weight_hook(self, loss, timesteps, noise_scheduler, gamma, v_prediction=False):
         if not isinstance(gamma, PresetWeightingMarker):

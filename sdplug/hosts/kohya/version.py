@@ -58,6 +58,7 @@ HOOKS = (
     ("library.train_util", "get_optimizer"),
     ("library.train_util", "replace_unet_modules"),
     ("library.train_util", "get_sai_model_spec"),
+    ("library.train_util", "conditional_loss"),
     ("library.train_util", "BaseDataset.process_caption"),
     ("library.train_util", "BaseDataset.__getitem__"),
     ("library.custom_train_functions", "apply_snr_weight"),
