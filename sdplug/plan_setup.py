@@ -32,7 +32,7 @@ def build_optimizer(
     spec, strategy = plan.optimizer_spec, plan.optimizer_strategy
     if spec is not None and "lr" in spec.params:
         params = optimizer_groups.with_lr(params, spec.params["lr"])
-    elif spec is not None and host_lr is not None:
+    elif spec is not None and host_lr is not None and not _adapts_its_step(strategy):
         strategy = registry("optimizer").create(spec.type, **{**spec.params, "lr": host_lr})
     # after the move: moving a parameter to "meta" makes a new Parameter
     params = optimizer_groups.join_learned(params, plan.trainable_parameters(), learned_group)
@@ -41,6 +41,14 @@ def build_optimizer(
     if default is None:
         raise SdplugError("the preset names no optimizer and the host gave no default= to use instead.")
     return default(params)
+
+
+def _adapts_its_step(strategy: Any) -> bool:
+    """Prodigy / D-Adaptation estimate the step size themselves: their lr is a multiplier near
+    1.0, and a host's learning rate (kohya's 1e-4) would all but stop training."""
+    from sdplug.strategies.optimizers_extra import _OneLearningRate
+
+    return isinstance(strategy, _OneLearningRate)
 
 
 def processor_classes(model: torch.nn.Module) -> str:

@@ -763,3 +763,31 @@ def test_launcher_exits_non_zero_when_the_audit_finds_problems(tmp_path, in_proc
     assert "optimizer 'adamw' was never built (the host did not call plan.optimizer)" in audit["problems"]
     assert f"the audit found strategies that did not apply: {no_step}" in capsys.readouterr().err
     assert in_process == []  # written by the launcher, so nothing is left for exit
+
+
+def test_a_schedule_free_optimizer_gets_mains_train_eval_switch_and_is_refused_where_none_exists(tmp_path):
+    pytest.importorskip("schedulefree", reason="the schedulefree extra (CI installs it)")
+    from sdplug.optimizer_modes import in_train_mode
+
+    preset = parse_preset({"optimizer": {"type": "adamw_schedulefree", "lr": 1e-3}}, path="sf.toml")
+    adapter = KohyaAdapter(preset, KNOWN[0], "train_network.py")
+    adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    adapter._train_util = types.ModuleType("library.train_util")
+    adapter._train_util.get_optimizer_train_eval_fn = lambda optimizer, args: (lambda: None, lambda: None)  # kohya's: by name
+    adapter._replace(adapter._train_util, "get_optimizer_train_eval_fn", adapter._train_eval_hook)
+    optimizer = adapter.plan.optimizer([torch.nn.Parameter(torch.ones(3))])
+    train_fn, eval_fn = adapter._train_util.get_optimizer_train_eval_fn(optimizer, SimpleNamespace(optimizer_type="sdplug"))
+    assert in_train_mode(optimizer) is True
+    eval_fn()
+    assert in_train_mode(optimizer) is False
+    train_fn()
+    assert in_train_mode(optimizer) is True
+
+    (tmp_path / "sf.toml").write_text('[optimizer]\ntype = "adamw_schedulefree"\nlr = 1e-3\n')
+    for version, script in (("v0.8.7", "train_network.py"), ("main", "train_db.py")):
+        root = make_standin(tmp_path / f"sd-{version}", version)
+        out = tmp_path / f"o-{version}"
+        result = launch(tmp_path / "sf.toml", root, script, out)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"sd-scripts {version} {script} has no switch for it" in result.stderr and "optimizer.type" in result.stderr
+        assert not (out / "standin-model-loaded").exists()

@@ -213,7 +213,7 @@ def test_to_kohya_round_trips_what_kohya_can_express():
 
 def test_bridges_name_what_they_cannot_carry():
     bridged = from_kohya(
-        {"multires_noise_iterations": 6, "multires_noise_discount": 0.3, "optimizer_type": "Prodigy", "token_warmup_step": 10}
+        {"multires_noise_iterations": 6, "multires_noise_discount": 0.3, "optimizer_type": "DAdaptLion", "token_warmup_step": 10}
     )
     # kohya's multires noise is the "kohya" pyramid variant exactly, both ways
     assert bridged.data["noise"] == [{"type": "pyramid", "variant": "kohya", "discount": 0.3, "iterations": 6}]
@@ -221,7 +221,7 @@ def test_bridges_name_what_they_cannot_carry():
         "multires_noise_iterations": 6,
         "multires_noise_discount": 0.3,
     }
-    assert any("Prodigy" in n for n in bridged.notes) and any("token_warmup_step" in n for n in bridged.notes)
+    assert any("DAdaptLion" in n for n in bridged.notes) and any("token_warmup_step" in n for n in bridged.notes)
     preset = parse_preset(
         {"noise": [{"type": "perlin"}], "loss_weighting": {"type": "learned"}, "timesteps": {"type": "logit_normal"}},
         path="p.toml",

@@ -332,3 +332,28 @@ def test_zero_terminal_snr_trains_and_samples_on_the_rescaled_schedule(tmp_path,
 
     with pytest.raises(SdplugError, match="schedule.zero_terminal_snr"):  # the embedded model predicts epsilon
         Trainer(quick(tmp_path, preset, data=small_data, steps=2, output=tmp_path / "eps"))
+
+
+def test_a_schedule_free_optimizer_samples_and_saves_its_evaluation_weights(tmp_path, small_data, monkeypatch):
+    pytest.importorskip("schedulefree", reason="the schedulefree extra (CI installs it)")
+    from PIL import Image
+
+    from sdplug.optimizer_modes import in_train_mode
+    from sdplug.trainer import outputs
+
+    modes = []
+
+    def sample_grid(*args, **kwargs):  # what mode the optimizer is in while the grid is drawn
+        modes.append(in_train_mode(trainer.optimizer))
+        return {}, Image.new("RGB", (4, 4))
+
+    monkeypatch.setattr(outputs, "sample_grid", sample_grid)
+    saved = []
+    real_weights = outputs._write_weights
+    monkeypatch.setattr(outputs, "_write_weights", lambda t, toml: (saved.append(in_train_mode(t.optimizer)), real_weights(t, toml)))
+    preset = '[optimizer]\ntype = "adamw_schedulefree"\nlr = 1e-3\n'
+    trainer = Trainer(quick(tmp_path, preset, data=small_data, steps=2, samples=True, save_every=1))
+    trainer.run()
+    # before, after: eval mode while sampling; the training steps ran in train mode in between
+    assert modes == [False, False] and saved == [False]
+    assert trainer.audit.report()["steps"] == 2 and (tmp_path / "out" / "checkpoint-1").is_dir()

@@ -19,6 +19,7 @@ import torch
 
 from sdplug.errors import SdplugError
 from sdplug.log import logger
+from sdplug.optimizer_modes import eval_mode, evaluating
 from sdplug.trainer import lora, models
 from sdplug.trainer.config import SAMPLE_PROMPTS, read_prompts_file
 from sdplug.trainer.plot import loss_curve_plot, loss_per_timestep_plot
@@ -160,16 +161,17 @@ def write_grid(trainer, name: str) -> dict | None:
     config = trainer.config
     if not (config.samples and trainer.accelerator.is_main_process):
         return None
-    images, grid = sample_grid(
-        trainer.bundle,
-        trainer.accelerator.unwrap_model(trainer.unet),
-        trainer.plan.noise_pipeline,
-        list(sample_prompts(trainer)[0]),
-        list(config.sample_seeds),
-        list(config.guidance_scales),
-        steps=config.sample_steps,
-        device=trainer.device,
-    )
+    with evaluating(getattr(trainer, "optimizer", None)):  # a schedule-free optimizer's evaluation weights
+        images, grid = sample_grid(
+            trainer.bundle,
+            trainer.accelerator.unwrap_model(trainer.unet),
+            trainer.plan.noise_pipeline,
+            list(sample_prompts(trainer)[0]),
+            list(config.sample_seeds),
+            list(config.guidance_scales),
+            steps=config.sample_steps,
+            device=trainer.device,
+        )
     with atomic(config.output / f"samples-{name}.png") as tmp:
         grid.save(tmp, format="PNG")
     trainer.written.append(f"samples-{name}.png")
@@ -249,6 +251,7 @@ def _loss_bins(trainer) -> dict:
 def finish(trainer) -> dict:
     """Record the run, then (main process) write every final output; returns the audit report."""
     accelerator, audit, out = trainer.accelerator, trainer.audit, trainer.config.output
+    eval_mode(trainer.optimizer)  # training is over: a schedule-free optimizer's weights to save and sample
     _record_run(trainer)
     problems = trainer.plan.report()["problems"]  # the policy: save everything, record them, then fail
     from accelerate.utils import gather_object

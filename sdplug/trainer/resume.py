@@ -14,6 +14,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from sdplug.optimizer_modes import evaluating, train_mode
 from sdplug.trainer import checkpoint
 from sdplug.trainer.checkpoint import CheckpointError
 
@@ -110,7 +111,8 @@ def run_identity(trainer) -> dict[str, Any]:
 def save_run(trainer, directory: Path) -> None:
     """Every rank saves through accelerate into the ``.partial`` folder; the main process seals it."""
     accelerator = trainer.accelerator
-    accelerator.save_state(str(checkpoint.partial_dir(directory)))
+    with evaluating(trainer.optimizer):  # schedule-free: saved as its evaluation weights, resumed exactly
+        accelerator.save_state(str(checkpoint.partial_dir(directory)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.seal(directory, identity=run_identity(trainer), step=trainer.step)
@@ -125,3 +127,4 @@ def load_run(trainer, directory: Path) -> None:
         raise CheckpointError(f"--resume {directory}: has no {WEIGHTS}; it was not written by this sdplug version.")
     checkpoint.check_pickles(directory)
     trainer.accelerator.load_state(str(directory))
+    train_mode(trainer.optimizer)  # saved in eval mode (schedule-free): steps need the training weights

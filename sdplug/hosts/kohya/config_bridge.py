@@ -30,6 +30,15 @@ KOHYA_OPTIMIZERS = {
     "bitsandbytes.optim.lion8bit": "lion8bit",
     "transformers.optimization.adafactor": "adafactor",
     "torch.optim.adamw": "adamw",
+    "prodigy": "prodigy",
+    "prodigyopt.prodigy": "prodigy",
+    "dadaptadam": "dadapt_adam",
+    "dadaptation.dadaptadam": "dadapt_adam",
+    "adamwschedulefree": "adamw_schedulefree",
+    "schedulefree.adamwschedulefree": "adamw_schedulefree",
+    "came_pytorch.came": "came",
+    "ademamix8bit": "ademamix8bit",
+    "bitsandbytes.optim.ademamix8bit": "ademamix8bit",
 }
 TO_KOHYA_OPTIMIZER = {
     "adamw": "AdamW",
@@ -37,6 +46,11 @@ TO_KOHYA_OPTIMIZER = {
     "paged_adamw8bit": "PagedAdamW8bit",
     "lion8bit": "Lion8bit",
     "adafactor": "AdaFactor",
+    "prodigy": "Prodigy",
+    "dadapt_adam": "DAdaptAdam",
+    "adamw_schedulefree": "AdamWScheduleFree",
+    "came": "came_pytorch.CAME",
+    "ademamix8bit": "bitsandbytes.optim.AdEMAMix8bit",
 }
 
 

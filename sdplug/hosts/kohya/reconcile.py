@@ -106,6 +106,27 @@ def check_loss_section(preset: Preset) -> None:
         )
 
 
+# the scripts that switch a schedule-free optimizer to eval mode around sampling and saving
+SCHEDULE_FREE_SCRIPTS = {"main": ("train_network.py", "sdxl_train_network.py")}
+
+
+def check_schedule_free_switch(plan: Any, version: str, script: str) -> None:
+    """A schedule-free optimizer samples and saves its evaluation weights only where the script
+    calls train_util's train/eval switch (main's network scripts); elsewhere it is refused."""
+    strategy = plan.optimizer_strategy
+    if strategy is None or not strategy.schedule_free or script in SCHEDULE_FREE_SCRIPTS.get(version, ()):
+        return
+    spec = plan.optimizer_spec
+    allowed = ", ".join(f"{v} {s}" for v, scripts in SCHEDULE_FREE_SCRIPTS.items() for s in scripts)
+    raise PresetError(
+        f"optimizer {spec.type!r} is schedule-free: its evaluation weights must be switched in around sampling and "
+        f"saving, and sd-scripts {version} {script} has no switch for it, so it would save the training weights. "
+        f"Allowed with a schedule-free optimizer: {allowed}.",
+        path=spec.path or plan.preset.path,
+        key="optimizer.type",
+    )
+
+
 # kohya's apply_masked_loss, as [loss] mask options
 KOHYA_MASK = {"unmasked_weight": 0.0, "normalize_by_mask_area": False}
 

@@ -20,16 +20,16 @@ patched scripts (``--sdplug_preset``, from inside the script). Hooks, all in
 - ``BaseDataset.__getitem__`` and the dataset's text-encoder caching method: with cached
   text-encoder outputs (SDXL scripts) there is no caption text, so dropout replaces a dropped
   sample's cached rows with the empty caption's outputs (see ``cached_text``).
+- ``conditional_loss`` (the preset's ``[loss]``) and main's ``get_optimizer_train_eval_fn``
+  (a schedule-free optimizer's eval weights around sampling and saving): ``step_hooks``.
 
 Each hook translates kohya's calling convention and calls the plan; what kohya itself needs
-(its parameter groups, its attention switches, its cached text) lives in the modules beside
-this one. Everything the adapter changes in the process goes through its ``Session``
-(``session.py``), whose ``undo()`` restores every hooked function, rebound script name,
-``sys.excepthook`` and the ``atexit`` handler.
+lives in the modules beside this one. Every change to the process goes through the adapter's
+``Session`` (``session.py``), whose ``undo()`` restores every hooked function, rebound script
+name, ``sys.excepthook`` and the ``atexit`` handler.
 
-At exit the plan's audit is written to ``output_dir/audit.json``; a refused run writes one too,
-with the refusal in ``problems``. Captions count once their batch trains: kohya's loader
-fetches a batch ahead, and main's validation batches never train.
+At exit the plan's audit is written to ``output_dir/audit.json`` (a refused run's too, the
+refusal in ``problems``); captions count once their batch trains (``caption_hooks``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 
 from sdplug import __version__ as sdplug_version
 from sdplug.errors import SdplugError
-from sdplug.hosts.kohya import loss_hook, report
+from sdplug.hosts.kohya import report, step_hooks
 from sdplug.hosts.kohya.attention_switch import switch_attention
 from sdplug.hosts.kohya.caption_hooks import CaptionHooks
 from sdplug.hosts.kohya.reconcile import (
@@ -53,6 +53,7 @@ from sdplug.hosts.kohya.reconcile import (
     check_conflicts,
     check_dataset_config,
     check_loss_section,
+    check_schedule_free_switch,
     reconcile,
 )
 from sdplug.hosts.kohya.session import Session
@@ -100,6 +101,8 @@ class KohyaAdapter:
             self._replace(custom_train_functions, "apply_snr_weight", self._weight_hook)
             self._replace(train_util, "get_sai_model_spec", self._model_spec_hook)
             self._replace(train_util, "conditional_loss", self._loss_hook)
+            if hasattr(train_util, "get_optimizer_train_eval_fn"):  # main: train/eval around sampling and saving
+                self._replace(train_util, "get_optimizer_train_eval_fn", self._train_eval_hook)
             self.captions.install(train_util, self.version.text_cache_method)
         except BaseException:
             self.session.undo()  # never a half-hooked sd-scripts
@@ -154,6 +157,7 @@ class KohyaAdapter:
             args.zero_terminal_snr = True  # kohya rescales its training scheduler; the plan rescales alike
             self.rules.append("--zero_terminal_snr -> True (preset [schedule] zero_terminal_snr)")
         self.plan = self._build_plan(args)
+        check_schedule_free_switch(self.plan, self.version.name, self.script)
         spec = self.plan.optimizer_spec
         lr = spec.params.get("lr") if spec is not None else None
         result = reconcile(preset, version, values, self.defaults, script=self.script, lr=lr)
@@ -248,9 +252,13 @@ class KohyaAdapter:
             draw = self.plan.noise(latents)
         return draw, torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
 
+    def _train_eval_hook(self, optimizer, args):
+        original = self.original(self._train_util, "get_optimizer_train_eval_fn")
+        return step_hooks.train_eval_switch(self, original, optimizer, args)
+
     def _loss_hook(self, model_pred, target, *args, **kwargs):
         original = self.original(self._train_util, "conditional_loss")
-        return loss_hook.conditional_loss(self, original, model_pred, target, args, kwargs)
+        return step_hooks.conditional_loss(self, original, model_pred, target, args, kwargs)
 
     def _weight_hook(self, loss, timesteps, noise_scheduler, gamma, v_prediction=False):
         if not isinstance(gamma, PresetWeightingMarker):

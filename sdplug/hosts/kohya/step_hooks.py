@@ -1,5 +1,5 @@
-"""The kohya adapter's loss hook: sd-scripts' ``train_util.conditional_loss`` with the preset's
-``[loss]`` type.
+"""The kohya adapter's hooks inside sd-scripts' step: ``train_util.conditional_loss`` with the
+preset's ``[loss]`` type, and main's train/eval switch for a schedule-free optimizer.
 
 sd-scripts computes its loss elementwise (``reduction="none"``), then applies its own mask
 (``apply_masked_loss``: the mask alone, which is ``[loss]``'s default mask options), the mean per
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from sdplug.errors import SdplugError
+from sdplug.optimizer_modes import eval_mode, train_mode
 
 _ARGUMENTS = {"main": ("loss_type", "reduction", "huber_c"), "v0.8.7": ("reduction", "loss_type", "huber_c")}
 
@@ -44,3 +45,12 @@ def conditional_loss(adapter: Any, original: Any, model_pred: torch.Tensor, targ
     if reduction == "sum":
         return loss.sum()
     raise SdplugError(f"sd-scripts asked conditional_loss for reduction {reduction!r}; the adapter knows none, mean, sum.")
+
+
+def train_eval_switch(adapter: Any, original: Any, optimizer: Any, args: Any) -> tuple:
+    """main's ``get_optimizer_train_eval_fn``: it knows only kohya's own schedule-free optimizers
+    by name, so a preset's gets no-ops from it; the plan's strategy says which is."""
+    strategy = adapter.plan.optimizer_strategy if adapter.plan is not None else None
+    if strategy is not None and strategy.schedule_free:
+        return (lambda: train_mode(optimizer)), (lambda: eval_mode(optimizer))
+    return original(optimizer, args)
