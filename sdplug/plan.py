@@ -28,6 +28,7 @@ import torch
 
 from sdplug import plan_report, plan_setup, schedule
 from sdplug.audit import Audit
+from sdplug.ema import EMA
 from sdplug.errors import SdplugError
 from sdplug.optimizer_groups import LearnedGroup
 from sdplug.pipelines import CaptionDraw, CaptionPipeline, NoiseDraw, NoisePipeline
@@ -75,6 +76,7 @@ class Plan:
         self.attention_strategy = choose_attention(preset)
         self.built_optimizer: torch.optim.Optimizer | None = None  # what plan.optimizer returned
         self.failure: str | None = None  # what stopped the host, when something did
+        self.ema_tracker: EMA | None = None  # see ema()
         self.audit = Audit.for_preset(preset, self.num_train_timesteps, optimizer=self.optimizer_spec)
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
@@ -100,8 +102,7 @@ class Plan:
 
     def matches_schedule(self, alphas_cumprod: torch.Tensor) -> bool:
         """Whether a host's schedule is the one this plan was bound to."""
-        theirs = alphas_cumprod.detach().float().cpu()
-        return theirs.shape == self.alphas_cumprod.shape and bool(torch.allclose(theirs, self.alphas_cumprod, atol=1e-5))
+        return schedule.same_schedule(alphas_cumprod, self.alphas_cumprod)
 
     def caption(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> CaptionDraw:
         """One caption through the transforms (call once per sample, when it is loaded): the new
@@ -126,9 +127,8 @@ class Plan:
         return dropped
 
     def deferred_captions(self) -> contextlib.AbstractContextManager[list[dict[str, Any]]]:
-        """Caption decisions made inside are held in the list yielded, not counted: for hosts
-        whose loader fetches batches ahead, or loads samples that never train (validation).
-        ``count_captions(held)`` counts them once their batch trains."""
+        """Caption decisions made inside are held in the list yielded, not counted (a loader that
+        fetches ahead, samples that never train); ``count_captions(held)`` counts them."""
         return self.audit.holding_captions()
 
     def count_captions(self, held: list[dict[str, Any]]) -> None:
@@ -222,9 +222,11 @@ class Plan:
         """Parameters of learned strategies, which the host's optimizer must also train."""
         return self.loss_weighting.parameters() if self.loss_weighting is not None else []
 
-    def learned_buffers(self) -> list[torch.Tensor]:
-        """Buffers of learned strategies: they must live where the parameters train."""
-        return self.loss_weighting.buffers() if self.loss_weighting is not None else []
+    def ema(self, parameters: Iterable[torch.nn.Parameter]) -> EMA | None:
+        """The preset's ``[ema]`` of ``parameters`` (None when it has none): call after
+        ``optimizer``; it updates after every step of that optimizer (``sdplug.ema``)."""
+        self.ema_tracker = plan_setup.track_ema(self, list(parameters))
+        return self.ema_tracker
 
     def optimizer(
         self,
@@ -252,7 +254,8 @@ class Plan:
         """The random streams, the step count, the audit and any learned strategy state: a run
         resumed from it draws what an uninterrupted run would. Tensors and plain data only."""
         learned = self.loss_weighting.state_dict() if self.loss_weighting is not None else {}
-        return {"streams": self.streams.state_dict(), "steps": self.steps, "audit": self.audit.state_dict(), "learned": learned}
+        ema = self.ema_tracker.state_dict() if self.ema_tracker is not None else None
+        return {"streams": self.streams.state_dict(), "steps": self.steps, "audit": self.audit.state_dict(), "learned": learned, "ema": ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.streams.load_state_dict(state["streams"])
@@ -260,6 +263,8 @@ class Plan:
         self.audit.load_state_dict(state["audit"])
         if state["learned"] and self.loss_weighting is not None:
             self.loss_weighting.load_state_dict(state["learned"])
+        if state.get("ema") is not None and self.ema_tracker is not None:
+            self.ema_tracker.load_state_dict(state["ema"])
 
     def record_failure(self, exc: BaseException) -> None:
         """What stopped the host's run: ``report()`` then says the run did not complete, and

@@ -33,6 +33,10 @@ def problems(plan: Plan, report: dict[str, Any]) -> list[str]:
     found += plan.audit.problems()
     if plan.preset.optimizer is not None and plan.built_optimizer is None:
         found.append(f"optimizer {plan.preset.optimizer.type!r} was never built (the host did not call plan.optimizer)")
+    if plan.preset.ema.decay is not None and plan.ema_tracker is None:
+        found.append("ema was never kept (the host did not call plan.ema)")
+    elif plan.ema_tracker is not None and plan.ema_tracker.optimizer_steps < steps:
+        found.append(f"ema followed {plan.ema_tracker.optimizer_steps} optimizer steps in {steps} steps")
     if plan.preset.attention is not None and "attention" not in report:
         found.append(f"attention {plan.preset.attention.type!r} was never installed (the host did not call plan.attention)")
     return found
@@ -43,7 +47,7 @@ def report(plan: Plan) -> dict[str, Any]:
     if plan.built_optimizer is not None:
         spec = plan.optimizer_spec
         learned = plan.trainable_parameters()
-        tensors = [*learned, *plan.learned_buffers()]
+        tensors = [*learned, *(plan.loss_weighting.buffers() if plan.loss_weighting is not None else [])]
         data["optimizer"] = {
             "strategy": spec.type if spec is not None else "(host default)",
             "fell_back": plan.optimizer_fell_back,
@@ -56,6 +60,8 @@ def report(plan: Plan) -> dict[str, Any]:
         "alpha_cumprod_last": float(alphas[-1]),  # 0 under zero-terminal SNR
         "prediction_type": plan.prediction_type,
     }
+    if plan.ema_tracker is not None:
+        data["ema"] = plan.ema_tracker.record()
     data["completed"] = plan.failure is None
     data["problems"] = problems(plan, data)
     return data

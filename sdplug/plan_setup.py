@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdplug import optimizer_groups
+from sdplug.ema import EMA
 from sdplug.errors import PresetError, SdplugError
 from sdplug.strategies import registry
 
@@ -49,6 +50,16 @@ def _adapts_its_step(strategy: Any) -> bool:
     from sdplug.strategies.optimizers_extra import _OneLearningRate
 
     return isinstance(strategy, _OneLearningRate)
+
+
+def track_ema(plan: Plan, parameters: list[Any]) -> EMA | None:
+    if plan.preset.ema.decay is None:
+        return None
+    if plan.built_optimizer is None:
+        raise SdplugError("plan.ema: call plan.optimizer first; the average follows the steps of the optimizer it builds.")
+    ema = EMA(parameters, plan.preset.ema)
+    plan.built_optimizer.register_step_post_hook(lambda optimizer, args, kwargs: ema.after_optimizer_step())
+    return ema
 
 
 def processor_classes(model: torch.nn.Module) -> str:

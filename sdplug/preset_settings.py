@@ -6,7 +6,9 @@ the host train and sample with. Both merge key by key under ``extends``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from sdplug.params import field_names, strategy_params
 
@@ -35,6 +37,19 @@ class ScheduleSettings:
 
     zero_terminal_snr: bool = False
     epsilon_ok: bool = False
+
+
+@strategy_params
+class EMASettings:
+    """An exponential moving average of the trained weights (``sdplug.ema``); on when ``decay``
+    is set. ``update_every``: optimizer steps between updates; ``start_step``: the step from
+    which it averages (before it, it follows the weights); ``device``: ``"cpu"`` keeps the
+    averaged copy off the GPU, ``"same"`` beside the weights."""
+
+    decay: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    update_every: Annotated[int, Field(ge=1, le=100_000)] = 1
+    start_step: Annotated[int, Field(ge=0)] = 0
+    device: Literal["same", "cpu"] = "same"
 
 
 def settings_table(settings: Any) -> dict[str, Any]:

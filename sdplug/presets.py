@@ -12,10 +12,11 @@ A preset file has these sections, all optional::
     [attention]         one attention implementation
     [memory]            gradient_checkpointing, mixed_precision, cache_latents, cache_text_encoder_outputs
     [schedule]          zero_terminal_snr (and epsilon_ok)
+    [ema]               decay (turns it on), update_every, start_step, device
 
 Each strategy table has ``type`` (a registered name) and that strategy's parameters.
 ``extends``: a section the child writes replaces the parent's section whole (``noise = []``
-removes the parent's noise list), except ``[memory]`` and ``[schedule]``, which merge key by key.
+removes the parent's noise list), except ``[memory]``, ``[schedule]`` and ``[ema]``, which merge key by key.
 Every problem is one ``PresetError`` naming the file, the key path and what is allowed.
 A file may start with a UTF-8 byte-order mark (Windows editors write one). An empty file (or
 one holding only comments) is refused: it is almost always a wrong path or an unsaved file,
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from sdplug.errors import PresetError, SdplugError, did_you_mean
 from sdplug.params import check_known_keys, validate_params
 from sdplug.preset_checks import check_consistency
-from sdplug.preset_settings import MemorySettings, ScheduleSettings, settings_table
+from sdplug.preset_settings import EMASettings, MemorySettings, ScheduleSettings, settings_table
 from sdplug.strategies import registry
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ else:  # pragma: no cover - Python 3.10
 
 LIST_SECTIONS = ("noise", "caption")
 SINGLE_SECTIONS = ("timesteps", "loss", "loss_weighting", "optimizer", "attention")
-SETTINGS_SECTIONS = {"memory": MemorySettings, "schedule": ScheduleSettings}
+SETTINGS_SECTIONS = {"memory": MemorySettings, "schedule": ScheduleSettings, "ema": EMASettings}
 SECTIONS = ("preset", *LIST_SECTIONS, *SINGLE_SECTIONS, *SETTINGS_SECTIONS)
 PRESET_KEYS = ("name", "description", "extends")
 OPTIMIZER_EXTRA_KEYS = ("fallback",)
@@ -101,6 +102,7 @@ class Preset:
     attention: StrategySpec | None = None
     memory: MemorySettings = dataclasses.field(default_factory=MemorySettings)
     schedule: ScheduleSettings = dataclasses.field(default_factory=ScheduleSettings)
+    ema: EMASettings = dataclasses.field(default_factory=EMASettings)
 
     def to_dict(self, *, with_defaults: bool = False) -> dict[str, Any]:
         """The resolved preset as TOML-ready data (no ``extends``: everything is inlined)."""
@@ -117,6 +119,8 @@ class Preset:
             data["optimizer"]["fallback"] = self.optimizer_fallback.type
         data["memory"] = settings_table(self.memory)
         data["schedule"] = settings_table(self.schedule)
+        if self.ema.decay is not None:  # TOML has no null: an [ema] without decay is no [ema]
+            data["ema"] = settings_table(self.ema)
         return data
 
     def build(

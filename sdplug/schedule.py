@@ -73,3 +73,10 @@ def prediction_target(
         return latents
     signal, sigma = _coefficients(alphas_cumprod, timesteps, latents)
     return signal * noise - sigma * latents
+
+
+def same_schedule(theirs: torch.Tensor, ours: torch.Tensor) -> bool:
+    """Whether two ``alphas_cumprod`` are one schedule (to float32 precision; a zero-terminal one
+    that diffusers clamps to 2**-24 at the last step matches its exact 0)."""
+    theirs = theirs.detach().float().cpu()
+    return theirs.shape == ours.shape and bool(torch.allclose(theirs, ours.float().cpu(), atol=1e-5))

@@ -791,3 +791,12 @@ def test_a_schedule_free_optimizer_gets_mains_train_eval_switch_and_is_refused_w
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert f"sd-scripts {version} {script} has no switch for it" in result.stderr and "optimizer.type" in result.stderr
         assert not (out / "standin-model-loaded").exists()
+
+
+def test_an_ema_sd_scripts_would_not_keep_is_refused_naming_the_key():
+    from sdplug.errors import PresetError
+    from sdplug.hosts.kohya.reconcile import check_sections_apply
+
+    with pytest.raises(PresetError, match=r"e\.toml.*ema\.decay.*keeps no moving average"):
+        check_sections_apply(parse_preset({"ema": {"decay": 0.999}}, path="e.toml"))
+    check_sections_apply(parse_preset({"loss": {"type": "l1"}}, path="l.toml"))  # a loss type kohya's hook applies

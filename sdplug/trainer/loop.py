@@ -162,6 +162,7 @@ class Trainer:
         # a learned weighting's parameters move to the model's device and join as a group of their own
         self.optimizer = self.plan.optimizer(params, default=functools.partial(torch.optim.AdamW, lr=1e-4))
         self.learned_parameters = self.plan.trainable_parameters()
+        self.plan.ema(params)  # the preset's [ema] of the trained weights, updated after each optimizer step
         prepared = self.accelerator.prepare(bundle.unet, self.optimizer)
         self.unet, self.optimizer = prepared
         if self.config.train_text_encoder:

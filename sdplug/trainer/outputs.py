@@ -33,6 +33,9 @@ DESCRIPTIONS = {
     "preset.toml": "the resolved preset (also in the weights' metadata)",
     "lora.safetensors": "the LoRA, kohya/A1111 keys: diffusers load_lora_weights, or sdplug sample --lora",
     "model/": "the trained model, a diffusers StableDiffusionPipeline folder: sdplug sample --model",
+    "lora-ema.safetensors": "the LoRA with the [ema] averaged weights (same keys as lora.safetensors)",
+    "model-ema/": "the model with the [ema] averaged weights (same layout as model/)",
+    "samples-after-ema.png": "sample grid after training, with the [ema] averaged weights",
     "loss-per-timestep.png": "mean loss per timestep bin, unweighted and weighted",
     "loss-curve.png": "training loss per step, with a moving average",
     "audit.json": "what every strategy did (summary below)",
@@ -214,14 +217,15 @@ def _record_run(trainer) -> None:
     )
 
 
-def _write_weights(trainer, preset_toml: str) -> None:
+def _write_weights(trainer, preset_toml: str, suffix: str = "") -> None:
+    """The trained weights (``suffix`` "-ema": while the EMA weights are applied, beside them)."""
     config, out = trainer.config, trainer.config.output
     unwrapped = trainer.accelerator.unwrap_model(trainer.unet)
     if config.mode == "lora":
         # what `sdplug sample --lora` needs to rebuild the base: the embedded model is made from the seed
         base = {"base_model": "embedded" if config.model is None else str(Path(config.model).resolve())}
         run = {"steps": trainer.step, "seed": config.seed, "prediction_type": trainer.bundle.prediction_type, **base}
-        with atomic(out / "lora.safetensors") as tmp:
+        with atomic(out / f"lora{suffix}.safetensors") as tmp:
             lora.save_kohya_lora(
                 tmp,
                 unwrapped,
@@ -231,13 +235,13 @@ def _write_weights(trainer, preset_toml: str) -> None:
                 preset_toml=preset_toml,
                 extra=run,
             )
-        trainer.written.append("lora.safetensors")
+        trainer.written.append(f"lora{suffix}.safetensors")
     else:
         trainer.bundle.unet = unwrapped
-        with atomic(out / "model") as tmp:
+        with atomic(out / f"model{suffix}") as tmp:
             models.save_folder(trainer.bundle, tmp)
             (tmp / "sdplug_preset.toml").write_text(preset_toml)
-        trainer.written.append("model/")
+        trainer.written.append(f"model{suffix}/")
 
 
 def _loss_bins(trainer) -> dict:
@@ -278,6 +282,11 @@ def finish(trainer) -> dict:
         loss_curve_plot(tmp, trainer.losses, f"{name}: training loss ({steps} steps)")
     trainer.written += ["loss-per-timestep.png", "loss-curve.png"]
     trainer.samples_after = write_grid(trainer, "after")
+    ema = trainer.plan.ema_tracker
+    if ema is not None:
+        with ema.applied():  # the averaged weights, saved and sampled beside the plain ones
+            _write_weights(trainer, preset_toml, suffix="-ema")
+            write_grid(trainer, "after-ema")
     if trainer.config.log_with and (out / "sdplug").is_dir():
         trainer.written.append("sdplug/")
     per_rank = [

@@ -106,6 +106,25 @@ def check_loss_section(preset: Preset) -> None:
         )
 
 
+def check_sections_apply(preset: Preset) -> None:
+    """Sections sd-scripts cannot apply as the preset says are refused before any model loads."""
+    check_loss_section(preset)
+    check_ema_section(preset)
+
+
+def check_ema_section(preset: Preset) -> None:
+    """sd-scripts has no EMA, and this adapter does not save one yet: refused, never skipped."""
+    if preset.ema.decay is None:
+        return
+    raise PresetError(
+        "sd-scripts keeps no moving average of the weights and this sdplug version's kohya adapter does not add one "
+        "yet, so [ema] would not apply there. Allowed inside sd-scripts: no [ema] (or train with `sdplug train`, "
+        "which saves the EMA weights beside the plain ones).",
+        path=preset.path,
+        key="ema.decay",
+    )
+
+
 # the scripts that switch a schedule-free optimizer to eval mode around sampling and saving
 SCHEDULE_FREE_SCRIPTS = {"main": ("train_network.py", "sdxl_train_network.py")}
 

@@ -52,8 +52,8 @@ from sdplug.hosts.kohya.reconcile import (
     PresetWeightingMarker,
     check_conflicts,
     check_dataset_config,
-    check_loss_section,
     check_schedule_free_switch,
+    check_sections_apply,
     reconcile,
 )
 from sdplug.hosts.kohya.session import Session
@@ -150,7 +150,7 @@ class KohyaAdapter:
         values = vars(args)
         self.defaults = {name: parser.get_default(name) for name in values} if parser is not None else {}
         check_conflicts(preset, version, values, self.defaults)
-        check_loss_section(preset)
+        check_sections_apply(preset)
         check_memory_runs_here(preset)  # [memory] becomes kohya's arguments: refuse what cannot run here
         check_dataset_config(preset, values.get("dataset_config"), self.defaults)
         if preset.schedule.zero_terminal_snr and not getattr(args, "zero_terminal_snr", False):

@@ -1,0 +1,101 @@
+"""An exponential moving average of the trained weights, updated after every optimizer step.
+
+``[ema]`` in a preset (``decay`` turns it on): after optimizer step ``n``, from ``start_step``
+on and every ``update_every`` steps, each shadow weight becomes
+``shadow = decay * shadow + (1 - decay) * weight``; before ``start_step`` the shadow simply
+follows the weights. ``device = "cpu"`` keeps the shadows in host memory (a copy of the trained
+weights costs their size again on the GPU otherwise); they are then updated with a copy per
+step, which is the price of the memory.
+
+Hosts get it from ``plan.ema(parameters)`` after ``plan.optimizer``: the update runs in a
+post-step hook of the optimizer the plan built, so it follows real optimizer steps only (not
+accumulation micro-steps) in every host. ``applied()`` swaps the averaged weights in -- for
+sampling and saving -- and back.
+
+Peers: diffusers' ``EMAModel`` (decay with an optional warm-up ``(1 + n) / (10 + n)``),
+OneTrainer's EMA (``ema_decay``, ``ema_update_step_interval``, CPU or GPU), SimpleTuner's
+(``ema_decay``, ``ema_update_interval``, ``ema_device``); kohya sd-scripts has none. sdplug
+uses the plain decay with no warm-up: what ``decay`` says is what is applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from sdplug.preset_settings import EMASettings
+
+
+class EMA:
+    """Shadow copies of ``parameters`` and their update rule (``EMASettings``)."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], settings: EMASettings):
+        self.parameters = list(parameters)
+        self.settings = settings
+        self.decay = float(settings.decay or 0.0)
+        device = "cpu" if settings.device == "cpu" else None
+        with torch.no_grad():
+            self.shadows = [p.detach().to(device=device or p.device, copy=True) for p in self.parameters]
+        self.optimizer_steps = 0
+        self.updates = 0  # averaging updates (from start_step on)
+
+    def after_optimizer_step(self) -> None:
+        self.optimizer_steps += 1
+        n, every = self.optimizer_steps, self.settings.update_every
+        if n < self.settings.start_step:
+            self._copy_weights()  # before start_step the average is the weights themselves
+        elif n % every == 0:
+            self._average()
+            self.updates += 1
+
+    @torch.no_grad()
+    def _copy_weights(self) -> None:
+        for shadow, p in zip(self.shadows, self.parameters, strict=True):
+            shadow.copy_(p.detach())
+
+    @torch.no_grad()
+    def _average(self) -> None:
+        weights = [p.detach().to(s.device, s.dtype) for s, p in zip(self.shadows, self.parameters, strict=True)]
+        torch._foreach_lerp_(self.shadows, weights, 1.0 - self.decay)  # shadow += (1 - decay)(w - shadow)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The averaged weights in the parameters inside the block; the trained ones after."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.parameters]
+            for p, shadow in zip(self.parameters, self.shadows, strict=True):
+                p.copy_(shadow.to(p.device, p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, original in zip(self.parameters, saved, strict=True):
+                    p.copy_(original)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "shadows": [s.detach().cpu() for s in self.shadows],
+            "optimizer_steps": self.optimizer_steps,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for shadow, saved in zip(self.shadows, state["shadows"], strict=True):
+                shadow.copy_(saved.to(shadow.device, shadow.dtype))
+        self.optimizer_steps, self.updates = int(state["optimizer_steps"]), int(state["updates"])
+
+    def record(self) -> dict[str, Any]:
+        """The audit's ``ema`` section: what was averaged, how often, where."""
+        return {
+            "decay": self.decay,
+            "update_every": self.settings.update_every,
+            "start_step": self.settings.start_step,
+            "device": str(self.shadows[0].device) if self.shadows else None,
+            "parameters": sum(s.numel() for s in self.shadows),
+            "optimizer_steps": self.optimizer_steps,
+            "updates": self.updates,
+        }
