@@ -48,6 +48,9 @@ class TrainConfig:
     sample_steps: int = 25
     samples: bool = True
     progress: bool = True
+    validation_data: Path | None = None  # held-out images with captions
+    validation_split: float = 0.0  # or this share of --data, held out
+    validate_every: int = 0  # 0: before and after training only
     record_draws: bool = False  # keep every step's draws (tests of resume and multi-process runs)
 
     def check(self) -> None:
@@ -74,6 +77,14 @@ class TrainConfig:
             raise OptionError("--lora-alpha applies to --mode lora only.")
         if self.stop_after is not None and not 0 < self.stop_after < self.steps:
             raise OptionError(f"--stop-after must be between 1 and --steps - 1 ({self.steps - 1}).")
+        if self.validate_every < 0:
+            raise OptionError(f"--validate-every must be >= 0 (0: before and after training), got {self.validate_every}.")
+        if not 0.0 <= self.validation_split <= 0.5:
+            raise OptionError(f"--validation-split {self.validation_split}: allowed: a share from 0 to 0.5 of --data.")
+        if self.validation_data is not None and self.validation_split:
+            raise OptionError("give the held-out images either as --validation-data DIR or as --validation-split, not both.")
+        if self.validate_every and self.validation_data is None and not self.validation_split:
+            raise OptionError("--validate-every needs held-out images: --validation-data DIR or --validation-split SHARE.")
         if self.log_with not in (None, "tensorboard"):
             raise OptionError(f"--log-with {self.log_with!r}: allowed: tensorboard.")
 

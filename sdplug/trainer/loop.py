@@ -18,7 +18,7 @@ from sdplug.errors import MissingDependencyError, SdplugError
 from sdplug.log import show_messages
 from sdplug.presets import load_preset
 from sdplug.runs_here import check_memory_runs_here
-from sdplug.trainer import checkpoint, data, lora, models, outputs, resume, synthetic
+from sdplug.trainer import checkpoint, data, lora, models, outputs, resume, synthetic, validation
 from sdplug.trainer.batches import TrainingInputs
 from sdplug.trainer.config import OptionError, TrainConfig
 from sdplug.trainer.gradient_checkpointing import CheckpointedCalls
@@ -90,6 +90,9 @@ class Trainer:
                 f"--resolution applies to --model; the embedded model is {self.bundle.resolution}x{self.bundle.resolution}."
             )
         self.examples = data.find_examples(_resolve_data(config, self.accelerator))
+        held = data.find_examples(config.validation_data) if config.validation_data else []
+        if config.validation_split:  # held out of --data by a fixed seed: never trained on
+            self.examples, held = validation.hold_out(self.examples, config.validation_split)
         self.class_examples = data.find_examples(config.class_data) if config.class_data else []
 
         if self.preset.schedule.zero_terminal_snr:  # training and sampling alike (the plan rescales its copy)
@@ -105,6 +108,12 @@ class Trainer:
         self.loss_bins: dict[str, list[float]] = {"raw_sum": [0.0] * TIMESTEP_BINS, "weighted_sum": [0.0] * TIMESTEP_BINS, "count": [0] * TIMESTEP_BINS}
         self.draw_log: list[dict] = []
         self.losses: list[float] = []
+        self.validation_curve: list[tuple[int, float]] = []
+        self.validator = (
+            validation.ValidationLoss(self.bundle, held, self.plan.alphas_cumprod, self.plan.prediction_type, self.device)
+            if held
+            else None
+        )
         resume.register(self)  # the plan, the samplers and these records in accelerate's save_state
 
     # -- set-up ------------------------------------------------------------------------------
@@ -253,6 +262,7 @@ class Trainer:
         if config.log_with:
             accelerator.init_trackers("sdplug", config={"preset": self.preset.name, "mode": config.mode, "steps": config.steps})
         last = config.stop_after or config.steps
+        validation.maybe_validate(self)  # step 0: where the curve starts (a resumed run has it)
         progress = outputs.progress_bar(self, last)
         started, first_step = time.perf_counter(), self.step
         while self.step < last:
@@ -263,6 +273,7 @@ class Trainer:
                 progress.update(1)
             if config.log_with:
                 accelerator.log({"loss": loss}, step=self.step)
+            validation.maybe_validate(self)
             if config.save_every and self.step % config.save_every == 0 and self.step < last:
                 self.save_checkpoint(config.output / f"checkpoint-{self.step}")
                 self.written.append(f"checkpoint-{self.step}/")
@@ -273,6 +284,7 @@ class Trainer:
             self.save_checkpoint(config.output / f"checkpoint-{self.step}")
             self.written.append(f"checkpoint-{self.step}/")
             return self.audit.report()
+        validation.maybe_validate(self, final=True)
         report = outputs.finish(self)
         if config.log_with:
             accelerator.end_training()

@@ -22,7 +22,7 @@ from sdplug.log import logger
 from sdplug.optimizer_modes import eval_mode, evaluating
 from sdplug.trainer import lora, models
 from sdplug.trainer.config import SAMPLE_PROMPTS, read_prompts_file
-from sdplug.trainer.plot import loss_curve_plot, loss_per_timestep_plot
+from sdplug.trainer.plot import loss_curve_plot, loss_per_timestep_plot, validation_curve_plot
 from sdplug.trainer.sampling import sample_grid
 
 REGENERABLE = ("embedded-data", "samples-before.png")  # what a failed run's rerun writes again
@@ -38,6 +38,7 @@ DESCRIPTIONS = {
     "samples-after-ema.png": "sample grid after training, with the [ema] averaged weights",
     "loss-per-timestep.png": "mean loss per timestep bin, unweighted and weighted",
     "loss-curve.png": "training loss per step, with a moving average",
+    "validation-loss.png": "validation loss on the held-out images (fixed timesteps and noise)",
     "audit.json": "what every strategy did (summary below)",
     "sdplug/": "tensorboard logs (tensorboard --logdir <output>)",
 }
@@ -281,6 +282,11 @@ def finish(trainer) -> dict:
     with atomic(out / "loss-curve.png") as tmp:
         loss_curve_plot(tmp, trainer.losses, f"{name}: training loss ({steps} steps)")
     trainer.written += ["loss-per-timestep.png", "loss-curve.png"]
+    if trainer.validator is not None:
+        steps, values = [s for s, _ in trainer.validation_curve], [v for _, v in trainer.validation_curve]
+        with atomic(out / "validation-loss.png") as tmp:
+            validation_curve_plot(tmp, steps, values, f"{name}: validation loss ({trainer.validator.count} held-out images)")
+        trainer.written.append("validation-loss.png")
     trainer.samples_after = write_grid(trainer, "after")
     ema = trainer.plan.ema_tracker
     if ema is not None:
@@ -295,6 +301,8 @@ def finish(trainer) -> dict:
     ]
     trainer.written.append("audit.json")  # written last; a refused or failed run writes one with completed = false
     sections = {"loss_per_timestep_bin": bins, "per_rank": per_rank, "files": list(dict.fromkeys(trainer.written))}
+    if trainer.validator is not None:
+        sections["validation"] = trainer.validator.record(trainer.config.validate_every, trainer.validation_curve)
     report = json.loads(trainer.plan.write_audit(out, **sections).read_text())
     accelerator.wait_for_everyone()
     if problems:

@@ -101,3 +101,23 @@ def loss_curve_plot(path: Path, losses: list[float], title: str) -> dict[str, st
         pen.text((x - 4, bottom + 4), str(round(1 + fraction * max(count - 1, 0))), fill=BLACK)
     image.save(path, format="PNG")
     return labels
+
+
+def validation_curve_plot(path: Path, steps: list[int], values: list[float], title: str) -> dict[str, str]:
+    """Validation loss at the steps it was measured (points joined by a line)."""
+    image = Image.new("RGB", (WIDTH, HEIGHT), (255, 255, 255))
+    top = _top(values)
+    labels = _axes(image, title, "held-out images, fixed timesteps and noise", "step", "validation loss", top)
+    pen = ImageDraw.Draw(image)
+    bottom, span = HEIGHT - MARGIN, WIDTH - LEFT - MARGIN
+    last = max(max(steps, default=1), 1)
+    points = [(LEFT + span * s / last, bottom - (bottom - MARGIN) * v / top) for s, v in zip(steps, values, strict=True)]
+    if len(points) > 1:
+        pen.line(points, fill=BLUE, width=2)
+    for x, y in points:
+        pen.ellipse((x - 3, y - 3, x + 3, y + 3), fill=BLUE)
+    for fraction in (0.0, 0.5, 1.0):
+        x = LEFT + fraction * span
+        pen.text((x - 4, bottom + 4), str(round(fraction * last)), fill=BLACK)
+    image.save(path, format="PNG")
+    return labels

@@ -54,11 +54,13 @@ class RunRecords:
 
     def state_dict(self) -> dict[str, Any]:
         t = self.trainer
-        return {"step": t.step, "loss_bins": t.loss_bins, "losses": t.losses, "draw_log": t.draw_log}
+        curve = [[step, value] for step, value in t.validation_curve]
+        return {"step": t.step, "loss_bins": t.loss_bins, "losses": t.losses, "draw_log": t.draw_log, "validation": curve}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         t = self.trainer
         t.step, t.loss_bins, t.losses, t.draw_log = state["step"], state["loss_bins"], state["losses"], state["draw_log"]
+        t.validation_curve = [(int(step), float(value)) for step, value in state.get("validation", [])]
 
 
 def _trained_modules(trainer) -> tuple:
