@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from sdplug.trainer import data
+from sdplug.trainer.config import OptionError
 from sdplug.trainer.sampling import encode_prompts
 
 
@@ -23,6 +24,7 @@ class TrainingInputs:
         # pixel space: the images are the model's input, there is nothing to encode
         prepare = self._encode if bundle.vae is None or memory.cache_latents else self._load
         self.images = prepare(examples)
+        self.masks: torch.Tensor | None = None  # see load_masks
         self.class_images = prepare(class_examples) if class_examples else None
         self.text_cache = None
         if memory.cache_text_encoder_outputs:
@@ -30,6 +32,19 @@ class TrainingInputs:
             with torch.no_grad():
                 encoded = torch.cat([encode_prompts(bundle, captions[i : i + 32], device) for i in range(0, len(captions), 32)])
             self.text_cache = dict(zip(captions, encoded.cpu(), strict=True))
+
+    def load_masks(self, examples) -> dict:
+        """Each image's loss mask (all ones for an image without one); what was found, for the audit."""
+        resolution = self.bundle.resolution
+        found = [data.load_mask(e.image, resolution) for e in examples]
+        if not any(m is not None for m in found):
+            raise data.DataError(
+                f"--masked-loss: none of the {len(examples)} images has a mask (a same-named '{data.MASK_SUFFIX}' file "
+                "or an alpha channel); give masks, or train without --masked-loss."
+            )
+        ones = torch.ones(1, resolution, resolution)
+        self.masks = torch.stack([m if m is not None else ones for m in found])
+        return {"images_with_mask": sum(m is not None for m in found), "images": len(found), "mean_mask": float(self.masks.mean())}
 
     def memory_record(self) -> dict:
         return {
@@ -70,3 +85,15 @@ class TrainingInputs:
         ).input_ids.to(self.device)
         with torch.set_grad_enabled(train_text_encoder):
             return text_encoder(tokens)[0], [t.dropped for t in texts]
+
+
+def check_no_mask_options(preset) -> bool:
+    """A run without --masked-loss: a preset whose ``[loss]`` sets mask options is refused (they
+    would silently do nothing). False when it sets none."""
+    loss = preset.loss
+    if loss is not None and any(k in loss.params for k in ("unmasked_weight", "normalize_by_mask_area")):
+        raise OptionError(
+            f"{loss.path or preset.path}: [loss] sets mask options, and this run has no masks: add --masked-loss "
+            f"(masks from '{data.MASK_SUFFIX}' files or the images' alpha channel), or remove the options."
+        )
+    return False

@@ -51,6 +51,7 @@ class TrainConfig:
     validation_data: Path | None = None  # held-out images with captions
     validation_split: float = 0.0  # or this share of --data, held out
     validate_every: int = 0  # 0: before and after training only
+    masked_loss: bool = False  # loss masks from -masklabel.png files or the images' alpha channel
     record_draws: bool = False  # keep every step's draws (tests of resume and multi-process runs)
 
     def check(self) -> None:

@@ -20,6 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from sdplug.errors import SdplugError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# a loss mask beside its image, OneTrainer's naming: photo.png -> photo-masklabel.png (white = train)
+MASK_SUFFIX = "-masklabel.png"
 _REPEATS = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -50,7 +52,11 @@ def find_examples(folder: Path) -> list[Example]:
             groups.append((sub, int(match.group(1))))
     images: list[tuple[Path, int]] = []
     for directory, repeats in groups:
-        images += [(p, repeats) for p in sorted(directory.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        images += [
+            (p, repeats)
+            for p in sorted(directory.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(MASK_SUFFIX)
+        ]
     if not images:
         raise DataError(
             f"--data {folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in the folder and in "
@@ -100,6 +106,28 @@ def load_image(path: Path, size: int) -> torch.Tensor:
         image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _square(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), resample)
+
+
+def load_mask(path: Path, size: int) -> torch.Tensor | None:
+    """The loss mask of an image, ``(1, size, size)`` in [0, 1] (1 = train), cropped and resized
+    as the image is: its ``-masklabel.png`` file (grey levels), else its alpha channel; None when
+    it has neither."""
+    mask_file = path.with_name(path.stem + MASK_SUFFIX)
+    with Image.open(mask_file if mask_file.is_file() else path) as image:
+        if mask_file.is_file():
+            grey = image.convert("L")
+        elif image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            grey = image.convert("RGBA").getchannel("A")
+        else:
+            return None
+        array = np.asarray(_square(grey, size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).unsqueeze(0)
 
 
 def to_image(tensor: torch.Tensor) -> Image.Image:

@@ -19,7 +19,7 @@ from sdplug.log import show_messages
 from sdplug.presets import load_preset
 from sdplug.runs_here import check_memory_runs_here
 from sdplug.trainer import checkpoint, data, lora, models, outputs, resume, synthetic, validation
-from sdplug.trainer.batches import TrainingInputs
+from sdplug.trainer.batches import TrainingInputs, check_no_mask_options
 from sdplug.trainer.config import OptionError, TrainConfig
 from sdplug.trainer.gradient_checkpointing import CheckpointedCalls
 from sdplug.trainer.requirements import check_trainer_requirements
@@ -164,6 +164,8 @@ class Trainer:
                 **self.inputs.memory_record(),
             }
         )
+        if self.config.masked_loss or check_no_mask_options(self.preset):
+            self.audit.record_host(masked_loss=self.inputs.load_masks(self.examples))
 
     def _prepare_optimizer(self):
         bundle = self.bundle
@@ -193,11 +195,12 @@ class Trainer:
         self.latent_generator = streams.generator("latents", self.device)
 
     # -- one step -----------------------------------------------------------------------------
-    def _loss(self, sampler: data.BatchSampler, examples, images) -> tuple[torch.Tensor, dict]:
+    def _loss(self, sampler: data.BatchSampler, examples, images, masks=None) -> tuple[torch.Tensor, dict]:
         epochs, indices = sampler.next()
         captions = [examples[i].caption for i in indices]
         states, dropped = self.inputs.text(self.text_encoder, captions, epochs, train_text_encoder=self.config.train_text_encoder)
-        step = diffusion_loss(self.plan, self.unet, self.inputs.latents(images[indices]), states, self.accelerator.autocast)
+        mask = masks[indices].to(self.device) if masks is not None else None
+        step = diffusion_loss(self.plan, self.unet, self.inputs.latents(images[indices]), states, self.accelerator.autocast, mask)
         bins = (step.timesteps * TIMESTEP_BINS // self.plan.num_train_timesteps).clamp(max=TIMESTEP_BINS - 1).tolist()
         for b, r, w in zip(bins, step.unweighted.detach().tolist(), step.weighted.detach().tolist(), strict=True):
             self.loss_bins["raw_sum"][b] += r
@@ -212,7 +215,7 @@ class Trainer:
         return step.weighted.mean(), draw
 
     def train_step(self) -> float:
-        loss, draw = self._loss(self.sampler, self.examples, self.inputs.images)
+        loss, draw = self._loss(self.sampler, self.examples, self.inputs.images, self.inputs.masks)
         if self.class_sampler is not None:
             prior_loss, _ = self._loss(self.class_sampler, self.class_examples, self.inputs.class_images)
             loss = loss + self.config.prior_loss_weight * prior_loss

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from sdplug.plan import NoiseDraw, Plan
+from sdplug.strategies.loss import resize_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +33,13 @@ def diffusion_loss(
     latents: torch.Tensor,
     text_states: torch.Tensor,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    mask: torch.Tensor | None = None,
 ) -> StepLoss:
     noise = plan.noise(latents)
     timesteps = plan.timesteps(len(latents), device=latents.device)
     with autocast():
         prediction = unet(plan.noisy_input(latents, noise, timesteps), timesteps, encoder_hidden_states=text_states).sample
-    unweighted = plan.unweighted_loss(prediction, plan.target(latents, noise, timesteps), timesteps=timesteps)
+    if mask is not None:  # a pixel mask, at the latents' size (area interpolation, as kohya resizes its masks)
+        mask = resize_mask(mask, latents)
+    unweighted = plan.unweighted_loss(prediction, plan.target(latents, noise, timesteps), mask, timesteps=timesteps)
     return StepLoss(plan.weight(unweighted, timesteps), unweighted, timesteps, noise)
