@@ -793,10 +793,48 @@ def test_a_schedule_free_optimizer_gets_mains_train_eval_switch_and_is_refused_w
         assert not (out / "standin-model-loaded").exists()
 
 
-def test_an_ema_sd_scripts_would_not_keep_is_refused_naming_the_key():
-    from sdplug.errors import PresetError
-    from sdplug.hosts.kohya.reconcile import check_sections_apply
+class _Network(torch.nn.Module):
+    """A network as sd-scripts' network modules build one: its own save_weights."""
 
-    with pytest.raises(PresetError, match=r"e\.toml.*ema\.decay.*keeps no moving average"):
-        check_sections_apply(parse_preset({"ema": {"decay": 0.999}}, path="e.toml"))
-    check_sections_apply(parse_preset({"loss": {"type": "l1"}}, path="l.toml"))  # a loss type kohya's hook applies
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+        self.saved = {}
+
+    def save_weights(self, file, dtype, metadata):
+        self.saved[file] = (self.weight.detach().clone(), metadata)
+
+
+def test_ema_saves_a_twin_of_every_network_file_kohya_saves(tmp_path, monkeypatch):
+    network_module = types.ModuleType("standin_networks")
+    network_module.create_network = lambda *args, **kwargs: _Network()
+    monkeypatch.setitem(sys.modules, "standin_networks", network_module)
+    preset = parse_preset({"ema": {"decay": 0.5}, "optimizer": {"type": "adamw", "lr": 0.1}}, path="e.toml")
+    adapter = KohyaAdapter(preset, KNOWN[0], "train_network.py")
+    adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    from sdplug.hosts.kohya import ema_save
+
+    ema_save.install(adapter, SimpleNamespace(network_module="standin_networks"))
+    network = network_module.create_network(1.0, 4)  # what train_network.py calls
+    _, _, optimizer = adapter._optimizer_hook(SimpleNamespace(learning_rate=1e-4), [{"params": list(network.parameters())}])
+    for _ in range(3):
+        (network.weight**2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    network.save_weights("out/last.safetensors", None, {"ss_x": "1"})
+    plain, _ = network.saved["out/last.safetensors"]
+    averaged, metadata = network.saved["out/last-ema.safetensors"]
+    assert torch.allclose(averaged, adapter.plan.ema_tracker.shadows[0]) and not torch.equal(plain, averaged)
+    assert torch.equal(network.weight.detach(), plain)  # the trained weights are back after the twin
+    assert json.loads(metadata["sdplug_ema"])["optimizer_steps"] == 3 and metadata["ss_x"] == "1"
+    adapter.session.undo()
+    assert network_module.create_network is not None and not hasattr(network_module.create_network, "__wrapped__")
+
+
+def test_ema_is_refused_for_scripts_that_save_whole_models(tmp_path):
+    from sdplug.errors import PresetError
+    from sdplug.hosts.kohya import ema_save
+
+    adapter = KohyaAdapter(parse_preset({"ema": {"decay": 0.99}}, path="e.toml"), KNOWN[0], "train_db.py")
+    with pytest.raises(PresetError, match=r"e\.toml.*ema\.decay.*train_db\.py saves whole models"):
+        ema_save.install(adapter, SimpleNamespace(network_module=None))

@@ -106,23 +106,10 @@ def check_loss_section(preset: Preset) -> None:
         )
 
 
-def check_sections_apply(preset: Preset) -> None:
+def check_sections_apply(plan: Any, version: str, script: str) -> None:
     """Sections sd-scripts cannot apply as the preset says are refused before any model loads."""
-    check_loss_section(preset)
-    check_ema_section(preset)
-
-
-def check_ema_section(preset: Preset) -> None:
-    """sd-scripts has no EMA, and this adapter does not save one yet: refused, never skipped."""
-    if preset.ema.decay is None:
-        return
-    raise PresetError(
-        "sd-scripts keeps no moving average of the weights and this sdplug version's kohya adapter does not add one "
-        "yet, so [ema] would not apply there. Allowed inside sd-scripts: no [ema] (or train with `sdplug train`, "
-        "which saves the EMA weights beside the plain ones).",
-        path=preset.path,
-        key="ema.decay",
-    )
+    check_loss_section(plan.preset)
+    check_schedule_free_switch(plan, version, script)
 
 
 # the scripts that switch a schedule-free optimizer to eval mode around sampling and saving

@@ -4,24 +4,22 @@ Installed either by the launcher (``sdplug kohya ...``, before the script runs) 
 patched scripts (``--sdplug_preset``, from inside the script). Hooks, all in
 ``library.train_util`` / ``library.custom_train_functions``:
 
-- ``read_config_from_file`` (every script calls it right after parsing arguments, before any
-  model loads): checks the command line against the preset with the flag table
-  (``flags.py``, ``reconcile.py``: a trick set in both is refused), then configures.
+- ``read_config_from_file`` (right after parsing arguments, before any model loads): checks
+  the command line against the preset (``flags.py``, ``reconcile.py``), then configures.
 - ``get_noise_noisy_latents_and_timesteps``: noise, timesteps and the model input from the
-  plan; input perturbation reaches the model input only, the returned target noise is clean.
+  plan (input perturbation reaches the model input only).
 - ``apply_snr_weight``: kohya calls it on the per-sample loss when ``min_snr_gamma`` is set;
   the adapter sets a marker value there so the preset's weighting runs in its place.
 - ``get_optimizer``: the preset's optimizer, with a learned weighting's parameters added.
 - ``replace_unet_modules``: the preset's attention through kohya's own switches.
 - ``BaseDataset.process_caption``: the preset's caption transforms after kohya's own text
   handling (prefixes, wildcards).
-- ``get_sai_model_spec``: the metadata every saved model and LoRA gets; the resolved preset
-  joins it (kohya's own keys cannot express it).
+- ``get_sai_model_spec``: the resolved preset joins every saved model's metadata.
 - ``BaseDataset.__getitem__`` and the dataset's text-encoder caching method: with cached
   text-encoder outputs (SDXL scripts) there is no caption text, so dropout replaces a dropped
   sample's cached rows with the empty caption's outputs (see ``cached_text``).
-- ``conditional_loss`` (the preset's ``[loss]``) and main's ``get_optimizer_train_eval_fn``
-  (a schedule-free optimizer's eval weights around sampling and saving): ``step_hooks``.
+- ``conditional_loss`` (``[loss]``), main's ``get_optimizer_train_eval_fn`` (schedule-free
+  optimizers): ``step_hooks``; ``[ema]``'s twin of each saved network: ``ema_save``.
 
 Each hook translates kohya's calling convention and calls the plan; what kohya itself needs
 lives in the modules beside this one. Every change to the process goes through the adapter's
@@ -44,7 +42,7 @@ import torch
 
 from sdplug import __version__ as sdplug_version
 from sdplug.errors import SdplugError
-from sdplug.hosts.kohya import report, step_hooks
+from sdplug.hosts.kohya import ema_save, report, step_hooks
 from sdplug.hosts.kohya.attention_switch import switch_attention
 from sdplug.hosts.kohya.caption_hooks import CaptionHooks
 from sdplug.hosts.kohya.reconcile import (
@@ -52,7 +50,6 @@ from sdplug.hosts.kohya.reconcile import (
     PresetWeightingMarker,
     check_conflicts,
     check_dataset_config,
-    check_schedule_free_switch,
     check_sections_apply,
     reconcile,
 )
@@ -150,14 +147,14 @@ class KohyaAdapter:
         values = vars(args)
         self.defaults = {name: parser.get_default(name) for name in values} if parser is not None else {}
         check_conflicts(preset, version, values, self.defaults)
-        check_sections_apply(preset)
         check_memory_runs_here(preset)  # [memory] becomes kohya's arguments: refuse what cannot run here
         check_dataset_config(preset, values.get("dataset_config"), self.defaults)
         if preset.schedule.zero_terminal_snr and not getattr(args, "zero_terminal_snr", False):
             args.zero_terminal_snr = True  # kohya rescales its training scheduler; the plan rescales alike
             self.rules.append("--zero_terminal_snr -> True (preset [schedule] zero_terminal_snr)")
         self.plan = self._build_plan(args)
-        check_schedule_free_switch(self.plan, self.version.name, self.script)
+        check_sections_apply(self.plan, self.version.name, self.script)
+        ema_save.install(self, args)  # [ema]: a twin beside every network file kohya saves
         spec = self.plan.optimizer_spec
         lr = spec.params.get("lr") if spec is not None else None
         result = reconcile(preset, version, values, self.defaults, script=self.script, lr=lr)
@@ -286,6 +283,8 @@ class KohyaAdapter:
         optimizer = self.plan.optimizer(
             list(trainable_params), default=kohya_optimizer, host_lr=args.learning_rate, learned_group="first"
         )
+        learned = {id(p) for p in self.plan.trainable_parameters()}
+        self.plan.ema([p for g in optimizer.param_groups if g.get("lr") != 0 for p in g["params"] if id(p) not in learned])
         spec = self.plan.optimizer_spec
         if spec is None:
             return built["kohya"]
