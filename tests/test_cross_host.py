@@ -23,6 +23,7 @@ from PIL import Image
 
 from sdplug.trainer.config import TrainConfig
 from sdplug.trainer.loop import Trainer
+from tests.everydream_standin import make_standin as make_everydream_standin
 from tests.kohya_standin import make_standin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,4 +121,34 @@ def test_trainer_and_kohya_draw_the_same_for_one_preset_and_seed(tmp_path, tiny_
     assert [w is None for w in weights[0]] == [w is None for w in weights[1]]
     assert [w for w in weights[0] if w is not None] == pytest.approx([w for w in weights[1] if w is not None], rel=1e-6)
     tags = [r["caption"]["tag_dropout"][0] for r in (trainer_report, kohya_report)]
+    assert tags[0]["tags_droppable"] == tags[1]["tags_droppable"] and tags[0]["tags_dropped"] == tags[1]["tags_dropped"]
+
+
+def everydream_draws(tmp_path, preset) -> tuple[dict, dict]:
+    root = make_everydream_standin(tmp_path / "everydream2")
+    config = {"plugins": ["sdplug.hosts.everydream.Plugin"], "sdplug_preset": str(preset), "seed": 0}
+    (root / "train.json").write_text(json.dumps({**config, "batch_size": BATCH, "standin_max_steps": STEPS}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "train.py", "--config", "train.json"]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = root / "logs" / "myproj-standin"
+    return json.loads((folder / "standin-record.json").read_text()), json.loads((folder / "audit.json").read_text())
+
+
+def test_trainer_and_everydream_draw_the_same_for_one_preset_and_seed(tmp_path, tiny_sd):
+    preset = tmp_path / "every-family.toml"
+    preset.write_text(PRESET)
+    draws, trainer_report = trainer_draws(tmp_path, tiny_sd, preset)
+    record, everydream_report = everydream_draws(tmp_path, preset)
+
+    assert [d["noise_sum"] for d in draws] == pytest.approx(record["noise_sums"], rel=1e-6, abs=1e-6)
+    assert [d["timesteps"] for d in draws] == record["timesteps"]
+    assert [flag for d in draws for flag in d["dropped"]] == record["dropped"]
+    assert any(record["dropped"]) and not all(record["dropped"])
+    assert everydream_report["steps"] == STEPS and everydream_report["caption"]["samples"] == STEPS * BATCH
+    weights = [r["loss_weighting"]["mean_weight_per_timestep_bin"] for r in (trainer_report, everydream_report)]
+    assert [w is None for w in weights[0]] == [w is None for w in weights[1]]
+    assert [w for w in weights[0] if w is not None] == pytest.approx([w for w in weights[1] if w is not None], rel=1e-6)
+    tags = [r["caption"]["tag_dropout"][0] for r in (trainer_report, everydream_report)]
     assert tags[0]["tags_droppable"] == tags[1]["tags_droppable"] and tags[0]["tags_dropped"] == tags[1]["tags_dropped"]

@@ -88,6 +88,7 @@ class HandWritten:
         self.noise_generator = torch.Generator().manual_seed(stream_seed(seed, rank, "noise"))
         self.timestep_generator = torch.Generator().manual_seed(stream_seed(seed, rank, "timesteps"))
         self.caption_rng = random.Random(stream_seed(seed, rank, "captions"))
+        self.noise_host_rng = random.Random(stream_seed(seed, rank, "noise-host"))  # pyramid's level sizes
 
     def caption(self, text: str, *, epoch: int = 0) -> str:
         for transform in self.captions:
@@ -101,7 +102,9 @@ class HandWritten:
     def noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         target = None
         for strategy in self.noise_strategies:
-            if strategy.role == "target":
+            if strategy.role == "target" and strategy.uses_host_rng:
+                target = strategy.transform(target, latents, self.noise_generator, host_rng=self.noise_host_rng)
+            elif strategy.role == "target":
                 target = strategy.transform(target, latents, self.noise_generator)
         if target is None:
             target = torch.randn(latents.shape, generator=self.noise_generator, dtype=latents.dtype)

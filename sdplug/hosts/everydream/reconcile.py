@@ -43,7 +43,9 @@ def _section(preset: Preset, key: Ed2Key) -> str | None:
     return next((s for s in key.sections if section_set(preset, s)), None)
 
 
-def reconcile(preset: Preset, values: Mapping[str, Any], defaults: Mapping[str, Any], *, loss_reachable: bool = False) -> Reconciliation:
+def reconcile(
+    preset: Preset, values: Mapping[str, Any], defaults: Mapping[str, Any], *, loss_reachable: bool = False
+) -> Reconciliation:
     """The changes to EveryDream2's settings, or ``EverydreamConflictError`` naming every clash."""
     result = Reconciliation()
     clashes: list[str] = []

@@ -10,6 +10,7 @@ present, and every name the plugin reads at run time must exist, before anything
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 from sdplug.errors import SdplugError
@@ -110,11 +111,11 @@ def detect(root: Path) -> EverydreamVersion:
     )
 
 
-def check_runtime(main_locals: dict[str, object] | None, modules: dict[str, object], version: EverydreamVersion) -> None:
+def check_runtime(main_locals: Mapping[str, object] | None, modules: Mapping[str, object], version: EverydreamVersion) -> None:
     """Every name the plugin reads or hooks, present in the running process (else refuse)."""
     if main_locals is None:
         raise EverydreamVersionError(
-            "the sdplug plugin must be built by EveryDream2's train.py main() (train.json \"plugins\"); "
+            'the sdplug plugin must be built by EveryDream2\'s train.py main() (train.json "plugins"); '
             "it found no such caller, so it cannot reach the noise scheduler and models."
         )
     absent = [f"main(): {name}" for name in MAIN_LOCALS if main_locals.get(name) is None]
