@@ -45,17 +45,31 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-_BENCH_OPTIONS = {"pyramid": ("repeats",), "plan-overhead": ("preset", "steps", "rounds", "batch_size", "quick")}
+_EVIDENCE_BENCHES = ("noise-range", "min-snr", "cfg", "cost")
+_BENCH_OPTIONS = {
+    "pyramid": ("repeats",),
+    "plan-overhead": ("preset", "steps", "rounds", "batch_size", "quick"),
+    **{name: ("quick", "seeds", "output") for name in _EVIDENCE_BENCHES},
+}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    # the benches share one subparser: an option of the other bench is refused, not ignored
-    foreign = [n for w, names in _BENCH_OPTIONS.items() if w != args.what for n in names if getattr(args, n) not in (None, False)]
+    # the benches share one subparser: an option of another bench is refused, not ignored
+    mine_names = _BENCH_OPTIONS[args.what]
+    foreign = sorted(
+        {n for names in _BENCH_OPTIONS.values() for n in names if n not in mine_names and getattr(args, n) not in (None, False)}
+    )
     if foreign:
         mine = ", ".join("--" + n.replace("_", "-") for n in (*_BENCH_OPTIONS[args.what], "threads"))
         raise SdplugError(
             f"sdplug bench {args.what}: {', '.join('--' + n.replace('_', '-') for n in foreign)} belongs to another bench; "
             f"{args.what} takes {mine}."
+        )
+    if args.what in _EVIDENCE_BENCHES:
+        from sdplug.bench import evidence
+
+        return evidence.main(
+            args.what, quick=args.quick, seeds=3 if args.seeds is None else args.seeds, output=args.output, threads=args.threads
         )
     if args.what == "plan-overhead":
         from sdplug.bench import plan_overhead
@@ -97,6 +111,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         class_data=args.class_data,
         prior_loss_weight=args.prior_loss_weight,
         save_every=args.save_every,
+        validation_data=args.validation_data,
+        validation_split=args.validation_split,
+        validate_every=args.validate_every,
+        masked_loss=args.masked_loss,
         resume=args.resume,
         log_with=args.log_with,
         sample_prompts_file=args.sample_prompts,
@@ -191,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered strategies (name, description, providing package)")
-    p.add_argument("family", nargs="?", help="one family: noise, timesteps, loss_weighting, caption, optimizer, attention")
+    p.add_argument("family", nargs="?", help="one family: noise, timesteps, loss, loss_weighting, caption, optimizer, attention")
     p.set_defaults(run=_cmd_list)
 
     p = sub.add_parser("validate", help="validate preset files; exit 1 if any is invalid")
@@ -238,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-data", type=Path, metavar="DIR", help="dreambooth prior-preservation images with captions")
     p.add_argument("--prior-loss-weight", type=float, default=1.0, metavar="W", help="weight of the prior-preservation loss")
     p.add_argument("--save-every", type=int, metavar="N", default=0, help="write a resumable checkpoint every N steps; 0: none")
+    p.add_argument("--masked-loss", action="store_true", help="loss masks: <image>-masklabel.png files or the alpha channel")
+    p.add_argument("--validation-data", type=Path, metavar="DIR", help="held-out images with captions for the validation loss")
+    p.add_argument("--validation-split", type=float, default=0.0, metavar="SHARE", help="hold out this share of --data instead")
+    p.add_argument("--validate-every", type=int, default=0, metavar="N", help="validation loss every N steps (0: before and after)")
     p.add_argument(
         "--resume",
         type=Path,
@@ -301,16 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="print cost ratios measured side by side: pyramid noise / randn_like, or a step through the plan / hand-written",
+        help="print cost ratios measured side by side (pyramid, plan-overhead), or train tiny models to test each "
+        "article's claim and write report.md, plots and figures.json (noise-range, min-snr, cfg, cost)",
     )
-    p.add_argument("what", choices=["pyramid", "plan-overhead"])
+    p.add_argument("what", choices=["pyramid", "plan-overhead", *_EVIDENCE_BENCHES])
     p.add_argument("--repeats", type=int, help="pyramid: timed calls per method and shape (median reported; default 200)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: comparable on shared machines)")
     p.add_argument("--preset", help="plan-overhead: the preset whose plan calls are timed (default tiny-default)")
     p.add_argument("--steps", type=int, help="plan-overhead: steps per side per round (default 5)")
     p.add_argument("--rounds", type=int, help="plan-overhead: timed rounds (default 15; medians over rounds)")
     p.add_argument("--batch-size", type=int, help="plan-overhead: batch size (default 8)")
-    p.add_argument("--quick", action="store_true", help="plan-overhead: 3 rounds x 3 steps of batch 4 (a smoke run)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="plan-overhead: 3 rounds x 3 steps of batch 4; noise-range, min-snr, cfg, cost: a smoke run (about 1-2 minutes)",
+    )
+    p.add_argument("--seeds", type=int, help="noise-range, min-snr, cfg, cost: runs with seeds 0..N-1 (default 3)")
+    p.add_argument("--output", type=Path, help="noise-range, min-snr, cfg, cost: folder for report.md (default bench-NAME)")
     p.set_defaults(run=_cmd_bench)
     return parser
 

@@ -119,8 +119,9 @@ class Plan:
     def caption_dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
         """The dropout decision alone, for hosts with cached text-encoder outputs: when True,
         the host substitutes the empty caption's embedding."""
-        dropped = self.caption_pipeline.dropped(epoch=epoch, rng=rng or self.streams.random("captions"))
-        if self.caption_pipeline.transforms:
+        stream = "validation-captions" if self._validating else "captions"
+        dropped = self.caption_pipeline.dropped(epoch=epoch, rng=rng or self.streams.random(stream))
+        if self.caption_pipeline.transforms and not self._validating:
             self.audit.record_caption(
                 dropped=dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), substituted=dropped
             )
@@ -212,8 +213,7 @@ class Plan:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Plan:
         """Move every tensor a strategy holds (a learned weighting's parameters and buffers) in
-        place, so optimizer references stay valid. Hosts call this once, before building the
-        optimizer, with the training device."""
+        place, so optimizer references stay valid (``optimizer`` does it for the model's device)."""
         if self.loss_weighting is not None:
             self.loss_weighting.to(device=device, dtype=dtype)
         return self

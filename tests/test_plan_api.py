@@ -236,3 +236,11 @@ def test_zero_terminal_snr_with_an_epsilon_model_is_refused_unless_the_preset_sa
     assert knows.build(alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon").alphas_cumprod[-1] == 0
     with pytest.raises(PresetError, match=r"schedule.*zero_terminal"):
         parse_preset({"schedule": {"zero_terminal": True}}, path="z.toml")  # unknown key, named
+
+
+def test_a_cached_text_dropout_decision_in_validation_neither_counts_nor_shifts_training():
+    training, validating = build(), build()
+    with validating.validation():
+        [validating.caption_dropped() for _ in range(5)]
+    assert validating.report()["caption"]["samples"] == 0
+    assert [training.caption_dropped() for _ in range(8)] == [validating.caption_dropped() for _ in range(8)]
