@@ -61,3 +61,12 @@ def test_show_prints_the_resolved_preset_with_defaults():
 def test_unknown_family_is_an_error_not_a_traceback():
     result = sdplug_cli("list", "noises")
     assert result.returncode == 1 and "Traceback" not in result.stderr and "Did you mean 'noise'" in result.stderr
+
+
+def test_train_takes_the_validation_and_masked_loss_options(tmp_path):
+    no_holdout = sdplug_cli("train", "min-snr", "--validate-every", "3", "--output", str(tmp_path / "o"))
+    assert no_holdout.returncode == 1 and "needs held-out images" in no_holdout.stderr and "Traceback" not in no_holdout.stderr
+    split = sdplug_cli("train", "min-snr", "--validation-split", "0.9", "--output", str(tmp_path / "o"))
+    assert split.returncode == 1 and "allowed: a share from 0 to 0.5" in split.stderr
+    masked = sdplug_cli("train", "min-snr", "--masked-loss", "--steps", "1", "--output", str(tmp_path / "m"))
+    assert masked.returncode == 1 and "--masked-loss: none of the" in masked.stderr  # the embedded data has no masks
