@@ -368,3 +368,14 @@ def test_loss_types_schedule_and_noise_extras_round_trip_through_the_bridge():
     # kohya's smooth_l1 is sdplug's smooth_l1; l2 is the default (no [loss])
     assert _preset(from_kohya({"loss_type": "smooth_l1"}).data).loss.type == "smooth_l1"
     assert "loss" not in from_kohya({"loss_type": "l2"}).data
+
+
+def test_a_flag_that_clashes_with_two_sections_names_both():
+    from sdplug.hosts.kohya.reconcile import KohyaConflictError, check_conflicts
+
+    preset = _preset({"noise": [{"type": "pyramid"}], "loss": {"type": "pseudo_huber"}})
+    with pytest.raises(KohyaConflictError) as caught:
+        check_conflicts(preset, "v0.8.7", {"loss_type": "huber"}, {"loss_type": "l2"})
+    message = str(caught.value)
+    assert "sets [noise] and the kohya command line sets --loss_type=huber" in message
+    assert "sets [loss] and the kohya command line sets --loss_type=huber" in message

@@ -74,10 +74,10 @@ def check_conflicts(preset: Preset, version: str, values: Mapping[str, Any], def
         value = values[flag.name]
         if not is_set(value, defaults.get(flag.name)):
             continue
+        # every section it clashes with: removing one section must not uncover another refusal
         for section in flag.sections:
             if section_set(preset, section) and value != preset_value(preset, section):
                 clashes.setdefault(section, []).append(f"--{flag.name}={value} ({_why(flag, section)})")
-                break
     if clashes:
         parts = [
             f"the preset sets {_label(s, preset)} and the kohya command line sets {', '.join(c)}" for s, c in clashes.items()
