@@ -176,9 +176,11 @@ def _cmd_to_kohya(args: argparse.Namespace) -> int:
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
+    from sdplug.hosts.diffusers_scripts import edits
     from sdplug.hosts.kohya import patching
 
-    action = patching.apply if args.command == "patch" else patching.revert
+    module = edits if args.host == "diffusers-examples" else patching
+    action = module.apply if args.command == "patch" else module.revert
     for line in action(args.directory):
         print(line)
     return 0
@@ -302,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     # listed for `sdplug --help` only: main() hands `sdplug kohya ...` to the launcher before
     # argparse, which cannot pass options after a subcommand through as REMAINDER
 
+    p = sub.add_parser("diffusers", help="run a diffusers example training script with a preset: sdplug diffusers --preset P -- SCRIPT ARGS")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("from-kohya", help="translate a kohya --config_file into a preset")
     p.add_argument("config", type=Path)
     p.add_argument("-o", "--output", type=Path)
@@ -313,11 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_to_kohya)
 
     for name, text in (
-        ("patch", "add --sdplug_preset to an sd-scripts tree"),
+        ("patch", "add --sdplug_preset to an sd-scripts tree or diffusers' example scripts"),
         ("unpatch", "restore the files 'patch' changed, byte for byte"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("host", choices=["kohya"])
+        p.add_argument("host", choices=["kohya", "diffusers-examples"])
         p.add_argument("directory", type=Path)
         p.set_defaults(run=_cmd_patch)
 
@@ -353,6 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sdplug.hosts.kohya.launcher import main as kohya_main
 
         return kohya_main(argv[1:])
+    if argv[:1] == ["diffusers"]:  # likewise: diffusers' example scripts
+        from sdplug.hosts.diffusers_scripts.launcher import main as diffusers_main
+
+        return diffusers_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

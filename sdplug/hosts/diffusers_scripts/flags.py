@@ -1,0 +1,102 @@
+"""The trick flags of diffusers' training scripts, next to a preset: refused, reconciled or kept.
+
+A flag set away from its parser default, with a preset section that replaces what it does,
+stops the run before any model loads (naming the flag, the section and what is allowed), so a
+script's own version of a trick never runs beside the preset's. ``[memory]`` keys the scripts
+have a switch for are reconciled (the preset's value wins, recorded as a rule); those they have
+no switch for, and ``[ema]``, are refused. A flag a script does not have is skipped only because
+the script cannot set it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sdplug.errors import SdplugError
+from sdplug.presets import Preset
+
+_NOISE = ("noise", "timesteps")  # the session draws noise and timesteps together
+_OPTIMIZER = ("optimizer",)
+
+# flag -> (preset sections that replace it, what it is)
+CONFLICTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "noise_offset": (_NOISE, "the script's offset noise (sdplug: noise 'offset')"),
+    "input_perturbation": (_NOISE, "the script's input perturbation (sdplug: noise 'input_perturbation')"),
+    "snr_gamma": (("loss_weighting",), "the script's min-SNR weighting (sdplug: loss_weighting 'min_snr')"),
+    "use_8bit_adam": (_OPTIMIZER, "the script's 8-bit AdamW (sdplug: optimizer 'adamw8bit')"),
+    "optimizer": (_OPTIMIZER, "the script's optimizer choice"),
+    "adam_beta1": (_OPTIMIZER, "the script's AdamW betas"),
+    "adam_beta2": (_OPTIMIZER, "the script's AdamW betas"),
+    "adam_weight_decay": (_OPTIMIZER, "the script's weight decay"),
+    "adam_weight_decay_text_encoder": (_OPTIMIZER, "the script's text-encoder weight decay"),
+    "adam_epsilon": (_OPTIMIZER, "the script's AdamW epsilon"),
+    "prodigy_beta3": (_OPTIMIZER, "the script's Prodigy settings"),
+    "prodigy_decouple": (_OPTIMIZER, "the script's Prodigy settings"),
+    "prodigy_use_bias_correction": (_OPTIMIZER, "the script's Prodigy settings"),
+    "prodigy_safeguard_warmup": (_OPTIMIZER, "the script's Prodigy settings"),
+    "enable_xformers_memory_efficient_attention": (("attention",), "the script's xformers switch (sdplug: attention 'xformers')"),
+    "proportion_empty_prompts": (("caption",), "the script's once-per-dataset empty prompts (sdplug: caption 'dropout', per step)"),
+}
+
+
+class DiffusersConflictError(SdplugError):
+    """A script flag that sets a trick the preset replaces, or a preset key the script cannot apply."""
+
+
+def _set_sections(preset: Preset) -> set[str]:
+    sections = {name for name in ("timesteps", "loss", "loss_weighting", "optimizer", "attention") if getattr(preset, name)}
+    sections |= {name for name in ("noise", "caption") if getattr(preset, name)}
+    return sections
+
+
+def check(preset: Preset, script: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Refuse conflicts and unreachable preset keys; returns ``{flag: how it stood}`` for the audit
+    and applies the reconciled ``[memory]`` keys to ``args``."""
+    where = preset.path or preset.name
+    sections = _set_sections(preset)
+    stood: dict[str, Any] = {}
+    for flag, (replaced_by, what) in CONFLICTS.items():
+        if not hasattr(args, flag):
+            continue
+        value, default = getattr(args, flag), parser.get_default(flag)
+        taken = sorted(sections.intersection(replaced_by))
+        if taken and value != default:
+            raise DiffusersConflictError(
+                f"{script}: --{flag} {value!r} sets {what}, which the preset {where} replaces ([{taken[0]}]). Allowed: "
+                f"leave --{flag} at its default ({default!r}), or drop [{taken[0]}] from the preset."
+            )
+        stood[flag] = {"value": value, "state": f"off: the preset's [{taken[0]}] applies" if taken else "the script's"}
+    _check_caption(preset, script, where)
+    _check_settings(preset, script, where)
+    stood.update(_memory(preset, args))
+    return stood
+
+
+def _check_caption(preset: Preset, script: str, where: str) -> None:
+    for index, spec in enumerate(preset.caption):
+        if spec.type != "dropout":
+            raise DiffusersConflictError(
+                f"{where}: caption[{index}].type {spec.type!r} rewrites caption text, which {script} tokenizes (or "
+                "encodes) in its data pipeline; the step sees tokens only. Allowed here: caption 'dropout'."
+            )
+
+
+def _check_settings(preset: Preset, script: str, where: str) -> None:
+    if preset.ema.decay is not None:
+        raise DiffusersConflictError(f"{where}: [ema] decay: {script} saves its LoRA itself; sdplug cannot save an average beside it. Allowed: no [ema].")
+    for key in ("cache_latents", "cache_text_encoder_outputs"):
+        if getattr(preset.memory, key):
+            raise DiffusersConflictError(f"{where}: memory.{key}: {script} has no such switch. Allowed: false.")
+
+
+def _memory(preset: Preset, args: argparse.Namespace) -> dict[str, Any]:
+    rules: dict[str, Any] = {}
+    if preset.memory.gradient_checkpointing and not getattr(args, "gradient_checkpointing", False):
+        args.gradient_checkpointing = True
+        rules["gradient_checkpointing"] = {"value": True, "state": "reconciled: memory.gradient_checkpointing"}
+    wanted = preset.memory.mixed_precision
+    if wanted != "no" and getattr(args, "mixed_precision", None) != wanted:
+        rules["mixed_precision"] = {"value": wanted, "state": f"reconciled: memory.mixed_precision (was {args.mixed_precision!r})"}
+        args.mixed_precision = wanted
+    return rules

@@ -1,0 +1,196 @@
+"""What a patched diffusers training script calls, at the moments every host calls the plan.
+
+Each function takes the script's own value as its last argument and returns it unchanged when
+the script runs without ``--sdplug_preset``; with one, it returns the plan's. The session is
+one per process (a script trains one model), held in ``_current``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdplug.errors import SdplugError
+from sdplug.hosts.diffusers_scripts import flags
+from sdplug.log import logger
+from sdplug.pipelines import NoiseDraw
+from sdplug.plan import Plan
+from sdplug.presets import Preset, load_preset
+
+LAUNCHED = False  # set by the launcher: it records failures and writes the audit itself
+
+
+class Session:
+    """One script's run with a preset: the plan, the script's flags and what the step used."""
+
+    def __init__(self, preset: Preset, script: str, args: Any, flag_states: dict[str, Any]):
+        self.preset, self.script, self.args, self.flag_states = preset, script, args, flag_states
+        self.plan: Plan | None = None
+        self.output_dir = getattr(args, "output_dir", None)
+        self.draws_noise = bool(preset.noise) or preset.timesteps is not None
+        self.draw: NoiseDraw | None = None
+        self.empty_caption: Any = None
+        self.written: Path | None = None
+        self.pending_failure: BaseException | None = None
+
+    def bound(self) -> Plan:
+        if self.plan is None:
+            raise SdplugError(f"{self.script}: the step ran before the noise scheduler was bound (a patch out of order).")
+        return self.plan
+
+    def bind(self, noise_scheduler: Any, args: Any) -> None:
+        rank = int(os.environ.get("RANK", "0"))
+        prediction_type = getattr(args, "prediction_type", None) or noise_scheduler.config.prediction_type
+        self.plan = self.preset.build(noise_scheduler, seed=args.seed or 0, rank=rank, prediction_type=prediction_type)
+        if not self.plan.matches_schedule(torch.as_tensor(noise_scheduler.alphas_cumprod)):
+            raise flags.DiffusersConflictError(
+                f"{self.preset.path or self.preset.name}: schedule.zero_terminal_snr rescales the schedule, but the "
+                f"model's scheduler (used by {self.script}'s validation) is not rescaled. Allowed: a scheduler with "
+                "rescale_betas_zero_snr = true, or no schedule.zero_terminal_snr."
+            )
+        logger.info(f"preset {self.preset.name!r} bound to {self.script} ({prediction_type}, rank {rank})")
+
+    def optimizer(self, host_optimizer: torch.optim.Optimizer, args: Any) -> torch.optim.Optimizer:
+        groups = [{"params": list(group["params"]), "lr": group["lr"]} for group in host_optimizer.param_groups]
+        return self.bound().optimizer(groups, default=lambda _groups: host_optimizer, host_lr=args.learning_rate)
+
+    def noise_and_timesteps(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = self.bound()
+        if not self.draws_noise:
+            self.draw = NoiseDraw(noise, noise)
+            return noise, timesteps
+        self.draw = plan.noise(latents)
+        return self.draw.target, plan.timesteps(len(latents), device=latents.device)
+
+    def drop_captions(self, batch: dict[str, Any], epoch: int, empty: Callable[[], Any], key: str = "input_ids") -> None:
+        plan = self.bound()
+        if not self.preset.caption:
+            return
+        rows = batch[key]
+        dropped = [plan.caption_dropped(epoch=epoch) for _ in range(len(rows))]
+        if not any(dropped):
+            return
+        if self.empty_caption is None:
+            self.empty_caption = empty()  # the script's own tokenization (or encoding) of ""
+        replacement = self.empty_caption
+        fields = replacement if isinstance(replacement, Mapping) else {key: replacement}
+        for name, value in fields.items():
+            if name in batch:
+                target = batch[name]
+                row = torch.as_tensor(value)[0]
+                for index, drop in enumerate(dropped):
+                    if drop and isinstance(target, list):  # a list of (1, L) rows (dreambooth's attention mask)
+                        target[index] = row[None].to(target[index].device, target[index].dtype)
+                    elif drop:
+                        target[index] = row.to(target.device, target.dtype)
+
+    def loss(self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, prior: Any) -> torch.Tensor:
+        plan = self.bound()
+        if prior is None:
+            return plan.loss(model_pred, target, timesteps).mean()
+        pred_prior, target_prior, prior_weight = prior
+        instance_t, prior_t = timesteps.chunk(2)
+        return plan.loss(model_pred, target, instance_t).mean() + prior_weight * plan.loss(pred_prior, target_prior, prior_t).mean()
+
+    def write_audit(self) -> Path | None:
+        if self.plan is None or self.output_dir is None or self.written is not None:
+            return self.written
+        host = {"name": "diffusers examples", "script": self.script, "version": "main-2026-08", "script_flags": self.flag_states}
+        self.written = self.plan.write_audit(self.output_dir, host=host)
+        return self.written
+
+
+_current: Session | None = None
+
+
+def current() -> Session | None:
+    return _current
+
+
+def activate(args: Any, parser: Any, script: str) -> None:
+    """After the script parsed its arguments: with ``--sdplug_preset``, check the flags against the
+    preset (before any model loads) and start the session."""
+    global _current
+    path = getattr(args, "sdplug_preset", None)
+    if not path:
+        return
+    preset = load_preset(path)
+    _current = Session(preset, script, args, flags.check(preset, script, args, parser))
+    if not LAUNCHED:  # the patched script started directly: the audit also when it stops
+        atexit.register(_write_at_exit)
+        previous = sys.excepthook
+
+        def hook(kind: Any, exc: BaseException, tb: Any) -> None:
+            record_failure(exc)
+            previous(kind, exc, tb)
+
+        sys.excepthook = hook
+
+
+def record_failure(exc: BaseException) -> bool:
+    """What stopped the run, for the audit; False when no plan was bound yet."""
+    if _current is None or _current.plan is None:
+        return False
+    _current.plan.record_failure(exc)
+    return True
+
+
+def _write_at_exit() -> None:
+    if _current is not None:
+        _current.write_audit()
+
+
+def bind(noise_scheduler: Any, args: Any) -> None:
+    if _current is not None:
+        _current.bind(noise_scheduler, args)
+
+
+def attention(unet: torch.nn.Module) -> None:
+    if _current is not None:
+        _current.bound().attention(unet)
+
+
+def optimizer(host_optimizer: torch.optim.Optimizer, args: Any) -> torch.optim.Optimizer:
+    return host_optimizer if _current is None else _current.optimizer(host_optimizer, args)
+
+
+def noise_and_timesteps(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (noise, timesteps) if _current is None else _current.noise_and_timesteps(latents, noise, timesteps)
+
+
+def noisy_input(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, host_noisy: torch.Tensor) -> torch.Tensor:
+    if _current is None or not _current.draws_noise or _current.draw is None:
+        return host_noisy
+    return _current.bound().noisy_input(latents, _current.draw, timesteps).to(host_noisy.dtype)
+
+
+def target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, host_target: torch.Tensor) -> torch.Tensor:
+    if _current is None or _current.draw is None:
+        return host_target
+    return _current.bound().target(latents, _current.draw, timesteps).to(host_target.dtype)
+
+
+def drop_captions(batch: dict[str, Any], epoch: int, empty: Callable[[], Any], key: str = "input_ids") -> None:
+    if _current is not None:
+        _current.drop_captions(batch, epoch, empty, key)
+
+
+def loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, host_loss: torch.Tensor, prior: Any = None) -> torch.Tensor:
+    return host_loss if _current is None else _current.loss(model_pred, target, timesteps, prior)
+
+
+def step() -> None:
+    if _current is not None:
+        _current.bound().step()
+
+
+def finish(output_dir: str) -> None:
+    if _current is not None:
+        _current.output_dir = output_dir
+        _current.write_audit()
