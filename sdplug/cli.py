@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sdplug import cli_bridges
 from sdplug.errors import SdplugError
 
 
@@ -148,33 +149,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_from_kohya(args: argparse.Namespace) -> int:
-    from sdplug.hosts.kohya.config_bridge import preset_from_kohya_file
-
-    preset, bridged = preset_from_kohya_file(args.config)
-    text = preset.to_toml(with_defaults=False)
-    notes = "".join(f"# note: {note}\n" for note in bridged.notes)
-    _write(args.output, f"# translated by sdplug from {args.config}\n{notes}\n{text}")
-    for note in bridged.notes:
-        print(f"note: {note}", file=sys.stderr)
-    return 0
-
-
-def _cmd_to_kohya(args: argparse.Namespace) -> int:
-    from tomli_w import dumps
-
-    from sdplug.hosts.kohya.config_bridge import to_kohya
-    from sdplug.presets import load_preset
-
-    bridged = to_kohya(load_preset(args.preset))
-    notes = "".join(f"# kohya cannot express: {note}\n" for note in bridged.notes)
-    body = dumps(bridged.data) if bridged.data else ""
-    _write(args.output, f"# kohya config keys for preset {args.preset}\n{notes}\n{body}")
-    for note in bridged.notes:
-        print(f"cannot express: {note}", file=sys.stderr)
-    return 0
-
-
 def _cmd_patch(args: argparse.Namespace) -> int:
     from sdplug.hosts.diffusers_scripts import edits
     from sdplug.hosts.kohya import patching
@@ -184,14 +158,6 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     for line in action(args.directory):
         print(line)
     return 0
-
-
-def _write(output: Path | None, text: str) -> None:
-    if output is None:
-        sys.stdout.write(text)
-    else:
-        output.write_text(text)
-        print(f"wrote {output}", file=sys.stderr)
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -310,12 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("from-kohya", help="translate a kohya --config_file into a preset")
     p.add_argument("config", type=Path)
     p.add_argument("-o", "--output", type=Path)
-    p.set_defaults(run=_cmd_from_kohya)
+    p.set_defaults(run=cli_bridges.from_kohya)
 
     p = sub.add_parser("to-kohya", help="kohya config keys for a preset, and what kohya cannot express")
     p.add_argument("preset")
     p.add_argument("-o", "--output", type=Path)
-    p.set_defaults(run=_cmd_to_kohya)
+    p.set_defaults(run=cli_bridges.to_kohya)
+
+    p = sub.add_parser("from-everydream", help="translate an EveryDream2 train.json (and its optimizer.json) into a preset")
+    p.add_argument("config", type=Path)
+    p.add_argument("-o", "--output", type=Path)
+    p.set_defaults(run=cli_bridges.from_everydream)
+
+    p = sub.add_parser("to-everydream", help="EveryDream2 train.json keys for a preset, and what it cannot express")
+    p.add_argument("preset")
+    p.add_argument("-o", "--output", type=Path)
+    p.set_defaults(run=cli_bridges.to_everydream)
 
     for name, text in (
         ("patch", "add --sdplug_preset to an sd-scripts tree or diffusers' example scripts"),
