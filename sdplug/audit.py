@@ -288,23 +288,6 @@ class Audit:
         report.update(d["host"])
         return report
 
-    def problems(self) -> list[str]:
-        """Strategies the preset names that never ran (an empty list when all applied)."""
-        report = self.report()
-        steps = report["steps"]
-        found = []
-        for entry in report.get("noise", {}).get("applied", []):
-            if entry["calls"] < steps:
-                found.append(f"noise {entry['type']!r} ran {entry['calls']} times in {steps} steps")
-        if "loss" in report and report["loss"]["calls"] < steps:
-            found.append(f"loss type {report['loss']['type']!r} ran {report['loss']['calls']} times in {steps} steps")
-        if "loss_weighting" in report and report["loss_weighting"]["calls"] < steps:
-            found.append(f"loss weighting ran {report['loss_weighting']['calls']} times in {steps} steps")
-        for entry in report.get("caption", {}).get("applied", []):
-            if steps and entry["calls"] == 0:
-                found.append(f"caption {entry['type']!r} never ran")
-        return found
-
     def write(self, path: Path) -> dict[str, Any]:
         report = self.report()
         path.write_text(json.dumps(report, indent=2) + "\n")

@@ -30,7 +30,7 @@ def problems(plan: Plan, report: dict[str, Any]) -> list[str]:
             return found  # a refusal: what never ran follows from it
     elif steps == 0:
         found.append("no training step ran (plan.step() was never called): nothing the preset names is proven applied")
-    found += plan.audit.problems()
+    found += strategy_problems(report)
     if plan.preset.optimizer is not None and plan.built_optimizer is None:
         found.append(f"optimizer {plan.preset.optimizer.type!r} was never built (the host did not call plan.optimizer)")
     if plan.preset.ema.decay is not None and plan.ema_tracker is None:
@@ -39,6 +39,23 @@ def problems(plan: Plan, report: dict[str, Any]) -> list[str]:
         found.append(f"ema followed {plan.ema_tracker.optimizer_steps} optimizer steps in {steps} steps")
     if plan.preset.attention is not None and "attention" not in report:
         found.append(f"attention {plan.preset.attention.type!r} was never installed (the host did not call plan.attention)")
+    return found
+
+
+def strategy_problems(report: dict[str, Any]) -> list[str]:
+    """Strategies the preset names that ran in fewer steps than the run has (an empty list when all applied)."""
+    steps = report["steps"]
+    found = []
+    for entry in report.get("noise", {}).get("applied", []):
+        if entry["calls"] < steps:
+            found.append(f"noise {entry['type']!r} ran {entry['calls']} times in {steps} steps")
+    if "loss" in report and report["loss"]["calls"] < steps:
+        found.append(f"loss type {report['loss']['type']!r} ran {report['loss']['calls']} times in {steps} steps")
+    if "loss_weighting" in report and report["loss_weighting"]["calls"] < steps:
+        found.append(f"loss weighting ran {report['loss_weighting']['calls']} times in {steps} steps")
+    for entry in report.get("caption", {}).get("applied", []):
+        if steps and entry["calls"] == 0:
+            found.append(f"caption {entry['type']!r} never ran")
     return found
 
 

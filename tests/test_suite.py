@@ -13,3 +13,20 @@ def test_minus_m_slow_selects_the_slow_tests():
     )
     assert done.returncode == 0, done.stdout[-1000:]  # 5 would mean "no tests collected"
     assert "test_learning.py::" in done.stdout
+
+
+def test_modules_and_classes_stay_small():
+    """The house's limits: no module of the package over 400 lines, no class over 250."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "sdplug"
+    too_big = []
+    for path in sorted(package.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        if len(source.splitlines()) > 400:
+            too_big.append(f"{path.relative_to(package)}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250:
+                too_big.append(f"{path.relative_to(package)}: class {node.name}, {node.end_lineno - node.lineno + 1} lines")
+    assert not too_big, too_big
