@@ -65,9 +65,12 @@ quiet_pip() { grep -v -e "is ignored: it is neither a file nor a directory" || t
 # --- sdplug wheel: built from a COPY of $SNAP (pip builds in-tree and would write build/ and
 # *.egg-info into the source), every run (cheap), so the wheel always matches $SNAP.
 step "sdplug wheel from $SNAP"
-rm -rf "$KINT/src" "$KINT"/wheels/sdplug-*.whl
-cp -a "$SNAP" "$KINT/src"
-rm -rf "$KINT/src/build" "$KINT"/src/*.egg-info
+rm -rf "$KINT/src" "$KINT"/wheels/sdplug-*.whl && mkdir -p "$KINT/src"
+if git -C "$SNAP" rev-parse --git-dir > /dev/null 2>&1; then
+    git -C "$SNAP" archive HEAD | tar -x -C "$KINT/src"  # a checkout: its committed files (no .venv, no build/)
+else
+    cp -a "$SNAP/." "$KINT/src" && rm -rf "$KINT/src/build" "$KINT"/src/*.egg-info
+fi
 $PY -m pip wheel --no-deps "$KINT/src" -w "$KINT/wheels" 2>&1 | quiet_pip > "$KINT/logs/wheel.txt"
 WHEEL=$(ls "$KINT"/wheels/sdplug-*.whl)
 echo "   $WHEEL  sha256 $(sha256sum "$WHEEL" | cut -c1-16)"
@@ -143,7 +146,7 @@ make_tokenizer() {  # name
 
 # --- runner venv (pytest + sdplug's test deps, from the same wheel, CI's pins).
 make_runner() {
-    local venv=$KINT/venv-runner con=$SNAP/.ci/constraints.txt
+    local venv=$KINT/venv-runner con=$KINT/src/.ci/constraints.txt
     step "runner venv"
     [ -f "$con" ] || { echo "$con missing" >&2; exit 2; }
     local stamp; stamp=$(sha256sum "$con" | cut -c1-16)
@@ -188,7 +191,7 @@ done_step
 # run from $KINT/run (outside $SNAP), sdplug from the runner venv's wheel; the kohya side runs
 # $SDPLUG_KOHYA_PYTHON -m sdplug from the tree venv's wheel. PYTHONPATH: the `tests` package and
 # the torchvision stub (the kohya subprocess inherits it).
-rm -rf "$KINT/tests-copy" && mkdir -p "$KINT/tests-copy" && cp -a "$SNAP/tests" "$KINT/tests-copy/tests"
+rm -rf "$KINT/tests-copy" && mkdir -p "$KINT/tests-copy" && cp -a "$KINT/src/tests" "$KINT/tests-copy/tests"
 status=0
 if [ "$RUN_TESTS" = 1 ]; then
     for name in "${NAMES[@]}"; do
