@@ -1,10 +1,15 @@
 """One preset, one seed: the same draws in every host.
 
-The reference trainer and the kohya adapter (stand-in trees of both layouts) train the same
+The reference trainer, the kohya adapter (stand-in trees of both layouts), EveryDream2 and
+diffusers' text-to-image script (stand-ins) train the same
 preset -- noise, timesteps, loss weighting and caption families all at once -- from the same
 seed on latents of one shape, and must draw identical noise (checksums), timesteps, caption
 dropout decisions and per-timestep weights for every step. The plan owns the random streams
 (``sdplug.streams``), so nothing else can make them agree.
+
+diffusers' scripts tokenize captions in their data pipeline, so the host refuses caption
+transforms other than dropout: its case runs the preset with the dropout alone (``DROPOUT_ONLY``),
+as does the trainer it is compared with.
 
 Not in the preset: immiscible noise, whose assignment depends on the latents' values, which
 two hosts with different data pipelines never share.
@@ -19,10 +24,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from sdplug.trainer.config import TrainConfig
 from sdplug.trainer.loop import Trainer
+from tests.diffusers_standin import make_standin as make_diffusers_standin
 from tests.everydream_standin import make_standin as make_everydream_standin
 from tests.kohya_standin import make_standin
 
@@ -65,6 +72,7 @@ keep_tokens = 1
 type = "adamw"
 lr = 1e-3
 """
+DROPOUT_ONLY = PRESET[: PRESET.index('[[caption]]\ntype = "shuffle"')] + PRESET[PRESET.index("[optimizer]") :]
 
 
 def trainer_draws(tmp_path, tiny_sd, preset) -> tuple[list[dict], dict]:
@@ -152,3 +160,38 @@ def test_trainer_and_everydream_draw_the_same_for_one_preset_and_seed(tmp_path, 
     assert [w for w in weights[0] if w is not None] == pytest.approx([w for w in weights[1] if w is not None], rel=1e-6)
     tags = [r["caption"]["tag_dropout"][0] for r in (trainer_report, everydream_report)]
     assert tags[0]["tags_droppable"] == tags[1]["tags_droppable"] and tags[0]["tags_dropped"] == tags[1]["tags_dropped"]
+
+
+def diffusers_draws(tmp_path, preset) -> tuple[dict, dict]:
+    script = make_diffusers_standin(tmp_path / "diffusers")
+    out = tmp_path / "diffusers-out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sdplug", "diffusers", "--preset", str(preset), "--", str(script), "--output_dir", str(out)]
+    command += ["--max_train_steps", str(STEPS), "--train_batch_size", str(BATCH), "--seed", "0", "--prediction_type", "epsilon"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(out / "standin.pt")
+    record = {
+        "noise_sums": [float(s["noise"].double().sum()) for s in saved["steps"]],
+        "timesteps": [s["timesteps"].tolist() for s in saved["steps"]],
+        "dropped": [bool((row == torch.tensor([1, 0, 0, 0])).all()) for s in saved["steps"] for row in s["ids"]],  # the empty caption's tokens
+    }
+    return record, json.loads((out / "audit.json").read_text())
+
+
+def test_trainer_and_diffusers_draw_the_same_for_one_preset_and_seed(tmp_path, tiny_sd):
+    preset = tmp_path / "dropout-only.toml"
+    preset.write_text(DROPOUT_ONLY)
+    assert "shuffle" not in DROPOUT_ONLY and "[optimizer]" in DROPOUT_ONLY and 'type = "dropout"' in DROPOUT_ONLY
+    draws, trainer_report = trainer_draws(tmp_path, tiny_sd, preset)
+    record, diffusers_report = diffusers_draws(tmp_path, preset)
+
+    assert [d["noise_sum"] for d in draws] == pytest.approx(record["noise_sums"], rel=1e-6, abs=1e-6)
+    assert [d["timesteps"] for d in draws] == record["timesteps"]
+    assert [flag for d in draws for flag in d["dropped"]] == record["dropped"]
+    assert any(record["dropped"]) and not all(record["dropped"])
+    assert diffusers_report["problems"] == [] and diffusers_report["steps"] == STEPS
+    assert diffusers_report["caption"]["samples"] == STEPS * BATCH
+    weights = [r["loss_weighting"]["mean_weight_per_timestep_bin"] for r in (trainer_report, diffusers_report)]
+    assert [w is None for w in weights[0]] == [w is None for w in weights[1]]
+    assert [w for w in weights[0] if w is not None] == pytest.approx([w for w in weights[1] if w is not None], rel=1e-6)

@@ -108,6 +108,58 @@ EDITS: dict[str, list[Edit]] = {
         _STEP,
         _FINISH,
     ],
+    "train_text_to_image_lora_sdxl.py": [  # two tokenizers: a dropped row gets both tokenizations of ""
+        _IMPORT,
+        Edit("    if input_args is not None:", _OPTION.format(i="    "), before=True),
+        _activate("train_text_to_image_lora_sdxl.py"),
+        _BIND,
+        _ATTENTION,
+        _optimizer("optimizer_class"),
+        *_noise("model_input", "noisy_model_input"),
+        Edit(
+            "                prompt_embeds, pooled_prompt_embeds = encode_prompt(",
+            '                _sdplug.drop_captions(batch, epoch, lambda: {"input_ids_one": tokenize_prompt(tokenizer_one, ""), '
+            '"input_ids_two": tokenize_prompt(tokenizer_two, "")}, key="input_ids_one")',
+            before=True,
+        ),
+        Edit("                # Gather the losses across all processes", "                loss = _sdplug.loss(model_pred, target, timesteps, loss)", before=True),
+        _STEP,
+        _FINISH,
+    ],
+    "train_dreambooth_lora_sdxl.py": [  # EDM-style training is refused at bind; two optimizer branches
+        _IMPORT,
+        Edit("    if input_args is not None:", _OPTION.format(i="    "), before=True),
+        _activate("train_dreambooth_lora_sdxl.py"),
+        Edit("    text_encoder_one = text_encoder_cls_one.from_pretrained(", "    _sdplug.bind(noise_scheduler, args)", before=True),
+        _ATTENTION,
+        Edit("    # If custom instance prompts are NOT provided", "    optimizer = _sdplug.optimizer(optimizer, args)", before=True),
+        Edit("    " + _TIMESTEPS, "                    noise, timesteps = _sdplug.noise_and_timesteps(model_input, noise, timesteps)"),
+        *_noise("model_input", "noisy_model_input")[1:],
+        # the prompt embeddings the script shares across steps (one row, repeated): one row per
+        # sample for this step, the dropped ones the script's own encoding of "", then restored (the
+        # script deletes its lists of encoders and tokenizers once the instance prompt is encoded)
+        Edit(
+            "                # Predict the noise residual",
+            "                _sdplug_shared = None if args.train_text_encoder else (prompt_embeds, unet_add_text_embeds)\n"
+            "                if _sdplug_shared is not None:\n"
+            "                    prompt_embeds, unet_add_text_embeds, elems_to_repeat_text_embeds = _sdplug.drop_embeddings(epoch, prompt_embeds, "
+            'unet_add_text_embeds, elems_to_repeat_text_embeds, lambda: compute_text_embeddings("", [text_encoder_one, text_encoder_two], [tokenizer_one, tokenizer_two]))',
+            before=True,
+        ),
+        Edit(
+            "                weighting = None",
+            "                if _sdplug_shared is not None:\n                    prompt_embeds, unet_add_text_embeds = _sdplug_shared",
+            before=True,
+        ),
+        Edit(
+            "                accelerator.backward(loss)",
+            "                loss = _sdplug.loss(model_pred, target, timesteps, loss, (model_pred_prior, target_prior, "
+            "args.prior_loss_weight) if args.with_prior_preservation else None)",
+            before=True,
+        ),
+        _STEP,
+        _FINISH,
+    ],
 }
 
 

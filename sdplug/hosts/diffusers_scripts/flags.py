@@ -68,6 +68,11 @@ def check(preset: Preset, script: str, args: argparse.Namespace, parser: argpars
             )
         stood[flag] = {"value": value, "state": f"off: the preset's [{taken[0]}] applies" if taken else "the script's"}
     _check_caption(preset, script, where)
+    if preset.caption and script == "train_dreambooth_lora_sdxl.py" and getattr(args, "train_text_encoder", False):
+        raise DiffusersConflictError(
+            f"{where}: [[caption]] with --train_text_encoder: {script} then encodes its prompts inside the step, where "
+            "sdplug drops none (it drops per sample in the precomputed embeddings). Allowed: no --train_text_encoder, or no [[caption]]."
+        )
     _check_settings(preset, script, where)
     stood.update(_memory(preset, args))
     return stood

@@ -45,6 +45,12 @@ class Session:
         return self.plan
 
     def bind(self, noise_scheduler: Any, args: Any) -> None:
+        if getattr(args, "do_edm_style_training", False):  # the flag, or an EDM scheduler in the model
+            raise flags.DiffusersConflictError(
+                f"{self.script}: EDM-style training (--do_edm_style_training, or the model's EDM scheduler) preconditions "
+                "inputs, outputs and loss with its own sigmas, which sdplug's noise, timesteps, target and weighting do "
+                "not know. Allowed with a preset: a DDPM-scheduled model, without --do_edm_style_training."
+            )
         rank = int(os.environ.get("RANK", "0"))
         prediction_type = getattr(args, "prediction_type", None) or noise_scheduler.config.prediction_type
         self.plan = self.preset.build(noise_scheduler, seed=args.seed or 0, rank=rank, prediction_type=prediction_type)
@@ -89,6 +95,20 @@ class Session:
                         target[index] = row[None].to(target[index].device, target[index].dtype)
                     elif drop:
                         target[index] = row.to(target.device, target.dtype)
+
+    def drop_embeddings(self, epoch: int, embeds: torch.Tensor, pooled: torch.Tensor, empty: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dropout on precomputed SDXL prompt embeddings (one row per sample): a dropped row gets
+        the script's own encoding of ``""`` (embeddings and pooled embedding)."""
+        plan = self.bound()
+        dropped = [plan.caption_dropped(epoch=epoch) for _ in range(len(embeds))]
+        if not any(dropped):
+            return embeds, pooled
+        if self.empty_caption is None:
+            self.empty_caption = empty()
+        empty_embeds, empty_pooled = self.empty_caption
+        rows = torch.tensor(dropped, device=embeds.device)
+        embeds = torch.where(rows[:, None, None], empty_embeds.to(embeds.device, embeds.dtype), embeds)
+        return embeds, torch.where(rows[:, None], empty_pooled.to(pooled.device, pooled.dtype), pooled)
 
     def loss(self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, prior: Any) -> torch.Tensor:
         plan = self.bound()
@@ -179,6 +199,18 @@ def target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, 
 def drop_captions(batch: dict[str, Any], epoch: int, empty: Callable[[], Any], key: str = "input_ids") -> None:
     if _current is not None:
         _current.drop_captions(batch, epoch, empty, key)
+
+
+def drop_embeddings(
+    epoch: int, embeds: torch.Tensor, pooled: torch.Tensor, repeat: int, empty: Callable[[], Any]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """train_dreambooth_lora_sdxl.py's precomputed prompt embeddings with caption dropout: its rows
+    repeated as its step would (``repeat``), then dropped per sample; returns them and the repeat
+    left to apply (1). Unchanged without a preset caption dropout."""
+    if _current is None or not _current.preset.caption:
+        return embeds, pooled, repeat
+    per_sample = _current.drop_embeddings(epoch, embeds.repeat(repeat, 1, 1), pooled.repeat(repeat, 1), empty)
+    return (*per_sample, 1)
 
 
 def loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, host_loss: torch.Tensor, prior: Any = None) -> torch.Tensor:

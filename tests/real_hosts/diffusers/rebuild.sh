@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # diffusers' example LoRA scripts on CPU with sdplug: a venv (torch first, the rest under sdplug's
 # constraints plus what the scripts import), the sdplug wheel installed non-editable, the four
-# example scripts from a diffusers checkout, a tiny SD1.5-structured v-prediction model and data,
-# then 2 steps each of train_text_to_image_lora.py and train_dreambooth_lora.py through
-# `sdplug diffusers`. The examples used: diffusers main 58eb52c080 (2026-08-23), run against
+# example scripts from a diffusers checkout, a tiny SD1.5-structured v-prediction model, a tiny
+# SDXL-structured epsilon model and data, then 2 steps each of train_text_to_image_lora.py,
+# train_dreambooth_lora.py, train_text_to_image_lora_sdxl.py and train_dreambooth_lora_sdxl.py
+# through `sdplug diffusers`. The examples used: diffusers main 58eb52c080 (2026-08-23), run against
 # diffusers 0.42.1 from pip.
 #   WORK          [./sdplug-real-hosts/diffusers]  where everything is built
 #   SDPLUG        [this checkout]
@@ -33,6 +34,7 @@ venv/bin/pip install -q --force-reinstall --no-deps wheels/sdplug-*.whl
 # transforms the examples use, on PYTHONPATH for the script's process only
 STUB=$SCRIPTS/torchvision-stub
 [ -f tiny-sd15/model_index.json ] || PYTHONPATH=$STUB venv/bin/python "$SCRIPTS/make_tiny.py" "$D/tiny-sd15" "$D/data"
+[ -f tiny-sdxl/model_index.json ] || PYTHONPATH=$STUB venv/bin/python "$SCRIPTS/make_tiny_sdxl.py" "$D/tiny-sdxl" "$D/tiny-sd15/tokenizer"
 mkdir -p db_data && cp data/*.png db_data/
 cd diffusers-src/examples/text_to_image
 PYTHONPATH=$STUB HF_HUB_OFFLINE=1 "$D/venv/bin/python" -m sdplug diffusers --preset "$SCRIPTS/preset.toml" -- train_text_to_image_lora.py \
@@ -42,4 +44,11 @@ cd ../dreambooth
 PYTHONPATH=$STUB HF_HUB_OFFLINE=1 "$D/venv/bin/python" -m sdplug diffusers --preset "$SCRIPTS/preset.toml" -- train_dreambooth_lora.py \
   --pretrained_model_name_or_path "$D/tiny-sd15" --instance_data_dir "$D/db_data" --instance_prompt "a photo of sks dog" \
   --resolution 32 --train_batch_size 4 --max_train_steps 2 --output_dir "$D/runs/db" --seed 0 --rank 4 --report_to tensorboard
-echo "audits: $D/runs/t2i/audit.json $D/runs/db/audit.json"
+PYTHONPATH=$STUB HF_HUB_OFFLINE=1 "$D/venv/bin/python" -m sdplug diffusers --preset "$SCRIPTS/preset.toml" -- train_dreambooth_lora_sdxl.py \
+  --pretrained_model_name_or_path "$D/tiny-sdxl" --instance_data_dir "$D/db_data" --instance_prompt "a photo of sks dog" \
+  --resolution 32 --train_batch_size 4 --max_train_steps 2 --output_dir "$D/runs/db-sdxl" --seed 0 --rank 4 --report_to tensorboard
+cd ../text_to_image
+PYTHONPATH=$STUB HF_HUB_OFFLINE=1 "$D/venv/bin/python" -m sdplug diffusers --preset "$SCRIPTS/preset.toml" -- train_text_to_image_lora_sdxl.py \
+  --pretrained_model_name_or_path "$D/tiny-sdxl" --train_data_dir "$D/data" --resolution 32 --train_batch_size 4 \
+  --max_train_steps 2 --output_dir "$D/runs/t2i-sdxl" --seed 0 --rank 4 --report_to tensorboard
+echo "audits: $D/runs/t2i/audit.json $D/runs/db/audit.json $D/runs/db-sdxl/audit.json $D/runs/t2i-sdxl/audit.json"
