@@ -2,7 +2,7 @@
 # diffusers' example LoRA scripts on CPU with sdplug: a venv (torch first, the rest under sdplug's
 # constraints plus what the scripts import), the sdplug wheel installed non-editable, the four
 # example scripts from a diffusers checkout, a tiny SD1.5-structured v-prediction model, a tiny
-# SDXL-structured epsilon model and data, then 2 steps each of train_text_to_image_lora.py,
+# SDXL-structured v-prediction model and data, then 2 steps each of train_text_to_image_lora.py,
 # train_dreambooth_lora.py, train_text_to_image_lora_sdxl.py and train_dreambooth_lora_sdxl.py
 # through `sdplug diffusers`. The examples used: diffusers main 58eb52c080 (2026-08-23), run against
 # diffusers 0.42.1 from pip.
@@ -35,6 +35,14 @@ venv/bin/pip install -q --force-reinstall --no-deps wheels/sdplug-*.whl
 STUB=$SCRIPTS/torchvision-stub
 [ -f tiny-sd15/model_index.json ] || PYTHONPATH=$STUB venv/bin/python "$SCRIPTS/make_tiny.py" "$D/tiny-sd15" "$D/data"
 [ -f tiny-sdxl/model_index.json ] || PYTHONPATH=$STUB venv/bin/python "$SCRIPTS/make_tiny_sdxl.py" "$D/tiny-sdxl" "$D/tiny-sd15/tokenizer"
+# the acceptance preset's min-SNR on a v-prediction schedule for the SDXL scripts too (train_dreambooth_lora_sdxl.py
+# has no --prediction_type: the model's scheduler config says it)
+venv/bin/python - "$D/tiny-sdxl/scheduler/scheduler_config.json" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config["prediction_type"] = "v_prediction"
+json.dump(config, open(sys.argv[1], "w"), indent=2)
+PY
 mkdir -p db_data && cp data/*.png db_data/
 cd diffusers-src/examples/text_to_image
 PYTHONPATH=$STUB HF_HUB_OFFLINE=1 "$D/venv/bin/python" -m sdplug diffusers --preset "$SCRIPTS/preset.toml" -- train_text_to_image_lora.py \
