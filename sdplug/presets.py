@@ -375,8 +375,7 @@ def _strategy(value: Any, family: str, path: str, key: str, extra_keys: tuple[st
         cls = registry(family).get(name).cls
     except SdplugError as exc:  # e.g. a plugin that fails to load
         raise PresetError(str(exc), path=path, key=f"{key}.type") from None
-    # The table goes in as one dict, never as keyword arguments next to path and key, so any
-    # user key (even "_path" or "what") is just an unknown key, reported like every other.
+    # one dict, never keyword arguments next to path and key: any user key is just an unknown key
     validate_params(cls, table, what=f"{family} {name!r}", path=path, key=key)
     return StrategySpec(family, name, dict(table), f"{path}: {key}", path=path, key=key)
 
@@ -384,7 +383,11 @@ def _strategy(value: Any, family: str, path: str, key: str, extra_keys: tuple[st
 def _fallback(value: Mapping[str, Any], primary: StrategySpec, path: str) -> StrategySpec | None:
     if "fallback" not in value:
         return None
-    table = {"type": value["fallback"], **primary.params}
+    from sdplug.strategies.optimizers_extra import lr_is_a_multiplier as multiplier
+
+    # Prodigy's lr 1.0 as AdamW's would blow the weights up: the fallback keeps its own default lr
+    drop = multiplier(primary.type) and not multiplier(str(value["fallback"]))
+    table = {"type": value["fallback"], **{k: v for k, v in primary.params.items() if not (drop and k == "lr")}}
     return _strategy(table, "optimizer", path, "optimizer.fallback")
 
 

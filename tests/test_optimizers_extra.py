@@ -322,3 +322,13 @@ def test_a_hosts_learning_rate_never_replaces_prodigys_multiplier():
     )
     optimizer = plan.optimizer([torch.nn.Parameter(torch.ones(2))], host_lr=1e-4)  # kohya's --learning_rate
     assert [g["lr"] for g in optimizer.param_groups] == [1.0]
+
+
+def test_a_fallback_never_inherits_prodigys_lr_multiplier():
+    from sdplug.presets import parse_preset
+
+    preset = parse_preset({"optimizer": {"type": "prodigy", "lr": 1.0, "weight_decay": 0.01, "fallback": "adamw"}}, path="p.toml")
+    fallback = preset.optimizer_fallback.create()
+    assert fallback.lr != 1.0 and fallback.weight_decay == 0.01  # AdamW's own default lr, the shared decay kept
+    kept = parse_preset({"optimizer": {"type": "adamw8bit", "lr": 3e-4, "fallback": "adamw"}}, path="p.toml")
+    assert kept.optimizer_fallback.create().lr == 3e-4  # between two ordinary optimizers the lr carries over

@@ -284,3 +284,15 @@ class AdEMAMix8bit(_Bitsandbytes8bit):
 
     def _extra(self) -> dict:
         return {"alpha": self.alpha, "t_alpha": self.t_alpha, "t_beta3": self.t_beta3, "eps": self.eps}
+
+
+def lr_is_a_multiplier(name: str) -> bool:
+    """Whether the optimizer registered as ``name`` estimates its own step size (Prodigy,
+    D-Adaptation), so its lr near 1.0 only scales that estimate: a fallback never inherits it."""
+    from sdplug.errors import UnknownStrategyError
+    from sdplug.strategies import registry
+
+    try:
+        return issubclass(registry("optimizer").get(name).cls, _OneLearningRate)
+    except UnknownStrategyError:  # the preset reports an unknown name, with what is allowed
+        return False
