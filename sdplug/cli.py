@@ -151,9 +151,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_patch(args: argparse.Namespace) -> int:
     from sdplug.hosts.diffusers_scripts import edits
+    from sdplug.hosts.everydream import patching as everydream_patching
     from sdplug.hosts.kohya import patching
 
-    module = edits if args.host == "diffusers-examples" else patching
+    module = {"kohya": patching, "everydream": everydream_patching, "diffusers-examples": edits}[args.host]
     action = module.apply if args.command == "patch" else module.revert
     for line in action(args.directory):
         print(line)
@@ -294,11 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cli_bridges.to_everydream)
 
     for name, text in (
-        ("patch", "add --sdplug_preset to an sd-scripts tree or diffusers' example scripts"),
+        ("patch", "add --sdplug_preset to an sd-scripts tree, EveryDream2's train.py or diffusers' example scripts"),
         ("unpatch", "restore the files 'patch' changed, byte for byte"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("host", choices=["kohya", "diffusers-examples"])
+        p.add_argument("host", choices=["kohya", "everydream", "diffusers-examples"])
         p.add_argument("directory", type=Path)
         p.set_defaults(run=_cmd_patch)
 

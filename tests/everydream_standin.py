@@ -314,7 +314,7 @@ def main(args):
     ed_optimizer = EveryDreamOptimizer(args,
                                        optimizer_config, text_encoder, unet, epoch_len)
     train_dataloader = build_torch_dataloader(train_batch, batch_size=args.batch_size)
-    record = {"noise_sums": [], "timesteps": [], "dropped": [], "loss_scales": [], "validation_noise_sums": [],
+    record = {"noise_sums": [], "timesteps": [], "dropped": [], "loss_scales": [], "losses": [], "validation_noise_sums": [],
               "validation_timesteps": [], "zero_frequency_noise_ratio": [], "settings": {}}
     empty = torch.tensor(tokenizer(" ", max_length=tokenizer.model_max_length).input_ids)
 
@@ -397,6 +397,7 @@ def main(args):
                                                                        return_loss=True,
                                                                        loss_scale=batch["loss_scale"],
                                                                        embedding_perturbation=args.embedding_perturbation)
+            record["losses"].append(float(loss.detach()))
             ed_optimizer.step(loss, step, global_step)
             if args.standin_validate:
                 validate()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.everydream_standin import make_standin as make_everydream_standin
 from tests.kohya_standin import make_standin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,10 +76,11 @@ def test_shipped_patches_are_found_from_a_wheel(installed, tmp_path):
     """The shipped manifest and every patch it lists are installed and read from the package; a
     stand-in tree (not sd-scripts' own files) is refused by that manifest and left untouched.
     The byte-for-byte round trip needs sd-scripts' real files: the real-checkout tests do it."""
-    manifest = json.loads((ROOT / "patches" / "kohya" / "manifest.json").read_text())
-    for version, files in manifest.items():
-        for relative in files:
-            assert (installed / "sdplug" / "_patches" / "kohya" / version / f"{relative}.patch").is_file()
+    for host in ("kohya", "everydream"):
+        manifest = json.loads((ROOT / "patches" / host / "manifest.json").read_text())
+        for version, files in manifest.items():
+            for relative in files:
+                assert (installed / "sdplug" / "_patches" / host / version / f"{relative}.patch").is_file()
     tree = make_standin(tmp_path / "sd-scripts", "main")
     before = {p: p.read_bytes() for p in tree.rglob("*") if p.is_file()}
     done = run_sdplug(installed, tmp_path, "patch", "kohya", str(tree))
@@ -87,3 +89,9 @@ def test_shipped_patches_are_found_from_a_wheel(installed, tmp_path):
     # the refusal comes from the shipped manifest, which lists files the stand-in lacks
     assert "nothing was changed" in done.stderr and "fine_tune.py" in done.stderr
     assert {p: p.read_bytes() for p in tree.rglob("*") if p.is_file()} == before
+    # EveryDream2: the stand-in's train.py is not EveryDream2 main's, so the shipped manifest refuses it
+    ed2 = make_everydream_standin(tmp_path / "ed2")
+    ed2_before = (ed2 / "train.py").read_bytes()
+    done = run_sdplug(installed, tmp_path, "patch", "everydream", str(ed2))
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "local changes" in done.stderr
+    assert (ed2 / "train.py").read_bytes() == ed2_before

@@ -27,6 +27,11 @@ class Plugin(BasePlugin):
     def __init__(self) -> None:
         self.host = runtime.start(sys._getframe(1))
 
+    @property
+    def sdplug_loss(self) -> Any:
+        """The loss a patched train.py returns (``sdplug patch everydream``), when the preset sets ``[loss]``."""
+        return self.host.steps.loss if self.host.loss_through_patch else None
+
     def on_training_start(self, **kwargs: Any) -> None:
         folder = kwargs.get("log_folder")
         if folder:

@@ -34,6 +34,7 @@ from sdplug.audit import preset_strategies
 from sdplug.errors import SdplugError
 from sdplug.hosts.everydream.flags import KEYS
 from sdplug.hosts.everydream.optimizer_hook import install as install_optimizer
+from sdplug.hosts.everydream.patching import is_patched
 from sdplug.hosts.everydream.reconcile import reconcile
 from sdplug.hosts.everydream.step_hooks import StepHooks
 from sdplug.hosts.everydream.version import EverydreamVersion, check_runtime, detect
@@ -49,8 +50,13 @@ PRESET_KEY = "sdplug_preset"  # the train.json key; the environment's SDPLUG_PRE
 
 
 class EverydreamHost:
-    def __init__(self, preset: Preset, version: EverydreamVersion, main_locals: dict[str, Any]):
+    def __init__(
+        self, preset: Preset, version: EverydreamVersion, main_locals: dict[str, Any], *, patched: bool = False
+    ):
         self.preset, self.version = preset, version
+        self.patched = patched  # train.py takes a plugin's sdplug_loss (sdplug patch everydream)
+        # the preset's [loss] replaces EveryDream2's loss block; without [loss] its own loss stays
+        self.loss_through_patch = patched and preset.loss is not None
         self.args = main_locals["args"]
         self.log_folder = str(main_locals["log_folder"])
         self.scheduler, self.unet = main_locals["noise_scheduler"], main_locals["unet"]
@@ -67,11 +73,16 @@ class EverydreamHost:
     # -- the constructor's work ---------------------------------------------------------------
     def configure(self, defaults: dict[str, Any]) -> None:
         args, preset = self.args, self.preset
-        result = reconcile(preset, vars(args), defaults)
+        result = reconcile(preset, vars(args), defaults, loss_reachable=self.patched)
         for name, value in result.changes.items():
             setattr(args, name, value)  # the closure and the dataset read args after this
         self.rules += result.rules
         self.keys = result.keys
+        if self.loss_through_patch:
+            self.rules.append(
+                "loss: the patched train.py returns the preset's [loss] and weighting per sample times loss_scale "
+                "(EveryDream2's loss block and min-SNR are not run)"
+            )
         if preset.caption:
             self.rules.append(
                 "caption decisions: every sample, in the training process (on_step_start); per-image cond_dropout does not apply"
@@ -127,6 +138,8 @@ class EverydreamHost:
             "rules": self.rules,
             "everydream_keys": self.keys,
             "prediction_type": self.plan.prediction_type,
+            "patched": self.patched,
+            "loss_route": "patched train.py (plan.loss)" if self.loss_through_patch else "EveryDream2's loss, loss_scale",
             "validation_calls": self.steps.validation_calls,
             "training_noise_calls": self.steps.training_calls,
             **({"optimizer_groups": self.optimizer_record} if self.optimizer_record else {}),
@@ -208,7 +221,7 @@ def start(frame: FrameType | None, *, exit_on_problems: bool = True) -> Everydre
                 f'the sdplug plugin needs a preset: "{PRESET_KEY}": "my.toml" in train.json, or SDPLUG_PRESET=my.toml.'
             )
         preset = load_preset(reference)
-        host = EverydreamHost(preset, version, found)
+        host = EverydreamHost(preset, version, found, patched=is_patched(root))
         try:
             host.configure(parser_defaults())
         except BaseException:

@@ -14,6 +14,9 @@ each sample's loss by the batch's ``loss_scale``. It has no hook of its own, so:
   into EveryDream2's ``noise`` and ``timesteps`` tensors in place -- so its target, UNet call
   and any later use see them -- the model input comes from the plan, and the preset's loss
   weighting multiplies ``loss_scale`` by each sample's weight;
+- in a patched train.py (``sdplug patch everydream``) with a preset that sets ``[loss]``, the
+  closure's loss is ``loss`` below: the weighting then comes with the loss type, not through
+  ``loss_scale``;
 - a noise call that no ``on_step_start`` announced is validation (EveryDream2 validates through
   the same closure, also once before training starts): the preset's noise and timesteps from
   generators seeded afresh for every validation pass (the same draws each pass, as
@@ -90,9 +93,27 @@ class StepHooks:
             noisy = self.plan.noisy_input(latents, draw, timesteps).to(latents.dtype)
         else:
             noisy = original(latents, noise, timesteps)
-        if training and preset.loss_weighting is not None:
+        if training and preset.loss_weighting is not None and not self.host.loss_through_patch:
             self._weight(timesteps)
         return noisy
+
+    # -- the patched closure's loss (``sdplug patch everydream``) -------------------------------
+    def loss(
+        self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, loss_scale: Any
+    ) -> torch.Tensor:
+        """The training loss of a patched train.py: the preset's loss type and weighting per
+        sample (``plan.loss``), times EveryDream2's ``loss_scale`` (its image multipliers), mean
+        over the batch -- EveryDream2's own reduction, whose MSE branch is ``(mse * scale).mean()``."""
+        per_sample = self.plan.loss(model_pred, target, timesteps)
+        if loss_scale is None:
+            return per_sample.mean()
+        scale = torch.as_tensor(loss_scale).to(per_sample.device, torch.float32).reshape(-1)
+        if scale.shape != per_sample.shape:
+            raise SdplugError(
+                f"EveryDream2's loss_scale has {scale.numel()} entries for a batch of {per_sample.shape[0]}; "
+                "the preset's loss cannot scale it per sample."
+            )
+        return (per_sample * scale).mean()
 
     def _draw(self, latents: torch.Tensor, training: bool):
         plan, size = self.plan, latents.shape[0]

@@ -5,6 +5,8 @@
 #   SDPLUG  [this checkout]                   the sdplug source the wheel is built from
 #   ED2_GIT [https://github.com/victorchall/EveryDream2trainer.git]  its main branch is archived
 # Idempotent: the venv, tree and model are kept; the wheel is rebuilt and reinstalled every run.
+# Two runs: the plugin on the unmodified tree (8), then `sdplug patch everydream` and a preset with
+# [loss] given by --sdplug_preset alone, and `sdplug unpatch` checked byte for byte (9).
 set -euo pipefail
 SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SDPLUG=${SDPLUG:-$(cd "$SCRIPTS/../../.." && pwd)}
@@ -111,3 +113,45 @@ cd "$ED2"
 PYTHONPATH="$HERE/stubs" WANDB_MODE=disabled "$HERE/venv/bin/python" train.py --config sdplug-train.json
 AUDIT=$(ls -t "$HERE"/logs/*/audit.json | head -1)
 echo "audit: $AUDIT"
+
+# 9. the patch route: train.py takes the preset's [loss] (pseudo-Huber, snr schedule); the plugin is
+#    loaded by --sdplug_preset alone (this train.json lists none); unpatch restores train.py byte for byte
+cat > "$HERE/ed2-loss-preset.toml" <<'TOML'
+[[noise]]
+type = "pyramid"
+discount = 0.8
+
+[loss]
+type = "pseudo_huber"
+c = 0.1
+schedule = "snr"
+
+[loss_weighting]
+type = "min_snr"
+gamma = 5.0
+
+[[caption]]
+type = "dropout"
+rate = 0.5
+
+[optimizer]
+type = "adamw8bit"
+lr = 1e-4
+TOML
+"$HERE/venv/bin/python" - "$ED2/sdplug-train.json" "$ED2/sdplug-train-patched.json" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+for key in ("plugins", "sdplug_preset"):
+    config.pop(key)
+config["project_name"] = "sdplug-patched"
+json.dump(config, open(sys.argv[2], "w"), indent=2)
+PY
+BEFORE=$(sha256sum train.py | cut -d' ' -f1)
+"$HERE/venv/bin/sdplug" patch everydream "$ED2"
+trap '"$HERE/venv/bin/sdplug" unpatch everydream "$ED2"' EXIT
+PYTHONPATH="$HERE/stubs" WANDB_MODE=disabled "$HERE/venv/bin/python" train.py --config sdplug-train-patched.json \
+  --sdplug_preset "$HERE/ed2-loss-preset.toml"
+echo "audit: $(ls -t "$HERE"/logs/sdplug-patched*/audit.json | head -1)"
+trap - EXIT
+"$HERE/venv/bin/sdplug" unpatch everydream "$ED2"
+[ "$(sha256sum train.py | cut -d' ' -f1)" = "$BEFORE" ] && echo "train.py restored byte for byte ($BEFORE)"
