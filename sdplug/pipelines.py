@@ -44,15 +44,34 @@ class CaptionDraw(str):
 class NoisePipeline:
     """Noise strategies composed in the order written; input-only ones act on a copy."""
 
-    def __init__(self, strategies: list[NoiseStrategy]):
+    def __init__(self, strategies: list[NoiseStrategy], alphas_cumprod: torch.Tensor | None = None):
         self.strategies = list(strategies)
+        self.alphas_cumprod = alphas_cumprod  # the plan's schedule, for time-dependent strategies
+        for strategy in self.strategies:  # their tables of the schedule, before any step (no sync inside one)
+            prepare = getattr(strategy, "prepare", None)
+            if strategy.uses_timesteps and prepare is not None and alphas_cumprod is not None:
+                prepare(alphas_cumprod)
+
+    @property
+    def timestep_strategies(self) -> list[str]:
+        """The strategies that scale by each sample's timestep (``uses_timesteps``)."""
+        return [type(strategy).__name__ for strategy in self.strategies if strategy.uses_timesteps]
 
     def __call__(
-        self, latents: torch.Tensor, generator: torch.Generator | None = None, host_rng: random.Random | None = None
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        host_rng: random.Random | None = None,
+        *,
+        timesteps: torch.Tensor | None = None,
     ) -> NoiseDraw:
         noise = None
         for strategy in self.strategies:
-            if strategy.role == "target" and strategy.uses_host_rng and host_rng is not None:
+            if strategy.role == "target" and strategy.uses_timesteps:
+                noise = strategy.transform(  # type: ignore[call-arg]
+                    noise, latents, generator, timesteps=timesteps, alphas_cumprod=self.alphas_cumprod
+                )
+            elif strategy.role == "target" and strategy.uses_host_rng and host_rng is not None:
                 noise = strategy.transform(noise, latents, generator, host_rng=host_rng)  # type: ignore[call-arg]
             elif strategy.role == "target":
                 noise = strategy.transform(noise, latents, generator)

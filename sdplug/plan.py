@@ -6,7 +6,7 @@ methods at the same moments of a training step, so a preset behaves the same eve
     plan = preset.build(noise_scheduler, seed=0, rank=rank)   # once
     plan.attention(unet); optimizer = plan.optimizer(params, default=...)
     text = plan.caption(caption, epoch=epoch)                  # per sample, when loaded
-    noise = plan.noise(latents); t = plan.timesteps(len(latents), device=latents.device)
+    t = plan.timesteps(len(latents), device=latents.device); noise = plan.noise(latents, timesteps=t)
     x_t = plan.noisy_input(latents, noise, t); target = plan.target(latents, noise, t)
     loss = plan.loss(model_pred, target, t).mean()             # per-sample, weighted
     plan.step()                                                # once per optimizer step
@@ -65,8 +65,8 @@ class Plan:
         self.prediction_type = check_prediction_type(prediction_type)
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float32).cpu()
         self.num_train_timesteps = len(self.alphas_cumprod)
-        check_against_schedule(preset, self.num_train_timesteps)  # file and key, before any training
-        self.noise_pipeline = NoisePipeline([spec.create() for spec in preset.noise])
+        check_against_schedule(preset, self.num_train_timesteps, self.alphas_cumprod)  # file and key, before training
+        self.noise_pipeline = NoisePipeline([spec.create() for spec in preset.noise], self.alphas_cumprod)
         self.caption_pipeline = CaptionPipeline([spec.create() for spec in preset.caption])
         # the host's own draw (kohya's --min/max_timestep range) when the preset names none
         self.timestep_sampler: TimestepStrategy | None = preset.timesteps.create() if preset.timesteps else default_timesteps
@@ -79,21 +79,22 @@ class Plan:
         self.ema_tracker: EMA | None = None  # see ema()
         self.audit = Audit.for_preset(preset, self.num_train_timesteps, optimizer=self.optimizer_spec)
 
-    def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
-        """The step's noise: ``target`` for the loss, ``model_input`` for ``x_t``; drawn from the
-        plan's ``noise`` stream on the latents' device unless ``generator`` is given."""
+    def noise(
+        self, latents: torch.Tensor, generator: torch.Generator | None = None, *, timesteps: torch.Tensor | None = None
+    ) -> NoiseDraw:
+        """The step's noise (``.target``, ``.model_input``) from the plan's stream; ``timesteps``: the step's (time-dependent noise)."""
+        _check_noise_timesteps(self, latents, timesteps)
         stream = "validation-noise" if self._validating else "noise"
         # what a strategy decides on the host (pyramid's level sizes) from a Python stream: no sync
         host_rng = self.streams.random(stream + "-host") if generator is None else None
-        draw = self.noise_pipeline(latents, generator or self.streams.generator(stream, latents.device), host_rng)
+        draw = self.noise_pipeline(latents, generator or self.streams.generator(stream, latents.device), host_rng, timesteps=timesteps)
         if not self._validating:
             self.audit.record_noise(draw.target, draw.model_input)
         return draw
 
     @contextlib.contextmanager
     def validation(self) -> Iterator[Plan]:
-        """Calls inside draw from streams of their own and are not audited: a validation pass
-        neither shifts the training draws nor counts as training."""
+        """Calls inside draw from streams of their own, unaudited: validation never shifts or counts as training."""
         previous, self._validating = self._validating, True
         try:
             yield self
@@ -294,6 +295,19 @@ class Plan:
         record = plan_setup.install_attention(self, model, install)
         self.audit.record_host(attention=record)
         return int(record["changed"])
+
+
+def _check_noise_timesteps(plan: Plan, latents: torch.Tensor, timesteps: torch.Tensor | None) -> None:
+    needing = plan.noise_pipeline.timestep_strategies
+    if timesteps is None:
+        if needing:
+            raise SdplugError(
+                f"the preset's noise {', '.join(needing)} scales by each sample's timestep: draw the timesteps first "
+                "and call plan.noise(latents, timesteps=t)."
+            )
+        return
+    if tuple(timesteps.shape) != (latents.shape[0],):
+        raise SdplugError(f"plan.noise got timesteps of shape {tuple(timesteps.shape)} for {latents.shape[0]} latents; one per sample.")
 
 
 def _check_loss_inputs(plan: Plan, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor | None) -> None:

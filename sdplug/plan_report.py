@@ -88,12 +88,20 @@ def write(plan: Plan, output_dir: Path, host: dict[str, Any], sections: dict[str
     data = report(plan)
     data["host"] = {**data.get("host", {}), **host}
     data.update(sections)
-    rank = plan.streams.rank
+    return write_data(data, output_dir, plan.streams.rank)
+
+
+def write_data(data: dict[str, Any], output_dir: str | Path, rank: int) -> Path:
+    """An audit (a plan's, or a host's refusal before any plan: ``steps`` 0, the refusal first in
+    ``problems``) as JSON: ``audit.json`` on rank 0, ``audit-rank<N>.json`` on the others."""
+    output_dir = Path(output_dir)
     path = output_dir / ("audit.json" if rank == 0 else f"audit-rank{rank}.json")
     output_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")  # a reader never sees half a file
     partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(partial, path)
-    if data["problems"]:
+    if data["steps"] == 0 and data["problems"][:1] and str(data["problems"][0]).startswith("refused"):
+        logger.info(f"the refusal is in {path}")  # its message follows as the error
+    elif data["problems"]:
         logger.warning(f"AUDIT PROBLEMS in {path}: {'; '.join(data['problems'])}")
     return path

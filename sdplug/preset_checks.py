@@ -10,22 +10,28 @@ from sdplug.strategies import registry
 from sdplug.strategies.base import CaptionTransform, NoiseStrategy
 
 if TYPE_CHECKING:
+    import torch
+
     from sdplug.presets import Preset
 
 
-def check_against_schedule(preset: Preset, num_train_timesteps: int) -> None:
+def check_against_schedule(preset: Preset, num_train_timesteps: int, alphas_cumprod: torch.Tensor | None = None) -> None:
     """Refuse, when the preset is bound to a noise schedule, parameters that do not fit its length.
 
     Validation cannot know the schedule (``max_timestep = 5000`` is fine for a 10,000-step one),
     so strategies whose parameters are timesteps define ``schedule_problem(num_train_timesteps)``,
-    returning ``(parameter, sentence)`` or None. The error names the file and key the table came
-    from (a parent's file, when inherited), before anything is trained.
+    returning ``(parameter, sentence)`` or None; those that need the schedule's values define
+    ``alphas_problem(alphas_cumprod)``. The error names the file and key the table came from (a
+    parent's file, when inherited), before anything is trained.
     """
     specs = [*preset.noise, *preset.caption, preset.timesteps, preset.loss_weighting]
     for spec in specs:
-        if spec is None or not hasattr(registry(spec.family).get(spec.type).cls, "schedule_problem"):
+        if spec is None:
             continue
-        problem = spec.create().schedule_problem(num_train_timesteps)
+        cls = registry(spec.family).get(spec.type).cls
+        problem = spec.create().schedule_problem(num_train_timesteps) if hasattr(cls, "schedule_problem") else None
+        if problem is None and alphas_cumprod is not None and hasattr(cls, "alphas_problem"):
+            problem = spec.create().alphas_problem(alphas_cumprod)
         if problem is not None:
             parameter, sentence = problem
             raise PresetError(sentence, path=spec.path, key=f"{spec.key}.{parameter}" if spec.key else parameter)

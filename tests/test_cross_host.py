@@ -45,6 +45,10 @@ type = "pyramid"
 discount = 0.8
 
 [[noise]]
+type = "generalized_offset"
+strength = 0.1
+
+[[noise]]
 type = "input_perturbation"
 gamma = 0.1
 

@@ -101,7 +101,7 @@ def test_the_patched_closure_returns_the_presets_loss(patched_tree, monkeypatch)
     assert audit["host"]["everydream_keys"]["loss_type"] == "switched off"
     # EveryDream2's loss block never ran (it records its loss_scale), the preset's loss trained
     assert record["loss_scales"] == [] and len(calls) == 3
-    for (model_pred, target, timesteps, loss_scale, loss), trained in zip(calls, record["losses"]):
+    for (model_pred, target, timesteps, loss_scale, loss), trained in zip(calls, record["losses"], strict=True):
         assert float(loss.detach()) == pytest.approx(trained, rel=1e-6)
         assert float(loss.detach()) == pytest.approx(float(expected_loss(model_pred, target, timesteps, loss_scale)), rel=1e-4)
     # the weighting came with the loss (once), not also through loss_scale

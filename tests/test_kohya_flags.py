@@ -14,7 +14,7 @@ import pytest
 
 import sdplug
 from sdplug.hosts.kohya.config_bridge import from_kohya, to_kohya
-from sdplug.hosts.kohya.flags import FAMILIES, FLAGS, HOST_SETTINGS, KINDS, MEMORY_KEYS, VERSIONS, flags_for, is_set
+from sdplug.hosts.kohya.flags import FAMILIES, FLAGS, HOST_SETTINGS, KINDS, MEMORY_KEYS, VERSIONS, flags_for
 from sdplug.hosts.kohya.reconcile import (
     KohyaConflictError,
     PresetWeightingMarker,
@@ -22,6 +22,7 @@ from sdplug.hosts.kohya.reconcile import (
     check_dataset_config,
     reconcile,
 )
+from sdplug.hosts.preset_sections import is_set
 from sdplug.presets import parse_preset
 
 DATA = Path(__file__).parent / "data" / "kohya_parser_flags.json"

@@ -87,8 +87,8 @@ def run_steps(plan, steps=3, batch=4):
         texts = [plan.caption("a red circle, on a black background, small") for _ in range(batch)]
         if all(not t.needs_text for t in plan.caption_pipeline.transforms):
             plan.caption_dropped()  # the cached-embeddings route, where it applies
-        noise = plan.noise(latents)
         t = plan.timesteps(batch, device=latents.device)
+        noise = plan.noise(latents, timesteps=t)
         x_t = plan.noisy_input(latents, noise, t)
         prediction = x_t * 0.5
         plan.loss(prediction, plan.target(latents, noise, t), t).mean()

@@ -12,10 +12,20 @@ import torch.nn.functional as F
 import sdplug
 from sdplug.bench.pyramid_cost import per_level_upsample_reference, seed_code_reference
 from sdplug.plan import NoisePipeline
+from sdplug.schedule import scaled_linear_alphas_cumprod
 from sdplug.strategies.assignment import min_cost_assignment
 from sdplug.strategies.pyramid import bilinear_matrix, level_sizes
 
 NOISE = sdplug.available("noise")
+SD_ALPHAS = scaled_linear_alphas_cumprod()
+
+
+def draw(strategy, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One strategy's noise; a time-dependent one gets spread timesteps on SD's schedule too."""
+    if not strategy.uses_timesteps:
+        return strategy(latents, generator=generator)
+    timesteps = torch.linspace(0, 999, latents.shape[0]).long()
+    return strategy(latents, generator=generator, timesteps=timesteps, alphas_cumprod=SD_ALPHAS)
 
 
 def channel_mean_variance(noise: torch.Tensor) -> float:
@@ -27,7 +37,7 @@ def channel_mean_variance(noise: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_contract_shape_dtype_device_finite(name, dtype):
     latents = torch.randn(3, 4, 24, 20).to(dtype)
-    noise = sdplug.create("noise", name)(latents, generator=torch.Generator().manual_seed(0))
+    noise = draw(sdplug.create("noise", name), latents, torch.Generator().manual_seed(0))
     assert noise.shape == latents.shape and noise.dtype == dtype and noise.device == latents.device
     assert torch.isfinite(noise.float()).all()
 
@@ -36,9 +46,9 @@ def test_contract_shape_dtype_device_finite(name, dtype):
 def test_contract_deterministic_under_seeded_generator(name):
     latents = torch.randn(4, 4, 16, 16)
     strategy = sdplug.create("noise", name)
-    first = strategy(latents, generator=torch.Generator().manual_seed(7))
-    again = strategy(latents, generator=torch.Generator().manual_seed(7))
-    other = strategy(latents, generator=torch.Generator().manual_seed(8))
+    first = draw(strategy, latents, torch.Generator().manual_seed(7))
+    again = draw(strategy, latents, torch.Generator().manual_seed(7))
+    other = draw(strategy, latents, torch.Generator().manual_seed(8))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
 
@@ -46,7 +56,7 @@ def test_contract_deterministic_under_seeded_generator(name):
 @pytest.mark.parametrize("name", NOISE)
 def test_contract_roughly_unit_variance(name):
     latents = torch.randn(16, 4, 32, 32)
-    noise = sdplug.create("noise", name)(latents, generator=torch.Generator().manual_seed(3))
+    noise = draw(sdplug.create("noise", name), latents, torch.Generator().manual_seed(3))
     assert abs(noise.mean().item()) < 0.25
     assert 0.8 < noise.std().item() < 1.25
 

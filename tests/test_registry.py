@@ -56,7 +56,7 @@ def test_unknown_name_lists_available_and_suggests_closest():
     with pytest.raises(UnknownStrategyError) as info:
         sdplug.create("noise", "pyramd")
     message = str(info.value)
-    assert "Available names: gaussian, immiscible" in message
+    assert "Available names: gaussian, generalized_offset, immiscible" in message
     assert "Did you mean 'pyramid'?" in message
 
 

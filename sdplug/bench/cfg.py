@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from sdplug.bench import common, metrics, plots, toy
-from sdplug.bench.min_snr import _Scorer
 
 TRAININGS: dict[str, dict] = {"no dropout": {}, "dropout 10%": {"caption": [{"type": "dropout", "rate": 0.1}]}}
 GUIDANCE = (1.0, 3.0, 7.0, 12.0, 20.0)
@@ -34,7 +33,7 @@ def run(options: common.Options) -> common.Report:
     progress = common.Progress(cfg["classifier_steps"] // 10 + len(TRAININGS) * options.seeds * per_run, "cfg", options.progress)
     classifier = toy.train_classifier(data, steps=cfg["classifier_steps"], seed=0)
     progress.tick(cfg["classifier_steps"] // 10)
-    scorer = _Scorer(classifier, reference)
+    scorer = metrics.FeatureMMD(classifier.embed, reference.images)
     labels = torch.arange(len(data.names)).repeat_interleave(cfg["per_class"])
     results: dict[str, dict[float, dict[str, list[float]]]] = {name: {g: {} for g in GUIDANCE} for name in TRAININGS}
     grids: dict[tuple[str, float], torch.Tensor] = {}

@@ -1,12 +1,13 @@
 """The evidence benches' measures, each a pure function of tensors or lists (unit-tested on known
-distributions): 1-D Wasserstein, kernel MMD, range coverage, out-of-range share, high-frequency
-residue, curve smoothing and the steps-to-quality speed-up.
+distributions): 1-D Wasserstein, kernel MMD (and ``FeatureMMD``, which scores samples by it on a
+classifier's features), range coverage, out-of-range share, high-frequency residue, curve
+smoothing and the steps-to-quality speed-up.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,24 @@ def median_distance(x: torch.Tensor) -> float:
     """The median pairwise distance of ``x`` (the usual kernel-bandwidth heuristic)."""
     d = torch.pdist(x.double().flatten(1))
     return float(d.median()) if len(d) else 1.0
+
+
+class FeatureMMD:
+    """Sample quality: MMD^2 between ``embed`` features of samples and of held-out ``reference``
+    images (features standardised by the reference's; Gaussian kernels at 0.5, 1 and 2 x the
+    median distance). Lower is better."""
+
+    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], reference: torch.Tensor):
+        self.embed = embed
+        features = embed(reference)
+        self.mean, self.std = features.mean(0), features.std(0) + 1e-6
+        self.reference = (features - self.mean) / self.std
+        median = median_distance(self.reference)
+        self.bandwidths = [0.5 * median, median, 2 * median]
+
+    def __call__(self, samples: torch.Tensor) -> float:
+        features = (self.embed(samples) - self.mean) / self.std
+        return mmd2(features, self.reference, self.bandwidths)
 
 
 def range_share(samples: torch.Tensor | Sequence[float], data: torch.Tensor | Sequence[float], q: float = 0.01) -> float:

@@ -29,23 +29,6 @@ PREDICTION = "epsilon"
 CLAIM = 3.4
 
 
-class _Scorer:
-    """Sample quality: MMD^2 between classifier features of samples and of held-out data
-    (features standardised by the data's; Gaussian kernels at 0.5, 1 and 2 x the median distance)."""
-
-    def __init__(self, classifier: toy.Classifier, reference: toy.Dataset):
-        self.classifier = classifier
-        features = classifier.embed(reference.images)
-        self.mean, self.std = features.mean(0), features.std(0) + 1e-6
-        self.reference = (features - self.mean) / self.std
-        median = metrics.median_distance(self.reference)
-        self.bandwidths = [0.5 * median, median, 2 * median]
-
-    def __call__(self, samples: torch.Tensor) -> float:
-        features = (self.classifier.embed(samples) - self.mean) / self.std
-        return metrics.mmd2(features, self.reference, self.bandwidths)
-
-
 def run(options: common.Options) -> common.Report:
     cfg = QUICK if options.quick else FULL
     alphas = toy.schedule()
@@ -56,7 +39,7 @@ def run(options: common.Options) -> common.Report:
     )
     classifier = toy.train_classifier(data, steps=cfg["classifier_steps"], seed=0)
     progress.tick(cfg["classifier_steps"] // 10)
-    scorer = _Scorer(classifier, reference)
+    scorer = metrics.FeatureMMD(classifier.embed, reference.images)
     classifier_accuracy = toy.accuracy(classifier, reference.images, reference.labels)
     labels = torch.arange(len(data.names)).repeat_interleave(cfg["per_class"])
     checkpoints = list(range(cfg["every"], cfg["steps"] + 1, cfg["every"]))

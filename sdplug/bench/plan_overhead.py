@@ -99,10 +99,14 @@ class HandWritten:
                 text = transform(text, epoch=epoch, rng=self.caption_rng)
         return text
 
-    def noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def noise(self, latents: torch.Tensor, timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         target = None
         for strategy in self.noise_strategies:
-            if strategy.role == "target" and strategy.uses_host_rng:
+            if strategy.role == "target" and strategy.uses_timesteps:
+                target = strategy.transform(
+                    target, latents, self.noise_generator, timesteps=timesteps, alphas_cumprod=self.alphas_cumprod
+                )
+            elif strategy.role == "target" and strategy.uses_host_rng:
                 target = strategy.transform(target, latents, self.noise_generator, host_rng=self.noise_host_rng)
             elif strategy.role == "target":
                 target = strategy.transform(target, latents, self.noise_generator)
@@ -158,8 +162,8 @@ class _Side:
         tokens = model.tokenizer(texts, padding="max_length", max_length=model.tokenizer.model_max_length, return_tensors="pt")
         with torch.no_grad():
             hidden = model.text_encoder(tokens.input_ids)[0]
-        noise = calls.noise(latents)
         t = calls.timesteps(len(latents), device=latents.device)
+        noise = calls.noise(latents, timesteps=t)
         prediction = model.unet(calls.noisy_input(latents, noise, t), t, encoder_hidden_states=hidden).sample
         loss = calls.loss(prediction, calls.target(latents, noise, t), t).mean()
         loss.backward()

@@ -181,8 +181,8 @@ def train(
         x0, labels = data.images[index], data.labels[index]
         dropped = torch.tensor([plan.caption(data.names[int(k)]).dropped for k in labels])
         labels = torch.where(dropped, model.null, labels)
-        noise = plan.noise(x0)
         t = plan.timesteps(batch_size)
+        noise = plan.noise(x0, timesteps=t)
         prediction = model(plan.noisy_input(x0, noise, t), t, labels)
         loss = plan.loss(prediction, plan.target(x0, noise, t), t).mean()
         loss.backward()
@@ -209,8 +209,9 @@ def start_noise(plan: Plan, count: int, seed: int, family: str) -> torch.Tensor:
     zeros = torch.zeros(count, 3, SIZE, SIZE)
     if family == "gaussian":
         return torch.randn(zeros.shape, generator=generator)
+    start = torch.full((count,), plan.num_train_timesteps - 1, dtype=torch.long)  # x_T: the last timestep's noise
     with plan.validation():
-        return plan.noise(zeros, generator=generator).target.float()
+        return plan.noise(zeros, generator=generator, timesteps=start).target.float()
 
 
 @torch.no_grad()

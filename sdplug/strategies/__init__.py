@@ -14,6 +14,7 @@ from sdplug.strategies import (
     attention,
     caption,
     fields,
+    generalized_offset,
     learned,
     loss,
     loss_weighting,
@@ -48,6 +49,7 @@ BUILTINS: dict[str, dict[str, type]] = {
     "noise": {
         "gaussian": noise.GaussianNoise,
         "offset": noise.OffsetNoise,
+        "generalized_offset": generalized_offset.GeneralizedOffsetNoise,
         "pyramid": pyramid.PyramidNoise,
         "perlin": fields.PerlinNoise,
         "pink": fields.PinkNoise,

@@ -26,13 +26,19 @@ class NoiseStrategy:
     # True: ``transform`` also takes ``host_rng`` (a ``random.Random``) for what it decides on
     # the host -- shapes, counts -- so a draw on a GPU never waits to read a number back
     uses_host_rng: ClassVar[bool] = False
+    # True: ``transform`` also takes ``timesteps`` (one per sample) and ``alphas_cumprod`` (the
+    # plan's schedule), so hosts draw the step's timesteps first (``plan.noise(latents, timesteps=t)``)
+    uses_timesteps: ClassVar[bool] = False
 
     def transform(self, noise: torch.Tensor | None, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Return new noise shaped like ``latents``; ``noise`` is the noise so far (None: none yet)."""
         raise NotImplementedError
 
-    def __call__(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """This strategy alone: noise of ``latents``' shape, dtype and device."""
+    def __call__(self, latents: torch.Tensor, generator: torch.Generator | None = None, **schedule: Any) -> torch.Tensor:
+        """This strategy alone: noise of ``latents``' shape, dtype and device (``timesteps=`` and
+        ``alphas_cumprod=`` too, for a strategy that ``uses_timesteps``)."""
+        if self.uses_timesteps:
+            return self.transform(None, latents, generator, **schedule)
         return self.transform(None, latents, generator)
 
 

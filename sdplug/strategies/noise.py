@@ -52,8 +52,7 @@ class OffsetNoise(NoiseStrategy):
     (kohya ``--adaptive_noise_scale``): ``s`` grows by ``adaptive_scale * |mean over H, W of the
     latents|`` per sample and channel, clamped at 0 (kohya adds it to the already randomised
     offset, as here). OneTrainer's ``generalized_offset_noise`` scales the offset by a
-    coefficient ``psi_t`` of each sample's timestep; a noise strategy is drawn before the
-    timesteps and does not see them, so it is not offered.
+    coefficient ``psi_t`` of each sample's timestep: ``generalized_offset``.
     """
 
     strength: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1

@@ -35,8 +35,8 @@ def diffusion_loss(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     mask: torch.Tensor | None = None,
 ) -> StepLoss:
-    noise = plan.noise(latents)
     timesteps = plan.timesteps(len(latents), device=latents.device)
+    noise = plan.noise(latents, timesteps=timesteps)
     with autocast():
         prediction = unet(plan.noisy_input(latents, noise, timesteps), timesteps, encoder_hidden_states=text_states).sample
     if mask is not None:  # a pixel mask, at the latents' size (area interpolation, as kohya resizes its masks)

@@ -71,8 +71,9 @@ class Session:
         if not self.draws_noise:
             self.draw = NoiseDraw(noise, noise)
             return noise, timesteps
-        self.draw = plan.noise(latents)
-        return self.draw.target, plan.timesteps(len(latents), device=latents.device)
+        drawn = plan.timesteps(len(latents), device=latents.device)
+        self.draw = plan.noise(latents, timesteps=drawn)
+        return self.draw.target, drawn
 
     def drop_captions(self, batch: dict[str, Any], epoch: int, empty: Callable[[], Any], key: str = "input_ids") -> None:
         plan = self.bound()

@@ -38,7 +38,7 @@ from sdplug.hosts.everydream.patching import is_patched
 from sdplug.hosts.everydream.reconcile import reconcile
 from sdplug.hosts.everydream.step_hooks import StepHooks
 from sdplug.hosts.everydream.version import EverydreamVersion, check_runtime, detect
-from sdplug.hosts.kohya.session import Session
+from sdplug.hosts.session import Session
 from sdplug.log import logger, show_messages
 from sdplug.plan import Plan
 from sdplug.presets import Preset, load_preset
@@ -230,7 +230,7 @@ def start(frame: FrameType | None, *, exit_on_problems: bool = True) -> Everydre
     except SdplugError as exc:
         folder = found.get("log_folder") if found else None
         if folder:
-            from sdplug.hosts.kohya.report import write
+            from sdplug.plan_report import write_data as write
 
             write(refusal(str(exc), preset, version.name if version else None), folder, 0)
         logger.error(f"error: {exc}")

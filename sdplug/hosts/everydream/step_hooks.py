@@ -118,11 +118,12 @@ class StepHooks:
     def _draw(self, latents: torch.Tensor, training: bool):
         plan, size = self.plan, latents.shape[0]
         if training:
-            return plan.noise(latents), plan.timesteps(size, device=latents.device)
+            drawn = plan.timesteps(size, device=latents.device)
+            return plan.noise(latents, timesteps=drawn), drawn
         noise_generator, timestep_generator = self._fixed_generators(latents.device)
         with plan.validation():
-            draw = plan.noise(latents, generator=noise_generator)
             drawn = plan.timesteps(size, generator=timestep_generator, device=latents.device)
+            draw = plan.noise(latents, generator=noise_generator, timesteps=drawn)
         return draw, drawn
 
     def _fixed_generators(self, device: torch.device) -> tuple[torch.Generator, torch.Generator]:

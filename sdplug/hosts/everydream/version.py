@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sdplug.errors import SdplugError
+from sdplug.hosts import fingerprints
 
 
 class EverydreamVersionError(SdplugError):
@@ -72,23 +73,8 @@ HOOKS = (
 )
 
 
-def _read(root: Path, relative: str) -> str:
-    path = root / relative
-    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-
-
 def _missing(root: Path, version: EverydreamVersion) -> list[str]:
-    missing = [f"{file}: {text.strip()!r}" for file, text in version.fingerprints if text not in _read(root, file)]
-    file, start, texts = version.ordered
-    source = _read(root, file)
-    position = source.find(start)
-    for text in texts:
-        found = source.find(text, position) if position >= 0 else -1
-        if found < 0:
-            missing.append(f"{file}: {text!r} after {start!r}")
-            break
-        position = found
-    return missing
+    return fingerprints.missing_texts(root, version.fingerprints) + fingerprints.missing_order(root, *version.ordered)
 
 
 def detect(root: Path) -> EverydreamVersion:
@@ -96,18 +82,13 @@ def detect(root: Path) -> EverydreamVersion:
     root = Path(root)
     if not (root / "train.py").is_file() or not (root / "plugins" / "plugins.py").is_file():
         raise EverydreamVersionError(f"{root}: not an EveryDream2 tree (no train.py and plugins/plugins.py).")
-    misses = []
-    for version in KNOWN:
-        missing = _missing(root, version)
-        if not missing:
-            return version
-        misses.append(f"{version.name} (missing {'; '.join(missing)})")
-    raise EverydreamVersionError(
-        f"{root}: an EveryDream2 version the sdplug plugin does not know. Known: "
-        + ", ".join(v.name for v in KNOWN)
-        + ". Checked: "
-        + " / ".join(misses)
-        + ". Nothing was changed; train with EveryDream2 main, or without sdplug."
+    return fingerprints.identify(
+        root,
+        KNOWN,
+        lambda version: _missing(root, version),
+        unknown="an EveryDream2 version the sdplug plugin does not know",
+        advice="Nothing was changed; train with EveryDream2 main, or without sdplug.",
+        error=EverydreamVersionError,
     )
 
 
@@ -120,10 +101,7 @@ def check_runtime(main_locals: Mapping[str, object] | None, modules: Mapping[str
         )
     absent = [f"main(): {name}" for name in MAIN_LOCALS if main_locals.get(name) is None]
     for module_name, attribute in HOOKS:
-        target = modules.get(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part, None)
-        if target is None:
+        if fingerprints.lookup(modules, module_name, attribute) is None:
             absent.append(f"{module_name}.{attribute}")
     if absent:
         raise EverydreamVersionError(

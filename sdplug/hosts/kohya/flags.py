@@ -161,25 +161,3 @@ def flags_for(version: str) -> dict[str, KohyaFlag]:
 
 def host_setting_group(name: str) -> str | None:
     return next((group for group, names in HOST_SETTINGS.items() if name in names), None)
-
-
-def section_set(preset, section: str) -> bool:
-    """Whether the preset sets ``section`` (a family, or one ``memory.<key>``)."""
-    if section.startswith("memory."):
-        value = getattr(preset.memory, section.split(".", 1)[1])
-        return value not in (False, "no")
-    value = getattr(preset, section)
-    return bool(value) if isinstance(value, tuple) else value is not None
-
-
-def preset_value(preset, section: str):
-    """What the preset sets a ``memory.<key>`` to (a flag equal to it is no conflict); else None."""
-    return getattr(preset.memory, section.split(".", 1)[1]) if section.startswith("memory.") else None
-
-
-def is_set(value, default) -> bool:
-    """A flag the user set: its value is not the parser's default (an empty value is unset)."""
-    if value == default:
-        return False
-    empty: tuple[object, ...] = (None, False, 0, 0.0, "", (), [])
-    return not (value in empty and default in empty)

@@ -13,15 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from sdplug.errors import PresetError, SdplugError
-from sdplug.hosts.kohya.flags import (
-    FLAGS,
-    KohyaFlag,
-    flags_for,
-    host_setting_group,
-    is_set,
-    preset_value,
-    section_set,
-)
+from sdplug.hosts.kohya.flags import FLAGS, KohyaFlag, flags_for, host_setting_group
+from sdplug.hosts.preset_sections import is_set, preset_value, section_set
 from sdplug.presets import Preset, tomllib
 from sdplug.strategies import registry
 

@@ -1,35 +1,21 @@
-"""Where the kohya adapter's ``audit.json`` goes, and the audit of a run refused before training.
+"""The kohya adapter's audits: of a run refused before training, and of a configured run.
 
 A refused run writes an audit too (``steps`` 0, the refusal in ``problems``), in kohya's
-``--output_dir`` when the arguments name one, so a missing audit never stands for a refusal.
+``--output_dir`` when the arguments name one, so a missing audit never stands for a refusal;
+``write`` (``sdplug.plan_report.write_data``, atomic) puts it there.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from sdplug.audit import preset_strategies
 from sdplug.log import logger
+from sdplug.plan_report import write_data as write
 
 HOST_NAME = "kohya sd-scripts"
-
-
-def audit_path(output_dir: str | Path, rank: int) -> Path:
-    return Path(output_dir) / ("audit.json" if rank == 0 else f"audit-rank{rank}.json")
-
-
-def write(report: dict[str, Any], output_dir: str | Path, rank: int) -> Path:
-    path = audit_path(output_dir, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    if report["steps"] == 0 and report["problems"][:1] and report["problems"][0].startswith("refused"):
-        logger.info(f"the refusal is in {path}")  # its message follows as the error
-    elif report["problems"]:
-        logger.warning(f"AUDIT PROBLEMS in {path}: {'; '.join(report['problems'])}")
-    return path
 
 
 def refusal(message: str, *, preset=None, version: str | None = None, script: str | None = None) -> dict[str, Any]:

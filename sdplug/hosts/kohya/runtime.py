@@ -23,7 +23,7 @@ patched scripts (``--sdplug_preset``, from inside the script). Hooks, all in
 
 Each hook translates kohya's calling convention and calls the plan; what kohya itself needs
 lives in the modules beside this one. Every change to the process goes through the adapter's
-``Session`` (``session.py``), whose ``undo()`` restores every hooked function, rebound script
+``Session`` (``sdplug/hosts/session.py``), whose ``undo()`` restores every hooked function, rebound script
 name, ``sys.excepthook`` and the ``atexit`` handler.
 
 At exit the plan's audit is written to ``output_dir/audit.json`` (a refused run's too, the
@@ -53,8 +53,8 @@ from sdplug.hosts.kohya.reconcile import (
     check_sections_apply,
     reconcile,
 )
-from sdplug.hosts.kohya.session import Session
 from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
+from sdplug.hosts.session import Session
 from sdplug.log import logger, show_messages
 from sdplug.plan import Plan
 from sdplug.presets import Preset
@@ -235,8 +235,8 @@ class KohyaAdapter:
         if self.validating:
             draw, timesteps = self._validation_draw(latents, int(args.min_timestep))
         else:
-            draw = self.plan.noise(latents)
             timesteps = self.plan.timesteps(latents.shape[0], device=latents.device)
+            draw = self.plan.noise(latents, timesteps=timesteps)
         self.timesteps = timesteps
         result = (draw.target, self.plan.noisy_input(latents, draw, timesteps), timesteps)
         return result + (1,) if self.version.noise_returns == 4 else result  # v0.8.7: huber_c, unused by l2
@@ -245,9 +245,9 @@ class KohyaAdapter:
         """main's validation: the preset's noise at kohya's pinned timestep, from the plan's
         validation streams and kept out of the audit (no training step)."""
         assert self.plan is not None  # hooks run after configure built it
+        timesteps = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
         with self.plan.validation():
-            draw = self.plan.noise(latents)
-        return draw, torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
+            return self.plan.noise(latents, timesteps=timesteps), timesteps
 
     def _train_eval_hook(self, optimizer, args):
         original = self.original(self._train_util, "get_optimizer_train_eval_fn")

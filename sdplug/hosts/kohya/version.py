@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from sdplug.errors import SdplugError
+from sdplug.hosts import fingerprints
 
 SCRIPTS = ("train_network.py", "sdxl_train_network.py", "train_db.py", "fine_tune.py")
 
@@ -65,38 +66,25 @@ HOOKS = (
 )
 
 
-def _read(root: Path, relative: str) -> str:
-    path = root / relative
-    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-
-
 def detect(root: Path) -> KohyaVersion:
     """The known version ``root`` is, or a ``KohyaVersionError`` naming what is missing."""
     root = Path(root)
     if not (root / "library" / "train_util.py").is_file():
         raise KohyaVersionError(f"{root}: not an sd-scripts tree (no library/train_util.py). Pass --sd-scripts DIR.")
-    misses = []
-    for version in KNOWN:
-        missing = [f"{file}: {text.strip()!r}" for file, text in version.fingerprints if text not in _read(root, file)]
-        if not missing:
-            return version
-        misses.append(f"{version.name} (missing {'; '.join(missing)})")
-    raise KohyaVersionError(
-        f"{root}: an sd-scripts version the sdplug adapter does not know. Known: "
-        + ", ".join(v.name for v in KNOWN)
-        + ". Checked: "
-        + " / ".join(misses)
-        + ". Nothing was patched; train with sd-scripts main or v0.8.7, or without sdplug."
+    return fingerprints.identify(
+        root,
+        KNOWN,
+        lambda version: fingerprints.missing_texts(root, version.fingerprints),
+        unknown="an sd-scripts version the sdplug adapter does not know",
+        advice="Nothing was patched; train with sd-scripts main or v0.8.7, or without sdplug.",
+        error=KohyaVersionError,
     )
 
 
 def check_hooks(modules: dict[str, object], version: KohyaVersion) -> None:
     """Every hook the adapter needs, present in the imported modules (else refuse, untouched)."""
     for module_name, attribute in (*HOOKS, ("library.train_util", f"BaseDataset.{version.text_cache_method}")):
-        target = modules.get(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part, None)
-        if target is None:
+        if fingerprints.lookup(modules, module_name, attribute) is None:
             raise KohyaVersionError(
                 f"sd-scripts {version.name}: hook {module_name}.{attribute} is missing, so sdplug cannot apply the preset "
                 "completely; refusing before training rather than applying part of it."

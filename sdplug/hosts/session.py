@@ -1,12 +1,13 @@
-"""What installing the kohya adapter changed in this process, and how to take it all back.
+"""What installing a host adapter changed in this process, and how to take it all back.
 
-Every change the adapter makes outside its own objects goes through one ``Session``: the
-functions it replaces in sd-scripts' modules and classes, the names it rebinds in a running
-script's namespace, ``sys.excepthook``, the ``atexit`` handler that writes the audit, and the
-folder it puts on ``sys.path``. ``undo()`` (or leaving ``with session:``) restores each, last
-change first, so an adapter installed in a process that goes on (a test, a notebook, a second
-run) leaves sd-scripts as it found it. The launcher and the patched scripts never undo: their
-process ends with the script, and the ``atexit`` handler must still write the audit then.
+Every change an adapter (kohya sd-scripts, EveryDream2) makes outside its own objects goes
+through one ``Session``: the functions it replaces in the host's modules and classes, the names
+it rebinds in a running script's namespace, ``sys.excepthook``, the ``atexit`` handler that
+writes the audit, and the folder it puts on ``sys.path``. ``undo()`` (or leaving
+``with session:``) restores each, last change first, so an adapter installed in a process that
+goes on (a test, a notebook, a second run) leaves the host as it found it. Launchers and patched
+scripts never undo: their process ends with the script, and the ``atexit`` handler must still
+write the audit then.
 """
 
 from __future__ import annotations
