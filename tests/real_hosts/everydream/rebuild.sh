@@ -114,12 +114,17 @@ PYTHONPATH="$HERE/stubs" WANDB_MODE=disabled "$HERE/venv/bin/python" train.py --
 AUDIT=$(ls -t "$HERE"/logs/*/audit.json | head -1)
 echo "audit: $AUDIT"
 
-# 9. the patch route: train.py takes the preset's [loss] (pseudo-Huber, snr schedule); the plugin is
+# 9. the patch route: train.py takes the preset's [loss] (pseudo-Huber, snr schedule), with generalized
+#    offset noise (time-dependent: drawn after the timesteps) beside pyramid noise; the plugin is
 #    loaded by --sdplug_preset alone (this train.json lists none); unpatch restores train.py byte for byte
 cat > "$HERE/ed2-loss-preset.toml" <<'TOML'
 [[noise]]
 type = "pyramid"
 discount = 0.8
+
+[[noise]]
+type = "generalized_offset"
+strength = 0.1
 
 [loss]
 type = "pseudo_huber"
