@@ -45,6 +45,19 @@ def test_mmd_is_near_zero_for_one_distribution_and_grows_with_the_shift():
     assert shifted[0] > 0.01 and shifted[0] < shifted[1] < shifted[2]
 
 
+def test_feature_mmd_standardises_by_the_reference_and_ranks_by_distance():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(300, 3, 4, 4, generator=generator) * 5 + 2  # features far from unit scale
+    embed = lambda images: images.flatten(1)[:, :6]  # noqa: E731
+    score = metrics.FeatureMMD(embed, reference)
+    assert torch.allclose(score.reference.mean(0), torch.zeros(6), atol=1e-5)
+    assert torch.allclose(score.reference.std(0), torch.ones(6), atol=1e-3)
+    same = score(torch.randn(300, 3, 4, 4, generator=generator) * 5 + 2)
+    near = score(torch.randn(300, 3, 4, 4, generator=generator) * 5 + 4)
+    far = score(torch.randn(300, 3, 4, 4, generator=generator) * 5 + 12)
+    assert abs(same) < 0.02 < near < far
+
+
 def test_speedup_of_a_curve_twice_as_fast_is_two():
     steps = list(range(10, 110, 10))
     baseline = [1.0 / s for s in steps]

@@ -43,6 +43,13 @@ class Edit:
 _OPTION = "{i}parser.add_argument(\"--sdplug_preset\", type=str, default=None, help=\"sdplug preset (TOML): its tricks replace this script's own\")"
 _IMPORT = Edit("check_min_version(", "import sdplug.hosts.diffusers_scripts.session as _sdplug")
 _BIND = Edit("    noise_scheduler = DDPMScheduler.from_pretrained(", "    _sdplug.bind(noise_scheduler, args)")
+# the dreambooth scripts' loss, with the prior-preservation pair when they train one
+_DREAMBOOTH_LOSS = Edit(
+    "                accelerator.backward(loss)",
+    "                loss = _sdplug.loss(model_pred, target, timesteps, loss, (model_pred_prior, target_prior, "
+    "args.prior_loss_weight) if args.with_prior_preservation else None)",
+    before=True,
+)
 _STEP = Edit("                global_step += 1", "                _sdplug.step()")
 _FINISH = Edit("    accelerator.end_training()", "    _sdplug.finish(args.output_dir)", before=True)
 _ATTENTION = Edit('            raise ValueError("xformers is not available. Make sure it is installed correctly")', "    _sdplug.attention(unet)")
@@ -99,12 +106,7 @@ EDITS: dict[str, list[Edit]] = {
             'else tokenize_prompt(tokenizer, "", tokenizer_max_length=args.tokenizer_max_length))',
             before=True,
         ),
-        Edit(
-            "                accelerator.backward(loss)",
-            "                loss = _sdplug.loss(model_pred, target, timesteps, loss, (model_pred_prior, target_prior, "
-            "args.prior_loss_weight) if args.with_prior_preservation else None)",
-            before=True,
-        ),
+        _DREAMBOOTH_LOSS,
         _STEP,
         _FINISH,
     ],
@@ -151,12 +153,7 @@ EDITS: dict[str, list[Edit]] = {
             "                if _sdplug_shared is not None:\n                    prompt_embeds, unet_add_text_embeds = _sdplug_shared",
             before=True,
         ),
-        Edit(
-            "                accelerator.backward(loss)",
-            "                loss = _sdplug.loss(model_pred, target, timesteps, loss, (model_pred_prior, target_prior, "
-            "args.prior_loss_weight) if args.with_prior_preservation else None)",
-            before=True,
-        ),
+        _DREAMBOOTH_LOSS,
         _STEP,
         _FINISH,
     ],
