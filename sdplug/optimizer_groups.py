@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy
 import torch
 
 from sdplug.strategies.optimizer import state_bytes
@@ -61,6 +62,14 @@ def join_learned(params: list[Any], learned: list[torch.nn.Parameter], where: Le
     return [*params[:index], {**group, "params": [*group["params"], *learned]}, *params[index + 1 :]]
 
 
+def learning_rate(value: Any) -> float:
+    """A group's lr as a JSON number. torchao's optimizers keep it as a float32 0-d tensor: read
+    back as the shortest decimal of that float32 (0.01, not 0.009999999776482582)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dtype == torch.float64 else float(str(numpy.float32(value.item())))
+    return float(value)
+
+
 def describe(optimizer: torch.optim.Optimizer, learned: list[torch.nn.Parameter], learned_tensors: list[torch.Tensor]) -> dict:
     """The audit's optimizer record; ``state_bytes`` read when the report is made (the state
     exists only after a step)."""
@@ -71,12 +80,14 @@ def describe(optimizer: torch.optim.Optimizer, learned: list[torch.nn.Parameter]
         "class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
         "state_bytes_per_trainable_parameter": round(state_bytes(optimizer) / max(trained, 1), 4),
         "trainable_parameters": trained - sum(p.numel() for p in learned),
-        "learning_rates": sorted({g["lr"] for g in optimizer.param_groups}),
+        "learning_rates": sorted({learning_rate(g["lr"]) for g in optimizer.param_groups}),
     }
     if learned:
         # proof that the weighting trains: it is in the optimizer, in a group with a non-zero lr,
         # and all its tensors (buffers too) are where that group's parameters are
         record["learned_weighting_parameters"] = len(learned)
-        record["learned_weighting_lr"] = [g["lr"] for g in optimizer.param_groups if any(id(p) in learned_ids for p in g["params"])]
+        record["learned_weighting_lr"] = [
+            learning_rate(g["lr"]) for g in optimizer.param_groups if any(id(p) in learned_ids for p in g["params"])
+        ]
         record["learned_weighting_devices"] = sorted({str(t.device) for t in learned_tensors})
     return record

@@ -21,6 +21,10 @@ from sdplug.errors import MissingDependencyError
 QUIET_NOTICES = {
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
     "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
+    # torchao (the torchao_adamw8bit extra): its CUDA-only kernels, and what diffusers and torch say of it on import
+    "torchao": "Failed to load",
+    "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects",
+    "torch.utils._pytree": "is an Enum subclass and is now natively supported",
 }
 
 

@@ -20,6 +20,7 @@ from sdplug.strategies import (
     loss_weighting,
     noise,
     optimizer,
+    optimizer_torchao,
     optimizers_extra,
     pyramid,
     timestep_distributions,
@@ -101,6 +102,7 @@ BUILTINS: dict[str, dict[str, type]] = {
         "adamw_schedulefree": optimizers_extra.AdamWScheduleFree,
         "came": optimizers_extra.CAME,
         "ademamix8bit": optimizers_extra.AdEMAMix8bit,
+        "torchao_adamw8bit": optimizer_torchao.TorchaoAdamW8bit,
     },
     "attention": {
         "sdpa": attention.SDPAAttention,

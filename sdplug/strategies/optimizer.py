@@ -168,9 +168,20 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     seen: set[int] = set()
     for state in optimizer.state.values():
         for value in state.values():
-            if torch.is_tensor(value) and value.numel():
-                pointer = value.untyped_storage().data_ptr()
+            for tensor in _data_tensors(value) if torch.is_tensor(value) and value.numel() else []:
+                pointer = tensor.untyped_storage().data_ptr()
                 if pointer not in seen:
                     seen.add(pointer)
-                    total += value.untyped_storage().nbytes()
+                    total += tensor.untyped_storage().nbytes()
     return total
+
+
+def _data_tensors(value: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``value``'s data: a tensor subclass wrapping others (torchao's
+    8-bit states: codes, block scales, quantisation map) has no storage of its own."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(value):
+        return [value]
+    names, _ = value.__tensor_flatten__()
+    return [inner for name in names for inner in _data_tensors(getattr(value, name))]

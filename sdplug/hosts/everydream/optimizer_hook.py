@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdplug.log import logger
+from sdplug.optimizer_groups import learning_rate
 
 _DEFAULT_LR = 1e-6  # EveryDream2's own when neither optimizer.json nor train.json names one
 
@@ -41,7 +42,7 @@ def install(host: Any, optimizer_class: type) -> None:
         record.update(
             {
                 "groups": names,
-                "learning_rates": [g["lr"] for g in optimizer.param_groups],
+                "learning_rates": [learning_rate(g["lr"]) for g in optimizer.param_groups],
                 "replaced": f"optimizer.json {wrapper.base_config.get('optimizer')!r} (unet) and "
                 f"{wrapper.te_config.get('optimizer')!r} (text encoder)",
             }
