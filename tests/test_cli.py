@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import sdplug
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +65,7 @@ def test_unknown_family_is_an_error_not_a_traceback():
     assert result.returncode == 1 and "Traceback" not in result.stderr and "Did you mean 'noise'" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_takes_the_validation_and_masked_loss_options(tmp_path):
     no_holdout = sdplug_cli("train", "min-snr", "--validate-every", "3", "--output", str(tmp_path / "o"))
     assert no_holdout.returncode == 1 and "needs held-out images" in no_holdout.stderr and "Traceback" not in no_holdout.stderr

@@ -244,6 +244,7 @@ def test_two_process_resume_through_save_state_continues_each_ranks_streams(tmp_
     assert a["caption"] == b["caption"] and a["timesteps"] == b["timesteps"]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_draws_differently_per_rank_and_repeats(tmp_path):
     preset = preset_file(tmp_path, '[[noise]]\ntype = "pyramid"\n[[caption]]\ntype = "dropout"\nrate = 0.5\n')
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -145,6 +145,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_saving_leaves_no_checkpoint_that_looks_complete(tmp_path):
     import os
     import subprocess

@@ -35,6 +35,7 @@ def test_a_dreambooth_run_with_ema_and_validation_writes_both(tmp_path, small_da
     assert "validation-loss.png" in json.loads((out / "audit.json").read_text())["files"]
 
 
+@pytest.mark.slow
 def test_the_curve_is_comparable_the_draws_never_depend_on_seed_or_preset(tmp_path, small_data):
     runs = {}
     for name, seed, preset in (("a", 0, '[[noise]]\ntype = "pyramid"\n'), ("b", 0, '[[noise]]\ntype = "offset"\n'), ("c", 7, '[[noise]]\ntype = "offset"\n')):
@@ -65,6 +66,7 @@ def test_validation_options_are_checked(tmp_path, options, words):
         TrainConfig(preset="min-snr", output=tmp_path, **options).check()
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_validation_curve(tmp_path, small_data):
     common = dict(validation_split=0.2, validate_every=2, steps=4)
     plain = "[[noise]]\ntype = \"offset\"\n"
