@@ -8,8 +8,9 @@ requires no torch of its own, so pip never replaces yours. Two of its convention
 - every parameter's update is compiled with ``torch.compile`` (one compilation per distinct
   parameter shape and state kind, about 5-10 s each on a CPU, less once inductor's disk cache
   holds them), so the first steps of a run take seconds to minutes, longer the more shapes the
-  model has, and need the toolchain inductor uses (a C++ compiler on CPU, Triton on GPU). ``compile_step = false`` runs the same update eagerly
-  under ``torch.compiler.set_stance("force_eager")``: no compilation, slower steps;
+  model has, and need the toolchain inductor uses (a C++ compiler on CPU, Triton on GPU).
+  ``compile_step = false`` runs the same update eagerly under
+  ``torch.compiler.set_stance("force_eager")``: no compilation, slower steps;
 - it keeps each group's ``lr`` as a 0-d tensor (changed in place, as PyTorch's lr schedulers
   do); the audit records it as a float (``sdplug.optimizer_groups.describe``).
 """
