@@ -6,6 +6,7 @@ original file, so ``unpatch`` removes the marked lines and checks that the resul
 original byte for byte (a patched file changed since is refused, as is a file with CRLF line
 endings or an anchor missing or doubled). The inserted lines do nothing unless the script is
 given ``--sdplug_preset`` (``sdplug diffusers`` passes it): each returns the script's own value.
+A tree's scripts are written all or nothing, never through a link (``sdplug.hosts.patch_files``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 from pathlib import Path
 
 from sdplug.errors import SdplugError
+from sdplug.hosts.patch_files import Rewrite, check_targets, decode_target, read_target, replace_files, tree_folder
 
 MARK = "  # sdplug"
 _HEADER = re.compile(r"^# sdplug patch: original sha256 ([0-9a-f]{64})" + re.escape(MARK) + r"\n$")
@@ -248,7 +250,9 @@ def find_scripts(directory: Path) -> list[tuple[str, Path]]:
     for script in sorted(EDITS):
         folder = FOLDERS.get(script, "dreambooth")
         for candidate in (directory / script, directory / folder / script, directory / "examples" / folder / script):
-            if candidate.is_file():
+            # a link (even dangling) or a folder by the script's name is found, so that patching
+            # refuses it by name instead of skipping it
+            if candidate.is_symlink() or candidate.exists():
                 found.append((script, candidate))
                 break
     if not found:
@@ -271,34 +275,50 @@ def unsupported_present(directory: Path) -> list[Path]:
     return present
 
 
+def _tree(directory: Path, command: str) -> tuple[Path, list[tuple[str, Path]]]:
+    """The folder and its supported scripts, each one the tree's own regular file (else refused)."""
+    root = tree_folder(
+        directory,
+        usage=f"sdplug {command} diffusers-examples DIR",
+        what="a diffusers checkout, its examples folder or a folder holding the scripts",
+        error=DiffusersScriptError,
+    )
+    scripts = find_scripts(root)
+    check_targets(root, [path for _, path in scripts])
+    return root, scripts
+
+
 def apply(directory: Path) -> list[str]:
-    """``sdplug patch diffusers-examples DIR``: every found script patched, all checked first."""
-    staged, results = [], []
-    for script, path in find_scripts(directory):
-        text = path.read_bytes().decode("utf-8")
+    """``sdplug patch diffusers-examples DIR``: every found script patched, all checked first,
+    then written all or nothing."""
+    root, scripts = _tree(directory, "patch")
+    rewrites, results = [], []
+    for script, path in scripts:
+        data = read_target(path)
+        text = decode_target(path, data)
         if is_patched(text):
             unpatch_source(text, script)  # refuse a patched file changed since
             results.append(f"already patched: {path}")
             continue
-        staged.append((path, patch_source(text, script)))
-    for path, patched in staged:
-        path.write_bytes(patched.encode("utf-8"))
-        results.append(f"patched: {path} (accepts --sdplug_preset PATH)")
-    for path in unsupported_present(directory):  # said, never skipped quietly
+        rewrites.append(Rewrite(path, data, patch_source(text, script).encode("utf-8")))
+    replace_files(root, rewrites)
+    results += [f"patched: {rewrite.path} (accepts --sdplug_preset PATH)" for rewrite in rewrites]
+    for path in unsupported_present(root):  # said, never skipped quietly
         results.append(f"NOT patched: {path} (this sdplug version has no edits for it yet; it runs without a preset)")
     return results
 
 
 def revert(directory: Path) -> list[str]:
-    """``sdplug unpatch diffusers-examples DIR``: every patched script back to its original bytes."""
-    staged, results = [], []
-    for script, path in find_scripts(directory):
-        text = path.read_bytes().decode("utf-8")
+    """``sdplug unpatch diffusers-examples DIR``: every patched script back to its original bytes,
+    all or nothing."""
+    root, scripts = _tree(directory, "unpatch")
+    rewrites, results = [], []
+    for script, path in scripts:
+        data = read_target(path)
+        text = decode_target(path, data)
         if not is_patched(text):
             results.append(f"not patched: {path}")
             continue
-        staged.append((path, unpatch_source(text, script)))
-    for path, original in staged:
-        path.write_bytes(original.encode("utf-8"))
-        results.append(f"restored: {path}")
-    return results
+        rewrites.append(Rewrite(path, data, unpatch_source(text, script).encode("utf-8")))
+    replace_files(root, rewrites)
+    return results + [f"restored: {rewrite.path}" for rewrite in rewrites]

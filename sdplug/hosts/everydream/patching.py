@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdplug.hosts.everydream.version import detect
-from sdplug.hosts.patch_files import PatchSet
+from sdplug.hosts.everydream.version import EverydreamVersionError, detect
+from sdplug.hosts.patch_files import PatchSet, tree_folder
 
 # what the patch inserts, before LOAD_ANCHOR, LOSS_ANCHOR and after the --plugins option
 # (tests/make_everydream_patches.py writes the shipped patch from these)
@@ -55,19 +55,21 @@ def is_patched(root: Path) -> bool:
     return all(line in text for line in (*LOAD_LINES.splitlines(True), *LOSS_LINES.splitlines(True)))
 
 
-def _patches(directory: Path) -> PatchSet:
-    version = detect(Path(directory))
-    return PatchSet(f"EveryDream2 {version.name}", patches_dir(), version.name)
+def _patches(directory: Path, command: str) -> tuple[Path, PatchSet]:
+    root = tree_folder(
+        directory, usage=f"sdplug {command} everydream DIR", what="the EveryDream2 folder", error=EverydreamVersionError
+    )
+    version = detect(root)
+    return root, PatchSet(f"EveryDream2 {version.name}", patches_dir(), version.name)
 
 
 def apply(directory: Path) -> list[str]:
     """Patch train.py; returns what was done, one line per file."""
-    patches = _patches(directory)
-    return patches.apply(directory) + [
-        f"{patches.host} in {directory}: train.py accepts --sdplug_preset PATH and takes a preset's [loss]"
-    ]
+    root, patches = _patches(directory, "patch")
+    return patches.apply(root) + [f"{patches.host} in {root}: train.py accepts --sdplug_preset PATH and takes a preset's [loss]"]
 
 
 def revert(directory: Path) -> list[str]:
     """Undo ``apply``: train.py back to the original bytes."""
-    return _patches(directory).revert(directory)
+    root, patches = _patches(directory, "unpatch")
+    return patches.revert(root)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdplug.hosts.kohya.version import detect
-from sdplug.hosts.patch_files import PatchError, PatchSet, apply_diff, parse_diff, sha256
+from sdplug.hosts.kohya.version import KohyaVersionError, detect
+from sdplug.hosts.patch_files import PatchError, PatchSet, apply_diff, parse_diff, sha256, tree_folder
 
 __all__ = ["PatchError", "apply", "apply_diff", "parse_diff", "patches_dir", "revert", "sha256"]
 
@@ -23,17 +23,25 @@ def patches_dir() -> Path:
     return shipped_dir("patches") / "kohya"
 
 
-def _patches(directory: Path) -> PatchSet:
-    version = detect(Path(directory))
-    return PatchSet(f"sd-scripts {version.name}", patches_dir(), version.name)
+def _patches(directory: Path, command: str) -> tuple[Path, PatchSet]:
+    root = tree_folder(
+        directory,
+        usage=f"sdplug {command} kohya DIR",
+        what="the sd-scripts folder",
+        required=("library/train_util.py",),
+        error=KohyaVersionError,
+    )
+    version = detect(root)
+    return root, PatchSet(f"sd-scripts {version.name}", patches_dir(), version.name)
 
 
 def apply(directory: Path) -> list[str]:
     """Patch every script of the tree; returns what was done, one line per file."""
-    patches = _patches(directory)
-    return patches.apply(directory) + [f"{patches.host} in {directory}: scripts accept --sdplug_preset PATH"]
+    root, patches = _patches(directory, "patch")
+    return patches.apply(root) + [f"{patches.host} in {root}: scripts accept --sdplug_preset PATH"]
 
 
 def revert(directory: Path) -> list[str]:
     """Undo ``apply``: every touched script back to the original bytes."""
-    return _patches(directory).revert(directory)
+    root, patches = _patches(directory, "unpatch")
+    return patches.revert(root)
