@@ -28,6 +28,7 @@ import torch
 
 from sdplug import plan_report, plan_setup, schedule
 from sdplug.audit import Audit
+from sdplug.divergence import DivergedRun, DivergenceWatch, optimizer_watch
 from sdplug.ema import EMA
 from sdplug.errors import SdplugError
 from sdplug.optimizer_groups import LearnedGroup
@@ -78,6 +79,7 @@ class Plan:
         self.failure: str | None = None  # what stopped the host, when something did
         self.ema_tracker: EMA | None = None  # see ema()
         self.audit = Audit.for_preset(preset, self.num_train_timesteps, optimizer=self.optimizer_spec)
+        self.divergence = DivergenceWatch()  # non-finite losses and weights, kept on the device (sdplug.divergence)
 
     def noise(
         self, latents: torch.Tensor, generator: torch.Generator | None = None, *, timesteps: torch.Tensor | None = None
@@ -183,9 +185,11 @@ class Plan:
         the loss type's mask options, then the mean over every non-batch dimension. ``timesteps``
         gives scheduled thresholds (pseudo_huber, smooth_l1) each sample's own ``c_t``."""
         _check_loss_inputs(self, model_pred, target, timesteps)
+        loss = self.loss_type.per_sample(model_pred, target, timesteps, self.alphas_cumprod, mask)
         if not self._validating:
             self.audit.record_loss()
-        return self.loss_type.per_sample(model_pred, target, timesteps, self.alphas_cumprod, mask)
+            self.divergence.observe_loss(loss, self._training_step())
+        return loss
 
     def elementwise_loss(
         self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor | None = None
@@ -193,9 +197,11 @@ class Plan:
         """The loss type of every element (float32), before any mask or mean: for hosts that mask
         and reduce it themselves (kohya's ``apply_masked_loss``), then call ``weight``."""
         _check_loss_inputs(self, model_pred, target, timesteps)
+        loss = self.loss_type.elementwise(model_pred.float(), target.float(), timesteps, self.alphas_cumprod)
         if not self._validating:
             self.audit.record_loss()
-        return self.loss_type.elementwise(model_pred.float(), target.float(), timesteps, self.alphas_cumprod)
+            self.divergence.observe_loss(loss, self._training_step())
+        return loss
 
     def step(self) -> None:
         """Once per optimizer step: counts the steps the audit compares every strategy's calls with."""
@@ -206,11 +212,31 @@ class Plan:
         """Per-sample loss in, weighted per-sample loss out."""
         if self.loss_weighting is None:
             return loss
+        weighted = self.loss_weighting.apply(loss, timesteps, self.alphas_cumprod, self.prediction_type)
         if not self._validating:
             self.audit.record_weights(
                 timesteps, self.loss_weighting.weights(timesteps, self.alphas_cumprod, self.prediction_type)
             )
-        return self.loss_weighting.apply(loss, timesteps, self.alphas_cumprod, self.prediction_type)
+            self.divergence.observe_loss(weighted, self._training_step())
+        return weighted
+
+    def watch_loss(self, loss: torch.Tensor) -> None:
+        """Show the plan a training loss it did not compute (a host's own loss type and weighting),
+        so a run that goes non-finite is caught there too; no device sync."""
+        if not self._validating:
+            self.divergence.observe_loss(loss, self._training_step())
+
+    def first_nonfinite_step(self) -> int | None:
+        """The first training step whose loss or trained weights were non-finite, or None. Reads
+        the device: call it where the host already waits for it (logging, saving, the end)."""
+        return self.divergence.first_step()
+
+    def _training_step(self) -> int:
+        # the optimizer step a loss belongs to, counted the same in every host (hosts call
+        # plan.step() at the start or the end of their step); the plan's own count otherwise
+        if self.divergence.watching_optimizer:
+            return self.divergence.optimizer_steps + 1
+        return max(self.steps, 1)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Plan:
         """Move every tensor a strategy holds (a learned weighting's parameters and buffers) in
@@ -248,7 +274,14 @@ class Plan:
 
         Recorded in the audit; call it once."""
         self.built_optimizer = plan_setup.build_optimizer(self, list(params), default, host_lr, learned_group)
+        self.watch_optimizer(self.built_optimizer)
         return self.built_optimizer
+
+    def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch the weights ``optimizer`` trains for non-finite values after each of its steps
+        (no sync: ``sdplug.divergence``). ``optimizer()`` does it for what it builds; a host
+        whose own optimizer trains (no ``[optimizer]``, built outside the plan) calls it once."""
+        optimizer.register_step_post_hook(optimizer_watch(self.divergence))
 
     # -- resume and audit ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -256,7 +289,14 @@ class Plan:
         resumed from it draws what an uninterrupted run would. Tensors and plain data only."""
         learned = self.loss_weighting.state_dict() if self.loss_weighting is not None else {}
         ema = self.ema_tracker.state_dict() if self.ema_tracker is not None else None
-        return {"streams": self.streams.state_dict(), "steps": self.steps, "audit": self.audit.state_dict(), "learned": learned, "ema": ema}
+        return {
+            "streams": self.streams.state_dict(),
+            "steps": self.steps,
+            "audit": self.audit.state_dict(),
+            "learned": learned,
+            "ema": ema,
+            "divergence": self.divergence.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.streams.load_state_dict(state["streams"])
@@ -266,11 +306,16 @@ class Plan:
             self.loss_weighting.load_state_dict(state["learned"])
         if state.get("ema") is not None and self.ema_tracker is not None:
             self.ema_tracker.load_state_dict(state["ema"])
+        self.divergence.load_state_dict(state.get("divergence", {}))
 
     def record_failure(self, exc: BaseException) -> None:
         """What stopped the host's run: ``report()`` then says the run did not complete, and
         why -- refused before training (an sdplug error before the first step) or stopped."""
-        if isinstance(exc, SdplugError) and self.steps == 0:
+        if isinstance(exc, KeyboardInterrupt):
+            self.failure = f"interrupted at step {self.steps} (Ctrl-C: KeyboardInterrupt)"
+        elif isinstance(exc, DivergedRun):
+            self.failure = f"stopped at step {self.steps}: the run went non-finite (the next problem says where)"
+        elif isinstance(exc, SdplugError) and self.steps == 0:
             self.failure = f"refused before training: {exc}"
         else:
             self.failure = f"stopped at step {self.steps} by {type(exc).__name__}: {exc}"
@@ -280,11 +325,20 @@ class Plan:
         ``problems`` -- the one policy of every host (``sdplug.plan_report``)."""
         return plan_report.report(self)
 
-    def write_audit(self, output_dir: str | Path, host: dict[str, Any] | None = None, **sections: Any) -> Path:
+    def write_audit(
+        self,
+        output_dir: str | Path,
+        host: dict[str, Any] | None = None,
+        *,
+        audit_name: str | None = None,
+        announce: bool = True,
+        **sections: Any,
+    ) -> Path:
         """Write the report into ``output_dir`` (created if needed): ``audit.json`` on rank 0,
-        ``audit-rank<R>.json`` on the others; ``sections`` are added at the top level. Problems
-        are also logged. Returns the path."""
-        return plan_report.write(self, Path(output_dir), host or {}, sections)
+        ``audit-rank<R>.json`` on the others, or ``audit_name``; ``sections`` are added at the
+        top level. Problems are also logged (unless ``announce`` is false: the host says why it
+        stopped itself). Returns the path."""
+        return plan_report.write(self, Path(output_dir), host or {}, sections, audit_name, announce)
 
     def attention(self, model: torch.nn.Module, install: Callable[[str], dict[str, Any]] | None = None) -> int:
         """Install the preset's attention in ``model`` and record it (``attention`` in the audit:

@@ -10,9 +10,12 @@ every host: the run keeps (saves) what it trained, ``audit.json`` lists the prob
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from sdplug import optimizer_groups
 from sdplug.log import logger
@@ -30,6 +33,8 @@ def problems(plan: Plan, report: dict[str, Any]) -> list[str]:
             return found  # a refusal: what never ran follows from it
     elif steps == 0:
         found.append("no training step ran (plan.step() was never called): nothing the preset names is proven applied")
+    if "divergence" in report:
+        found.append(divergence_problem(plan, report["divergence"]))
     found += strategy_problems(report)
     if plan.preset.optimizer is not None and plan.built_optimizer is None:
         found.append(f"optimizer {plan.preset.optimizer.type!r} was never built (the host did not call plan.optimizer)")
@@ -40,6 +45,38 @@ def problems(plan: Plan, report: dict[str, Any]) -> list[str]:
     if plan.preset.attention is not None and "attention" not in report:
         found.append(f"attention {plan.preset.attention.type!r} was never installed (the host did not call plan.attention)")
     return found
+
+
+def divergence_problem(plan: Plan, record: dict[str, Any]) -> str:
+    """One sentence: the step, where it showed, the losses before it, and the likely cause."""
+    first, last = record["first_finite_loss"], record["last_finite_loss"]
+    history = f"; the loss went from {first:.4g} to {last:.4g} before it" if first is not None and last is not None else ""
+    return (
+        f"the run went non-finite at step {record['first_step']} (a NaN or infinity in {record['seen_in']}{history}): "
+        f"its weights from then on are not a result. {likely_divergence_cause(plan)}"
+    )
+
+
+def likely_divergence_cause(plan: Plan) -> str:
+    """What in the preset most likely made a run diverge: a large lr, large loss weights."""
+    causes = []
+    optimizer = plan.built_optimizer
+    if optimizer is not None:
+        lrs = [optimizer_groups.learning_rate(g["lr"]) for g in optimizer.param_groups if "lr" in g]
+        spec = plan.optimizer_spec
+        name = repr(spec.type) if spec is not None else "the host's optimizer"
+        adapts = bool(getattr(plan.optimizer_strategy, "adapts_step_size", False))
+        if lrs and max(lrs) > (10.0 if adapts else 1e-2):
+            causes.append(f"optimizer {name} at lr {max(lrs):g}")
+    if plan.loss_weighting is not None and plan.preset.loss_weighting is not None:
+        t = torch.arange(plan.num_train_timesteps)
+        weights = plan.loss_weighting.weights(t, plan.alphas_cumprod, plan.prediction_type).detach().float()
+        peak = float(weights[torch.isfinite(weights)].max()) if torch.isfinite(weights).any() else math.inf
+        if peak > 20.0:
+            causes.append(f"loss weighting {plan.preset.loss_weighting.type!r} with weights up to {peak:.3g}")
+    if not causes:
+        return "Likely cause: the step size for this model and data (lower the lr), or mixed precision overflowing."
+    return f"Likely cause: {' and '.join(causes)}; lower the lr or the weighting's range."
 
 
 def strategy_problems(report: dict[str, Any]) -> list[str]:
@@ -79,28 +116,38 @@ def report(plan: Plan) -> dict[str, Any]:
     }
     if plan.ema_tracker is not None:
         data["ema"] = plan.ema_tracker.record()
-    data["completed"] = plan.failure is None
+    diverged = plan.divergence.record()
+    if diverged is not None:
+        data["divergence"] = diverged
+    data["completed"] = plan.failure is None and diverged is None
     data["problems"] = problems(plan, data)
     return data
 
 
-def write(plan: Plan, output_dir: Path, host: dict[str, Any], sections: dict[str, Any]) -> Path:
+def write(
+    plan: Plan, output_dir: Path, host: dict[str, Any], sections: dict[str, Any], name: str | None = None, announce: bool = True
+) -> Path:
     data = report(plan)
     data["host"] = {**data.get("host", {}), **host}
     data.update(sections)
-    return write_data(data, output_dir, plan.streams.rank)
+    return write_data(data, output_dir, plan.streams.rank, name=name, announce=announce)
 
 
-def write_data(data: dict[str, Any], output_dir: str | Path, rank: int) -> Path:
+def write_data(
+    data: dict[str, Any], output_dir: str | Path, rank: int, *, name: str | None = None, announce: bool = True
+) -> Path:
     """An audit (a plan's, or a host's refusal before any plan: ``steps`` 0, the refusal first in
-    ``problems``) as JSON: ``audit.json`` on rank 0, ``audit-rank<N>.json`` on the others."""
+    ``problems``) as JSON: ``audit.json`` on rank 0, ``audit-rank<N>.json`` on the others, or
+    ``name`` (a failed run's audit beside another run's record)."""
     output_dir = Path(output_dir)
-    path = output_dir / ("audit.json" if rank == 0 else f"audit-rank{rank}.json")
+    path = output_dir / (name or ("audit.json" if rank == 0 else f"audit-rank{rank}.json"))
     output_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")  # a reader never sees half a file
     partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(partial, path)
-    if data["steps"] == 0 and data["problems"][:1] and str(data["problems"][0]).startswith("refused"):
+    if not announce:
+        pass
+    elif data["steps"] == 0 and data["problems"][:1] and str(data["problems"][0]).startswith("refused"):
         logger.info(f"the refusal is in {path}")  # its message follows as the error
     elif data["problems"]:
         logger.warning(f"AUDIT PROBLEMS in {path}: {'; '.join(data['problems'])}")

@@ -58,7 +58,8 @@ def test_banner_names_preset_model_data_output_device_steps_and_mode(finished):
         assert words in banner, banner
     assert f"built-in synthetic shapes: 120 images written to {config.output / 'embedded-data'}/" in banner
     assert f"output   {config.output.resolve()}" in banner and "steps    2 x batch 2, seed 0" in banner
-    assert "WARNING" not in banner
+    # LoRA on the random-weight embedded model: said at the start (it learns next to nothing)
+    assert banner.count("WARNING") == 1 and "WARNING: LoRA on the embedded tiny model, whose weights are random" in banner
 
 
 def test_progress_bar_shows_one_rate_and_the_loss(finished):
@@ -114,35 +115,52 @@ def test_atomic_output_is_whole_or_absent(tmp_path):
     assert [p.name for p in target.iterdir()] == ["new.bin"] and [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
-def test_failed_run_into_a_new_folder_removes_what_it_made(tmp_path):
+def test_a_refusal_on_the_command_line_creates_nothing(tmp_path):
     (tmp_path / "p.toml").write_text("[memory]\ncache_text_encoder_outputs = true\n")
     config = TrainConfig(preset=str(tmp_path / "p.toml"), output=tmp_path / "out", train_text_encoder=True, progress=False)
     with pytest.raises(OptionError, match="conflicts with --train-text-encoder"):
         train(config)
-    # it had written embedded-data/ before the check failed: gone; the refusal is in the audit
+    assert not config.output.exists()
+
+
+def test_failed_run_into_a_new_folder_removes_what_it_made(tmp_path, monkeypatch):
+    from sdplug.errors import SdplugError
+    from sdplug.trainer.loop import Trainer
+
+    def refuse(self):
+        raise SdplugError("the optimizer cannot run here")
+
+    monkeypatch.setattr(Trainer, "_prepare_optimizer", refuse)
+    (tmp_path / "p.toml").write_text(PRESET)
+    config = TrainConfig(preset=str(tmp_path / "p.toml"), output=tmp_path / "out", progress=False)
+    with pytest.raises(SdplugError, match="cannot run here"):
+        train(config)
+    # it had written embedded-data/ before the refusal: gone; the refusal is in the audit
     assert [p.name for p in config.output.iterdir()] == ["audit.json"]
     audit = json.loads((config.output / "audit.json").read_text())
     assert audit["completed"] is False and audit["steps"] == 0
-    assert (
-        audit["problems"][0].startswith("refused before training: ")
-        and "conflicts with --train-text-encoder" in audit["problems"][0]
-    )
+    assert audit["problems"][0] == "refused before training: the optimizer cannot run here"
     (config.output / "audit.json").unlink()
     # a folder that held something before the run is left as it was
     (config.output / "mine.txt").write_text("keep")
-    with pytest.raises(OptionError):
+    with pytest.raises(SdplugError):
         train(config)
     assert (config.output / "mine.txt").read_text() == "keep"
 
 
 def test_failed_run_keeps_checkpoints_and_says_so(tmp_path, capsys):
+    from sdplug.trainer.run_folder import RunFolder
+
     out = tmp_path / "out"
+    folder = RunFolder(out).open()
     (out / "checkpoint-5").mkdir(parents=True)
     (out / "embedded-data").mkdir()
     (out / "samples-before.png").write_bytes(b"png")
+    (out / "lora.safetensors.tmp-1234").write_bytes(b"half")
     show_messages()  # what train() does: sdplug's messages on stderr
-    outputs.clean_failed(out, fresh=True)
-    assert [p.name for p in out.iterdir()] == ["checkpoint-5"]
+    folder.clean_after_failure()
+    # a resume needs the data and keeps the 'before' grid: only the unfinished temporary goes
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-5", "embedded-data", "samples-before.png"]
     assert "the failed run kept in" in capsys.readouterr().err
 
 
@@ -151,7 +169,7 @@ def test_negative_save_every_is_refused(tmp_path, capsys):
         TrainConfig(preset="tiny-default", save_every=-5).check()
     assert main(["train", "tiny-default", "--save-every", "-5", "--output", str(tmp_path / "o")]) == 1
     assert "--save-every must be >= 0" in capsys.readouterr().err
-    assert [p.name for p in (tmp_path / "o").iterdir()] == ["audit.json"]  # the refusal, and nothing else
+    assert not (tmp_path / "o").exists()  # a refusal on the command line creates nothing
 
 
 def test_sample_prompts_file_and_data_captions(tmp_path):

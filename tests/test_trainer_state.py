@@ -103,7 +103,7 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs(tmp_path, saved_run):
     import pickle
     import shutil
 
-    from sdplug.trainer.checkpoint import MANIFEST, CheckpointError, _sha256
+    from sdplug.trainer.checkpoint import MANIFEST, MANIFEST_CHECKSUM, CheckpointError, _manifest_checksum, _sha256
 
     marker = tmp_path / "code-ran"
 
@@ -118,6 +118,7 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs(tmp_path, saved_run):
         pickle.dump({"ranks": [Exploit()]}, handle)
     manifest = json.loads((crafted / MANIFEST).read_text())
     manifest["files"]["custom_checkpoint_0.pkl"] = _sha256(crafted / "custom_checkpoint_0.pkl")
+    manifest[MANIFEST_CHECKSUM] = _manifest_checksum(manifest)  # a checksum guards against damage, not a forger
     (crafted / MANIFEST).write_text(json.dumps(manifest))
     trainer = Trainer(config_for(tmp_path, "crafted", RESUME_PRESET, steps=4, lora_rank=4, resume=crafted))
     with pytest.raises(CheckpointError, match="could run code"):

@@ -34,6 +34,7 @@ import torch
 from sdplug.errors import SdplugError
 
 MANIFEST = "checkpoint.json"
+MANIFEST_CHECKSUM = "manifest_sha256"
 PARTIAL = ".partial"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -91,13 +92,23 @@ def partial_dir(directory: Path) -> Path:
 
 def seal(directory: Path, *, identity: dict[str, Any], step: int) -> None:
     """Main process, after every rank wrote its part: the manifest last, then the rename."""
+    from sdplug.trainer.outputs import follow_umask
+
     work = partial_dir(directory)
     files = sorted(p.name for p in work.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"step": step, "identity": identity, "files": {name: _sha256(work / name) for name in files}}
+    manifest: dict[str, Any] = {"step": step, "identity": identity, "files": {name: _sha256(work / name) for name in files}}
+    manifest[MANIFEST_CHECKSUM] = _manifest_checksum(manifest)
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    follow_umask(work)  # safetensors and torch create their files 0600
     if directory.exists():  # a re-run that saves the same step again replaces the old folder
         shutil.rmtree(directory)
     os.replace(work, directory)
+
+
+def _manifest_checksum(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest without this field: a changed byte in checkpoint.json itself shows."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -115,6 +126,15 @@ def complete_checkpoints(output: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in output.iterdir() if (m := _NAME.match(p.name)) and (p / MANIFEST).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def read_step(directory: Path) -> int | None:
+    """The step a complete checkpoint holds (None when its manifest cannot be read)."""
+    try:
+        step = json.loads((directory / MANIFEST).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def resolve(reference: Path, output: Path) -> Path:
@@ -146,8 +166,18 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
+        well_formed = isinstance(manifest["step"], int) and isinstance(manifest["identity"], dict) and isinstance(files, dict)
     except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"--resume {directory}: {MANIFEST} is unreadable ({exc}). {_newest_before(directory)}") from None
+        raise CheckpointError(
+            f"--resume {directory}: {MANIFEST} is corrupt: unreadable ({exc}). {_newest_before(directory)}"
+        ) from None
+    # written by sdplug since the field exists; an older manifest is checked for its shape only
+    recorded = manifest.get(MANIFEST_CHECKSUM)
+    if not well_formed or (recorded is not None and recorded != _manifest_checksum(manifest)):
+        raise CheckpointError(
+            f"--resume {directory}: {MANIFEST} is corrupt: it does not match its own checksum (changed since it was "
+            f"written), so its record of the run cannot be trusted. {_newest_before(directory)}"
+        )
     for name, expected in files.items():
         path = directory / name
         if not path.is_file() or _sha256(path) != expected:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
+from typing import Any
 
 from sdplug.errors import SdplugError
 
@@ -60,6 +62,14 @@ class TrainConfig:
         for name in ("steps", "batch_size", "lora_rank", "sample_steps"):
             if getattr(self, name) < 1:
                 raise OptionError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if not 0 <= self.seed < 2**63:
+            raise OptionError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed}.")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise OptionError(
+                f"--lora-alpha must be a number > 0 (the LoRA's scale is alpha / rank), got {self.lora_alpha:g}."
+            )
+        if not math.isfinite(self.prior_loss_weight):
+            raise OptionError(f"--prior-loss-weight must be a finite number, got {self.prior_loss_weight}.")
         if self.save_every < 0:
             raise OptionError(f"--save-every must be >= 0 (0: no checkpoints; N: one every N steps), got {self.save_every}.")
         if self.sample_prompts_file is not None:
@@ -103,3 +113,30 @@ def read_prompts_file(path: Path) -> tuple[str, ...]:
     if not prompts:
         raise OptionError(f"--sample-prompts {path}: no prompts in it (one prompt a line; '#' starts a comment line).")
     return prompts
+
+
+def preflight(preset: Any, config: TrainConfig) -> None:
+    """Refuse every preset entry or option that could not take effect together."""
+    memory = preset.memory
+    if memory.cache_text_encoder_outputs and config.train_text_encoder:
+        raise OptionError(
+            f"{preset.path}: memory.cache_text_encoder_outputs = true conflicts with --train-text-encoder "
+            "(a trained text encoder's outputs change every step)."
+        )
+
+
+def check_before_loading(config: TrainConfig) -> None:
+    """Everything the command line decides, checked before torch's models and diffusers load and
+    before anything is created: the options, the preset, the data folders and ``--output``."""
+    from sdplug.presets import load_preset
+    from sdplug.trainer import data
+    from sdplug.trainer.run_folder import check_output
+
+    config.check()
+    preflight(load_preset(config.preset), config)
+    for folder in (config.data, config.class_data, config.validation_data):
+        if folder is not None:
+            data.find_examples(folder)
+    if config.model is not None and not Path(config.model).exists():
+        raise OptionError(f"--model {config.model}: no such file or folder.")
+    check_output(Path(config.output))

@@ -14,28 +14,21 @@ from pathlib import Path
 
 import torch
 
+from sdplug.divergence import DivergedRun
 from sdplug.errors import MissingDependencyError, SdplugError
 from sdplug.log import show_messages
+from sdplug.plan_report import divergence_problem
 from sdplug.presets import load_preset
 from sdplug.runs_here import check_memory_runs_here
 from sdplug.trainer import checkpoint, data, lora, models, outputs, resume, synthetic, validation
 from sdplug.trainer.batches import TrainingInputs, check_no_mask_options
-from sdplug.trainer.config import OptionError, TrainConfig
+from sdplug.trainer.config import OptionError, TrainConfig, check_before_loading, preflight
+from sdplug.trainer.run_folder import RunFolder
 from sdplug.trainer.gradient_checkpointing import CheckpointedCalls
 from sdplug.trainer.requirements import check_trainer_requirements
 from sdplug.trainer.step import diffusion_loss
 
 TIMESTEP_BINS = 10
-
-
-def preflight(preset, config: TrainConfig) -> None:
-    """Refuse, before training, every preset entry or option that could not take effect."""
-    memory = preset.memory
-    if memory.cache_text_encoder_outputs and config.train_text_encoder:
-        raise OptionError(
-            f"{preset.path}: memory.cache_text_encoder_outputs = true conflicts with --train-text-encoder "
-            "(a trained text encoder's outputs change every step)."
-        )
 
 
 def _resolve_data(config: TrainConfig, accelerator) -> Path:
@@ -104,6 +97,8 @@ class Trainer:
         self._prepare_models()
         self._prepare_data()
         self._prepare_optimizer()
+        if self.accelerator.is_main_process:
+            outputs.check_free_space(self, "before training")
         self.step = 0
         self.loss_bins: dict[str, list[float]] = {"raw_sum": [0.0] * TIMESTEP_BINS, "weighted_sum": [0.0] * TIMESTEP_BINS, "count": [0] * TIMESTEP_BINS}
         self.draw_log: list[dict] = []
@@ -245,7 +240,26 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> None:
-        resume.save_run(self, directory)
+        self.stop_if_diverged()  # a checkpoint holds finite weights only
+        try:
+            resume.save_run(self, directory)
+        except (OSError, RuntimeError) as exc:  # a full disk: torch's writer raises RuntimeError
+            outputs.remove_path(checkpoint.partial_dir(directory))
+            raise checkpoint.CheckpointError(
+                f"writing {directory.name} failed ({_first_line(exc)}). {outputs.what_is_kept(self)}"
+            ) from None
+
+    def stop_if_diverged(self) -> None:
+        """Stop the run once a loss or the weights went non-finite (the plan's watch; read where the
+        step already waited for the device)."""
+        if self.plan.first_nonfinite_step() is None:
+            return
+        record = self.plan.divergence.record()
+        assert record is not None
+        raise DivergedRun(
+            f"{divergence_problem(self.plan, record)} The run stopped; nothing from step {record['first_step']} on is "
+            f"saved as its result. {outputs.what_is_kept(self)}"
+        )
 
     def load_checkpoint(self, directory: Path) -> None:
         resume.load_run(self, directory)
@@ -268,20 +282,23 @@ class Trainer:
         validation.maybe_validate(self)  # step 0: where the curve starts (a resumed run has it)
         progress = outputs.progress_bar(self, last)
         started, first_step = time.perf_counter(), self.step
-        while self.step < last:
-            loss = self.train_step()
-            self.losses.append(loss)
+        try:
+            while self.step < last:
+                loss = self.train_step()  # waits for the device (the loss as a number)
+                self.losses.append(loss)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss:.4f}")
+                    progress.update(1)
+                self.stop_if_diverged()
+                if config.log_with:
+                    accelerator.log({"loss": loss}, step=self.step)
+                validation.maybe_validate(self)
+                if config.save_every and self.step % config.save_every == 0 and self.step < last:
+                    self.save_checkpoint(config.output / f"checkpoint-{self.step}")
+                    self.written.append(f"checkpoint-{self.step}/")
+        finally:
             if progress is not None:
-                progress.set_postfix(loss=f"{loss:.4f}")
-                progress.update(1)
-            if config.log_with:
-                accelerator.log({"loss": loss}, step=self.step)
-            validation.maybe_validate(self)
-            if config.save_every and self.step % config.save_every == 0 and self.step < last:
-                self.save_checkpoint(config.output / f"checkpoint-{self.step}")
-                self.written.append(f"checkpoint-{self.step}/")
-        if progress is not None:
-            progress.close()
+                progress.close()  # what follows (an error, the kept files) starts on a line of its own
         self.seconds_per_step = (time.perf_counter() - started) / max(self.step - first_step, 1)
         if config.stop_after is not None:
             self.save_checkpoint(config.output / f"checkpoint-{self.step}")
@@ -294,11 +311,23 @@ class Trainer:
         return report
 
 
-def train(config: TrainConfig) -> dict:
-    """One run, then the list of what it wrote. A refused or failed run into a new folder removes
-    what it made, and writes ``audit.json`` saying why (``completed`` false, ``problems``)."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def train(config: TrainConfig, *, checked: bool = False) -> dict:
+    """One run, then the list of what it wrote.
+
+    Options, preset, data and ``--output`` are checked first: a refusal there creates nothing.
+    The run then holds ``--output`` (``run_folder``). A run that fails or is interrupted writes
+    its audit (``completed`` false, ``problems``) where it does not replace another run's
+    record, and removes what a rerun writes again unless it keeps checkpoints. ``checked``: the
+    caller ran ``check_before_loading`` already (the CLI does, before diffusers loads)."""
     show_messages()  # the reference trainer's session: its messages on stderr
-    fresh = outputs.is_fresh(Path(config.output))
+    if not checked:
+        check_before_loading(config)
+    folder = RunFolder(Path(config.output)).open()
     trainer = None
     try:
         trainer = Trainer(config)
@@ -306,10 +335,12 @@ def train(config: TrainConfig) -> dict:
     except outputs.AuditProblems:
         raise  # everything is saved and audit.json lists the problems: nothing to clean up
     except BaseException as exc:
-        outputs.clean_failed(Path(config.output), fresh)
-        if isinstance(exc, Exception):  # not for Ctrl-C / SystemExit: nothing to explain there
-            outputs.write_failure_audit(Path(config.output), exc, trainer)
+        if not isinstance(exc, SystemExit):
+            outputs.write_failure_audit(folder, exc, trainer)
+        folder.clean_after_failure()
         raise
+    finally:
+        folder.close()
     if trainer.accelerator.is_main_process:
         print(outputs.closing_table(trainer))  # the trainer's own screen
     return report

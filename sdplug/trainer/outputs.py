@@ -25,7 +25,6 @@ from sdplug.trainer.config import SAMPLE_PROMPTS, read_prompts_file
 from sdplug.trainer.plot import loss_curve_plot, loss_per_timestep_plot, validation_curve_plot
 from sdplug.trainer.sampling import sample_grid
 
-REGENERABLE = ("embedded-data", "samples-before.png")  # what a failed run's rerun writes again
 DESCRIPTIONS = {
     "embedded-data/": "the built-in synthetic shapes trained on (no --data given); reused by the next run here",
     "samples-before.png": "sample grid before training (rows: prompts; columns: guidance x seed)",
@@ -51,14 +50,16 @@ def _umask() -> int:
     return umask
 
 
-def _follow_umask(path: Path) -> None:
+def follow_umask(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and all it holds) the modes the user's umask asks for."""
     umask = _umask()
     paths = [path] if path.is_file() else [path, *path.rglob("*")]
     for p in paths:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """A file, a link or a folder tree, if it exists."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -70,20 +71,20 @@ def atomic(path: Path):
     """Yield a temporary sibling of ``path``; write the file or folder there; it is renamed to
     ``path`` when the block completes, and removed when it fails."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    _remove(tmp)
+    remove_path(tmp)
     try:
         yield tmp
-        _follow_umask(tmp)
+        follow_umask(tmp)
         if tmp.is_dir() and path.exists():
             # rename() replaces only an empty folder: move the old one aside, then drop it
             old = path.with_name(f"{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
-            _remove(old)
+            remove_path(old)
         else:
             os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
 
 
@@ -144,6 +145,12 @@ def banner(trainer) -> str:
             )
         )
     lines = [f"sdplug train: {mode}", *(f"  {k:<8} {v}" for k, v in rows)]
+    if config.model is None and config.mode == "lora":
+        lines.append(
+            "WARNING: LoRA on the embedded tiny model, whose weights are random: a LoRA adapts a trained model, "
+            "and here it learns next to nothing. To see training work on the embedded model, train it whole: "
+            "--mode dreambooth --train-text-encoder (the README's main job)."
+        )
     if config.model is not None and config.data is None:
         lines.append(
             f"WARNING: --model without --data: training {config.model} on the built-in 32x32 synthetic shapes, "
@@ -253,10 +260,34 @@ def _loss_bins(trainer) -> dict:
     return {"bin_edges": edges, "mean_loss": means[0], "mean_weighted_loss": means[1]}
 
 
+def final_output_bytes(trainer) -> int:
+    """About what the final outputs take on disk: the weights (twice with [ema]), plus plots and grids."""
+    modules = [trainer.bundle.unet, trainer.bundle.text_encoder]
+    if trainer.config.mode == "dreambooth" and trainer.bundle.vae is not None:
+        modules.append(trainer.bundle.vae)
+    trained_only = trainer.config.mode == "lora"
+    weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters() if p.requires_grad or not trained_only)
+    copies = 2 if trainer.plan.ema_tracker is not None else 1
+    return weights * copies + (16 << 20)
+
+
+def check_free_space(trainer, when: str) -> None:
+    """Refuse to start (or to write the final outputs) on a disk that cannot hold them."""
+    out = trainer.config.output
+    need, free = final_output_bytes(trainer), shutil.disk_usage(out).free
+    if free < need:
+        kept = f" {what_is_kept(trainer)}" if when == "after training" else ""
+        raise FinalWriteError(
+            f"{out}: {free / 2**20:.0f} MiB free, and the final outputs need about {need / 2**20:.0f} MiB "
+            f"({when}). Free some space, or give another --output.{kept}"
+        )
+
+
 def finish(trainer) -> dict:
     """Record the run, then (main process) write every final output; returns the audit report."""
-    accelerator, audit, out = trainer.accelerator, trainer.audit, trainer.config.output
+    accelerator, audit = trainer.accelerator, trainer.audit
     eval_mode(trainer.optimizer)  # training is over: a schedule-free optimizer's weights to save and sample
+    trainer.stop_if_diverged()  # non-finite weights are never written as the result
     _record_run(trainer)
     problems = trainer.plan.report()["problems"]  # the policy: save everything, record them, then fail
     from accelerate.utils import gather_object
@@ -265,6 +296,27 @@ def finish(trainer) -> dict:
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return audit.report()
+    from safetensors import SafetensorError
+
+    check_free_space(trainer, "after training")
+    try:
+        report = _write_final_outputs(trainer, ranks)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # a disk that filled up while writing
+        raise FinalWriteError(
+            f"writing the final outputs to {trainer.config.output} failed ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}). {what_is_kept(trainer)}"
+        ) from None
+    accelerator.wait_for_everyone()
+    if problems:
+        raise AuditProblems(
+            f"the run finished and its outputs are saved in {trainer.config.output}, but the audit found strategies that "
+            f"did not apply: {'; '.join(problems)} (audit.json, 'problems')."
+        )
+    return report
+
+
+def _write_final_outputs(trainer, ranks: list) -> dict:
+    out = trainer.config.output
     preset_toml = trainer.preset.to_toml()
     write_text(out / "preset.toml", preset_toml)
     trainer.written.append("preset.toml")
@@ -303,14 +355,11 @@ def finish(trainer) -> dict:
     sections = {"loss_per_timestep_bin": bins, "per_rank": per_rank, "files": list(dict.fromkeys(trainer.written))}
     if trainer.validator is not None:
         sections["validation"] = trainer.validator.record(trainer.config.validate_every, trainer.validation_curve)
-    report = json.loads(trainer.plan.write_audit(out, **sections).read_text())
-    accelerator.wait_for_everyone()
-    if problems:
-        raise AuditProblems(
-            f"the run finished and its outputs are saved in {out}, but the audit found strategies that did not "
-            f"apply: {'; '.join(problems)} (audit.json, 'problems')."
-        )
-    return report
+    return json.loads(trainer.plan.write_audit(out, **sections).read_text())
+
+
+class FinalWriteError(SdplugError):
+    """The final outputs could not be written (a full disk); the newest checkpoint is kept."""
 
 
 class AuditProblems(SdplugError):
@@ -320,40 +369,38 @@ class AuditProblems(SdplugError):
 
 
 # -- a failed run ----------------------------------------------------------------------------
-def is_fresh(output: Path) -> bool:
-    """Whether ``output`` is absent or empty: a failed run may then remove what it created."""
-    return not output.exists() or (output.is_dir() and not any(output.iterdir()))
+def what_is_kept(trainer) -> str:
+    """One sentence: the newest checkpoint a failed run keeps, and how to continue from it."""
+    from sdplug.trainer.checkpoint import complete_checkpoints, read_step
+
+    kept = complete_checkpoints(trainer.config.output)
+    if not kept:
+        return "No checkpoint was kept (--save-every N writes one every N steps)."
+    return (
+        f"The newest checkpoint kept is {kept[-1]} (step {read_step(kept[-1])}): --resume latest continues from it, "
+        "and its weights are finite."
+    )
 
 
-def clean_failed(output: Path, fresh: bool) -> None:
-    """After a failed run into a fresh folder: remove what a rerun writes again (the embedded data,
-    the 'before' grid, unfinished temporaries), then the folder if that emptied it; keep the rest
-    (checkpoints, logs) and say so."""
-    if not fresh or not output.is_dir() or int(os.environ.get("RANK", "0")) != 0:
-        return
-    for entry in output.iterdir():
-        if entry.name in REGENERABLE or ".tmp-" in entry.name:
-            _remove(entry)
-    left = sorted(p.name for p in output.iterdir())
-    if left:
-        logger.info(f"the failed run kept in {output}: {', '.join(left)}")
-    else:
-        output.rmdir()
+def write_failure_audit(folder, exc: BaseException, trainer=None) -> Path | None:
+    """A refused, failed or interrupted run still writes its audit: ``completed`` false, the
+    reason in ``problems``, and whatever the audit had counted (nothing, when refused before
+    training) -- into ``audit.json``, or beside it when that holds another run's record."""
+    from sdplug.plan_report import write_data
 
-
-def write_failure_audit(output: Path, exc: BaseException, trainer=None) -> Path | None:
-    """A refused or failed run still writes ``audit.json``: ``completed`` false, the reason in
-    ``problems``, and whatever the audit had counted (nothing, when refused before training)."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if folder.rank != 0 or not folder.path.is_dir():
         return None
     plan = getattr(trainer, "plan", None)
-    output.mkdir(parents=True, exist_ok=True)
+    steps = int(getattr(trainer, "step", 0) or 0)
+    refused = isinstance(exc, SdplugError) and steps == 0
+    name = folder.failure_audit_name(steps, refused=refused)
+    interrupted = isinstance(exc, KeyboardInterrupt)  # said in one line by the command
     if plan is not None:
         plan.record_failure(exc)
-        return plan.write_audit(output)
-    # refused before the plan was built (a bad option, a model that does not load)
-    refused = isinstance(exc, SdplugError)
-    problem = f"refused before training: {exc}" if refused else f"stopped at step 0 by {type(exc).__name__}: {exc}"
-    path = output / "audit.json"
-    write_text(path, json.dumps({"steps": 0, "completed": False, "problems": [problem]}, indent=2) + "\n")
+        path = plan.write_audit(folder.path, audit_name=name, announce=not interrupted)
+    else:  # refused before the plan was built (a model that does not load)
+        problem = f"refused before training: {exc}" if refused else f"stopped at step 0 by {type(exc).__name__}: {exc}"
+        path = write_data({"steps": 0, "completed": False, "problems": [problem]}, folder.path, 0, name=name, announce=not interrupted)
+    if name != "audit.json":
+        logger.warning(f"{folder.path / 'audit.json'} is another run's record and stays; this run's audit is {path.name}")
     return path
