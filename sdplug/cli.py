@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from sdplug import cli_bridges
-from sdplug.errors import SdplugError
+from sdplug.errors import SdplugError, error_lines, printable
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from sdplug.params import declared_parameters
     from sdplug.strategies import FAMILIES, registry
 
     families = [args.family] if args.family else list(FAMILIES)
@@ -20,11 +22,21 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"{family}:")
         width = max(len(e.name) for e in entries)
         for entry in entries:
-            print(f"  {entry.name:<{width}}  {entry.description}  [{entry.origin}]")
+            # plugins' names and docstrings are third-party text: escaped like everything echoed
+            print(printable(f"  {entry.name:<{width}}  {entry.description}  [{entry.origin}]"))
+            if args.params:
+                parameters = declared_parameters(entry.cls)
+                if not parameters:
+                    print("      (no parameters)")
+                names = max((len(p.name) for p in parameters), default=0)
+                defaults = max((len(p.default) for p in parameters), default=0)
+                for p in parameters:
+                    print(printable(f"      {p.name:<{names}}  default {p.default:<{defaults}}  {p.allowed}"))
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from sdplug.errors import PresetError
     from sdplug.presets import load_preset
 
     failed = 0
@@ -33,16 +45,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             preset = load_preset(path)
         except SdplugError as exc:
             failed += 1
-            print(f"error: {exc}", file=sys.stderr)
+            for error in exc.errors if isinstance(exc, PresetError) else (exc,):  # every problem, one paragraph each
+                print(f"error: {printable(str(error))}", file=sys.stderr)
         else:
-            print(f"ok: {path} ({preset.name})")
+            print(f"ok: {printable(path)} ({printable(preset.name)})")
     return 1 if failed else 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from sdplug.errors import PresetErrors
     from sdplug.presets import load_preset
 
-    sys.stdout.write(load_preset(args.file).to_toml(with_defaults=not args.as_written))
+    try:
+        preset = load_preset(args.file)
+    except PresetErrors as exc:  # every problem, one paragraph each, as validate prints them
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return 1
+    sys.stdout.write(preset.to_toml(with_defaults=not args.as_written))
     return 0
 
 
@@ -89,11 +109,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from sdplug.trainer.config import TrainConfig, check_before_loading
     from sdplug.trainer.requirements import check_trainer_requirements
-
-    check_trainer_requirements()  # before the trainer's imports: a bad diffusers/peft pair fails in them
-    from sdplug.trainer.config import TrainConfig
-    from sdplug.trainer.loop import train
 
     config = TrainConfig(
         preset=args.preset,
@@ -123,7 +140,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         samples=not args.no_samples,
         progress=not args.no_progress,
     )
-    train(config)
+    check_before_loading(config)  # a mistake on the command line is reported before diffusers loads
+    check_trainer_requirements()  # before the trainer's imports: a bad diffusers/peft pair fails in them
+    from sdplug.trainer.loop import train
+
+    train(config, checked=True)
     return 0
 
 
@@ -156,7 +177,11 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
     module = {"kohya": patching, "everydream": everydream_patching, "diffusers-examples": edits}[args.host]
     action = module.apply if args.command == "patch" else module.revert
-    for line in action(args.directory):
+    try:
+        done = action(args.directory)
+    except OSError as exc:  # reading the tree to recognise it (writing reports its own errors, all or nothing)
+        raise SdplugError(f"{exc.filename or args.directory}: {exc.strerror or exc}; nothing was changed.") from exc
+    for line in done:
         print(line)
     return 0
 
@@ -179,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered strategies (name, description, providing package)")
     p.add_argument("family", nargs="?", help="one family: noise, timesteps, loss, loss_weighting, caption, optimizer, attention")
+    p.add_argument("--params", action="store_true", help="also each strategy's parameters, defaults and allowed values")
     p.set_defaults(run=_cmd_list)
 
     p = sub.add_parser("validate", help="validate preset files; exit 1 if any is invalid")
@@ -187,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="print a preset fully resolved (after extends, with defaults) as TOML")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--as-written", action="store_true", help="omit parameters left at their defaults")
+    p.add_argument("--as-written", action="store_true", help="only what the file (and its parents) wrote, no defaults")
     p.set_defaults(run=_cmd_show)
 
     p = sub.add_parser(
@@ -200,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         type=Path,
         metavar="PATH",
-        help="a local diffusers SD 1.x/2.x folder or single-file checkpoint (default: embedded tiny model)",
+        help="a local diffusers SD 1.x/2.x folder, or a folder sdplug saved; a single-file .safetensors/.ckpt loads "
+        "only where diffusers finds its configs offline, else convert it once to a folder (default: embedded tiny model)",
     )
     p.add_argument(
         "--data",
@@ -249,14 +276,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw a grid of images from a trained model or LoRA", formatter_class=_DefaultsFormatter)
     p.add_argument(
-        "--model", type=Path, metavar="PATH", help="a model folder (default: the embedded tiny model, for a LoRA trained on it)"
+        "--model",
+        type=Path,
+        metavar="PATH",
+        help="a model folder (default: the base model the LoRA's metadata records: the embedded tiny model, "
+        "or the model path it was trained on, while that exists)",
     )
     p.add_argument("--lora", type=Path, metavar="FILE", help="a LoRA .safetensors (kohya format, as sdplug train writes it)")
     p.add_argument("--prompt", nargs="+", required=True, metavar="TEXT", help="one or more prompts (one grid row each)")
     p.add_argument("--preset", help="whose noise family starts the sampling (default: the preset saved with the LoRA or model)")
-    p.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.5], metavar="G", help="guidance scales")
-    p.add_argument("--seed", nargs="+", type=int, default=[0, 1], metavar="N", help="one grid column per seed and guidance")
-    p.add_argument("--steps", type=int, default=25, metavar="N", help="DDIM steps")
+    p.add_argument(
+        "--guidance",
+        nargs="+",
+        type=float,
+        default=[1.0, 3.0, 7.5],
+        metavar="G",
+        help="classifier-free guidance scales, each from -100 to 100. 1: the prompt alone; 0: the unconditional model "
+        "(prompt ignored); above 1: pushed towards the prompt (3-12 usual); between 0 and 1: in between; below 0: "
+        "pushed away from the prompt",
+    )
+    p.add_argument(
+        "--seed", nargs="+", type=int, default=[0, 1], metavar="N", help="one grid column per seed and guidance (0 to 2**64 - 1)"
+    )
+    p.add_argument("--steps", type=int, default=25, metavar="N", help="DDIM steps, from 1 to the schedule's length (1000 for SD)")
     p.add_argument(
         "--noise", choices=["training", "gaussian"], default="training", help="start noise: the preset's family, or N(0, I)"
     )
@@ -343,8 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except SdplugError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("\n".join(error_lines(exc)), file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `sdplug list | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
+    except KeyboardInterrupt:  # Ctrl-C: what was kept is already said; no traceback
+        print(f"sdplug {args.command}: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

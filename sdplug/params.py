@@ -8,6 +8,8 @@ problem as ``PresetError`` naming the key, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import sys
 import typing
 from typing import Any, Literal, TypeVar
@@ -16,7 +18,7 @@ import annotated_types
 import pydantic
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
-from sdplug.errors import PresetError, did_you_mean
+from sdplug.errors import PresetError, did_you_mean, raise_together
 
 if sys.version_info >= (3, 11):
     from typing import dataclass_transform
@@ -26,7 +28,9 @@ else:  # pragma: no cover - Python 3.10
 _T = TypeVar("_T")
 
 # strict: "0.8" is not silently read as 0.8, nor true as 1; an int is still a valid float.
-STRATEGY_CONFIG = pydantic.ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
+# allow_inf_nan off: TOML writes nan and inf, which no parameter means (nan fails every bound
+# with a misleading "should be less than ..."; an unbounded float would take it silently).
+STRATEGY_CONFIG = pydantic.ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True, allow_inf_nan=False)
 
 
 # dataclass_transform: type checkers then know a decorated class's fields and its keyword
@@ -47,6 +51,46 @@ def field_names(cls) -> list[str]:
     if dataclasses.is_dataclass(cls):
         return [f.name for f in dataclasses.fields(cls)]
     return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """One declared parameter of a strategy: its name, default (as TOML) and what it accepts."""
+
+    name: str
+    default: str
+    allowed: str
+
+
+def declared_parameters(cls) -> list[Parameter]:
+    """Every parameter ``cls`` declares, in order, read from its fields (so always what it validates)."""
+    fields = getattr(cls, "__pydantic_fields__", {})
+    parameters = []
+    for name in field_names(cls):
+        info = fields.get(name)
+        if info is None:
+            default = "see the strategy's documentation"
+        elif info.default_factory is not None:
+            default = _toml_literal(info.default_factory())
+        elif info.is_required():
+            default = "none: required"
+        else:
+            default = _toml_literal(info.default)
+        parameters.append(Parameter(name, default, describe_allowed(cls, name)))
+    return parameters
+
+
+def _toml_literal(value: Any) -> str:
+    """``value`` as it is written in a preset; None (TOML has no null) as 'not set'."""
+    if value is None:
+        return "not set"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # TOML's basic strings escape as JSON does
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_literal(item) for item in value) + "]"
+    return str(value)
 
 
 def describe_allowed(cls, name: str) -> str:
@@ -89,45 +133,71 @@ def _describe(annotation: Any, metadata: list) -> str:
 
 
 def check_known_keys(table, allowed, *, what: str, path: str | None, key: str) -> None:
-    """A ``PresetError`` for the first key of ``table`` not in ``allowed``, with a suggestion."""
-    for name in table:
-        if name not in allowed:
-            raise PresetError(
-                f"unknown key {name!r} {what}. Allowed keys: {', '.join(allowed) or '(none)'}.{did_you_mean(name, allowed)}",
-                path=path,
-                key=f"{key}.{name}" if key else str(name),
-            )
+    """A ``PresetError`` for every key of ``table`` not in ``allowed``, each with a suggestion."""
+    raise_together(unknown_key_errors(table, allowed, what=what, path=path, key=key))
+
+
+def unknown_key_errors(table, allowed, *, what: str, path: str | None, key: str) -> list[PresetError]:
+    """One ``PresetError`` per key of ``table`` not in ``allowed``, each with a suggestion."""
+    return [
+        PresetError(
+            f"unknown key {name!r} {what}. Allowed keys: {', '.join(allowed) or '(none)'}.{did_you_mean(name, allowed)}",
+            path=path,
+            key=f"{key}.{name}" if key else str(name),
+        )
+        for name in table
+        if name not in allowed
+    ]
 
 
 def validate_params(cls: type, params: dict[str, Any], *, what: str, path: str | None = None, key: str = "") -> Any:
-    """Build ``cls(**params)``; turn every validation problem into one ``PresetError``.
+    """Build ``cls(**params)``; report every problem, each as a ``PresetError`` of its own.
 
     ``what`` names the strategy in messages (e.g. "noise 'pyramid'"); ``key`` is the key path
-    prefix (e.g. "noise[0]") so the error names ``noise[0].discount``.
+    prefix (e.g. "noise[0]") so the error names ``noise[0].discount``. Unknown keys and every
+    invalid value are reported together (``PresetErrors`` when there are several).
     """
     allowed = field_names(cls)
     prefix = f"{key}." if key else ""
-    check_known_keys(params, allowed, what=f"for {what}", path=path, key=key)
+    problems = unknown_key_errors(params, allowed, what=f"for {what}", path=path, key=key)
+    known = {name: value for name, value in params.items() if name in allowed}
+    instance = None
     try:
-        return cls(**params)
+        instance = cls(**known)
     except pydantic.ValidationError as exc:
-        error = exc.errors()[0]
-        loc = list(error.get("loc", ()))
-        field = loc[0] if loc else None
-        message = str(error["msg"]).removeprefix("Value error, ").rstrip(".")
-        if field in allowed:
+        reported: set[str] = set()
+        for error in exc.errors():
+            loc = list(error.get("loc", ()))
+            field = loc[0] if loc else None
+            if field not in allowed:
+                problems.append(PresetError(f"invalid parameters for {what}: {_message(error)}.", path=path, key=key or None))
+                continue
             # keep list indices (betas[1]), drop pydantic's union-member tags
             where = str(field) + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
-            value = params.get(field, "(missing)")
-            raise PresetError(
-                f"{_toml(value)} is not allowed for {what}: {message}. Allowed: {describe_allowed(cls, field)}.",
-                path=path,
-                key=f"{prefix}{where}",
-            ) from None
-        raise PresetError(f"invalid parameters for {what}: {message}.", path=path, key=key or None) from None
+            if where in reported:  # a union reports each member's complaint: the first says enough
+                continue
+            reported.add(where)
+            value = params.get(str(field), "(missing)")
+            problems.append(
+                PresetError(
+                    f"{_toml(value)} is not allowed for {what}: {_message(error)}. Allowed: {describe_allowed(cls, str(field))}.",
+                    path=path,
+                    key=f"{prefix}{where}",
+                )
+            )
     except (TypeError, ValueError) as exc:
         # Cross-field checks in __post_init__ raise ValueError with a sentence of their own.
-        raise PresetError(f"invalid parameters for {what}: {exc}", path=path, key=key or None) from None
+        problems.append(PresetError(f"invalid parameters for {what}: {exc}", path=path, key=key or None))
+    raise_together(problems)
+    return instance
+
+
+def _message(error: Any) -> str:
+    """Pydantic's sentence for one error, except for a number that is none: say what it is."""
+    value = error.get("input")
+    if error.get("type") == "finite_number" and isinstance(value, float):
+        return f"{_toml(value)} is not a number" if math.isnan(value) else f"{_toml(value)} is not finite"
+    return str(error["msg"]).removeprefix("Value error, ").rstrip(".")
 
 
 def _toml(value: Any) -> str:

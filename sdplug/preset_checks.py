@@ -1,22 +1,22 @@
 """Checks of a resolved preset beyond each table's own validation: rules across its tables,
-and, when it is bound to a noise schedule, parameters against the schedule's length."""
+and, when it is bound to a noise schedule, parameters against the schedule."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
-from sdplug.errors import PresetError
+from sdplug.errors import PresetError, raise_together
 from sdplug.strategies import registry
 from sdplug.strategies.base import CaptionTransform, NoiseStrategy
 
 if TYPE_CHECKING:
     import torch
 
-    from sdplug.presets import Preset
+    from sdplug.presets import Preset, StrategySpec
 
 
 def check_against_schedule(preset: Preset, num_train_timesteps: int, alphas_cumprod: torch.Tensor | None = None) -> None:
-    """Refuse, when the preset is bound to a noise schedule, parameters that do not fit its length.
+    """Refuse, when the preset is bound to a noise schedule, parameters that do not fit it.
 
     Validation cannot know the schedule (``max_timestep = 5000`` is fine for a 10,000-step one),
     so strategies whose parameters are timesteps define ``schedule_problem(num_train_timesteps)``,
@@ -24,21 +24,51 @@ def check_against_schedule(preset: Preset, num_train_timesteps: int, alphas_cump
     ``alphas_problem(alphas_cumprod)``. The error names the file and key the table came from (a
     parent's file, when inherited), before anything is trained.
     """
-    specs = [*preset.noise, *preset.caption, preset.timesteps, preset.loss_weighting]
-    for spec in specs:
-        if spec is None:
-            continue
+    for spec in _schedule_bound(preset):
         cls = registry(spec.family).get(spec.type).cls
         problem = spec.create().schedule_problem(num_train_timesteps) if hasattr(cls, "schedule_problem") else None
-        if problem is None and alphas_cumprod is not None and hasattr(cls, "alphas_problem"):
-            problem = spec.create().alphas_problem(alphas_cumprod)
+        if problem is None and alphas_cumprod is not None:
+            problem = _alphas_problem(spec, alphas_cumprod)
         if problem is not None:
-            parameter, sentence = problem
-            raise PresetError(sentence, path=spec.path, key=f"{spec.key}.{parameter}" if spec.key else parameter)
+            raise _spec_error(spec, problem)
+
+
+def zero_terminal_errors(preset: Preset) -> list[PresetError]:
+    """What ``check_against_schedule`` will refuse of a preset whose own [schedule] says zero_terminal_snr.
+
+    The model's schedule is unknown while validating, but whatever it is, the plan rescales it
+    to end at abar_T = 0; so ``alphas_problem`` is asked about SD's schedule rescaled the same
+    way, and what it refuses for that terminal it refuses for every model. Found here, the
+    mistake shows in ``sdplug validate`` instead of at the start of training.
+    """
+    if not preset.schedule.zero_terminal_snr:
+        return []
+    from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
+
+    zero_terminal = rescale_zero_terminal_snr(scaled_linear_alphas_cumprod())
+    found = ((spec, _alphas_problem(spec, zero_terminal)) for spec in _schedule_bound(preset))
+    return [_spec_error(spec, problem) for spec, problem in found if problem is not None]
+
+
+def _schedule_bound(preset: Preset) -> list[StrategySpec]:
+    specs = [*preset.noise, *preset.caption, preset.timesteps, preset.loss_weighting]
+    return [spec for spec in specs if spec is not None]
+
+
+def _alphas_problem(spec: StrategySpec, alphas_cumprod: torch.Tensor) -> tuple[str, str] | None:
+    cls = registry(spec.family).get(spec.type).cls
+    return spec.create().alphas_problem(alphas_cumprod) if hasattr(cls, "alphas_problem") else None
+
+
+def _spec_error(spec: StrategySpec, problem: tuple[str, str]) -> PresetError:
+    parameter, sentence = problem
+    return PresetError(sentence, path=spec.path, key=f"{spec.key}.{parameter}" if spec.key else parameter)
 
 
 def check_consistency(preset: Preset, path: str) -> None:
-    """Rules across tables of one preset: input-only noise last; no text transforms with cached text outputs."""
+    """Rules across tables of one preset: input-only noise last; no text transforms with cached
+    text outputs; no strategy that a zero-terminal schedule rules out. Every broken rule is reported."""
+    problems = []
     seen_input = None
     for i, spec in enumerate(preset.noise):
         # the noise registry holds NoiseStrategy subclasses only (Registry._check_fits)
@@ -46,20 +76,27 @@ def check_consistency(preset: Preset, path: str) -> None:
         if role == "input":
             seen_input = seen_input if seen_input is not None else i
         elif seen_input is not None:
-            raise PresetError(
-                f"{spec.type!r} changes the target noise but comes after noise[{seen_input}] "
-                f"({preset.noise[seen_input].type!r}), which changes only the model-input noise. "
-                "Allowed: list input-only strategies last, so the loss target is fully built first.",
-                path=path,
-                key=f"noise[{i}].type",
+            problems.append(
+                PresetError(
+                    f"{spec.type!r} changes the target noise but comes after noise[{seen_input}] "
+                    f"({preset.noise[seen_input].type!r}), which changes only the model-input noise. "
+                    "Allowed: list input-only strategies last, so the loss target is fully built first.",
+                    path=path,
+                    key=f"noise[{i}].type",
+                )
             )
+            break
     if preset.memory.cache_text_encoder_outputs:
         for i, spec in enumerate(preset.caption):
             if cast("type[CaptionTransform]", registry("caption").get(spec.type).cls).needs_text:
-                raise PresetError(
-                    f"caption transform {spec.type!r} rewrites the caption text, which cached text-encoder outputs "
-                    "no longer have. Allowed with memory.cache_text_encoder_outputs = true: 'dropout' only "
-                    "(applied by substituting the empty caption's embedding); or turn caching off.",
-                    path=path,
-                    key=f"caption[{i}].type",
+                problems.append(
+                    PresetError(
+                        f"caption transform {spec.type!r} rewrites the caption text, which cached text-encoder outputs "
+                        "no longer have. Allowed with memory.cache_text_encoder_outputs = true: 'dropout' only "
+                        "(applied by substituting the empty caption's embedding); or turn caching off.",
+                        path=path,
+                        key=f"caption[{i}].type",
+                    )
                 )
+    problems.extend(zero_terminal_errors(preset))
+    raise_together(problems)

@@ -2,7 +2,7 @@
 
 A preset file has these sections, all optional::
 
-    [preset]            name, description, extends (a shipped preset's name or a path)
+    [preset]            name, description, extends (a shipped preset's name or a .toml file's path)
     [[noise]]           noise strategies, applied in the order written
     [timesteps]         one timestep sampler
     [loss]              one loss type (mse when omitted), with its mask options
@@ -17,7 +17,10 @@ A preset file has these sections, all optional::
 Each strategy table has ``type`` (a registered name) and that strategy's parameters.
 ``extends``: a section the child writes replaces the parent's section whole (``noise = []``
 removes the parent's noise list), except ``[memory]``, ``[schedule]`` and ``[ema]``, which merge key by key.
-Every problem is one ``PresetError`` naming the file, the key path and what is allowed.
+Every problem is one ``PresetError`` naming the file, the key path and what is allowed; all the
+problems of a file are reported together (``PresetErrors``). ``extends`` opens only a shipped
+preset or a regular ``.toml`` file, never quotes that file's values in errors, and is refused
+in a preset that came embedded in a download (``embedded_from``).
 A file may start with a UTF-8 byte-order mark (Windows editors write one). An empty file (or
 one holding only comments) is refused: it is almost always a wrong path or an unsaved file,
 and training with it would silently use no strategy at all.
@@ -25,15 +28,34 @@ and training with it would silently use no strategy at all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdplug.errors import PresetError, SdplugError, did_you_mean
+from sdplug.errors import PresetError, SdplugError, did_you_mean, raise_together
 from sdplug.params import check_known_keys, validate_params
 from sdplug.preset_checks import check_consistency
+from sdplug.preset_files import (
+    MAX_NESTING as MAX_NESTING,  # re-exported: the preset API names these here too
+)
+from sdplug.preset_files import (
+    check_nesting,
+    extended_path,
+    parse_toml,
+    read_toml,
+    resolve_preset_path,
+    shipped_preset_names,
+)
+from sdplug.preset_files import (
+    shipped_presets_dir as shipped_presets_dir,
+)
+from sdplug.preset_files import (
+    tomllib as tomllib,
+)
 from sdplug.preset_settings import EMASettings, MemorySettings, ScheduleSettings, settings_table
 from sdplug.strategies import registry
 
@@ -41,9 +63,9 @@ if TYPE_CHECKING:
     from sdplug.plan import Plan
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+    pass
 
 LIST_SECTIONS = ("noise", "caption")
 SINGLE_SECTIONS = ("timesteps", "loss", "loss_weighting", "optimizer", "attention")
@@ -53,6 +75,7 @@ PRESET_KEYS = ("name", "description", "extends")
 OPTIMIZER_EXTRA_KEYS = ("fallback",)
 # Far deeper than any real preset family, far below Python's recursion limit.
 MAX_EXTENDS_DEPTH = 32
+# Levels of tables and arrays in one file: a preset needs 4; deeper is an attack or a mistake.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +126,15 @@ class Preset:
     memory: MemorySettings = dataclasses.field(default_factory=MemorySettings)
     schedule: ScheduleSettings = dataclasses.field(default_factory=ScheduleSettings)
     ema: EMASettings = dataclasses.field(default_factory=EMASettings)
+    # "memory.cache_latents" and so on: the settings the file (or a parent) wrote, for to_dict
+    settings_written: frozenset[str] = frozenset()
 
     def to_dict(self, *, with_defaults: bool = False) -> dict[str, Any]:
-        """The resolved preset as TOML-ready data (no ``extends``: everything is inlined)."""
+        """The resolved preset as TOML-ready data (no ``extends``: everything is inlined).
+
+        Without ``with_defaults``, only what was written: each strategy's written parameters, and
+        of the settings those written (here or in a parent) or changed since from their defaults.
+        """
         data: dict[str, Any] = {"preset": {"name": self.name, "description": self.description}}
         for section in LIST_SECTIONS:
             specs = getattr(self, section)
@@ -117,10 +146,16 @@ class Preset:
                 data[section] = spec.to_table(with_defaults=with_defaults)
         if self.optimizer_fallback is not None:
             data["optimizer"]["fallback"] = self.optimizer_fallback.type
-        data["memory"] = settings_table(self.memory)
-        data["schedule"] = settings_table(self.schedule)
-        if self.ema.decay is not None:  # TOML has no null: an [ema] without decay is no [ema]
-            data["ema"] = settings_table(self.ema)
+        for name in SETTINGS_SECTIONS:
+            settings = getattr(self, name)
+            if name == "ema" and settings.decay is None:  # TOML has no null: an [ema] without decay is no [ema]
+                continue
+            table = settings_table(settings)
+            if not with_defaults:
+                defaults = settings_table(type(settings)())
+                table = {k: v for k, v in table.items() if f"{name}.{k}" in self.settings_written or v != defaults[k]}
+            if table:
+                data[name] = table
         return data
 
     def build(
@@ -168,6 +203,7 @@ class Preset:
                     key="schedule.zero_terminal_snr",
                 )
             alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)  # idempotent: a rescaled schedule stays
+        self._check_prediction_type(prediction_type)
         return Plan(
             self,
             alphas_cumprod=alphas_cumprod,
@@ -177,43 +213,31 @@ class Preset:
             default_timesteps=default_timesteps,
         )
 
+    def _check_prediction_type(self, prediction_type: str) -> None:
+        """Refuse a loss-weighting parameter the preset wrote that does nothing for this model
+        (an SNR floor with a v_prediction or sample model), naming its file and key."""
+        from sdplug.schedule import check_prediction_type
+
+        spec = self.loss_weighting
+        if spec is None:
+            return
+        problem = spec.create().prediction_problem(check_prediction_type(prediction_type), set(spec.params))
+        if problem is not None:
+            parameter, sentence = problem
+            raise PresetError(sentence, path=spec.path, key=f"{spec.key}.{parameter}" if spec.key else parameter)
+
     def to_toml(self, *, with_defaults: bool = True) -> str:
         import tomli_w
 
         return tomli_w.dumps(self.to_dict(with_defaults=with_defaults))
 
 
-def shipped_presets_dir() -> Path:
-    """Where the presets shipped with sdplug live (inside the installed package, or the source tree)."""
-    from sdplug.resources import shipped_dir
+def load_preset(path: str | Path, *, embedded_from: str | None = None) -> Preset:
+    """Load, resolve ``extends`` and validate a preset file (or a shipped preset's name).
 
-    return shipped_dir("presets")
-
-
-def shipped_preset_names() -> list[str]:
-    return sorted(p.stem for p in shipped_presets_dir().glob("*.toml"))
-
-
-def resolve_preset_path(reference: str, relative_to: Path | None = None) -> Path:
-    """A preset reference (a shipped preset's name, or a path) as an existing file path."""
-    candidate = Path(reference)
-    looks_like_path = candidate.suffix == ".toml" or len(candidate.parts) > 1
-    if looks_like_path:
-        if relative_to is not None and not candidate.is_absolute():
-            candidate = relative_to / candidate
-        if candidate.is_file():
-            return candidate
-        raise FileNotFoundError(str(candidate))
-    if relative_to is not None and (relative_to / f"{reference}.toml").is_file():
-        return relative_to / f"{reference}.toml"
-    shipped = shipped_presets_dir() / f"{reference}.toml"
-    if shipped.is_file():
-        return shipped
-    raise FileNotFoundError(reference)
-
-
-def load_preset(path: str | Path) -> Preset:
-    """Load, resolve ``extends`` and validate a preset file (or a shipped preset's name)."""
+    ``embedded_from`` names the download a preset file came with (a model folder's saved
+    preset): such a preset must be self-contained, so its ``extends`` is refused.
+    """
     path = Path(path)
     if not path.is_file():
         try:
@@ -224,97 +248,140 @@ def load_preset(path: str | Path) -> Preset:
                 f"{did_you_mean(path.stem, shipped_preset_names())}",
                 path=str(path),
             ) from None
-    return _load(path, chain=())
+    return _load(path, chain=(), embedded_from=embedded_from)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: accept (and drop) a leading BOM
-    except UnicodeDecodeError as exc:
-        raise PresetError(
-            f"cannot read the file: it is not UTF-8 text ({exc.reason} at byte {exc.start}). Allowed: a UTF-8 TOML file.",
-            path=str(path),
-        ) from None
-    except OSError as exc:
-        raise PresetError(f"cannot read the file: {exc}", path=str(path)) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise PresetError(f"not valid TOML: {exc}", path=str(path)) from None
-    if not data:
-        raise PresetError(
-            "the file is empty (no keys, only whitespace or comments), so it would train with no strategy at all. "
-            "Allowed: at least one section such as [preset], [[noise]] or [timesteps]; see `sdplug show tiny-default`.",
-            path=str(path),
-        )
-    return data
+def parse_preset_text(text: str, *, path: str, embedded_from: str | None = None) -> Preset:
+    """Validate a preset given as TOML text, e.g. one saved in a LoRA's metadata.
+
+    ``path`` names the text in messages (e.g. "lora.safetensors (its metadata)");
+    ``embedded_from`` names the download it came with, which refuses ``extends`` (see ``parse_preset``).
+    """
+    return parse_preset(parse_toml(text, path), path=path, embedded_from=embedded_from)
 
 
-def _load(path: Path, chain: tuple[Path, ...]) -> Preset:
+class _ChainError(PresetError):
+    """A problem of the chain of ``extends`` itself (a cycle, too long): it names files, never values."""
+
+
+class _ExtendedFileError(PresetError):
+    """A problem inside a file that the validated preset extends, told without that file's values."""
+
+
+def _load(path: Path, chain: tuple[Path, ...], embedded_from: str | None = None) -> Preset:
     real = path.resolve()
     if real in chain:
         cycle = " -> ".join(str(p) for p in (*chain, real))
-        raise PresetError(f"'extends' makes a cycle: {cycle}.", path=str(path), key="preset.extends")
+        raise _ChainError(f"'extends' makes a cycle: {cycle}.", path=str(path), key="preset.extends")
     if len(chain) >= MAX_EXTENDS_DEPTH:
-        raise PresetError(
+        raise _ChainError(
             f"'extends' chain is more than {MAX_EXTENDS_DEPTH} files long (it starts at {chain[0]}). "
             f"Allowed: at most {MAX_EXTENDS_DEPTH} files in one chain of 'extends'.",
             path=str(path),
             key="preset.extends",
         )
-    return parse_preset(_read_toml(path), path=str(path), _chain=(*chain, real))
+    return parse_preset(read_toml(path), path=str(path), embedded_from=embedded_from, _chain=(*chain, real))
 
 
-def parse_preset(data: Any, *, path: str = "<preset>", _chain: tuple[Path, ...] = ()) -> Preset:
-    """Validate preset ``data`` (as read from TOML) and resolve its ``extends``."""
+class _Problems:
+    """The problems found in one preset so far, so that one run reports all of them."""
+
+    def __init__(self) -> None:
+        self.found: list[PresetError] = []
+
+    def add(self, error: PresetError) -> None:
+        self.found.extend(error.errors)
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        try:
+            yield
+        except PresetError as error:
+            self.add(error)
+
+    def raise_in_file_order(self, data: Mapping[str, Any], path: str) -> None:
+        """All problems found, ordered as their sections appear in the file (a parent's with 'extends')."""
+        order = {name: i for i, name in enumerate(data)}
+
+        def position(error: PresetError) -> int:
+            section = "preset" if error.path != path else re.split(r"[.\[]", error.key or "", maxsplit=1)[0]
+            return order.get(section, len(order))
+
+        raise_together(sorted(self.found, key=position))
+
+
+def parse_preset(data: Any, *, path: str = "<preset>", embedded_from: str | None = None, _chain: tuple[Path, ...] = ()) -> Preset:
+    """Validate preset ``data`` (as read from TOML) and resolve its ``extends``.
+
+    Every problem of the file is reported (``PresetErrors`` when there are several). A preset
+    that came embedded in a download (``embedded_from`` names it: a LoRA, a model folder) may
+    not ``extends``: a downloaded file must not make sdplug open files of this machine.
+    """
     if not isinstance(data, Mapping):
         raise PresetError(f"a preset is a TOML table, not {type(data).__name__}.", path=path)
+    check_nesting(data, path)
+    problems = _Problems()
     for section in data:
         if section not in SECTIONS:
-            raise PresetError(
-                f"unknown section {section!r}. Allowed sections: {', '.join(SECTIONS)}.{did_you_mean(section, SECTIONS)}",
-                path=path,
-                key=str(section),
+            problems.add(
+                PresetError(
+                    f"unknown section {section!r}. Allowed sections: {', '.join(SECTIONS)}.{did_you_mean(section, SECTIONS)}",
+                    path=path,
+                    key=str(section),
+                )
             )
-    info = _table(data.get("preset", {}), path, "preset")
-    _check_keys(info, PRESET_KEYS, path, "preset", "the [preset] table")
+    info: dict[str, Any] = {}
+    with problems.collect():
+        info = _table(data.get("preset", {}), path, "preset")
+    with problems.collect():
+        _check_keys(info, PRESET_KEYS, path, "preset", "the [preset] table")
     for key in PRESET_KEYS:
         if key in info and not isinstance(info[key], str):
-            raise PresetError(f"{_show(info[key])} is not allowed: must be a string.", path=path, key=f"preset.{key}")
+            problems.add(PresetError(f"{_show(info[key])} is not allowed: must be a string.", path=path, key=f"preset.{key}"))
+            del info[key]
 
     own: dict[str, Any] = {}
     for section in LIST_SECTIONS:
         if section in data:
-            own[section] = tuple(_strategies(data[section], section, path))
+            with problems.collect():
+                own[section] = tuple(_strategies(data[section], section, path))
     for section in SINGLE_SECTIONS:
         if section in data:
-            own[section] = _strategy(
-                data[section], section, path, section, extra_keys=OPTIMIZER_EXTRA_KEYS if section == "optimizer" else ()
-            )
-    if "optimizer" in data:
-        own["optimizer_fallback"] = _fallback(data["optimizer"], own["optimizer"], path)
-    tables = {name: _table(data.get(name, {}), path, name) for name in SETTINGS_SECTIONS}
+            with problems.collect():
+                own[section] = _strategy(
+                    data[section], section, path, section, extra_keys=OPTIMIZER_EXTRA_KEYS if section == "optimizer" else ()
+                )
+    if "optimizer" in own:
+        with problems.collect():
+            own["optimizer_fallback"] = _fallback(data["optimizer"], own["optimizer"], path)
+    tables: dict[str, dict[str, Any]] = {}
+    for name in SETTINGS_SECTIONS:
+        with problems.collect():
+            tables[name] = _table(data.get(name, {}), path, name)
 
     parent = None
     if "extends" in info:
-        here = Path(path).parent if path != "<preset>" else None
-        try:
-            parent_path = resolve_preset_path(info["extends"], relative_to=here)
-        except FileNotFoundError:
-            names = shipped_preset_names()
-            raise PresetError(
-                f"'extends' names {info['extends']!r}, which is neither a preset file nor a shipped preset. "
-                f"Allowed: a path to a .toml file or one of: {', '.join(names)}.{did_you_mean(info['extends'], names)}",
-                path=path,
-                key="preset.extends",
-            ) from None
-        parent = _load(parent_path, _chain)
+        if embedded_from is not None:
+            problems.add(
+                PresetError(
+                    f"a preset embedded in {embedded_from} cannot 'extends' another preset ({_show(info['extends'])}): "
+                    "a downloaded file must not make sdplug open files of this machine. Allowed: a self-contained "
+                    "preset (the presets sdplug saves have everything inlined).",
+                    path=path,
+                    key="preset.extends",
+                )
+            )
+        else:
+            with problems.collect():
+                parent = _load_parent(info["extends"], path, _chain)
 
     settings = {}
     for name, cls in SETTINGS_SECTIONS.items():  # merged key by key under extends
         values = settings_table(getattr(parent, name)) if parent else {}
-        values.update(tables[name])
-        settings[name] = validate_params(cls, values, what=f"[{name}]", path=path, key=name)
+        values.update(tables.get(name, {}))
+        with problems.collect():
+            settings[name] = validate_params(cls, values, what=f"[{name}]", path=path, key=name)
+    problems.raise_in_file_order(data, path)
 
     merged = {field.name: getattr(parent, field.name) for field in dataclasses.fields(Preset)} if parent else {}
     merged.update(own)
@@ -323,11 +390,42 @@ def parse_preset(data: Any, *, path: str = "<preset>", _chain: tuple[Path, ...] 
         description=info.get("description", ""),
         path=path,
         extends_chain=(*(parent.extends_chain if parent else ()), *((parent.path,) if parent else ())),
+        settings_written=(parent.settings_written if parent else frozenset())
+        | {f"{name}.{key}" for name, table in tables.items() for key in table},
         **settings,
     )
     preset = Preset(**merged)
     check_consistency(preset, path)
     return preset
+
+
+def _load_parent(reference: str, path: str, chain: tuple[Path, ...]) -> Preset:
+    """The preset that ``path`` extends; a problem inside it is told without quoting its values."""
+    parent_path = extended_path(reference, path)
+    try:
+        return _load(parent_path, chain)
+    except PresetError as exc:
+        raise_together([_without_values(error, path) for error in exc.errors])
+        raise  # not reached: raise_together raised
+
+
+def _without_values(error: PresetError, child: str) -> PresetError:
+    """``error`` (from a file that ``child`` extends) without the values it quotes from that file.
+
+    Only the file being validated has its values repeated: a preset may name any .toml file in
+    ``extends``, and its error messages must not become a way to print another file's contents.
+    What is allowed is ours to say, so the "Allowed ..." sentence stays.
+    """
+    if isinstance(error, (_ChainError, _ExtendedFileError)) or error.path == child:
+        return error
+    allowed = error.problem.rfind("Allowed")
+    return _ExtendedFileError(
+        f"this is not allowed (the file is extended by {child}; its values are not repeated here, to keep "
+        f"other files' contents private: run `sdplug validate {error.path}` for the whole message)."
+        + (f" {error.problem[allowed:]}" if allowed >= 0 else ""),
+        path=error.path,
+        key=error.key,
+    )
 
 
 def _table(value: Any, path: str, key: str) -> dict[str, Any]:
@@ -351,7 +449,13 @@ def _strategies(value: Any, family: str, path: str) -> list[StrategySpec]:
         raise PresetError(
             f"{_show(value)} is not allowed: {family} must be an array of tables ([[{family}]]).", path=path, key=family
         )
-    return [_strategy(entry, family, path, f"{family}[{i}]") for i, entry in enumerate(value)]
+    problems = _Problems()
+    specs = []
+    for i, entry in enumerate(value):
+        with problems.collect():
+            specs.append(_strategy(entry, family, path, f"{family}[{i}]"))
+    raise_together(problems.found)
+    return specs
 
 
 def _strategy(value: Any, family: str, path: str, key: str, extra_keys: tuple[str, ...] = ()) -> StrategySpec:
@@ -364,7 +468,7 @@ def _strategy(value: Any, family: str, path: str, key: str, extra_keys: tuple[st
     name = table.pop("type")
     if not isinstance(name, str) or name not in registry(family):
         raise PresetError(
-            f"{_show(name)} is not a {family} strategy. Allowed types: {', '.join(names)}."
+            f"{_show(name)} is not {_article(family)} {family} strategy. Allowed types: {', '.join(names)}."
             f"{did_you_mean(name, names) if isinstance(name, str) else ''}",
             path=path,
             key=f"{key}.type",
@@ -383,12 +487,24 @@ def _strategy(value: Any, family: str, path: str, key: str, extra_keys: tuple[st
 def _fallback(value: Mapping[str, Any], primary: StrategySpec, path: str) -> StrategySpec | None:
     if "fallback" not in value:
         return None
+    from sdplug.params import field_names
+    from sdplug.strategies import registry
     from sdplug.strategies.optimizers_extra import lr_is_a_multiplier as multiplier
 
     # Prodigy's lr 1.0 as AdamW's would blow the weights up: the fallback keeps its own default lr
     drop = multiplier(primary.type) and not multiplier(str(value["fallback"]))
-    table = {"type": value["fallback"], **{k: v for k, v in primary.params.items() if not (drop and k == "lr")}}
-    return _strategy(table, "optimizer", path, "optimizer.fallback")
+    # every setting of the update carries over and must be one the fallback takes; the primary's
+    # implementation settings it lacks (adamw8bit's min_8bit_size) stay behind, named by its warning
+    name = str(value["fallback"])
+    optimizers = registry("optimizer")
+    own = getattr(optimizers.get(primary.type).cls, "implementation_parameters", ())
+    takes = set(field_names(optimizers.get(name).cls)) if name in optimizers.names() else set()
+    params = {k: v for k, v in primary.params.items() if not (drop and k == "lr") and (k not in own or k in takes)}
+    return _strategy({"type": name, **params}, "optimizer", path, "optimizer.fallback")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _show(value: Any) -> str:
