@@ -58,8 +58,9 @@ def test_sample_with_a_lora_on_a_loaded_model(tmp_path, tiny_sd):
     trainer = run(tmp_path, model=tiny_sd, data=data)
     images, _ = generate(request(tmp_path, model=tiny_sd, lora=trainer.config.output / "lora.safetensors"))
     assert torch.allclose(images[3.0], trainer.samples_after[3.0], atol=1e-4)
-    with pytest.raises(SdplugError, match="give the model it was trained on as --model. It records its base model as"):
-        generate(request(tmp_path, lora=trainer.config.output / "lora.safetensors"))
+    # without --model, the base model folder the LoRA's metadata records is used while it exists
+    recorded, _ = generate(request(tmp_path, lora=trainer.config.output / "lora.safetensors"))
+    assert torch.allclose(recorded[3.0], trainer.samples_after[3.0], atol=1e-4)
 
 
 def test_embedded_dreambooth_folder_loads_in_diffusers_and_samples_back(tmp_path, capfd):

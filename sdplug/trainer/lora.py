@@ -1,4 +1,4 @@
-"""LoRA adapters (peft) and their export in the kohya / A1111 key format.
+"""LoRA adapters (peft), their export in the kohya / A1111 key format, and reading such files back.
 
 Keys: ``lora_unet_<module path, dots as underscores>.lora_down.weight`` / ``.lora_up.weight`` /
 ``.alpha``, and ``lora_te_...`` for the text encoder: what kohya sd-scripts writes, A1111
@@ -7,12 +7,17 @@ reads and diffusers' ``load_lora_weights`` converts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from sdplug.errors import SdplugError, printable
+
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -107,3 +112,90 @@ def save_kohya_lora(
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
     return len(state)
+
+
+@dataclasses.dataclass(frozen=True)
+class KohyaLayer:
+    """One layer of a kohya LoRA file: ``delta = alpha / rank * up @ down``."""
+
+    down: torch.Tensor  # (rank, in_features)
+    up: torch.Tensor  # (out_features, rank)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        return self.alpha / self.rank * (self.up.float() @ self.down.float())
+
+
+def read_kohya_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a LoRA .safetensors file; the tensors are not checked yet (``kohya_layers``)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise SdplugError(f"--lora {printable(str(path))}: no such file.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise SdplugError(f"--lora {printable(str(path))}: not a readable .safetensors file ({printable(str(exc))}).") from None
+
+
+def kohya_layers(state: dict[str, torch.Tensor], path: Path) -> dict[str, KohyaLayer]:
+    """The layers of a kohya LoRA's tensors by key stem, each checked: a down and an up matrix of
+    one rank of at least 1, floating point, finite, and a finite single-number alpha (the rank
+    when absent). A file that is not one is refused whole, naming the first offending key."""
+    where = f"--lora {printable(str(path))}"
+    others = sorted(k for k in state if not k.endswith(KOHYA_SUFFIXES))
+    if others:
+        raise SdplugError(
+            f"{where}: keys that are not kohya LoRA keys (.lora_down.weight / .lora_up.weight / .alpha): "
+            f"{', '.join(printable(k) for k in others[:5])}. sdplug sample applies plain LoRA on linear layers."
+        )
+    stems = sorted({k[: -len(suffix)] for k in state for suffix in KOHYA_SUFFIXES if k.endswith(suffix)})
+    layers = {}
+    for stem in stems:
+        shown = printable(stem)
+        for suffix in (".lora_down.weight", ".lora_up.weight"):
+            if f"{stem}{suffix}" not in state:
+                raise SdplugError(
+                    f"{where}: layer {shown} has no {suffix}; each layer needs .lora_down.weight and "
+                    ".lora_up.weight (and may have .alpha). The file is incomplete."
+                )
+        for key in (f"{stem}{suffix}" for suffix in KOHYA_SUFFIXES if f"{stem}{suffix}" in state):
+            tensor = state[key]
+            if not tensor.is_floating_point():
+                raise SdplugError(
+                    f"{where}: {printable(key)} is {str(tensor.dtype).removeprefix('torch.')}; LoRA tensors are floating point."
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise SdplugError(
+                    f"{where}: {printable(key)} is not finite (it holds NaN or inf): the file is damaged "
+                    "or its training diverged."
+                )
+        down, up = state[f"{stem}.lora_down.weight"], state[f"{stem}.lora_up.weight"]
+        for key, matrix, layout in (
+            (f"{stem}.lora_down.weight", down, "(rank, in_features)"),
+            (f"{stem}.lora_up.weight", up, "(out_features, rank)"),
+        ):
+            if matrix.dim() != 2:
+                raise SdplugError(
+                    f"{where}: {printable(key)} has shape {tuple(matrix.shape)}; it must be a 2-D {layout} matrix "
+                    "(sdplug sample applies LoRA to linear layers only)."
+                )
+        if down.shape[0] == 0:
+            raise SdplugError(
+                f"{where}: layer {shown} has rank 0 (its .lora_down.weight is {tuple(down.shape)}): a LoRA layer has rank 1 or more."
+            )
+        if up.shape[1] != down.shape[0]:
+            raise SdplugError(
+                f"{where}: layer {shown}: .lora_up.weight is {tuple(up.shape)} (rank {up.shape[1]}), .lora_down.weight "
+                f"is {tuple(down.shape)} (rank {down.shape[0]}); the two ranks must be equal."
+            )
+        alpha = state.get(f"{stem}.alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise SdplugError(f"{where}: {shown}.alpha has shape {tuple(alpha.shape)}; it must be one number.")
+        layers[stem] = KohyaLayer(down=down, up=up, alpha=float(down.shape[0]) if alpha is None else float(alpha.reshape(())))
+    return layers

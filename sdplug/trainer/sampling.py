@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
+from sdplug.errors import SdplugError
 from sdplug.trainer.data import to_image
+
+
+class NonFiniteSamplesError(SdplugError):
+    """The sampler's images hold NaN or inf: a grid of them would only look black."""
 
 
 @torch.no_grad()
@@ -23,8 +28,13 @@ def encode_prompts(bundle, prompts: list[str], device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(bundle, unet, start_noise, prompts: list[str], guidance: float, steps: int, device) -> torch.Tensor:
-    """Images (N, 3, R, R) in [-1, 1] by DDIM (eta 0) with classifier-free guidance."""
+def sample(
+    bundle, unet, start_noise, prompts: list[str], guidance: float, steps: int, device, *, refuse_non_finite: bool = False
+) -> torch.Tensor:
+    """Images (N, 3, R, R) in [-1, 1] by DDIM (eta 0) with classifier-free guidance.
+
+    With ``refuse_non_finite`` a NaN or inf anywhere in the images raises NonFiniteSamplesError
+    (clamping would turn inf into white and NaN into black, hiding it)."""
     from diffusers import DDIMScheduler
 
     # a zero-terminal schedule must start sampling at its last step, pure noise (Lin et al. 2023, 3.3)
@@ -44,6 +54,12 @@ def sample(bundle, unet, start_noise, prompts: list[str], guidance: float, steps
         x = scheduler.step(prediction, t, x).prev_sample
     if bundle.vae is not None:
         x = bundle.vae.decode(x / bundle.latent_scale).sample
+    if refuse_non_finite and not bool(torch.isfinite(x).all()):
+        raise NonFiniteSamplesError(
+            f"the sampler produced non-finite values (NaN or inf) at guidance {guidance:g}; no grid was written. "
+            "The model's or the LoRA's weights overflow in this model's layers, or the guidance scale is too large: "
+            "check the LoRA (is it for this model?) and try a guidance nearer the usual 3-12."
+        )
     return x.float().clamp(-1, 1)
 
 
@@ -61,24 +77,37 @@ def start_noise(noise_pipeline, shape, seeds: list[int], family: str) -> torch.T
 
 
 def sample_grid(
-    bundle, unet, noise_pipeline, prompts, seeds, guidance_scales, *, steps: int, device, noise_family: str = "training"
+    bundle,
+    unet,
+    noise_pipeline,
+    prompts,
+    seeds,
+    guidance_scales,
+    *,
+    steps: int,
+    device,
+    noise_family: str = "training",
+    refuse_non_finite: bool = False,
 ):
     """(images by [guidance][prompt][seed], PIL grid). Rows: prompts; columns: guidance x seed.
 
     Used by training's before/after grids and by ``sdplug sample``: the same start noise and
-    sampler, so a saved model or LoRA reproduces the grid its run drew."""
+    sampler, so a saved model or LoRA reproduces the grid its run drew. ``refuse_non_finite``:
+    see ``sample``."""
     channels = 3 if bundle.vae is None else bundle.unet.config.in_channels
     side = bundle.resolution if bundle.vae is None else bundle.resolution // 2 ** (len(bundle.vae.config.block_out_channels) - 1)
     noise = start_noise(noise_pipeline, (channels, side, side), seeds, noise_family)
     results = {}
     was_training = unet.training
     unet.eval()
-    for guidance in guidance_scales:
-        all_prompts = [p for p in prompts for _ in seeds]
-        repeated = noise.repeat(len(prompts), 1, 1, 1)
-        images = sample(bundle, unet, repeated, all_prompts, guidance, steps, device)
-        results[guidance] = images.view(len(prompts), len(seeds), *images.shape[1:])
-    unet.train(was_training)
+    try:
+        for guidance in guidance_scales:
+            all_prompts = [p for p in prompts for _ in seeds]
+            repeated = noise.repeat(len(prompts), 1, 1, 1)
+            images = sample(bundle, unet, repeated, all_prompts, guidance, steps, device, refuse_non_finite=refuse_non_finite)
+            results[guidance] = images.view(len(prompts), len(seeds), *images.shape[1:])
+    finally:  # a refused grid leaves a training UNet training
+        unet.train(was_training)
     return results, _grid(results, prompts, seeds, guidance_scales)
 
 
@@ -99,4 +128,3 @@ def _grid(results, prompts, seeds, guidance_scales, zoom: int = 3) -> Image.Imag
                 image = to_image(results[guidance][p_index, s_index]).resize((tile, tile), Image.Resampling.NEAREST)
                 grid.paste(image, (x + s_index * (tile + gap), y))
     return grid
-
