@@ -18,6 +18,7 @@ import torch
 
 if TYPE_CHECKING:
     from sdplug.presets import Preset, StrategySpec
+    from sdplug.strategies.base import NoiseStrategy
 
 TIMESTEP_BINS = 10
 
@@ -52,15 +53,38 @@ def _rate_check(count: int, n: int, expected: float) -> tuple[float | None, list
     return realised, [low, high], (low <= realised <= high if realised is not None else None)
 
 
+def _configured_rate(caption: dict[str, Any]) -> float | None:
+    """The dropout rate the configuration asks for over the captions drawn: the configured
+    probability itself when every caption had the same one (0.3, not 0.29999999999999993), else
+    the mean of the probabilities per caption. None when no caption was drawn (0.0 would read as
+    "dropout configured off")."""
+    samples = caption["samples"]
+    if not samples:
+        return None
+    counts = caption.get("drop_probabilities")
+    if not counts or sum(counts.values()) != samples:  # a checkpoint from before the counts
+        return caption["expected_drops"] / samples
+    if len(counts) == 1:
+        return float(next(iter(counts)))
+    return math.fsum(float(p) * n for p, n in counts.items()) / samples
+
+
 class Audit:
     """Counts and realised statistics of every strategy a run used."""
 
     def __init__(
-        self, strategies: dict[str, list[str]], num_train_timesteps: int, tag_dropout_rates: dict[int, float] | None = None
+        self,
+        strategies: dict[str, list[str]],
+        num_train_timesteps: int,
+        tag_dropout_rates: dict[int, float] | None = None,
+        noise_strategies: list[NoiseStrategy] | None = None,
     ):
         self.num_train_timesteps = num_train_timesteps
         # family -> list of "type" per entry (in order), as the preset names them
         self.strategies = strategies
+        # the noise strategies, asked once per latent size what they do there (Perlin's octaves)
+        self.noise_strategies = list(noise_strategies or [])
+        self._latent_sizes_seen: set[str] = set()
         # caption-list index of each tag dropout -> its configured per-tag rate
         self.tag_dropout_rates = dict(tag_dropout_rates or {})
         self.data: dict[str, Any] = {
@@ -81,6 +105,9 @@ class Audit:
                 "samples": 0,
                 "dropped": 0,
                 "expected_drops": 0.0,
+                # samples per configured drop probability (its repr, for JSON): the configured
+                # rate reported as configured, not as a float sum (0.1 added 3000 times is not 300)
+                "drop_probabilities": {},
                 "substituted_embeddings": 0,
                 # per tag dropout (caption-list index as a string, for JSON): tags it could
                 # drop, tags it dropped, calls whose keep_tokens head did not survive
@@ -95,7 +122,8 @@ class Audit:
     def for_preset(cls, preset: Preset, num_train_timesteps: int, *, optimizer: StrategySpec | None = None) -> Audit:
         """The audit of a run of ``preset``; ``optimizer``: the optimizer table in use (a fallback)."""
         rates = {i: s.create().rate for i, s in enumerate(preset.caption) if s.type == "tag_dropout"}
-        return cls(preset_strategies(preset, optimizer), num_train_timesteps, tag_dropout_rates=rates)
+        noise = [s.create() for s in preset.noise]
+        return cls(preset_strategies(preset, optimizer), num_train_timesteps, tag_dropout_rates=rates, noise_strategies=noise)
 
     # -- fed by the plan -------------------------------------------------------------------
     # Tensor statistics accumulate as tensors on the device of the tensors measured, and are
@@ -118,6 +146,8 @@ class Audit:
         noise = self.data["noise"]
         noise["calls"] = [c + 1 for c in noise["calls"]]
         noise["draws"] += 1
+        if target.dim() >= 2:
+            self._record_latent_size(int(target.shape[-2]), int(target.shape[-1]))
         detached = target.detach().float()
         self._add("noise.target_std_sum", detached.std())
         if detached.dim() == 4 and detached.shape[0] * detached.shape[1] > 1:
@@ -129,6 +159,17 @@ class Audit:
             noise["gaussian_channel_mean_variance"] = 1.0 / (detached.shape[-1] * detached.shape[-2])
         if model_input is not target:
             self._add("noise.input_minus_target_std_sum", (model_input.detach().float() - detached).std())
+
+    def _record_latent_size(self, height: int, width: int) -> None:
+        """Each noise strategy's facts for a latent size, once per size (shapes only: no sync)."""
+        size = f"{height}x{width}"
+        if size in self._latent_sizes_seen:
+            return
+        self._latent_sizes_seen.add(size)
+        for index, strategy in enumerate(self.noise_strategies):
+            facts = strategy.audit_facts(height, width)
+            if facts:
+                self.data["noise"].setdefault("per_latent_size", {}).setdefault(str(index), {})[size] = facts
 
     def record_timesteps(self, timesteps: torch.Tensor) -> None:
         self.data["timesteps"]["draws"] += timesteps.numel()
@@ -183,6 +224,8 @@ class Audit:
         record["samples"] += 1
         record["dropped"] += int(dropped)
         record["expected_drops"] += drop_probability
+        counts = record.setdefault("drop_probabilities", {})  # older checkpoints have none
+        counts[repr(float(drop_probability))] = counts.get(repr(float(drop_probability)), 0) + 1
         record["substituted_embeddings"] += int(substituted)
         for index, count in tag_counts:
             tags = record["tags"][str(index)]
@@ -212,6 +255,7 @@ class Audit:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.data = json.loads(json.dumps(state))
         self._sums = {}
+        self._latent_sizes_seen = set()  # asked again: the answer is the same
 
     def report(self) -> dict[str, Any]:
         """What audit.json holds: per family, counts and realised statistics."""
@@ -221,8 +265,13 @@ class Audit:
         noise = d["noise"]
         if self.strategies.get("noise"):
             draws = max(noise["draws"], 1)
+            sizes = noise.get("per_latent_size", {})
+            applied = [{"type": t, "calls": c} for t, c in zip(self.strategies["noise"], noise["calls"], strict=True)]
+            for index, entry in enumerate(applied):
+                if str(index) in sizes:
+                    entry["per_latent_size"] = sizes[str(index)]  # e.g. Perlin's octaves really used
             report["noise"] = {
-                "applied": [{"type": t, "calls": c} for t, c in zip(self.strategies["noise"], noise["calls"], strict=True)],
+                "applied": applied,
                 "target_std_mean": noise["target_std_sum"] / draws,
                 "channel_mean_variance_mean": (
                     noise["channel_mean_variance_sum"] / noise["channel_mean_variance_draws"]
@@ -254,8 +303,7 @@ class Audit:
         if self.strategies.get("caption"):
             c = d["caption"]
             samples = c["samples"]
-            # no captions drawn: no rates to report (0.0 would read as "dropout configured off")
-            expected_rate = c["expected_drops"] / samples if samples else None
+            expected_rate = _configured_rate(c)
             realised, interval, within = _rate_check(c["dropped"], samples, expected_rate or 0.0)
             report["caption"] = {
                 "applied": [{"type": t, "calls": n} for t, n in zip(self.strategies["caption"], c["calls"], strict=True)],
@@ -293,8 +341,10 @@ class Audit:
         path.write_text(json.dumps(report, indent=2) + "\n")
         return report
 
-    def summary(self) -> str:
-        """A small table for the end of a run (``sdplug.audit_table``)."""
+    def summary(self, report: dict[str, Any] | None = None) -> str:
+        """A short table for the end of a run (``sdplug.audit_table``) of ``report``: pass the
+        plan's report (``plan.report()``, what ``audit.json`` holds) for the optimizer, EMA,
+        schedule and problems rows; without it, of the audit's own part."""
         from sdplug.audit_table import summary_table
 
-        return summary_table(self.report())
+        return summary_table(report if report is not None else self.report())

@@ -12,6 +12,13 @@ post-step hook of the optimizer the plan built, so it follows real optimizer ste
 accumulation micro-steps) in every host. ``applied()`` swaps the averaged weights in -- for
 sampling and saving -- and back.
 
+With a schedule-free optimizer (``sdplug.optimizer_modes``) the parameters hold, between steps,
+the point its gradients are taken at (``y``), not the weights it says to evaluate (``x``, which
+eval mode puts in the parameters for sampling and saving). The average is of what is evaluated:
+each update switches the optimizer to eval mode, averages ``x``, and puts the training point back
+bit for bit (from a copy kept on the average's device), so keeping an EMA never changes what
+trains.
+
 Peers: diffusers' ``EMAModel`` (decay with an optional warm-up ``(1 + n) / (10 + n)``),
 OneTrainer's EMA (``ema_decay``, ``ema_update_step_interval``, CPU or GPU), SimpleTuner's
 (``ema_decay``, ``ema_update_interval``, ``ema_device``); kohya sd-scripts has none. sdplug
@@ -26,19 +33,22 @@ from typing import Any
 
 import torch
 
+from sdplug.optimizer_modes import eval_mode, has_modes, in_train_mode, train_mode
 from sdplug.preset_settings import EMASettings
 
 
 class EMA:
-    """Shadow copies of ``parameters`` and their update rule (``EMASettings``)."""
+    """Shadow copies of ``parameters`` and their update rule (``EMASettings``); ``optimizer``:
+    the optimizer whose steps it follows, read for its eval mode when it has one."""
 
-    def __init__(self, parameters: list[torch.nn.Parameter], settings: EMASettings):
+    def __init__(self, parameters: list[torch.nn.Parameter], settings: EMASettings, optimizer: Any = None):
         self.parameters = list(parameters)
         self.settings = settings
+        self.optimizer = optimizer if has_modes(optimizer) else None
         self.decay = float(settings.decay or 0.0)
-        device = "cpu" if settings.device == "cpu" else None
+        self._device = torch.device("cpu") if settings.device == "cpu" else None
         with torch.no_grad():
-            self.shadows = [p.detach().to(device=device or p.device, copy=True) for p in self.parameters]
+            self.shadows = [p.detach().to(device=self._device or p.device, copy=True) for p in self.parameters]
         self.optimizer_steps = 0
         self.updates = 0  # averaging updates (from start_step on)
 
@@ -46,10 +56,32 @@ class EMA:
         self.optimizer_steps += 1
         n, every = self.optimizer_steps, self.settings.update_every
         if n < self.settings.start_step:
-            self._copy_weights()  # before start_step the average is the weights themselves
+            with self._evaluated():
+                self._copy_weights()  # before start_step the average is the weights themselves
         elif n % every == 0:
-            self._average()
+            with self._evaluated():
+                self._average()
             self.updates += 1
+
+    @contextlib.contextmanager
+    def _evaluated(self) -> Iterator[None]:
+        """The weights the optimizer says to evaluate in the parameters inside the block (its eval
+        mode), the training point restored exactly after; nothing to do without modes."""
+        if self.optimizer is None or in_train_mode(self.optimizer) is False:
+            yield
+            return
+        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            # train() after eval() returns y only up to rounding: restore it from a copy instead
+            kept = [p.detach().to(device=self._device or p.device, copy=True) for p in trained]
+        eval_mode(self.optimizer)
+        try:
+            yield
+        finally:
+            train_mode(self.optimizer)
+            with torch.no_grad():
+                for p, saved in zip(trained, kept, strict=True):
+                    p.copy_(saved)
 
     @torch.no_grad()
     def _copy_weights(self) -> None:
@@ -92,6 +124,7 @@ class EMA:
         """The audit's ``ema`` section: what was averaged, how often, where."""
         return {
             "decay": self.decay,
+            "averages": "evaluation weights (schedule-free x)" if self.optimizer is not None else "the trained weights",
             "update_every": self.settings.update_every,
             "start_step": self.settings.start_step,
             "device": str(self.shadows[0].device) if self.shadows else None,

@@ -6,7 +6,10 @@ fine_tune) or parameter groups with their own lr (kohya's train_network: --unet_
 for every host:
 
 - the preset's ``[optimizer] lr``, when it names one, is every trained group's lr: a group's
-  own lr would silently win over the optimizer's;
+  own lr would silently win over the optimizer's. An optimizer that estimates its own step
+  size (Prodigy, D-Adaptation: ``adapts_step_size``) gives every trained group its lr, 1.0 by
+  default, even when the preset names none: the lrs a host puts on its groups are meant for
+  AdamW, and as multipliers of the estimate they would make every step ~10,000x too small;
 - a learned weighting's parameters train with the model, on the device its first trained
   parameter is on: as a group of their own (``"own"``), or inside the first trained group
   (``"first"``) for hosts that index their groups (sd-scripts main logs an lr per group).
@@ -14,12 +17,16 @@ for every host:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy
 import torch
 
 from sdplug.strategies.optimizer import state_bytes
+
+if TYPE_CHECKING:
+    from sdplug.presets import StrategySpec
+    from sdplug.strategies.base import OptimizerStrategy
 
 LearnedGroup = Literal["own", "first"]
 
@@ -39,6 +46,18 @@ def first_trained_device(params: list[Any]) -> torch.device | None:
         for tensor in _tensors(group):
             if isinstance(tensor, torch.Tensor):
                 return tensor.device
+    return None
+
+
+def preset_lr(spec: StrategySpec | None, strategy: OptimizerStrategy | None) -> float | None:
+    """The lr the preset gives every trained group, or None when the host's lr stands: the
+    ``[optimizer]`` table's ``lr`` when it names one; else, for a strategy that adapts its own
+    step size, its ``lr`` (its default). ``spec`` and ``strategy``: the table and strategy in use
+    (a fallback's, when the plan fell back)."""
+    if spec is not None and "lr" in spec.params:
+        return float(spec.params["lr"])
+    if strategy is not None and strategy.adapts_step_size:
+        return float(getattr(strategy, "lr"))  # noqa: B009 - declared by every such strategy, not by the base class
     return None
 
 

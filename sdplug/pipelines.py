@@ -8,7 +8,7 @@ from typing import Protocol, cast
 
 import torch
 
-from sdplug.errors import MissingDependencyError
+from sdplug.errors import MissingDependencyError, PresetError
 from sdplug.strategies.base import CaptionTransform, NoiseStrategy
 
 
@@ -47,6 +47,7 @@ class NoisePipeline:
     def __init__(self, strategies: list[NoiseStrategy], alphas_cumprod: torch.Tensor | None = None):
         self.strategies = list(strategies)
         self.alphas_cumprod = alphas_cumprod  # the plan's schedule, for time-dependent strategies
+        self._current = 0  # the strategy drawing now: a refusal names its table of the preset
         for strategy in self.strategies:  # their tables of the schedule, before any step (no sync inside one)
             prepare = getattr(strategy, "prepare", None)
             if strategy.uses_timesteps and prepare is not None and alphas_cumprod is not None:
@@ -65,8 +66,22 @@ class NoisePipeline:
         *,
         timesteps: torch.Tensor | None = None,
     ) -> NoiseDraw:
+        try:
+            return self._draw(latents, generator, host_rng, timesteps)
+        except PresetError as exc:
+            exc.strategy_index = self._current  # type: ignore[attr-defined]  # which table of the preset
+            raise
+
+    def _draw(
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator | None,
+        host_rng: random.Random | None,
+        timesteps: torch.Tensor | None,
+    ) -> NoiseDraw:
         noise = None
-        for strategy in self.strategies:
+        for index, strategy in enumerate(self.strategies):
+            self._current = index
             if strategy.role == "target" and strategy.uses_timesteps:
                 noise = strategy.transform(  # type: ignore[call-arg]
                     noise, latents, generator, timesteps=timesteps, alphas_cumprod=self.alphas_cumprod
@@ -78,7 +93,8 @@ class NoisePipeline:
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         model_input = noise
-        for strategy in self.strategies:  # presets list input-only strategies last
+        for index, strategy in enumerate(self.strategies):  # presets list input-only strategies last
+            self._current = index
             if strategy.role == "input":
                 model_input = strategy.transform(model_input, latents, generator)
         return NoiseDraw(target=noise, model_input=model_input)

@@ -31,9 +31,10 @@ def build_optimizer(
     if device is not None and plan.trainable_parameters():
         plan.to(device=device)  # a learned weighting's parameters AND buffers, in place
     spec, strategy = plan.optimizer_spec, plan.optimizer_strategy
-    if spec is not None and "lr" in spec.params:
-        params = optimizer_groups.with_lr(params, spec.params["lr"])
-    elif spec is not None and host_lr is not None and not _adapts_its_step(strategy):
+    lr = optimizer_groups.preset_lr(spec, strategy)
+    if lr is not None:
+        params = optimizer_groups.with_lr(params, lr)
+    elif spec is not None and host_lr is not None:
         strategy = registry("optimizer").create(spec.type, **{**spec.params, "lr": host_lr})
     # after the move: moving a parameter to "meta" makes a new Parameter
     params = optimizer_groups.join_learned(params, plan.trainable_parameters(), learned_group)
@@ -44,20 +45,12 @@ def build_optimizer(
     return default(params)
 
 
-def _adapts_its_step(strategy: Any) -> bool:
-    """Prodigy / D-Adaptation estimate the step size themselves: their lr is a multiplier near
-    1.0, and a host's learning rate (kohya's 1e-4) would all but stop training."""
-    from sdplug.strategies.optimizers_extra import _OneLearningRate
-
-    return isinstance(strategy, _OneLearningRate)
-
-
 def track_ema(plan: Plan, parameters: list[Any]) -> EMA | None:
     if plan.preset.ema.decay is None:
         return None
     if plan.built_optimizer is None:
         raise SdplugError("plan.ema: call plan.optimizer first; the average follows the steps of the optimizer it builds.")
-    ema = EMA(parameters, plan.preset.ema)
+    ema = EMA(parameters, plan.preset.ema, optimizer=plan.built_optimizer)  # schedule-free: averages its x
     plan.built_optimizer.register_step_post_hook(lambda optimizer, args, kwargs: ema.after_optimizer_step())
     return ema
 

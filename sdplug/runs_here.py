@@ -38,9 +38,11 @@ def choose_optimizer(preset: Preset) -> tuple[OptimizerStrategy | None, bool]:
             fallback.check_available()
         except MissingDependencyError as fallback_exc:
             raise _cannot_run(preset, fallback_exc, "optimizer.fallback") from fallback_exc
+        left = sorted(set(preset.optimizer.params) - set(preset.optimizer_fallback.params))
         warnings.warn(
             f"optimizer {preset.optimizer.type!r} cannot run here ({exc}); using the preset's "
-            f"fallback {preset.optimizer_fallback.type!r} as it names in optimizer.fallback.",
+            f"fallback {preset.optimizer_fallback.type!r} as it names in optimizer.fallback"
+            + (f" (without {', '.join(left)}, which only {preset.optimizer.type!r} takes)." if left else "."),
             stacklevel=3,
         )
         return fallback, True

@@ -146,8 +146,9 @@ def test_the_preset_lr_makes_a_host_with_group_lrs_work(name):
     needs(name)
     optimizer = plan_for({"type": name, "lr": 1.0}).optimizer(three_groups([1e-4, 5e-5, 0.0]))
     assert [g["lr"] for g in optimizer.param_groups] == [1.0, 1.0, 0.0]
-    with pytest.raises(SdplugError, match="different learning rates"):
-        plan_for({"type": name}).optimizer(three_groups([1e-4, 5e-5, 0.0]), host_lr=1e-4)
+    # no lr in the preset: the strategy's default multiplier, never the host's AdamW-sized lrs
+    optimizer = plan_for({"type": name}).optimizer(three_groups([1e-4, 5e-5, 0.0]), host_lr=1e-4)
+    assert [g["lr"] for g in optimizer.param_groups] == [1.0, 1.0, 0.0]
 
 
 def test_an_adamw_sized_lr_is_warned_about(caplog):

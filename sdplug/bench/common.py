@@ -103,6 +103,21 @@ class Report:
     figures: dict[str, Any]
     plots: list[str]  # file names inside the output folder
     setup: list[str]  # how it was measured
+    # the bench's own consistency checks (a hand-written twin that no longer matches): shown
+    # whatever the run's length, before the verdict
+    checks: list[str] = dataclasses.field(default_factory=list)
+
+
+NO_VERDICT = (
+    "**No verdict: a smoke run (`--quick`) is far too short to judge the claim; it checks that the bench runs. "
+    "Run it without `--quick` for a verdict.**"
+)
+
+
+def judgement(report: Report, options: Options) -> list[str]:
+    """What the report says of the claim: the checks, then the verdict, or, for a quick run,
+    that it gives none (its figures are too few to judge by)."""
+    return [*report.checks, *([NO_VERDICT] if options.quick else report.verdict)]
 
 
 def all_finite(value: Any) -> bool:
@@ -129,12 +144,7 @@ def write(report: Report, options: Options, seconds: float) -> tuple[Path, Path]
         "",
         report.headline,
         "",
-        *(
-            ["**Smoke run (`--quick`): far too short to judge the claim; it checks that the bench runs.**", ""]
-            if options.quick
-            else []
-        ),
-        *report.verdict,
+        *judgement(report, options),
         "",
         f"Seeds {options.seed_list} ({options.seeds}); every figure is mean ± standard deviation over seeds. "
         f"Mode: {mode}; {seconds:.0f} s on {options.threads} CPU thread(s).",
@@ -175,6 +185,6 @@ def main(run, options: Options) -> int:
     report_path, json_path = write(report, options, seconds)
     print(f"# {report.title}\n")
     print(report.headline)
-    print("\n" + "\n".join(report.verdict))
+    print("\n" + "\n".join(judgement(report, options)))
     print(f"\nwrote {report_path}, {json_path} and {', '.join(report.plots)} in {options.output} ({seconds:.0f} s)")
     return 0

@@ -184,14 +184,26 @@ def _curve_table(checkpoints, figures) -> str:
 
 
 def _plots(options, checkpoints, figures) -> None:
-    for key, file, ylabel, title in (
-        ("mmd_curves_smoothed", "min-snr-quality.png", "MMD^2 (smoothed)", "sample quality over training (lower is better)"),
-        ("accuracy_curves", "min-snr-accuracy.png", "class accuracy", "classifier accuracy of samples over training"),
+    for key, file, ylabel, title, bounds in (
+        (
+            "mmd_curves_smoothed",
+            "min-snr-quality.png",
+            "MMD^2 (smoothed)",
+            "sample quality over training (lower is better)",
+            None,
+        ),
+        ("accuracy_curves", "min-snr-accuracy.png", "class accuracy", "classifier accuracy of samples over training", (0.0, 1.0)),
     ):
         series = {}
         for name, entry in figures["weightings"].items():
             stats = [metrics.mean_spread([c[i] for c in entry[key]]) for i in range(len(checkpoints))]
             series[name] = ([m for m, _ in stats], [s for _, s in stats])
         plots.lines(
-            options.output / file, checkpoints, series, title=f"{title}; band: ± spread over seeds", xlabel="step", ylabel=ylabel
+            options.output / file,
+            checkpoints,
+            series,
+            title=f"{title}; band: ± spread over seeds",
+            xlabel="training step",
+            ylabel=ylabel,
+            bounds=bounds,
         )

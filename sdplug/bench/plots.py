@@ -4,6 +4,7 @@ of ``sdplug.trainer.plot``: lines with a mean ± spread band, bars with error wh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,20 +16,55 @@ BLACK, GREY = (0, 0, 0), (200, 200, 200)
 PALETTE = [(40, 90, 220), (220, 70, 40), (30, 160, 60), (160, 60, 200), (230, 160, 20), (20, 170, 180), (120, 120, 120)]
 
 
+Bounds = tuple[float, float]
+_STEPS = (1.0, 2.0, 2.5, 5.0, 10.0)  # tick steps: these times a power of ten
+
+
+def ticks(lo: float, hi: float, count: int = 6, bounds: Bounds | None = None) -> list[float]:
+    """Round tick values, about ``count`` of them and 1, 2, 2.5 or 5 times a power of ten
+    apart, from at or below ``lo`` to at or above ``hi``: the axis runs from the first to the
+    last. ``bounds`` clips the range to what the quantity can take (a share: 0 to 1)."""
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    if not hi - lo > 1e-12:  # one value (or none inside the bounds): a unit-wide axis around it
+        lo, hi = (lo - 0.5, lo + 0.5) if bounds is None else bounds
+    raw = (hi - lo) / max(count - 1, 1)
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in _STEPS if m * magnitude >= raw * (1 - 1e-9))
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    digits = _decimals(step)
+    values = [round(i * step, digits) + 0.0 for i in range(first, last + 1)]  # + 0.0: never "-0"
+    if bounds is not None:  # a bound off the step's grid: the axis still ends inside it
+        values = [v for v in values if bounds[0] - 1e-9 <= v <= bounds[1] + 1e-9] or values
+    return values
+
+
+def _decimals(step: float) -> int:
+    """Decimal places that write ``step`` exactly (0.25: 2; 5: 0)."""
+    return next(d for d in range(12) if abs(round(step, d) - step) <= 1e-9 * step)
+
+
+def tick_label(value: float, values: Sequence[float]) -> str:
+    """``value`` with as many decimals as the ticks' step needs, and no more."""
+    step = values[1] - values[0] if len(values) > 1 else 1.0
+    return f"{value:.{_decimals(step)}f}"
+
+
 def _frame(
-    title: str, xlabel: str, ylabel: str, lo: float, hi: float, width: int = WIDTH
+    title: str, xlabel: str, ylabel: str, y_ticks: list[float], width: int = WIDTH
 ) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     image = Image.new("RGB", (width, HEIGHT), (255, 255, 255))
     pen = ImageDraw.Draw(image)
     bottom, right = HEIGHT - BOTTOM, width - RIGHT
+    lo, hi = y_ticks[0], y_ticks[-1]
     pen.text((LEFT, 12), title, fill=BLACK)
     pen.line((LEFT, bottom, right, bottom), fill=BLACK)
     pen.line((LEFT, TOP, LEFT, bottom), fill=BLACK)
-    for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = bottom - fraction * (bottom - TOP)
+    for value in y_ticks:
+        y = bottom - (value - lo) / (hi - lo) * (bottom - TOP)
         pen.line((LEFT - 4, y, LEFT, y), fill=BLACK)
         pen.line((LEFT + 1, y, right, y), fill=(238, 238, 238))
-        tick = f"{lo + fraction * (hi - lo):.3g}"
+        tick = tick_label(value, y_ticks)
         pen.text((LEFT - 8 - 6 * len(tick), y - 6), tick, fill=BLACK)
     strip = Image.new("RGB", (7 * len(ylabel) + 4, 14), (255, 255, 255))
     ImageDraw.Draw(strip).text((2, 1), ylabel, fill=BLACK)
@@ -36,16 +72,6 @@ def _frame(
     image.paste(strip, (2, (TOP + bottom) // 2 - strip.height // 2))
     pen.text((right - 7 * len(xlabel), bottom + 26), xlabel, fill=BLACK)
     return image, pen
-
-
-def _limits(values: list[float], floor: float | None = None) -> tuple[float, float]:
-    lo, hi = min(values), max(values)
-    if floor is not None:
-        lo = min(lo, floor)
-    if hi - lo < 1e-12:
-        hi = lo + 1.0
-    pad = 0.05 * (hi - lo)
-    return lo - (0 if floor is not None and lo == floor else pad), hi + pad
 
 
 def _legend(pen: ImageDraw.ImageDraw, names: Sequence[str], width: int = WIDTH) -> None:
@@ -63,15 +89,20 @@ def lines(
     title: str,
     xlabel: str,
     ylabel: str,
+    bounds: Bounds | None = None,
 ) -> None:
-    """One line per series (its mean) with a shaded band of ± its spread."""
+    """One line per series (its mean) with a shaded band of ± its spread; ``bounds``: the
+    values the quantity can take (an accuracy: 0 to 1), which the axis and the band keep to."""
     values = [v for mean, spread in series.values() for m, s in zip(mean, spread, strict=True) for v in (m - s, m + s)]
-    lo, hi = _limits(values)
-    image, pen = _frame(title, xlabel, ylabel, lo, hi)
+    y_ticks = ticks(min(values), max(values), bounds=bounds)
+    lo, hi = y_ticks[0], y_ticks[-1]
+    image, pen = _frame(title, xlabel, ylabel, y_ticks)
     bottom, span = HEIGHT - BOTTOM, WIDTH - LEFT - RIGHT
-    x0, x1 = min(x), max(x) if max(x) > min(x) else min(x) + 1
+    x_ticks = ticks(min(x), max(x))
+    x0, x1 = x_ticks[0], x_ticks[-1]
 
     def point(xv: float, yv: float) -> tuple[float, float]:
+        yv = min(max(yv, lo), hi)  # a band past a bound (accuracy 0.98 ± 0.05) stops at the bound
         return LEFT + span * (xv - x0) / (x1 - x0), bottom - (bottom - TOP) * (yv - lo) / (hi - lo)
 
     overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
@@ -91,8 +122,11 @@ def lines(
             pen.line(points, fill=colour, width=2)
         for px, py in points:
             pen.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
-    for fraction in (0.0, 0.5, 1.0):
-        pen.text((LEFT + fraction * span - 8, bottom + 6), f"{x0 + fraction * (x1 - x0):.4g}", fill=BLACK)
+    for value in x_ticks:
+        px = LEFT + span * (value - x0) / (x1 - x0)
+        pen.line((px, bottom, px, bottom + 4), fill=BLACK)
+        label = tick_label(value, x_ticks)
+        pen.text((px - 3 * len(label), bottom + 6), label, fill=BLACK)
     _legend(pen, list(series))
     image.save(path, format="PNG")
 
@@ -121,9 +155,11 @@ def bars(
     values = [v for mean, spread in series.values() for m, s in zip(mean, spread, strict=True) for v in (m - s, m + s)]
     if reference is not None:
         values.append(reference)
-    lo, hi = _limits(values, floor=0.0 if min(values) >= 0 else None)
+    values.append(0.0)  # bars start at 0, so the axis shows it
+    y_ticks = ticks(min(values), max(values))
+    lo, hi = y_ticks[0], y_ticks[-1]
     width_px = max(WIDTH, LEFT + RIGHT + 80 * len(groups))  # room for each group's label
-    image, pen = _frame(title, "", ylabel, lo, hi, width_px)
+    image, pen = _frame(title, "", ylabel, y_ticks, width_px)
     bottom, span = HEIGHT - BOTTOM, width_px - LEFT - RIGHT
     slot = span / max(len(groups), 1)
     width = 0.8 * slot / max(len(series), 1)
@@ -136,9 +172,7 @@ def bars(
         for i, (mean, spread) in enumerate(series.values()):
             left = LEFT + g * slot + 0.1 * slot + i * width
             colour = PALETTE[i % len(PALETTE)]
-            pen.rectangle(
-                (left, min(y(mean[g]), y(max(lo, 0.0))), left + width - 2, max(y(mean[g]), y(max(lo, 0.0)))), fill=colour
-            )
+            pen.rectangle((left, min(y(mean[g]), y(0.0)), left + width - 2, max(y(mean[g]), y(0.0))), fill=colour)
             centre = left + width / 2 - 1
             pen.line((centre, y(mean[g] - spread[g]), centre, y(mean[g] + spread[g])), fill=BLACK, width=1)
     if reference is not None:

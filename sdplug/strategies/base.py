@@ -7,6 +7,7 @@ import a host, the trainer or the CLI, and never set attributes on a host's obje
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from typing import Any, ClassVar, Literal, Protocol, cast
 
 import torch
@@ -33,6 +34,11 @@ class NoiseStrategy:
     def transform(self, noise: torch.Tensor | None, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Return new noise shaped like ``latents``; ``noise`` is the noise so far (None: none yet)."""
         raise NotImplementedError
+
+    def audit_facts(self, height: int, width: int) -> dict[str, Any]:
+        """What the audit records of this strategy on a ``height`` x ``width`` latent, where that
+        decides what it does (Perlin's octaves); nothing for most strategies."""
+        return {}
 
     def __call__(self, latents: torch.Tensor, generator: torch.Generator | None = None, **schedule: Any) -> torch.Tensor:
         """This strategy alone: noise of ``latents``' shape, dtype and device (``timesteps=`` and
@@ -73,9 +79,29 @@ class LossWeighting:
     """
 
     learnable: ClassVar[bool] = False
+    # Parameters that act on the epsilon-prediction weight alone: an SNR floor bounds the division
+    # by SNR there, while the v and x0 weights of the same weighting are finite without one. Written
+    # in a preset for a v_prediction or sample model they would change nothing, so they are refused.
+    epsilon_only_parameters: ClassVar[tuple[str, ...]] = ()
 
     def weight_for(self, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def prediction_problem(self, prediction_type: str, given: Collection[str]) -> tuple[str, str] | None:
+        """``(parameter, sentence)`` when a parameter the preset wrote (``given``) does nothing for
+        a model of ``prediction_type``; None when every one acts."""
+        if prediction_type == "epsilon":
+            return None
+        for name in self.epsilon_only_parameters:
+            if name in given:
+                return (
+                    name,
+                    f"{name} has no effect with a {prediction_type} model: it bounds the SNR that the "
+                    f"epsilon-prediction weight of {type(self).__name__} divides by, and its {prediction_type} weight "
+                    f"is finite at every SNR (0 included) without it. Allowed: leave {name} out with a "
+                    f"{prediction_type} model; it applies to epsilon-prediction models only.",
+                )
+        return None
 
     def weights(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
         """One weight per sample."""
@@ -165,6 +191,16 @@ class OptimizerStrategy:
     # mode; hosts switch it with ``sdplug.optimizer_modes`` (eval around sampling, validation and
     # saving, train for steps). Those functions do nothing for other optimizers.
     schedule_free: ClassVar[bool] = False
+    # True: the optimizer estimates its own step size (Prodigy, D-Adaptation) and its ``lr`` only
+    # multiplies that estimate (about 1.0). A host's learning rate, meant for AdamW, would make
+    # every step ~10,000x too small, so ``plan.optimizer`` gives every trained group the
+    # strategy's own ``lr`` (its default when the preset names none), and a fallback never
+    # inherits it. Such a strategy has an ``lr`` field.
+    adapts_step_size: ClassVar[bool] = False
+    # Settings of how this implementation stores or runs its update, not of the update itself
+    # (bitsandbytes' min_8bit_size): a fallback without them is the same optimizer, so they do
+    # not carry to ``optimizer.fallback`` (its warning names them); every other setting must.
+    implementation_parameters: ClassVar[tuple[str, ...]] = ()
 
     def check_available(self) -> None:
         """Raise ``MissingDependencyError`` when this optimizer cannot be built here."""

@@ -7,11 +7,12 @@ Training" (2023).
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
 
+from sdplug.errors import PresetError
 from sdplug.params import strategy_params
 from sdplug.strategies._tensor import Normalize, fresh_gaussian, normalize_, work_dtype
 from sdplug.strategies.base import NoiseStrategy
@@ -80,6 +81,12 @@ class PerlinNoise(NoiseStrategy):
     lattice cells along the shorter side, each next one with twice as many and ``persistence``
     times the amplitude. The fractal field is scaled to unit std, added with weight
     ``strength``, and the sum is rescaled to unit std (batch or per sample).
+
+    An octave with as many cells as the latent has pixels along its shorter side puts every
+    pixel on a lattice point, where gradient noise is exactly 0: such octaves (and finer ones)
+    are left out, so 3 octaves from 4 cells use 2 on a 16x16 latent (4 and 8 cells) and 3 on
+    64x64; ``octave_cells`` says which, and the audit records them per latent size. A latent
+    too small for even the first octave is refused.
     """
 
     strength: Annotated[float, Field(gt=0.0, le=10.0)] = 0.5
@@ -88,13 +95,30 @@ class PerlinNoise(NoiseStrategy):
     persistence: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     normalize: Normalize = "batch"
 
+    def octave_cells(self, height: int, width: int) -> list[int]:
+        """The lattice cells of each octave used on a ``height`` x ``width`` latent: those with
+        fewer cells than pixels along the shorter side (the others would add exactly 0)."""
+        return [n for n in (self.cells * 2**octave for octave in range(self.octaves)) if n < min(height, width)]
+
+    def audit_facts(self, height: int, width: int) -> dict[str, Any]:
+        """What the audit records of this strategy for one latent size."""
+        cells = self.octave_cells(height, width)
+        return {"octaves_used": len(cells), "octave_cells": cells}
+
     def transform(self, noise, latents, generator):
+        height, width = latents.shape[-2:]
+        octaves = self.octave_cells(height, width)
+        if not octaves:
+            raise PresetError(
+                f"perlin noise: {self.cells} reaches the latent's {height}x{width} pixels along its shorter "
+                "side, so every pixel lands on a lattice point, where gradient noise is 0, and no octave adds "
+                f"anything. Allowed for this latent: cells below {min(height, width)}.",
+                key="cells",
+            )
         noise = fresh_gaussian(latents, generator) if noise is None else noise.to(work_dtype(latents))
         maps = latents.shape[0] * latents.shape[1]
-        height, width = latents.shape[-2:]
         field = torch.zeros(maps, height, width, device=latents.device, dtype=noise.dtype)
-        for octave in range(self.octaves):
-            cells = min(self.cells * 2**octave, min(height, width))
+        for octave, cells in enumerate(octaves):
             field += self.persistence**octave * perlin_field(maps, height, width, cells, generator, latents.device, noise.dtype)
         field /= field.std().clamp_min(torch.finfo(field.dtype).tiny)
         return normalize_(noise + self.strength * field.view_as(noise), self.normalize).to(latents.dtype)

@@ -5,7 +5,10 @@ since ``|eps - eps_hat|^2 = SNR |x0 - x0_hat|^2`` and ``|v - v_hat|^2 = (SNR + 1
 the weight of a model's own loss is ``w_x0 / SNR`` (epsilon), ``w_x0 / (SNR + 1)`` (v) or
 ``w_x0`` (sample). The formulas below are written per prediction type in a form that stays
 finite at SNR = 0 (zero-terminal schedules), where ``w_x0 / SNR`` has no value: the limit is
-used where it exists and ``snr_floor`` bounds the ones that diverge.
+used where it exists and ``snr_floor`` bounds the ones that diverge. Those are epsilon weights
+only: the v and x0 weights of ``max_snr``, ``debiased`` and ``v_pred_like_loss`` are finite at
+SNR 0 without a floor, so a preset that writes ``snr_floor`` for a v_prediction or sample model
+is refused (``Preset.build``) rather than left to change nothing.
 """
 
 from __future__ import annotations
@@ -70,10 +73,12 @@ class MaxSNRWeighting(LossWeighting):
     """Max-SNR-gamma, ``w_x0 = max(SNR, gamma)`` (the truncated-SNR family; Salimans & Ho, 2022, use gamma 1).
 
     For epsilon models the weight ``max(SNR, gamma) / SNR`` grows without bound as SNR -> 0, so
-    the SNR divided by is at least ``snr_floor``.
+    the SNR divided by is at least ``snr_floor``. The v weight ``max(SNR, gamma) / (SNR + 1)``
+    (``gamma`` at SNR 0) and the x0 weight need no floor: ``snr_floor`` is refused with them.
     """
 
     gamma: _Gamma = 1.0
+    epsilon_only_parameters = ("snr_floor",)
     snr_floor: _Floor = 1e-3
 
     def weight_for(self, snr, prediction_type):
@@ -102,9 +107,17 @@ class DebiasedWeighting(LossWeighting):
 
     The same x0-space weight for every model: v ``sqrt(SNR) / (SNR + 1)``, x0 ``sqrt(SNR)``
     (kohya's v form, ``1 / (SNR + 1)``, is a different weighting). The epsilon weight diverges
-    as SNR -> 0, so the SNR divided by is at least ``snr_floor``.
+    as SNR -> 0, so the SNR divided by is at least ``snr_floor``; the v and x0 weights are 0 at
+    SNR 0 and need no floor (``snr_floor`` is refused with them).
+
+    Against kohya's ``apply_debiased_estimation`` (epsilon): kohya caps SNR at 1000 first,
+    ``1 / sqrt(min(SNR, 1000))``; sdplug applies the formula uncapped. On Stable Diffusion's
+    schedule only t = 0 has SNR above 1000 (about 1175): there sdplug's weight is
+    ``1 / sqrt(1175) = 0.0292``, kohya's ``1 / sqrt(1000) = 0.0316`` (8% more); at every other
+    timestep the two agree.
     """
 
+    epsilon_only_parameters = ("snr_floor",)
     snr_floor: _Floor = 1e-3
 
     def weight_for(self, snr, prediction_type):
@@ -173,12 +186,14 @@ class VPredLikeLossWeighting(LossWeighting):
     (SNR + 1)`` below the cap). Model weights: epsilon ``1 + strength (S + 1) / S`` (kohya's
     exactly; ``S`` at least ``snr_floor`` there, where kohya's divides by zero at a zero-terminal
     step), v ``w_x0 / (SNR + 1)`` (``SNR / (SNR + 1) + strength`` below the cap: kohya's result
-    for a v model with ``--scale_v_pred_loss_like_noise_pred`` too), x0 ``w_x0``. kohya applies
-    the epsilon formula to whatever the model predicts. OneTrainer, SimpleTuner, EveryDream2 and
+    for a v model with ``--scale_v_pred_loss_like_noise_pred`` too), x0 ``w_x0``; both finite at
+    SNR 0, so ``snr_floor`` is refused with them. kohya applies the epsilon formula to whatever
+    the model predicts. OneTrainer, SimpleTuner, EveryDream2 and
     diffusers have no such option.
     """
 
     strength: Annotated[float, Field(gt=0.0, le=10.0)] = 0.1
+    epsilon_only_parameters = ("snr_floor",)
     snr_floor: _Floor = 1e-3
 
     def weight_for(self, snr, prediction_type):

@@ -43,6 +43,7 @@ _Min8bitSize = Annotated[int, Field(ge=1, le=2**31)]
 
 class _Bitsandbytes8bit(OptimizerStrategy):
     requires = ("bitsandbytes",)
+    implementation_parameters = ("min_8bit_size",)
     bnb_class = ""
     if TYPE_CHECKING:  # the parameters every subclass declares as fields
         lr: float

@@ -64,6 +64,8 @@ class TorchaoAdamW8bit(_PackageOptimizer):
     distribution = "torchao"
     extra = "torchao"
     class_name = "AdamW8bit"
+    implementation_parameters = ("block_size", "compile_step")
+
     lr: _LearningRate = 1e-3
     betas: _Betas = Field(default_factory=lambda: list(_ADAM_BETAS))
     eps: _Eps = 1e-8

@@ -5,11 +5,12 @@ its optimizer is chosen; a missing one is a ``MissingDependencyError`` with that
 by ``check_available`` so a plan refuses the preset before anything loads. Their conventions are
 kept here, not left to the user:
 
-- Prodigy and D-Adaptation estimate the step size themselves; ``lr`` multiplies that estimate,
-  so it is about 1.0 (the default). They estimate one step size from all parameter groups
-  together, so every trained group must have the same lr (groups at lr 0, frozen, are fine):
-  ``build`` refuses groups with different lrs, which the packages would refuse only at the
-  first step.
+- Prodigy and D-Adaptation estimate the step size themselves (``adapts_step_size``); ``lr``
+  multiplies that estimate, so it is about 1.0 (the default). ``plan.optimizer`` gives every
+  trained group that lr whatever lrs a host's groups carry (groups at lr 0 stay frozen). They
+  estimate one step size from all parameter groups together, so every trained group must have
+  the same lr: ``build`` alone refuses groups with different lrs, which the packages would
+  refuse only at the first step.
 - Schedule-free AdamW needs no lr schedule (keep the host's schedule constant; it warms up by
   ``warmup_steps``) and has train and eval modes: ``build`` returns it in train mode, and hosts
   switch it to eval around sampling, validation and saving (``sdplug.optimizer_modes``).
@@ -18,6 +19,7 @@ kept here, not left to the user:
 from __future__ import annotations
 
 import importlib.metadata
+import math
 from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -88,6 +90,7 @@ class _PackageOptimizer(OptimizerStrategy):
 class _OneLearningRate(_PackageOptimizer):
     """Optimizers that estimate one step size for all groups together (D-Adaptation's family)."""
 
+    adapts_step_size = True
     if TYPE_CHECKING:  # a field of every subclass
         lr: float
 
@@ -223,10 +226,17 @@ class AdamWScheduleFree(_PackageOptimizer):
 class CAME(_PackageOptimizer):
     """CAME, came-pytorch (Luo et al., "CAME: Confidence-guided Adaptive Memory Efficient Optimization", 2023).
 
-    Adafactor's factored second moments plus a confidence term, with a first moment: about 4
-    bytes of state per parameter of a matrix (AdamW: 8). Three betas (first moment, second
-    moment, confidence) and two eps (second moment, confidence), the package's defaults; lr 2e-4
-    as its README uses.
+    Adafactor's factored second moments plus a confidence term, with a first moment. Three betas
+    (first moment, second moment, confidence) and two eps (second moment, confidence), the
+    package's defaults; lr 2e-4 as its README uses.
+
+    State (float32; ``state_bytes_per_parameter``): a full first moment (4 bytes per parameter)
+    plus, for a tensor of 2 or more dimensions, row and column factors of the second moment and
+    of the confidence over its last two dimensions: ``4 + 8 (1/R + 1/C)`` bytes per parameter of
+    an R x C matrix. That is about 4 (AdamW: 8) only when both sides are large: 4.05 for 320 x 320.
+    A rank-r LoRA matrix pays ``8 / r`` on its rank side, so rank-4 LoRAs measured 6.1 to 7.2 bytes
+    per parameter (AdamW 8, 8-bit AdamW about 2); 1-D tensors keep a full second moment (8), and a
+    convolution kernel is factored over its kernel window (a 1 x 1 LoRA kernel: 20).
     """
 
     package = "came_pytorch"
@@ -240,6 +250,16 @@ class CAME(_PackageOptimizer):
         default_factory=lambda: list(_CAME_EPS)
     )
     clip_threshold: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+
+    @staticmethod
+    def state_bytes_per_parameter(shape: tuple[int, ...]) -> float:
+        """Bytes of state CAME keeps per parameter of a float32 tensor of ``shape``."""
+        count = math.prod(shape)
+        rms = 4.0 / count  # the tensor's RMS, one float
+        if len(shape) < 2:
+            return 8.0 + rms  # first and second moment, both full
+        rows, columns = math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
+        return 4.0 + 8.0 * (rows + columns) / count + rms  # full first moment; two (row, column) factor pairs
 
     def build(self, params):
         return self._optimizer_class()(
@@ -287,12 +307,13 @@ class AdEMAMix8bit(_Bitsandbytes8bit):
 
 
 def lr_is_a_multiplier(name: str) -> bool:
-    """Whether the optimizer registered as ``name`` estimates its own step size (Prodigy,
-    D-Adaptation), so its lr near 1.0 only scales that estimate: a fallback never inherits it."""
+    """Whether the optimizer registered as ``name`` estimates its own step size
+    (``OptimizerStrategy.adapts_step_size``), so its lr near 1.0 only scales that estimate: a
+    fallback never inherits it."""
     from sdplug.errors import UnknownStrategyError
     from sdplug.strategies import registry
 
     try:
-        return issubclass(registry("optimizer").get(name).cls, _OneLearningRate)
+        return bool(getattr(registry("optimizer").get(name).cls, "adapts_step_size", False))
     except UnknownStrategyError:  # the preset reports an unknown name, with what is allowed
         return False

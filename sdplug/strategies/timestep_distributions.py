@@ -111,7 +111,7 @@ class ModeTimesteps(_UnitTimesteps):
     ``scale`` in ``[-1, 2 / (pi - 2)]`` (the range where the map stays monotone): 0 is uniform,
     positive values favour the middle timesteps, negative ones the ends. diffusers' SD3/Flux
     scripts call it ``weighting_scheme = "mode"`` with ``mode_scale`` default 1.29, used here;
-    OneTrainer calls it HEAVY_TAIL with ``scale = noising_weight`` (default 0, i.e. uniform).
+    OneTrainer calls it HEAVY_TAIL (``heavy_tail``, whose default follows OneTrainer's).
     """
 
     scale: Annotated[float, Field(ge=-1.0, le=MODE_SCALE_MAX)] = 1.29
@@ -124,7 +124,15 @@ class ModeTimesteps(_UnitTimesteps):
 
 @strategy_params
 class HeavyTailTimesteps(ModeTimesteps):
-    """OneTrainer's HEAVY_TAIL timesteps: the same law as ``mode`` (SD3's mode sampling), under OneTrainer's name.
+    """OneTrainer's HEAVY_TAIL timesteps: the law of ``mode`` (SD3's mode sampling), under OneTrainer's name and default.
 
-    ``scale`` is OneTrainer's ``noising_weight``; everything else as ``mode``.
+    ``scale`` is OneTrainer's ``noising_weight``, default 0 as there: uniform timesteps until a
+    scale is set (``mode`` defaults to diffusers' 1.29 instead). How it differs from OneTrainer:
+    ``scale`` must lie in ``[-1, 2 / (pi - 2)]``, where the map stays monotone and inside [0, 1]
+    (OneTrainer takes any ``noising_weight`` and does not clamp); ``u`` is drawn in float64
+    (OneTrainer: float32), so one seed gives other draws; the range is the whole schedule
+    (OneTrainer scales it into ``min/max_noising_strength``). ``shift`` and the discretisation
+    (``floor(u T)``) are OneTrainer's.
     """
+
+    scale: Annotated[float, Field(ge=-1.0, le=MODE_SCALE_MAX)] = 0.0
