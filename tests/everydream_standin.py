@@ -397,6 +397,8 @@ def main(args):
                                                                        return_loss=True,
                                                                        loss_scale=batch["loss_scale"],
                                                                        embedding_perturbation=args.embedding_perturbation)
+            if global_step == args.standin_nan_loss_at_step:
+                loss = loss * float("nan")  # stand-in only: an overflow in a step
             record["losses"].append(float(loss.detach()))
             ed_optimizer.step(loss, step, global_step)
             if args.standin_validate:
@@ -451,6 +453,7 @@ if __name__ == "__main__":
     argparser.add_argument("--standin_max_steps", type=int, default=3)
     argparser.add_argument("--standin_validate", action="store_true", default=False)
     argparser.add_argument("--standin_crash_at_step", type=int, default=None)
+    argparser.add_argument("--standin_nan_loss_at_step", type=int, default=None)
 
     args = argparser.parse_args(args=argv, namespace=args)
 

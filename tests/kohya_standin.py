@@ -11,7 +11,9 @@ cached by each version's route (main: caching strategies; v0.8.7:
 ``cache_batch_text_encoder_outputs``). A tiny model trains a few steps on CPU in a second, and
 the scripts record what they saw (captions, noise, optimizer, rows equal to the empty
 caption's encoding) in ``output_dir/standin-record.json`` so tests can check the hooks from
-the host's side too.
+the host's side too. With ``--network_module networks.lora`` the network scripts build a network
+from that module and save it as sd-scripts does (``save_weights(file, dtype, metadata)``: the
+``ss_*`` training arguments, the model spec merged on top), as JSON in ``output_dir/last.safetensors``.
 """
 
 from __future__ import annotations
@@ -191,7 +193,13 @@ def add_training_arguments(parser):
     parser.add_argument("--token_warmup_step", type=float, default=0)
     parser.add_argument("--dataset_config", default=None)
     parser.add_argument("--config_file", default=None)
+    parser.add_argument("--huber_c", type=float, default=0.1)
+    parser.add_argument("--huber_schedule", default="snr")
+    parser.add_argument("--pretrained_model_name_or_path", default=None)  # the stand-in trains its own tiny model
+    parser.add_argument("--network_module", default=None)
+    parser.add_argument("--no_metadata", action="store_true")
     parser.add_argument("--crash_at_step", type=int, default=None)  # stand-in only: a host failure
+    parser.add_argument("--nan_loss_at_step", type=int, default=None)  # stand-in only: an overflow in a step
 
 
 def verify_command_line_training_args(args):
@@ -500,6 +508,45 @@ def record(args, captions, noises, optimizer, unet, empty_rows, timesteps):
         json.dump(data, f)
 
 
+def build_network(args):
+    # like sd-scripts' network scripts: the network comes from --network_module's create_network
+    if not args.network_module:
+        return None
+    import importlib
+
+    return importlib.import_module(args.network_module).create_network(1.0, 4, 1, None, None, None)
+
+
+def save_network(args, network, optimizer_name, optimizer_args):
+    # like sd-scripts' train_network.py: the training arguments as ss_* metadata (all strings),
+    # only the minimum with --no_metadata, the model spec merged on top, then network.save_weights
+    metadata = {
+        "ss_learning_rate": args.learning_rate,
+        "ss_noise_offset": args.noise_offset,
+        "ss_multires_noise_iterations": args.multires_noise_iterations,
+        "ss_multires_noise_discount": args.multires_noise_discount,
+        "ss_ip_noise_gamma": args.ip_noise_gamma,
+        "ss_min_snr_gamma": args.min_snr_gamma,
+        "ss_debiased_estimation": bool(args.debiased_estimation_loss),
+        "ss_loss_type": args.loss_type,
+        "ss_huber_schedule": args.huber_schedule,
+        "ss_huber_c": args.huber_c,
+        "ss_caption_dropout_rate": args.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": args.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": args.caption_tag_dropout_rate,
+        "ss_shuffle_caption": bool(args.shuffle_caption),
+        "ss_keep_tokens": args.keep_tokens,
+        "ss_optimizer": optimizer_name + (f"({optimizer_args})" if len(optimizer_args) > 0 else ""),
+        "ss_network_module": args.network_module,
+    }
+    if hasattr(args, "huber_scale"):  # main only
+        metadata["ss_huber_scale"] = args.huber_scale
+    metadata = {k: str(v) for k, v in metadata.items()}
+    to_save = {"ss_network_module": metadata["ss_network_module"]} if args.no_metadata else metadata
+    to_save.update(train_util.get_sai_model_spec(None, args, False, True, False))
+    network.save_weights(os.path.join(args.output_dir, "last.safetensors"), None, to_save)
+
+
 def fetch_ahead(dataset, steps):
     # like accelerate's DataLoaderShard: the next batch is fetched before the current one trains
     def fetch(step):
@@ -572,6 +619,7 @@ class NetworkTrainer:
 
     def train(self, args):
         unet, scheduler, text_encoders = setup(args)
+        network = build_network(args)
         tokenize_strategy = train_util.TokenizeStrategy()
         train_util.TokenizeStrategy.set_strategy(tokenize_strategy)
         text_encoding_strategy = train_util.TextEncodingStrategy()
@@ -595,12 +643,16 @@ class NetworkTrainer:
             noises.append(noise)
             drawn.append(timesteps)
             empty_rows += count_empty_rows(context, text_encoders[0])
+            if step == args.nan_loss_at_step:
+                loss = loss * float("nan")
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             if args.validate_every_n_steps and (step + 1) % args.validate_every_n_steps == 0:
                 self.validate(args, validation, text_encoders, unet, scheduler, text_encoding_strategy, tokenize_strategy)
         record(args, captions, noises, optimizer, unet, empty_rows, drawn)
+        if network is not None:
+            save_network(args, network, optimizer_name, optimizer_args)
 
     def validate(self, args, validation, text_encoders, unet, scheduler, text_encoding_strategy, tokenize_strategy):
         # like sd-scripts main: the validation split, each batch at fixed timesteps pinned through
@@ -620,7 +672,8 @@ class NetworkTrainer:
 TRAIN_NETWORK_MAIN = TRAIN_NETWORK_MAIN.replace(
     "    custom_train_functions.add_custom_train_arguments(parser)\n",
     "    custom_train_functions.add_custom_train_arguments(parser)\n"
-    '    parser.add_argument("--validate_every_n_steps", type=int, default=None)\n',
+    '    parser.add_argument("--validate_every_n_steps", type=int, default=None)\n'
+    '    parser.add_argument("--huber_scale", type=float, default=1.0)\n',
 )
 
 SDXL_MAIN_BLOCK = (
@@ -689,12 +742,14 @@ class NetworkTrainer:
 
     def train(self, args):
         unet, scheduler, text_encoders = setup(args)
+        network = build_network(args)
         dataset = train_util.BaseDataset(args)
         self.cache_text_encoder_outputs_if_needed(args, [train_util.tokenize] * 2, text_encoders, dataset)
         trainable_params = list(unet.parameters())
         optimizer_name, optimizer_args, optimizer = train_util.get_optimizer(args, trainable_params)
 """
     + textwrap.indent(INLINE_LOOP, "    ")
+    + "        if network is not None:\n            save_network(args, network, optimizer_name, optimizer_args)\n"
     + MAIN_BLOCK
     + "    trainer = NetworkTrainer()\n    trainer.train(args)\n"
 )
@@ -733,10 +788,39 @@ def train(args):
 )
 
 
+NETWORKS_LORA = """
+import json
+
+import torch
+
+
+class LoRANetwork(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.lora_up = torch.nn.Parameter(torch.zeros(dim))
+
+    def save_weights(self, file, dtype, metadata):
+        # JSON in place of safetensors: the metadata sd-scripts passes, as the file would carry it
+        with open(file, "w") as f:
+            json.dump({"metadata": metadata, "weights": self.lora_up.tolist()}, f)
+
+
+def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, **kwargs):
+    return LoRANetwork(network_dim)
+
+
+def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, **kwargs):
+    return LoRANetwork(4), None
+"""
+
+
 def make_standin(root: Path, version: str) -> Path:
     """Write a stand-in sd-scripts tree of ``version`` ("main" or "v0.8.7") under ``root``."""
     (root / "library").mkdir(parents=True, exist_ok=True)
     (root / "library" / "__init__.py").write_text("")
+    (root / "networks").mkdir(exist_ok=True)
+    (root / "networks" / "__init__.py").write_text("")
+    (root / "networks" / "lora.py").write_text(NETWORKS_LORA)
     version_part = NOISE_MAIN + DATASET_MAIN if version == "main" else NOISE_V087 + DATASET_V087
     (root / "library" / "train_util.py").write_text(textwrap.dedent(TRAIN_UTIL_COMMON) + version_part)
     (root / "library" / "custom_train_functions.py").write_text(CUSTOM_TRAIN_FUNCTIONS)

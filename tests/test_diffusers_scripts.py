@@ -120,3 +120,39 @@ def test_real_text_to_image_lora(tmp_path):
     audit = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert audit["steps"] == 2 and audit["problems"] == [] and audit["optimizer"]["class"].endswith("AdamW8bit")
     assert audit["caption"]["samples"] > 0 and audit["host"]["script_flags"]["snr_gamma"]["state"].startswith("off")
+
+
+NAN_IN_SECOND_BACKWARD = """
+import torch
+
+_backward, _calls = torch.Tensor.backward, [0]
+
+
+def _overflowing(self, *args, **kwargs):  # the second step's backward overflows, as a diverging run's does
+    _calls[0] += 1
+    return _backward(self * float("nan") if _calls[0] == 2 else self, *args, **kwargs)
+
+
+torch.Tensor.backward = _overflowing
+"""
+
+
+def test_a_run_gone_non_finite_is_in_the_audit_and_fails(tmp_path, monkeypatch):
+    """The second step's gradients turn NaN: the plan watches the weights the optimizer it
+    built steps, and the audit says the run went non-finite at step 2."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(NAN_IN_SECOND_BACKWARD)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'inject'}{os.pathsep}{ROOT}")
+    preset = '[optimizer]\ntype = "adamw"\nlr = 1e-3\n'
+    script = make_standin(tmp_path / "tree")
+    (tmp_path / "p.toml").write_text(preset)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sdplug", "diffusers", "--preset", str(tmp_path / "p.toml"), "--", str(script)]
+    result = subprocess.run(
+        [*command, "--output_dir", str(out), "--seed", "0", "--max_train_steps", "3"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode != 0, result.stderr[-3000:]
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["completed"] is False and audit["divergence"]["first_step"] == 2
+    assert any("non-finite at step 2" in p for p in audit["problems"])

@@ -67,3 +67,18 @@ def install(host: Any, optimizer_class: type) -> None:
 
     host.session.replace(optimizer_class, "create_optimizers", create_optimizers)
     host.session.replace(optimizer_class, "get_textenc_lr", get_textenc_lr)
+
+
+def watch_own(host: Any, optimizer_class: Any) -> None:
+    """No ``[optimizer]``: EveryDream2's own optimizers train; the plan watches the weights they
+    step for non-finite values. EveryDream2 steps the text encoder's optimizer first, then the
+    UNet's: the first one it steps counts the steps, so both mark a step with its own number."""
+    original = optimizer_class.create_optimizers
+
+    def create_optimizers(wrapper, args, text_encoder_params, unet_params):
+        optimizer_te, optimizer_unet = original(wrapper, args, text_encoder_params, unet_params)
+        for index, optimizer in enumerate(o for o in (optimizer_te, optimizer_unet) if o is not None):
+            host.plan.watch_optimizer(optimizer, counts_steps=index == 0)
+        return optimizer_te, optimizer_unet
+
+    host.session.replace(optimizer_class, "create_optimizers", create_optimizers)

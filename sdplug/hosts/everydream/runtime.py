@@ -18,7 +18,8 @@ else of EveryDream2 runs:
 
 Every change goes through one ``Session`` (``undo()`` restores all). ``audit.json`` is written
 into EveryDream2's log folder at the end of training and again at exit (a refusal or a crash
-too); a run with problems exits non-zero after EveryDream2 saved what it trained.
+too); a run with problems exits non-zero after EveryDream2 saved what it trained. A refusal,
+or any sdplug error that stops the run, is shown as its message, without a traceback.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from sdplug.audit import preset_strategies
 from sdplug.errors import SdplugError
 from sdplug.hosts.everydream.flags import KEYS
 from sdplug.hosts.everydream.optimizer_hook import install as install_optimizer
+from sdplug.hosts.everydream.optimizer_hook import watch_own as watch_own_optimizers
 from sdplug.hosts.everydream.patching import is_patched
 from sdplug.hosts.everydream.reconcile import reconcile
 from sdplug.hosts.everydream.step_hooks import StepHooks
@@ -100,8 +102,11 @@ class EverydreamHost:
                 return hooks.add_noise(original, original_samples, noise, timesteps)
 
             self.session.replace(self.scheduler, "add_noise", add_noise)
+        optimizer_class = sys.modules["optimizer.optimizers"].EveryDreamOptimizer
         if preset.optimizer is not None:
-            install_optimizer(self, sys.modules["optimizer.optimizers"].EveryDreamOptimizer)
+            install_optimizer(self, optimizer_class)
+        else:
+            watch_own_optimizers(self, optimizer_class)
         if preset.attention is not None:
             self.plan.attention(self.unet)
         for rule in self.rules:
@@ -148,7 +153,7 @@ class EverydreamHost:
     def write_audit(self) -> Path:
         assert self.plan is not None
         path = self.plan.write_audit(self.log_folder, host=self.host_record())
-        logger.info(f"audit ({path}):\n{self.plan.audit.summary()}")
+        logger.info(f"audit ({path}):\n{self.plan.summary()}")
         return path
 
     def at_exit(self) -> None:
@@ -163,13 +168,17 @@ class EverydreamHost:
             os._exit(1)
 
     def watch(self) -> None:
-        """Record an exception that stops EveryDream2 (the audit says so); write the audit at exit."""
+        """Record an exception that stops EveryDream2 (the audit says so; an sdplug error is shown as
+        its message, not a traceback); write the audit at exit."""
         previous = sys.excepthook
 
         def excepthook(kind, value, traceback):
             if self.plan is not None:
                 self.plan.record_failure(value)
-            previous(kind, value, traceback)
+            if isinstance(value, SdplugError):  # its message names what to change: no traceback
+                logger.error(f"error: {value}")
+            else:
+                previous(kind, value, traceback)
 
         self.session.set_excepthook(excepthook)
         self.session.at_exit(self.at_exit)
@@ -184,6 +193,31 @@ def refusal(message: str, preset: Preset | None, version: str | None) -> dict[st
         "host": {"name": HOST_NAME, "version": version, "rules": []},
         "problems": [f"refused before training: {message}"],
     }
+
+
+class _ReportedErrorsQuiet:
+    """``sys.excepthook`` while a reported refusal propagates: nothing more for it, the previous
+    hook for anything else."""
+
+    def __init__(self, previous: Any) -> None:
+        self.previous = previous
+
+    def __call__(self, kind: Any, value: BaseException, traceback: Any) -> None:
+        if not getattr(value, REPORTED, False):
+            self.previous(kind, value, traceback)
+
+
+REPORTED = "sdplug_reported"  # set on an error whose message was logged already
+
+
+def leave_out_traceback(error: SdplugError) -> None:
+    """A refusal propagates out of EveryDream2's ``main()`` (its caller may catch it: a test, an
+    embedding); uncaught, Python would print its traceback through EveryDream2's and the
+    plugin's code after the message, which already names the file, the key and what is allowed.
+    The hook that stops that outlives the undone session: it acts when the process ends."""
+    setattr(error, REPORTED, True)
+    if not isinstance(sys.excepthook, _ReportedErrorsQuiet):
+        sys.excepthook = _ReportedErrorsQuiet(sys.excepthook)
 
 
 def main_locals(frame: FrameType | None) -> dict[str, Any] | None:
@@ -234,6 +268,7 @@ def start(frame: FrameType | None, *, exit_on_problems: bool = True) -> Everydre
 
             write(refusal(str(exc), preset, version.name if version else None), folder, 0)
         logger.error(f"error: {exc}")
+        leave_out_traceback(exc)
         raise
     host.exit_on_problems = exit_on_problems
     host.watch()

@@ -2,22 +2,20 @@
 network's weights, and every network file kohya saves gets its EMA twin beside it.
 
 The plan's average follows the optimizer kohya steps (``plan.ema``, a post-step hook of the
-optimizer the adapter built). Saving: the network scripts build their network with
-``args.network_module``'s ``create_network`` / ``create_network_from_weights`` and save it with
-``network.save_weights(file, dtype, metadata)``; the adapter wraps both constructors so each
-network's ``save_weights`` also writes ``<file>-ema.<ext>`` with the averaged weights swapped in
-(metadata ``sdplug_ema``: decay, steps, updates). train_db and fine_tune save whole models
-through their own code and have no network module: ``[ema]`` is refused there.
+optimizer the adapter built). Saving: each network's ``save_weights(file, dtype, metadata)``
+(reached through ``network_saves``) also writes ``<file>-ema.<ext>`` with the averaged weights
+swapped in (metadata ``sdplug_ema``: decay, steps, updates). train_db and fine_tune save whole
+models through their own code and have no network module: ``[ema]`` is refused there.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
 
 from sdplug.errors import PresetError
+from sdplug.hosts.kohya.network_saves import Save, wrap_saves
 from sdplug.log import logger
 
 
@@ -40,26 +38,10 @@ def install(adapter: Any, args: Any) -> None:
             path=preset.path,
             key="ema.decay",
         )
-    module = importlib.import_module(module_name)
-    for name in ("create_network", "create_network_from_weights"):
-        if hasattr(module, name):
-            adapter._replace(module, name, _constructor(adapter, getattr(module, name)))
+    wrap_saves(adapter, module_name, lambda network, save: _with_twin(adapter, network, save))
 
 
-def _constructor(adapter: Any, original: Any):
-    def create(*args: Any, **kwargs: Any):
-        result = original(*args, **kwargs)
-        network = result[0] if isinstance(result, tuple) else result
-        if hasattr(network, "save_weights"):
-            _wrap_save(adapter, network)
-        return result
-
-    return create
-
-
-def _wrap_save(adapter: Any, network: Any) -> None:
-    original = network.save_weights
-
+def _with_twin(adapter: Any, network: Any, original: Save) -> Save:
     def save_weights(file, dtype, metadata):
         original(file, dtype, metadata)
         ema = adapter.plan.ema_tracker if adapter.plan is not None else None
@@ -71,4 +53,4 @@ def _wrap_save(adapter: Any, network: Any) -> None:
         adapter.plan.audit.extend_host("ema_files", **{Path(twin).name: ema.record()["optimizer_steps"]})
         logger.info(f"EMA weights: {twin}")
 
-    network.save_weights = save_weights  # this instance only: a network object lives for one run
+    return save_weights

@@ -11,8 +11,10 @@ decides what a kohya flag means next to a preset. Each flag of a trick family is
 
 ``sections`` are the preset sections (``noise``, ``timesteps``, ... or one ``memory.<key>``)
 that take the flag over; with none of them set, kohya does what the flag says, as without
-sdplug. Flags that set no trick at all (paths, saving, logging, data layout, networks,
-distributed training) are listed by group in ``HOST_SETTINGS``. ``tests/data/
+sdplug. ``agrees`` lists (section, value) pairs where the flag, written at that value, is what
+the section needs of kohya (v0.8.7's ``--loss_type l2`` next to sdplug's noise): no conflict.
+Flags that set no trick at all (paths, saving, logging, data layout, networks, distributed
+training) are listed by group in ``HOST_SETTINGS``. ``tests/data/
 kohya_parser_flags.json`` holds every argument name of both versions' parsers, and a test
 checks that each is classified here exactly once.
 """
@@ -35,10 +37,11 @@ class KohyaFlag:
     why: str
     sections: tuple[str, ...] = ()
     versions: tuple[str, ...] = VERSIONS
+    agrees: tuple[tuple[str, object], ...] = ()  # (section, value): written at that value, no conflict
 
 
-def _rows(family: str, kind: str, sections: tuple[str, ...], why: str, *names: str, versions=VERSIONS):
-    return tuple(KohyaFlag(n, family, kind, why, sections if kind != "independent" else (), versions) for n in names)
+def _rows(family: str, kind: str, sections: tuple[str, ...], why: str, *names: str, versions=VERSIONS, agrees=()):
+    return tuple(KohyaFlag(n, family, kind, why, sections if kind != "independent" else (), versions, agrees) for n in names)
 
 
 _NOISE = ("noise", "timesteps")  # sdplug's noise hook replaces kohya's whole noise function for either
@@ -64,7 +67,7 @@ FLAGS: tuple[KohyaFlag, ...] = (
     *_rows("loss_weighting", "independent", (), "the prediction type: sdplug binds the preset's weighting and targets to it", "v_parameterization"),
     *_rows("loss_weighting", "conflict", ("loss",), "kohya's loss type and its huber threshold (sdplug: [loss] type, c, schedule; kohya's huber is 'pseudo_huber'); without [loss], kohya's loss is computed on sdplug's timesteps", "loss_type", "huber_c", "huber_schedule", versions=("main",)),
     *_rows("loss_weighting", "conflict", ("loss",), "kohya's huber scale (sdplug: [loss] scale)", "huber_scale", versions=("main",)),
-    *_rows("loss_weighting", "conflict", (*_NOISE, "loss"), "kohya's loss type (sdplug: [loss] type); v0.8.7 draws ONE timestep per batch for a huber/smooth_l1 loss, inside the noise function sdplug replaces (sdplug draws one per sample); use --loss_type l2 with this preset", "loss_type", versions=("v0.8.7",)),
+    *_rows("loss_weighting", "conflict", (*_NOISE, "loss"), "kohya's loss type (sdplug: [loss] type); v0.8.7 draws ONE timestep per batch for a huber/smooth_l1 loss, inside the noise function sdplug replaces (sdplug draws one per sample); use --loss_type l2 with this preset", "loss_type", versions=("v0.8.7",), agrees=(("noise", "l2"), ("timesteps", "l2"))),
     *_rows("loss_weighting", "conflict", ("loss",), "kohya's huber threshold (sdplug: [loss] c, schedule); without [loss] only a huber/smooth_l1 --loss_type uses it, computed by kohya's own noise function", "huber_c", "huber_schedule", versions=("v0.8.7",)),
     *_rows("loss_weighting", "independent", (), "a per-pixel loss mask, applied by kohya before the preset's per-sample weighting", "masked_loss"),
     *_rows("loss_weighting", "independent", (), "a per-pixel loss mask, applied by kohya before the preset's per-sample weighting", "alpha_mask", versions=("main",)),

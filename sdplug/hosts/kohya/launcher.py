@@ -1,7 +1,7 @@
 """``sdplug kohya``: run an sd-scripts training script with a preset, without changing its source.
 
     sdplug kohya --preset P.toml [--sd-scripts DIR] -- train_network.py <usual kohya args>
-    accelerate launch -m sdplug.kohya --preset P.toml [--sd-scripts DIR] train_network.py <args>
+    accelerate launch -m sdplug kohya --preset P.toml [--sd-scripts DIR] -- train_network.py <args>
 
 The hooks are installed into sd-scripts' library modules before the script runs, so its own
 imports bind to them; then the script runs as ``__main__`` with its own arguments.

@@ -1,14 +1,20 @@
 """The kohya command line against a preset, before training: refusals, and the preset's changes.
 
-Pure: argument values and parser defaults in, an error or the changes out; what each flag
-means next to a preset comes from the flag table (``flags.py``) alone. The runtime applies the
-changes to kohya's Namespace, prints the rules and writes them into ``audit.json``.
+Pure: argument values, parser defaults and the names the user wrote (``command_line.py``) in,
+an error or the changes out; what each flag means next to a preset comes from the flag table
+(``flags.py``) alone. The runtime applies the changes to kohya's Namespace, prints the rules and
+writes them into ``audit.json``.
+
+A flag is the user's when it was written (on the command line, in ``--config_file`` or in
+``--dataset_config``), even at kohya's default value (``--loss_type l2`` chooses a loss), or when
+its value differs from the default. Writing an off value (``false``, ``0``, empty) for a flag
+that is off by default leaves kohya's trick off, exactly as leaving it out does: no conflict.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +64,37 @@ def _label(section: str, preset: Preset) -> str:
     return f"[{section}]"
 
 
-def check_conflicts(preset: Preset, version: str, values: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+# off values: written where kohya's default is one of them too, kohya's trick stays off
+_OFF: tuple[object, ...] = (None, False, 0, 0.0, "", (), [])
+
+
+def user_set(name: str, value: Any, default: Any, written: Collection[str]) -> bool:
+    """Whether the user set the flag: written (but not to an off value where kohya's default is
+    off too), or given a value other than the parser's default."""
+    if name in written:
+        return not (value in _OFF and default in _OFF)
+    return is_set(value, default)
+
+
+def _agrees(flag: KohyaFlag, section: str, value: Any, preset: Preset) -> bool:
+    """The flag's value is what the preset's section needs of kohya: no conflict."""
+    return value == preset_value(preset, section) or (section, value) in flag.agrees
+
+
+def check_conflicts(
+    preset: Preset, version: str, values: Mapping[str, Any], defaults: Mapping[str, Any], *, written: Collection[str] = ()
+) -> None:
     """Refuse a flag that sets a trick a section of the preset replaces (one paragraph, every clash)."""
     clashes: dict[str, list[str]] = {}
     for flag in flags_for(version).values():
         if flag.kind != "conflict" or flag.name not in values:
             continue
         value = values[flag.name]
-        if not is_set(value, defaults.get(flag.name)):
+        if not user_set(flag.name, value, defaults.get(flag.name), written):
             continue
         # every section it clashes with: removing one section must not uncover another refusal
         for section in flag.sections:
-            if section_set(preset, section) and value != preset_value(preset, section):
+            if section_set(preset, section) and not _agrees(flag, section, value, preset):
                 clashes.setdefault(section, []).append(f"--{flag.name}={value} ({_why(flag, section)})")
     if clashes:
         parts = [
@@ -151,7 +176,8 @@ def check_subset(preset: Preset, subset: Any, defaults: Mapping[str, Any]) -> No
 
 
 def check_dataset_config(preset: Preset, path: str | None, defaults: Mapping[str, Any]) -> None:
-    """The same check on the ``--dataset_config`` file itself, so it refuses before the model loads."""
+    """The same check on the ``--dataset_config`` file itself, so it refuses before the model loads;
+    a key written there is the user's, even at kohya's default value."""
     if not preset.caption or not path or not Path(path).is_file():
         return  # no file: kohya reports that itself
     try:
@@ -167,7 +193,7 @@ def check_dataset_config(preset: Preset, path: str | None, defaults: Mapping[str
         for where, table in tables
         if isinstance(table, dict)
         for key in SUBSET_CAPTION_KEYS
-        if key in table and is_set(table[key], defaults.get(key))
+        if key in table and user_set(key, table[key], defaults.get(key), written=table)
     ]
     if clashing:
         raise KohyaConflictError(
@@ -177,10 +203,17 @@ def check_dataset_config(preset: Preset, path: str | None, defaults: Mapping[str
 
 
 def reconcile(
-    preset: Preset, version: str, values: Mapping[str, Any], defaults: Mapping[str, Any], *, script: str, lr: float | None
+    preset: Preset,
+    version: str,
+    values: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    *,
+    script: str,
+    lr: float | None,
+    written: Collection[str] = (),
 ) -> Reconciliation:
     """The changes the preset makes to kohya's arguments (after ``check_conflicts``); ``lr`` is the
-    lr of the optimizer the plan uses (None: kohya's lrs stay)."""
+    lr of the optimizer the plan uses (None: kohya's lrs stay); ``written``: the names the user wrote."""
     result = Reconciliation()
     _memory(preset, values, script, result)
     if preset.caption and values.get("cache_text_encoder_outputs"):
@@ -205,7 +238,7 @@ def reconcile(
         _learning_rates(version, values, lr, result)
     if preset.loss_weighting is not None:
         result.changes["min_snr_gamma"] = PresetWeightingMarker()
-    _classify(preset, version, values, defaults, result)
+    _classify(preset, version, values, defaults, written, result)
     return result
 
 
@@ -247,11 +280,13 @@ def _learning_rates(version: str, values: Mapping[str, Any], lr: float, result: 
         result.rules.append(f"{', '.join(changed)} (preset [optimizer] lr)")
 
 
-def _classify(preset: Preset, version: str, values: Mapping[str, Any], defaults: Mapping[str, Any], result) -> None:
+def _classify(
+    preset: Preset, version: str, values: Mapping[str, Any], defaults: Mapping[str, Any], written: Collection[str], result
+) -> None:
     """For the audit: every trick-family flag the user set, and how it stands next to the preset."""
     table = flags_for(version)
     for name, value in values.items():
-        if not is_set(value, defaults.get(name)):
+        if not user_set(name, value, defaults.get(name), written):
             continue
         flag = table.get(name)
         if flag is None:

@@ -39,18 +39,21 @@ def output_dir_from_args(script_args: list[str]) -> str | None:
     if known.output_dir or not known.config_file:
         return known.output_dir
     from sdplug.errors import PresetError
+    from sdplug.hosts.kohya.command_line import config_file_path
     from sdplug.hosts.kohya.config_bridge import read_kohya_config
 
-    config = known.config_file if known.config_file.endswith(".toml") else known.config_file + ".toml"  # as kohya reads it
     try:
-        return read_kohya_config(Path(config)).get("output_dir")
+        return read_kohya_config(config_file_path(known.config_file)).get("output_dir")
     except PresetError:  # an unreadable config: kohya reports it itself; there is just no audit
         return None
 
 
 # -- the audit of a configured run ----------------------------------------------------------------
 def _host(adapter) -> dict[str, Any]:
-    return {"name": HOST_NAME, "version": adapter.version.name, "script": adapter.script, "rules": adapter.rules}
+    host = {"name": HOST_NAME, "version": adapter.version.name, "script": adapter.script, "rules": adapter.rules}
+    if adapter.model_prediction is not None:  # the model folder declares its prediction type
+        host["model_prediction_type"] = adapter.model_prediction
+    return host
 
 
 def write_refusal(adapter, exc: BaseException) -> Path | None:
@@ -71,5 +74,5 @@ def write_run(adapter) -> Path | None:
     host = {**_host(adapter), "prediction_type": adapter.plan.prediction_type, **adapter.flag_report}
     path = adapter.plan.write_audit(adapter.args.output_dir, host=host)
     if adapter.rank == 0:
-        logger.info(f"audit ({path}):\n{adapter.plan.audit.summary()}")
+        logger.info(f"audit ({path}):\n{adapter.plan.summary()}")
     return path

@@ -5,7 +5,9 @@ patched scripts (``--sdplug_preset``, from inside the script). Hooks, all in
 ``library.train_util`` / ``library.custom_train_functions``:
 
 - ``read_config_from_file`` (right after parsing arguments, before any model loads): checks
-  the command line against the preset (``flags.py``, ``reconcile.py``), then configures.
+  what the user wrote (``command_line.py``) against the preset (``flags.py``,
+  ``reconcile.py``) and the model's declared prediction type (``model_prediction.py``), then
+  configures.
 - ``get_noise_noisy_latents_and_timesteps``: noise, timesteps and the model input from the
   plan (input perturbation reaches the model input only).
 - ``apply_snr_weight``: kohya calls it on the per-sample loss when ``min_snr_gamma`` is set;
@@ -19,7 +21,8 @@ patched scripts (``--sdplug_preset``, from inside the script). Hooks, all in
   text-encoder outputs (SDXL scripts) there is no caption text, so dropout replaces a dropped
   sample's cached rows with the empty caption's outputs (see ``cached_text``).
 - ``conditional_loss`` (``[loss]``), main's ``get_optimizer_train_eval_fn`` (schedule-free
-  optimizers): ``step_hooks``; ``[ema]``'s twin of each saved network: ``ema_save``.
+  optimizers): ``step_hooks``; ``[ema]``'s twin of each saved network: ``ema_save``; the
+  ``ss_*`` metadata of each saved network, made to say what the preset ran: ``saved_metadata``.
 
 Each hook translates kohya's calling convention and calls the plan; what kohya itself needs
 lives in the modules beside this one. Every change to the process goes through the adapter's
@@ -41,10 +44,13 @@ from typing import Any
 import torch
 
 from sdplug import __version__ as sdplug_version
+from sdplug.divergence import DivergedRun
 from sdplug.errors import SdplugError
-from sdplug.hosts.kohya import ema_save, report, step_hooks
+from sdplug.hosts.kohya import ema_save, model_prediction, report, saved_metadata, step_hooks
 from sdplug.hosts.kohya.attention_switch import switch_attention
 from sdplug.hosts.kohya.caption_hooks import CaptionHooks
+from sdplug.hosts.kohya.command_line import written_flags
+from sdplug.hosts.kohya.network_saves import wrap_saves
 from sdplug.hosts.kohya.reconcile import (
     KohyaConflictError,
     PresetWeightingMarker,
@@ -56,7 +62,9 @@ from sdplug.hosts.kohya.reconcile import (
 from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
 from sdplug.hosts.session import Session
 from sdplug.log import logger, show_messages
+from sdplug.optimizer_groups import preset_lr
 from sdplug.plan import Plan
+from sdplug.plan_report import divergence_problem
 from sdplug.presets import Preset
 from sdplug.runs_here import check_memory_runs_here
 from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
@@ -84,6 +92,7 @@ class KohyaAdapter:
         self.validating = False  # the current noise/weight calls are main's validation, not a step
         self.timesteps = None  # what the step's noise call drew: the loss hook's per-sample thresholds
         self.flag_report: dict[str, Any] = {}
+        self.model_prediction: dict[str, str] | None = None  # what the model's scheduler config declares
 
     # -- installation -----------------------------------------------------------------------
     def install(self, train_util, custom_train_functions) -> Session:
@@ -146,7 +155,10 @@ class KohyaAdapter:
         preset, version = self.preset, self.version.name
         values = vars(args)
         self.defaults = {name: parser.get_default(name) for name in values} if parser is not None else {}
-        check_conflicts(preset, version, values, self.defaults)
+        # what the user wrote (kohya parsed sys.argv; both routes configure in the script's process)
+        written = written_flags(parser, args, sys.argv[1:])
+        self.model_prediction = model_prediction.check_prediction_type(args)
+        check_conflicts(preset, version, values, self.defaults, written=written)
         check_memory_runs_here(preset)  # [memory] becomes kohya's arguments: refuse what cannot run here
         check_dataset_config(preset, values.get("dataset_config"), self.defaults)
         if preset.schedule.zero_terminal_snr and not getattr(args, "zero_terminal_snr", False):
@@ -155,9 +167,12 @@ class KohyaAdapter:
         self.plan = self._build_plan(args)
         check_sections_apply(self.plan, self.version.name, self.script)
         ema_save.install(self, args)  # [ema]: a twin beside every network file kohya saves
-        spec = self.plan.optimizer_spec
-        lr = spec.params.get("lr") if spec is not None else None
-        result = reconcile(preset, version, values, self.defaults, script=self.script, lr=lr)
+        saved_metadata.install(self, args)  # every network file's ss_* keys say what the preset ran
+        if getattr(args, "network_module", None):  # outermost: no file at all from non-finite weights
+            wrap_saves(self, args.network_module, lambda network, save: self._finite_save(save))
+        # the lr every trained group gets: the preset's, or Prodigy's / D-Adaptation's own 1.0
+        lr = preset_lr(self.plan.optimizer_spec, self.plan.optimizer_strategy)
+        result = reconcile(preset, version, values, self.defaults, script=self.script, lr=lr, written=written)
         for name, value in result.changes.items():
             setattr(args, name, value)
         self.rules += result.rules
@@ -225,6 +240,9 @@ class KohyaAdapter:
     def _noise_hook(self, args, noise_scheduler, latents):
         self.validating = self._validating(args)
         if not self.validating:
+            # kohya reads every step's loss back (its loss log), so the device is already waited
+            # for: reading the plan's watch here stops a diverged run at the next step
+            self.stop_if_diverged("training on")
             self.plan.step()  # kohya draws noise once per training step
             self.captions.commit()  # the batch this step trains on
         if not (self.preset.noise or self.preset.timesteps):
@@ -288,8 +306,10 @@ class KohyaAdapter:
         spec = self.plan.optimizer_spec
         if spec is None:
             return built["kohya"]
-        if "lr" in spec.params:
-            self.rules.append(f"every parameter group's lr -> {spec.params['lr']}, except groups at lr 0 (preset [optimizer] lr)")
+        lr = preset_lr(spec, self.plan.optimizer_strategy)
+        if lr is not None:
+            why = "preset [optimizer] lr" if "lr" in spec.params else f"{spec.type!r} adapts its own step size: its lr multiplier"
+            self.rules.append(f"every parameter group's lr -> {lr:g}, except groups at lr 0 ({why})")
             logger.info(self.rules[-1])
         return (f"sdplug:{spec.type}", json.dumps(dict(spec.params)), optimizer)  # kohya's (name, args, optimizer)
 
@@ -306,10 +326,29 @@ class KohyaAdapter:
         spec = self.original(self._train_util, "get_sai_model_spec")(*args, **kwargs)
         if getattr(self.args, "no_metadata", False):
             return spec
-        # saved weights say how they were trained; kohya's ss_min_snr_gamma only shows the marker
+        # saved weights say how they were trained: the resolved preset (a network's ss_* keys are
+        # rewritten to what ran by saved_metadata)
         spec["sdplug_preset"] = self.preset.to_toml()
         spec["sdplug_version"] = sdplug_version
         return spec
+
+    def stop_if_diverged(self, doing: str) -> None:
+        """Stop sd-scripts once a loss or the trained weights went non-finite (the plan's watch)."""
+        if self.plan is None or self.plan.first_nonfinite_step() is None:
+            return
+        record = self.plan.divergence.record()
+        assert record is not None
+        raise DivergedRun(
+            f"{divergence_problem(self.plan, record)} sdplug stopped sd-scripts instead of {doing} non-finite "
+            "weights; the network files it saved before that step are finite."
+        )
+
+    def _finite_save(self, save: Any) -> Any:
+        def save_weights(file, dtype, metadata):
+            self.stop_if_diverged(f"saving {Path(file).name} from")
+            save(file, dtype, metadata)
+
+        return save_weights
 
     def write_audit(self) -> Path | None:
         return report.write_run(self)
