@@ -112,14 +112,16 @@ class DivergenceWatch:
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
 
 
-def optimizer_watch(watch: DivergenceWatch) -> Callable[..., None]:
-    """A post-step hook for ``torch.optim.Optimizer.register_step_post_hook`` that counts the
-    optimizer's steps and watches the trained weights (groups at lr 0 are frozen and skipped)."""
-
-    watch.watching_optimizer = True
+def optimizer_watch(watch: DivergenceWatch, *, counts_steps: bool = True) -> Callable[..., None]:
+    """A post-step hook for ``torch.optim.Optimizer.register_step_post_hook`` that watches the
+    trained weights (groups at lr 0 are frozen and skipped) and, with ``counts_steps``, counts
+    the training steps (one optimizer of a host that steps two per step counts them)."""
+    if counts_steps:
+        watch.watching_optimizer = True
 
     def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        watch.optimizer_steps += 1
+        if counts_steps:
+            watch.optimizer_steps += 1
         trained = [p for g in optimizer.param_groups if not _frozen(g) for p in g["params"]]
         watch.observe_weights(trained, watch.optimizer_steps)
 

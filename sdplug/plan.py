@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from sdplug import plan_report, plan_setup, schedule
 from sdplug.audit import Audit
 from sdplug.divergence import DivergedRun, DivergenceWatch, optimizer_watch
 from sdplug.ema import EMA
-from sdplug.errors import SdplugError
+from sdplug.errors import PresetError, SdplugError
 from sdplug.optimizer_groups import LearnedGroup
 from sdplug.pipelines import CaptionDraw, CaptionPipeline, NoiseDraw, NoisePipeline
 from sdplug.preset_checks import check_against_schedule
@@ -89,7 +89,10 @@ class Plan:
         stream = "validation-noise" if self._validating else "noise"
         # what a strategy decides on the host (pyramid's level sizes) from a Python stream: no sync
         host_rng = self.streams.random(stream + "-host") if generator is None else None
-        draw = self.noise_pipeline(latents, generator or self.streams.generator(stream, latents.device), host_rng, timesteps=timesteps)
+        try:
+            draw = self.noise_pipeline(latents, generator or self.streams.generator(stream, latents.device), host_rng, timesteps=timesteps)
+        except PresetError as exc:
+            raise _in_preset_file(exc, self.preset.noise) from None
         if not self._validating:
             self.audit.record_noise(draw.target, draw.model_input)
         return draw
@@ -267,7 +270,10 @@ class Plan:
         ``default(params)`` when the preset names none (``sdplug.optimizer_groups``):
 
         - the preset's ``lr`` is every group's lr except groups at lr 0; with no ``lr`` in the
-          preset, ``host_lr`` (the host's own learning-rate option) when given;
+          preset, ``host_lr`` (the host's own learning-rate option) when given -- except for an
+          optimizer that adapts its own step size (Prodigy, D-Adaptation): its lr is a
+          multiplier, the preset's or its default 1.0, for every trained group however the
+          host passes its groups;
         - a learned weighting's parameters (and buffers) move to the first trained parameter's
           device and join as a group of their own, or into the first trained group
           (``learned_group="first"``).
@@ -277,11 +283,12 @@ class Plan:
         self.watch_optimizer(self.built_optimizer)
         return self.built_optimizer
 
-    def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+    def watch_optimizer(self, optimizer: torch.optim.Optimizer, *, counts_steps: bool = True) -> None:
         """Watch the weights ``optimizer`` trains for non-finite values after each of its steps
         (no sync: ``sdplug.divergence``). ``optimizer()`` does it for what it builds; a host
-        whose own optimizer trains (no ``[optimizer]``, built outside the plan) calls it once."""
-        optimizer.register_step_post_hook(optimizer_watch(self.divergence))
+        whose own optimizer trains (no ``[optimizer]``, built outside the plan) calls it once
+        per optimizer, ``counts_steps`` false for all but one when a step steps several."""
+        optimizer.register_step_post_hook(optimizer_watch(self.divergence, counts_steps=counts_steps))
 
     # -- resume and audit ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -320,6 +327,10 @@ class Plan:
         else:
             self.failure = f"stopped at step {self.steps} by {type(exc).__name__}: {exc}"
 
+    def summary(self) -> str:
+        """The report as a short table a person reads at a glance (the end of a run)."""
+        return self.audit.summary(self.report())
+
     def report(self) -> dict[str, Any]:
         """What ``audit.json`` holds for this plan: every family's record, ``completed``, and the
         ``problems`` -- the one policy of every host (``sdplug.plan_report``)."""
@@ -349,6 +360,17 @@ class Plan:
         record = plan_setup.install_attention(self, model, install)
         self.audit.record_host(attention=record)
         return int(record["changed"])
+
+
+def _in_preset_file(exc: PresetError, specs: Sequence[StrategySpec]) -> PresetError:
+    """A strategy's refusal that only the step's tensors could reveal (Perlin octaves against the
+    latent size), pointed at the file and table that named the strategy."""
+    index = getattr(exc, "strategy_index", None)
+    if exc.path is not None or index is None or not 0 <= index < len(specs):
+        return exc
+    spec = specs[index]
+    key = f"{spec.key}.{exc.key}" if exc.key else spec.key
+    return PresetError(exc.problem, path=spec.path or "<preset>", key=key)
 
 
 def _check_noise_timesteps(plan: Plan, latents: torch.Tensor, timesteps: torch.Tensor | None) -> None:

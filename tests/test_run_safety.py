@@ -20,7 +20,7 @@ from sdplug.cli import main
 from sdplug.presets import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 from sdplug.trainer import checkpoint, outputs
-from sdplug.trainer.run_folder import LOCK, OutputFolderError, RunFolder
+from sdplug.trainer.run_folder import LOCK, RunFolder
 
 ADAMW = '[optimizer]\ntype = "adamw"\nlr = 1e-3\n'
 DIVERGING = '[optimizer]\ntype = "adamw"\nlr = 1.0\n[loss_weighting]\ntype = "max_snr"\ngamma = 10000.0\n'
@@ -317,3 +317,22 @@ def test_ctrl_c_prints_one_line_and_keeps_what_a_resume_needs(tmp_path):
     started = time.monotonic()
     assert main(["train", str(tmp_path / "p.toml"), "--output", str(out), "--steps", "6", "--resume", "latest", *QUICK]) == 0
     assert time.monotonic() - started < 120
+
+
+# -- the main job's preset with the extras the README names -------------------------------------------
+def test_tiny_default_trains_without_bitsandbytes_on_its_named_fallback(monkeypatch):
+    """`pip install sdplug[train]` alone has no bitsandbytes: the main job's preset still builds,
+    on plain AdamW, with a warning that says so and names what does not carry over."""
+    from sdplug.errors import MissingDependencyError
+    from sdplug.presets import load_preset
+    from sdplug.strategies.optimizer import AdamW8bit
+
+    def missing(self):
+        raise MissingDependencyError("optimizer 'adamw8bit' needs the package 'bitsandbytes'.")
+
+    monkeypatch.setattr(AdamW8bit, "check_available", missing)
+    with pytest.warns(UserWarning, match=r"fallback 'adamw' .*without min_8bit_size, which only 'adamw8bit' takes"):
+        plan = load_preset("tiny-default").build(alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    optimizer = plan.optimizer([torch.nn.Parameter(torch.ones(2))])
+    assert type(optimizer).__name__ == "AdamW" and optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert plan.report()["optimizer"]["fell_back"] is True

@@ -23,9 +23,9 @@ from sdplug.runs_here import check_memory_runs_here
 from sdplug.trainer import checkpoint, data, lora, models, outputs, resume, synthetic, validation
 from sdplug.trainer.batches import TrainingInputs, check_no_mask_options
 from sdplug.trainer.config import OptionError, TrainConfig, check_before_loading, preflight
-from sdplug.trainer.run_folder import RunFolder
 from sdplug.trainer.gradient_checkpointing import CheckpointedCalls
 from sdplug.trainer.requirements import check_trainer_requirements
+from sdplug.trainer.run_folder import RunFolder
 from sdplug.trainer.step import diffusion_loss
 
 TIMESTEP_BINS = 10

@@ -199,7 +199,7 @@ def closing_table(trainer) -> str:
     described = [f"  {n:<{width}}  {descriptions.get(n, 'resumable checkpoint: --resume ' + str(output / n))}" for n in names]
     lines = [f"\nsdplug wrote to {output}/:", *described]
     if "audit.json" in names:
-        lines += [f"\nsdplug audit ({output / 'audit.json'}):", trainer.audit.summary()]
+        lines += [f"\nsdplug audit ({output / 'audit.json'}):", trainer.plan.summary()]
     return "\n".join(lines)
 
 
