@@ -154,7 +154,8 @@ def _newest_before(directory: Path) -> str:
     return f"The newest complete checkpoint there is {complete[-1]} (or use --resume latest)."
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def check_complete(directory: Path) -> None:
+    """Refuse a ``--resume`` folder that is missing or was never finished (cheap: reads no file)."""
     if not directory.is_dir():
         raise CheckpointError(f"--resume {directory}: no such checkpoint folder. {_newest_before(directory)}")
     manifest_path = directory / MANIFEST
@@ -163,6 +164,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"--resume {directory}: an incomplete checkpoint (a run stopped while writing it, or not a checkpoint "
             f"at all: it has no {MANIFEST}). {_newest_before(directory)}"
         )
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    check_complete(directory)
+    manifest_path = directory / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]

@@ -137,6 +137,11 @@ def check_before_loading(config: TrainConfig) -> None:
     for folder in (config.data, config.class_data, config.validation_data):
         if folder is not None:
             data.find_examples(folder)
+    if config.resume is not None and str(config.resume) != "latest":
+        # before the folder is opened: opening it removes an unfinished checkpoint-N.partial/
+        from sdplug.trainer.checkpoint import check_complete
+
+        check_complete(Path(config.resume))
     if config.model is not None and not Path(config.model).exists():
         raise OptionError(f"--model {config.model}: no such file or folder.")
     check_output(Path(config.output))
