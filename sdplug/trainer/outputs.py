@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sdplug.divergence import DivergedRun
 from sdplug.errors import SdplugError
 from sdplug.log import logger
 from sdplug.optimizer_modes import eval_mode, evaluating
@@ -394,7 +395,8 @@ def write_failure_audit(folder, exc: BaseException, trainer=None) -> Path | None
     steps = int(getattr(trainer, "step", 0) or 0)
     refused = isinstance(exc, SdplugError) and steps == 0
     name = folder.failure_audit_name(steps, refused=refused)
-    interrupted = isinstance(exc, KeyboardInterrupt)  # said in one line by the command
+    # said by the command itself: Ctrl-C in one line, a divergence in its error
+    interrupted = isinstance(exc, (KeyboardInterrupt, DivergedRun))
     if plan is not None:
         plan.record_failure(exc)
         path = plan.write_audit(folder.path, audit_name=name, announce=not interrupted)
