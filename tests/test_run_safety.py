@@ -336,3 +336,14 @@ def test_tiny_default_trains_without_bitsandbytes_on_its_named_fallback(monkeypa
     optimizer = plan.optimizer([torch.nn.Parameter(torch.ones(2))])
     assert type(optimizer).__name__ == "AdamW" and optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert plan.report()["optimizer"]["fell_back"] is True
+
+
+def test_help_and_readme_say_the_same_of_a_single_file_model():
+    """One truth: a single-file checkpoint loads only where diffusers finds its configs offline."""
+    from sdplug.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    (model,) = [a for a in train._actions if "--model" in a.option_strings]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for text in (model.help, readme[readme.index("- `--model`") :][:600]):
+        assert "single-file" in text and "offline" in text and "convert" in text, text
