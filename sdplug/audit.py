@@ -16,25 +16,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sdplug.strategies.families import IN_PRESET_ORDER
+
 if TYPE_CHECKING:
     from sdplug.presets import Preset, StrategySpec
     from sdplug.strategies.base import NoiseStrategy
 
+# The audit's timestep histogram and per-bin loss records: tenths of the schedule (the
+# reference trainer's loss bins use the same).
 TIMESTEP_BINS = 10
 
 
 def preset_strategies(preset: Preset, optimizer: StrategySpec | None = None) -> dict[str, list[str]]:
-    """The strategy types a preset names, per family, as ``audit.json`` lists them."""
-    optimizer = optimizer or preset.optimizer
-    return {
-        "noise": [s.type for s in preset.noise],
-        "caption": [s.type for s in preset.caption],
-        "timesteps": [preset.timesteps.type] if preset.timesteps else [],
-        "loss": [preset.loss.type] if preset.loss else [],
-        "loss_weighting": [preset.loss_weighting.type] if preset.loss_weighting else [],
-        "optimizer": [optimizer.type] if optimizer is not None else [],
-        "attention": [preset.attention.type] if preset.attention else [],
-    }
+    """The strategy types a preset names, per family, as ``audit.json`` lists them;
+    ``optimizer``: the optimizer table in use, when it is not the preset's own (a fallback)."""
+    strategies = {family.name: [spec.type for spec in preset.strategy_specs(family.section)] for family in IN_PRESET_ORDER}
+    if optimizer is not None:
+        strategies["optimizer"] = [optimizer.type]
+    return strategies
 
 
 def _binomial_interval(p: float, n: int, z: float = 3.29) -> tuple[float, float]:

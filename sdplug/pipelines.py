@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Protocol, cast
 
 import torch
 
@@ -49,9 +48,8 @@ class NoisePipeline:
         self.alphas_cumprod = alphas_cumprod  # the plan's schedule, for time-dependent strategies
         self._current = 0  # the strategy drawing now: a refusal names its table of the preset
         for strategy in self.strategies:  # their tables of the schedule, before any step (no sync inside one)
-            prepare = getattr(strategy, "prepare", None)
-            if strategy.uses_timesteps and prepare is not None and alphas_cumprod is not None:
-                prepare(alphas_cumprod)
+            if strategy.uses_timesteps and alphas_cumprod is not None:
+                strategy.prepare(alphas_cumprod)
 
     @property
     def timestep_strategies(self) -> list[str]:
@@ -100,13 +98,6 @@ class NoisePipeline:
         return NoiseDraw(target=noise, model_input=model_input)
 
 
-class _Dropout(Protocol):
-    """A caption transform that works on cached text-encoder outputs (``needs_text`` False): it
-    only decides whether the caption is dropped (``CaptionDropout``)."""
-
-    def decide(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool: ...
-
-
 class CaptionPipeline:
     """Caption transforms in the order written, with each sample's dropout decision exposed."""
 
@@ -118,20 +109,20 @@ class CaptionPipeline:
         dropped = False
         counts = []
         for index, transform in enumerate(self.transforms):
-            decide = getattr(transform, "decide", None)
-            if decide is not None:
-                if decide(epoch=epoch, rng=rng):
+            if not transform.needs_text:  # a drop decision (CaptionTransform.needs_text)
+                if transform.decide(epoch=epoch, rng=rng):
                     dropped = True
                     caption = ""
             else:
                 before, caption = caption, transform(caption, epoch=epoch, rng=rng)
-                if hasattr(transform, "count"):
-                    counts.append((index, transform.count(before, caption)))
+                count = transform.count(before, caption)
+                if count is not None:
+                    counts.append((index, count))
         return CaptionDraw(caption, dropped, tuple(counts))
 
     def drop_probability(self, epoch: int = 0) -> float:
         """The chance that some dropout in the pipeline empties a caption in ``epoch``."""
-        chances = [t.drop_probability(epoch) for t in self.transforms if hasattr(t, "drop_probability")]
+        chances = [t.drop_probability(epoch) for t in self.transforms if not t.needs_text]
         if len(chances) == 1:
             return chances[0]  # exactly the configured rate (1 - (1 - 0.1) is 0.09999999999999998)
         keep = 1.0
@@ -153,5 +144,5 @@ class CaptionPipeline:
                     f"caption transform {type(transform).__name__} needs caption text, which cached "
                     "text-encoder outputs do not have."
                 )
-            dropped = cast(_Dropout, transform).decide(epoch=epoch, rng=rng) or dropped
+            dropped = transform.decide(epoch=epoch, rng=rng) or dropped
         return dropped

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, cast
 
 from sdplug.errors import PresetError, raise_together
-from sdplug.strategies import registry
-from sdplug.strategies.base import CaptionTransform, NoiseStrategy
+from sdplug.strategies import cached_text_caption_types, registry
+from sdplug.strategies.base import CaptionTransform, NoiseStrategy, Strategy
+from sdplug.strategies.families import IN_PRESET_ORDER
 
 if TYPE_CHECKING:
     import torch
@@ -19,16 +20,16 @@ def check_against_schedule(preset: Preset, num_train_timesteps: int, alphas_cump
     """Refuse, when the preset is bound to a noise schedule, parameters that do not fit it.
 
     Validation cannot know the schedule (``max_timestep = 5000`` is fine for a 10,000-step one),
-    so strategies whose parameters are timesteps define ``schedule_problem(num_train_timesteps)``,
-    returning ``(parameter, sentence)`` or None; those that need the schedule's values define
-    ``alphas_problem(alphas_cumprod)``. The error names the file and key the table came from (a
-    parent's file, when inherited), before anything is trained.
+    so strategies whose parameters are timesteps declare ``schedule_problem(num_train_timesteps)``,
+    returning ``(parameter, sentence)`` or None; those that need the schedule's values declare
+    ``alphas_problem(alphas_cumprod)`` (``sdplug.strategies.base.Strategy``). Every strategy table
+    of every family is asked. The error names the file and key the table came from (a parent's
+    file, when inherited), before anything is trained.
     """
-    for spec in _schedule_bound(preset):
-        cls = registry(spec.family).get(spec.type).cls
-        problem = spec.create().schedule_problem(num_train_timesteps) if hasattr(cls, "schedule_problem") else None
+    for spec, strategy in _strategies(preset):
+        problem = strategy.schedule_problem(num_train_timesteps)
         if problem is None and alphas_cumprod is not None:
-            problem = _alphas_problem(spec, alphas_cumprod)
+            problem = strategy.alphas_problem(alphas_cumprod)
         if problem is not None:
             raise _spec_error(spec, problem)
 
@@ -46,18 +47,15 @@ def zero_terminal_errors(preset: Preset) -> list[PresetError]:
     from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
 
     zero_terminal = rescale_zero_terminal_snr(scaled_linear_alphas_cumprod())
-    found = ((spec, _alphas_problem(spec, zero_terminal)) for spec in _schedule_bound(preset))
+    found = ((spec, strategy.alphas_problem(zero_terminal)) for spec, strategy in _strategies(preset))
     return [_spec_error(spec, problem) for spec, problem in found if problem is not None]
 
 
-def _schedule_bound(preset: Preset) -> list[StrategySpec]:
-    specs = [*preset.noise, *preset.caption, preset.timesteps, preset.loss_weighting]
-    return [spec for spec in specs if spec is not None]
-
-
-def _alphas_problem(spec: StrategySpec, alphas_cumprod: torch.Tensor) -> tuple[str, str] | None:
-    cls = registry(spec.family).get(spec.type).cls
-    return spec.create().alphas_problem(alphas_cumprod) if hasattr(cls, "alphas_problem") else None
+def _strategies(preset: Preset) -> list[tuple[StrategySpec, Strategy]]:
+    """Every strategy table of the preset, in the order a preset lists them, with its strategy."""
+    specs = [spec for family in IN_PRESET_ORDER for spec in preset.strategy_specs(family.section)]
+    # every registry holds subclasses of its family's base, all Strategy (Registry._check_fits)
+    return [(spec, cast(Strategy, spec.create())) for spec in specs]
 
 
 def _spec_error(spec: StrategySpec, problem: tuple[str, str]) -> PresetError:
@@ -92,7 +90,8 @@ def check_consistency(preset: Preset, path: str) -> None:
                 problems.append(
                     PresetError(
                         f"caption transform {spec.type!r} rewrites the caption text, which cached text-encoder outputs "
-                        "no longer have. Allowed with memory.cache_text_encoder_outputs = true: 'dropout' only "
+                        f"no longer have. Allowed with memory.cache_text_encoder_outputs = true: "
+                        f"{', '.join(repr(name) for name in cached_text_caption_types())} only "
                         "(applied by substituting the empty caption's embedding); or turn caching off.",
                         path=path,
                         key=f"caption[{i}].type",

@@ -34,7 +34,7 @@ import re
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sdplug.errors import PresetError, SdplugError, did_you_mean, raise_together
 from sdplug.params import check_known_keys, validate_params
@@ -58,6 +58,7 @@ from sdplug.preset_files import (
 )
 from sdplug.preset_settings import EMASettings, MemorySettings, ScheduleSettings, settings_table
 from sdplug.strategies import registry
+from sdplug.strategies.families import IN_PRESET_ORDER
 
 if TYPE_CHECKING:
     from sdplug.plan import Plan
@@ -67,8 +68,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     pass
 
-LIST_SECTIONS = ("noise", "caption")
-SINGLE_SECTIONS = ("timesteps", "loss", "loss_weighting", "optimizer", "attention")
+LIST_SECTIONS = tuple(family.section for family in IN_PRESET_ORDER if family.many)
+SINGLE_SECTIONS = tuple(family.section for family in IN_PRESET_ORDER if not family.many)
 SETTINGS_SECTIONS = {"memory": MemorySettings, "schedule": ScheduleSettings, "ema": EMASettings}
 SECTIONS = ("preset", *LIST_SECTIONS, *SINGLE_SECTIONS, *SETTINGS_SECTIONS)
 PRESET_KEYS = ("name", "description", "extends")
@@ -129,6 +130,13 @@ class Preset:
     # "memory.cache_latents" and so on: the settings the file (or a parent) wrote, for to_dict
     settings_written: frozenset[str] = frozenset()
 
+    def strategy_specs(self, section: str) -> tuple[StrategySpec, ...]:
+        """The strategy tables of one family's section, in order (none, one, or a list's)."""
+        value = getattr(self, section)
+        if isinstance(value, tuple):
+            return value
+        return () if value is None else (value,)
+
     def to_dict(self, *, with_defaults: bool = False) -> dict[str, Any]:
         """The resolved preset as TOML-ready data (no ``extends``: everything is inlined).
 
@@ -136,14 +144,10 @@ class Preset:
         of the settings those written (here or in a parent) or changed since from their defaults.
         """
         data: dict[str, Any] = {"preset": {"name": self.name, "description": self.description}}
-        for section in LIST_SECTIONS:
-            specs = getattr(self, section)
-            if specs:
-                data[section] = [spec.to_table(with_defaults=with_defaults) for spec in specs]
-        for section in SINGLE_SECTIONS:
-            spec = getattr(self, section)
-            if spec is not None:
-                data[section] = spec.to_table(with_defaults=with_defaults)
+        for family in IN_PRESET_ORDER:
+            tables = [spec.to_table(with_defaults=with_defaults) for spec in self.strategy_specs(family.section)]
+            if tables:
+                data[family.section] = tables if family.many else tables[0]
         if self.optimizer_fallback is not None:
             data["optimizer"]["fallback"] = self.optimizer_fallback.type
         for name in SETTINGS_SECTIONS:
@@ -341,16 +345,16 @@ def parse_preset(data: Any, *, path: str = "<preset>", embedded_from: str | None
             del info[key]
 
     own: dict[str, Any] = {}
-    for section in LIST_SECTIONS:
-        if section in data:
-            with problems.collect():
-                own[section] = tuple(_strategies(data[section], section, path))
-    for section in SINGLE_SECTIONS:
-        if section in data:
-            with problems.collect():
-                own[section] = _strategy(
-                    data[section], section, path, section, extra_keys=OPTIMIZER_EXTRA_KEYS if section == "optimizer" else ()
-                )
+    for family in IN_PRESET_ORDER:
+        section = family.section
+        if section not in data:
+            continue
+        with problems.collect():
+            if family.many:
+                own[section] = tuple(_strategies(data[section], family.name, path))
+            else:
+                extra_keys = OPTIMIZER_EXTRA_KEYS if family.name == "optimizer" else ()
+                own[section] = _strategy(data[section], family.name, path, section, extra_keys=extra_keys)
     if "optimizer" in own:
         with problems.collect():
             own["optimizer_fallback"] = _fallback(data["optimizer"], own["optimizer"], path)
@@ -489,6 +493,7 @@ def _fallback(value: Mapping[str, Any], primary: StrategySpec, path: str) -> Str
         return None
     from sdplug.params import field_names
     from sdplug.strategies import registry
+    from sdplug.strategies.base import OptimizerStrategy
     from sdplug.strategies.optimizers_extra import lr_is_a_multiplier as multiplier
 
     # Prodigy's lr 1.0 as AdamW's would blow the weights up: the fallback keeps its own default lr
@@ -497,7 +502,7 @@ def _fallback(value: Mapping[str, Any], primary: StrategySpec, path: str) -> Str
     # implementation settings it lacks (adamw8bit's min_8bit_size) stay behind, named by its warning
     name = str(value["fallback"])
     optimizers = registry("optimizer")
-    own = getattr(optimizers.get(primary.type).cls, "implementation_parameters", ())
+    own = cast("type[OptimizerStrategy]", optimizers.get(primary.type).cls).implementation_parameters
     takes = set(field_names(optimizers.get(name).cls)) if name in optimizers.names() else set()
     params = {k: v for k, v in primary.params.items() if not (drop and k == "lr") and (k not in own or k in takes)}
     return _strategy({"type": name, **params}, "optimizer", path, "optimizer.fallback")

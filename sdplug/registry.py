@@ -12,7 +12,7 @@ import importlib.metadata
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 from sdplug.errors import DuplicateStrategyError, PluginError, UnknownStrategyError
 from sdplug.params import validate_params
@@ -40,6 +40,14 @@ class Entry:
 EntryPointSource = Callable[[str], Iterable[Any]]
 
 
+class DeclaresCapabilities(Protocol):
+    """A family's base class (``sdplug.strategies.base.Strategy``): it can tell what a
+    strategy declares wrongly of the capabilities it defines."""
+
+    @classmethod
+    def declaration_problems(cls) -> list[str]: ...
+
+
 def _installed_entry_points(group: str) -> Iterable[Any]:
     return importlib.metadata.entry_points(group=group)
 
@@ -47,12 +55,15 @@ def _installed_entry_points(group: str) -> Iterable[Any]:
 class Registry:
     """The strategies of one family, by name.
 
-    ``base`` is the class every strategy of the family must subclass; plugins are checked
-    against it when they load, so a misfit is reported with the plugin's name at once.
-    ``entry_points`` is injectable so tests can fake installed plugins.
+    ``base`` is the class every strategy of the family must subclass; every strategy is checked
+    against it when it registers (a plugin when it loads): a misfit, or a capability declared
+    wrongly (a hook that is not callable, a flag that is not a bool), is reported with the
+    plugin's name at once. ``entry_points`` is injectable so tests can fake installed plugins.
     """
 
-    def __init__(self, family: str, base: type, *, entry_points: EntryPointSource = _installed_entry_points) -> None:
+    def __init__(
+        self, family: str, base: type[DeclaresCapabilities], *, entry_points: EntryPointSource = _installed_entry_points
+    ) -> None:
         self.family = family
         self.base = base
         self.group = f"sdplug.{family}"
@@ -89,6 +100,13 @@ class Registry:
             raise PluginError(
                 f"{origin}'s {self.family} strategy {name!r} is {target!r}, which is not a subclass of "
                 f"{self.base.__module__}.{self.base.__qualname__}; every {self.family} strategy must be."
+            )
+        problems = target.declaration_problems()  # a subclass of the family base, checked above
+        if problems:
+            raise PluginError(
+                f"{origin}'s {self.family} strategy {name!r} ({target.__module__}.{target.__qualname__}) declares its "
+                f"capabilities wrongly: {'; '.join(problems)}. Allowed: what the base class "
+                f"{self.base.__module__}.{self.base.__qualname__} documents for each."
             )
 
     def _discover(self) -> dict[str, Any]:

@@ -6,7 +6,9 @@ import a host, the trainer or the CLI, and never set attributes on a host's obje
 
 from __future__ import annotations
 
+import inspect
 import random
+import typing
 from collections.abc import Collection
 from typing import Any, ClassVar, Literal, Protocol, cast
 
@@ -15,7 +17,75 @@ import torch
 from sdplug.schedule import check_prediction_type, snr
 
 
-class NoiseStrategy:
+class Strategy:
+    """What every family's strategies share: the capabilities a strategy declares.
+
+    A capability is a class attribute or a method of the family's base class (this one's, or
+    one below it), with its default there; a strategy -- a third-party plugin's too -- declares
+    one by setting or overriding it. The plan, presets and hosts read the declaration, never
+    probe for it, and the registry refuses a strategy that declares one wrongly when it
+    registers (``declaration_problems``), naming the plugin.
+    """
+
+    # The diffusion processes the strategy is written for. Every strategy today is written for
+    # DDPM's (a noise schedule of alphas_cumprod); nothing reads it yet.
+    processes: ClassVar[frozenset[str]] = frozenset({"ddpm"})
+
+    def schedule_problem(self, num_train_timesteps: int) -> tuple[str, str] | None:
+        """``(parameter, sentence)`` when a parameter (a timestep) does not fit a schedule of
+        ``num_train_timesteps`` steps; None when all fit, as for a strategy without such parameters."""
+        return None
+
+    def alphas_problem(self, alphas_cumprod: torch.Tensor) -> tuple[str, str] | None:
+        """``(parameter, sentence)`` when a parameter does not fit the schedule's values (a
+        zero-terminal one); None when all fit, as for a strategy that does not read them."""
+        return None
+
+    @classmethod
+    def declaration_problems(cls) -> list[str]:
+        """What ``cls`` declares wrongly, one sentence each (empty when nothing): every capability
+        of its family's base classes checked against the kind of its default there, then the
+        rules between capabilities (``related_declaration_problems``)."""
+        problems = []
+        for base in reversed(cls.__mro__):
+            if not (issubclass(base, Strategy) and base.__module__ == __name__):
+                continue  # capabilities are what the base classes here declare
+            hints = typing.get_type_hints(base)
+            for name, default in vars(base).items():
+                if name.startswith("_") or name in ("declaration_problems", "related_declaration_problems"):
+                    continue
+                problem = _declaration_problem(name, default, getattr(cls, name), hints.get(name))
+                if problem is not None:
+                    problems.append(problem)
+        return problems or cls.related_declaration_problems()
+
+    @classmethod
+    def related_declaration_problems(cls) -> list[str]:
+        """Rules between a family's capabilities (a family's base class adds its own)."""
+        return []
+
+
+def _declaration_problem(name: str, default: Any, value: Any, hint: Any) -> str | None:
+    """What is wrong with ``value`` declared for the capability ``name`` whose default is ``default``."""
+    if isinstance(default, (classmethod, staticmethod)) or inspect.isfunction(default):
+        return None if callable(value) else f"{name} is {value!r}, which is not callable (it is a method of the base class)"
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else f"{name} is {value!r}, not true or false"
+    if isinstance(default, (tuple, frozenset)):
+        kind = type(default).__name__
+        if isinstance(value, type(default)) and all(isinstance(item, str) for item in value):
+            return None
+        return f"{name} is {value!r}; allowed: a {kind} of strings"
+    if isinstance(default, str):
+        # ClassVar[Literal[...]]: the values the base class allows
+        choices = typing.get_args(typing.get_args(hint)[0]) if typing.get_args(hint) else (default,)
+        if value in choices:
+            return None
+        return f"{name} is {value!r}; allowed: {', '.join(repr(c) for c in choices)}"
+    return None
+
+
+class NoiseStrategy(Strategy):
     """Makes or reshapes the training noise for a batch of latents.
 
     ``role`` tells hosts which noise a strategy changes: ``"target"`` strategies change the
@@ -40,6 +110,18 @@ class NoiseStrategy:
         decides what it does (Perlin's octaves); nothing for most strategies."""
         return {}
 
+    def prepare(self, alphas_cumprod: torch.Tensor) -> None:
+        """Compute, once before any step, what a ``uses_timesteps`` strategy reads of the plan's
+        schedule, so that no draw waits on the device; nothing for most strategies."""
+
+    @classmethod
+    def related_declaration_problems(cls) -> list[str]:
+        if cls.prepare is not NoiseStrategy.prepare and not cls.uses_timesteps:
+            return [
+                "it defines prepare but does not declare uses_timesteps = True: the plan prepares only time-dependent strategies"
+            ]
+        return []
+
     def __call__(self, latents: torch.Tensor, generator: torch.Generator | None = None, **schedule: Any) -> torch.Tensor:
         """This strategy alone: noise of ``latents``' shape, dtype and device (``timesteps=`` and
         ``alphas_cumprod=`` too, for a strategy that ``uses_timesteps``)."""
@@ -48,7 +130,7 @@ class NoiseStrategy:
         return self.transform(None, latents, generator)
 
 
-class TimestepStrategy:
+class TimestepStrategy(Strategy):
     """Draws one integer training timestep per sample."""
 
     def sample(self, batch_size: int, num_train_timesteps: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -71,7 +153,7 @@ class TimestepStrategy:
         return t.to(device) if device is not None else t
 
 
-class LossWeighting:
+class LossWeighting(Strategy):
     """Weights a per-sample diffusion loss by its timestep.
 
     Subclasses give ``weight_for(snr, prediction_type)``: the weight of a loss measured in the
@@ -135,7 +217,7 @@ class LossWeighting:
         """Restore ``state_dict()``'s tensors in place (optimizer references stay valid)."""
 
 
-class LossType:
+class LossType(Strategy):
     """The loss between a prediction and its target, one value per sample, in float32.
 
     Subclasses give ``elementwise(model_pred, target, timesteps, alphas_cumprod)``: the loss of
@@ -173,17 +255,44 @@ class LossType:
         return loss.mean(dim=tuple(range(1, loss.dim())))
 
 
-class CaptionTransform:
-    """Rewrites one caption. ``needs_text`` is False when the effect can be applied to cached
-    text-encoder outputs (by substituting the empty caption's embedding)."""
+class CaptionTransform(Strategy):
+    """Rewrites one caption.
+
+    ``needs_text`` False declares a transform that only decides whether a caption is dropped
+    (``decide``, ``drop_probability``): the one kind that works on cached text-encoder outputs,
+    by substituting the empty caption's embedding.
+    """
 
     needs_text: ClassVar[bool] = True
 
     def __call__(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> str:
         raise NotImplementedError
 
+    def decide(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
+        """Whether this sample's caption is dropped (a transform with ``needs_text`` False)."""
+        raise NotImplementedError(f"{type(self).__name__} needs the caption text: it decides no drop on its own")
 
-class OptimizerStrategy:
+    def drop_probability(self, epoch: int = 0) -> float:
+        """The chance ``decide`` returns True in ``epoch`` (a transform with ``needs_text`` False)."""
+        raise NotImplementedError(f"{type(self).__name__} needs the caption text: it decides no drop on its own")
+
+    def count(self, before: str, after: str) -> Any:
+        """What one call did, measured from its input and output, for the audit (tag dropout's
+        ``TagCount``); None for a transform the audit counts by calls alone."""
+        return None
+
+    @classmethod
+    def related_declaration_problems(cls) -> list[str]:
+        missing = [name for name in ("decide", "drop_probability") if getattr(cls, name) is getattr(CaptionTransform, name)]
+        if not cls.needs_text and missing:
+            return [
+                f"it declares needs_text = False but does not define {', '.join(missing)}: a transform that works on "
+                "cached text-encoder outputs only decides whether the caption is dropped"
+            ]
+        return []
+
+
+class OptimizerStrategy(Strategy):
     """Builds a ``torch.optim.Optimizer`` for the given parameters."""
 
     requires: ClassVar[tuple[str, ...]] = ()
@@ -212,6 +321,24 @@ class OptimizerStrategy:
     def build(self, params: Any) -> torch.optim.Optimizer:
         raise NotImplementedError
 
+    @classmethod
+    def related_declaration_problems(cls) -> list[str]:
+        from sdplug.params import field_names
+
+        parameters = field_names(cls)
+        problems = []
+        if cls.adapts_step_size and "lr" not in parameters:
+            problems.append(
+                "it declares adapts_step_size = True but has no 'lr' parameter: the plan gives every trained group "
+                "the strategy's own lr"
+            )
+        problems += [
+            f"implementation_parameters names {name!r}, which is not one of its parameters ({', '.join(parameters) or 'none'})"
+            for name in cls.implementation_parameters
+            if name not in parameters
+        ]
+        return problems
+
 
 class ProcessorModel(Protocol):
     """The part of a diffusers model (``AttentionMixin``) that attention strategies use."""
@@ -222,7 +349,7 @@ class ProcessorModel(Protocol):
     def set_attn_processor(self, processor: Any) -> None: ...
 
 
-class AttentionStrategy:
+class AttentionStrategy(Strategy):
     """Installs an attention implementation in a diffusers model."""
 
     def check_available(self) -> None:

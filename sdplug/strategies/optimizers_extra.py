@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib.metadata
 import math
 from types import ModuleType
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, cast
 
 import torch
 from pydantic import Field
@@ -314,6 +314,6 @@ def lr_is_a_multiplier(name: str) -> bool:
     from sdplug.strategies import registry
 
     try:
-        return bool(getattr(registry("optimizer").get(name).cls, "adapts_step_size", False))
+        return cast("type[OptimizerStrategy]", registry("optimizer").get(name).cls).adapts_step_size
     except UnknownStrategyError:  # the preset reports an unknown name, with what is allowed
         return False

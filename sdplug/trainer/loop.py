@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from sdplug.audit import TIMESTEP_BINS
 from sdplug.divergence import DivergedRun
 from sdplug.errors import MissingDependencyError, SdplugError
 from sdplug.log import show_messages
@@ -27,8 +28,6 @@ from sdplug.trainer.gradient_checkpointing import CheckpointedCalls
 from sdplug.trainer.requirements import check_trainer_requirements
 from sdplug.trainer.run_folder import RunFolder
 from sdplug.trainer.step import diffusion_loss
-
-TIMESTEP_BINS = 10
 
 
 def _resolve_data(config: TrainConfig, accelerator) -> Path:
