@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sdplug import plan_report, plan_setup, schedule
+from sdplug import optimizer_groups, plan_report, plan_setup, schedule
 from sdplug.audit import Audit
 from sdplug.divergence import DivergedRun, DivergenceWatch, optimizer_watch
 from sdplug.ema import EMA
@@ -39,7 +39,7 @@ from sdplug.runs_here import choose_attention, choose_optimizer
 from sdplug.schedule import check_prediction_type
 from sdplug.strategies.base import LossWeighting, TimestepStrategy
 from sdplug.strategies.timesteps import UniformTimesteps
-from sdplug.streams import Streams
+from sdplug.streams import Streams, stream_seed
 
 __all__ = ["CaptionDraw", "CaptionPipeline", "NoiseDraw", "NoisePipeline", "Plan"]
 
@@ -326,6 +326,52 @@ class Plan:
             self.failure = f"refused before training: {exc}"
         else:
             self.failure = f"stopped at step {self.steps} by {type(exc).__name__}: {exc}"
+
+    # -- what a host reads of the plan (sdplug.hosts) ------------------------------------------
+    @property
+    def rank(self) -> int:
+        """The process rank the plan was bound to (its audit's file name, its streams)."""
+        return self.streams.rank
+
+    def stream_seed(self, purpose: str) -> int:
+        """The seed of a host's own stream named ``purpose``, independent of the plan's streams
+        and of every other seed, rank and purpose (a host's fixed validation generators)."""
+        return stream_seed(self.streams.seed, self.streams.rank, purpose)
+
+    @property
+    def optimizer_adapts_step_size(self) -> bool:
+        """Whether the optimizer in use (a fallback's, when the plan fell back) estimates its own
+        step size (Prodigy, D-Adaptation): its lr is a multiplier near 1.0."""
+        return self.optimizer_strategy is not None and bool(self.optimizer_strategy.adapts_step_size)
+
+    @property
+    def optimizer_is_schedule_free(self) -> bool:
+        """Whether the optimizer in use must be switched to its evaluation weights around
+        sampling and saving (a schedule-free optimizer)."""
+        return self.optimizer_strategy is not None and bool(self.optimizer_strategy.schedule_free)
+
+    def preset_lr(self) -> float | None:
+        """The lr the preset gives every trained group (``[optimizer]`` lr, or the default
+        multiplier of an optimizer that adapts its step size); None: the host's lr stands."""
+        return optimizer_groups.preset_lr(self.optimizer_spec, self.optimizer_strategy)
+
+    @property
+    def ema_average(self) -> EMA | None:
+        """The moving average ``ema()`` keeps (None before it, or without ``[ema]``)."""
+        return self.ema_tracker
+
+    def divergence_record(self) -> dict[str, Any] | None:
+        """Where the run first went non-finite (the audit's ``divergence``), or None. Reads the
+        device, as ``first_nonfinite_step`` does."""
+        return self.divergence.record()
+
+    def record_host(self, **facts: Any) -> None:
+        """Facts only the host knows, into the audit's ``host`` section."""
+        self.audit.record_host(**facts)
+
+    def extend_host_record(self, section: str, **facts: Any) -> None:
+        """Add facts to one entry of the audit's ``host`` section (``ema_files``, ``memory``, ...)."""
+        self.audit.extend_host(section, **facts)
 
     def summary(self) -> str:
         """The report as a short table a person reads at a glance (the end of a run)."""

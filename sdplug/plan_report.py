@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdplug import optimizer_groups
+from sdplug.audit import preset_strategies
 from sdplug.log import logger
 
 if TYPE_CHECKING:
     from sdplug.plan import Plan
+    from sdplug.presets import Preset
 
 
 def problems(plan: Plan, report: dict[str, Any]) -> list[str]:
@@ -65,7 +67,7 @@ def likely_divergence_cause(plan: Plan) -> str:
         lrs = [optimizer_groups.learning_rate(g["lr"]) for g in optimizer.param_groups if "lr" in g]
         spec = plan.optimizer_spec
         name = repr(spec.type) if spec is not None else "the host's optimizer"
-        adapts = bool(getattr(plan.optimizer_strategy, "adapts_step_size", False))
+        adapts = plan.optimizer_adapts_step_size
         if lrs and max(lrs) > (10.0 if adapts else 1e-2):
             causes.append(f"optimizer {name} at lr {max(lrs):g}")
     if plan.loss_weighting is not None and plan.preset.loss_weighting is not None:
@@ -133,6 +135,30 @@ def write(
     return write_data(data, output_dir, plan.streams.rank, name=name, announce=announce)
 
 
+# what every audit.json holds at its top level, whichever host wrote it and however the run ended
+AUDIT_KEYS = ("steps", "completed", "strategies", "host", "problems")
+REFUSED = "refused before training: "  # how a refusal's problem starts
+
+
+def write_before_plan(
+    output_dir: str | Path,
+    problem: str,
+    *,
+    host: dict[str, Any],
+    preset: Preset | None = None,
+    rank: int = 0,
+    name: str | None = None,
+    announce: bool = True,
+) -> Path:
+    """The audit of a run stopped before a plan was bound (a refusal: ``problem`` starts with
+    ``REFUSED``), with the keys of every audit: ``steps`` 0, ``completed`` false, the
+    ``strategies`` the preset names (none when the preset itself was refused), ``host``, and
+    ``problem`` as the one problem. Written as a plan's audit is (``write_data``)."""
+    strategies = preset_strategies(preset) if preset is not None else {}
+    data = {"steps": 0, "completed": False, "strategies": strategies, "host": host, "problems": [problem]}
+    return write_data(data, output_dir, rank, name=name, announce=announce)
+
+
 def write_data(
     data: dict[str, Any], output_dir: str | Path, rank: int, *, name: str | None = None, announce: bool = True
 ) -> Path:
@@ -147,7 +173,7 @@ def write_data(
     os.replace(partial, path)
     if not announce:
         pass
-    elif data["steps"] == 0 and data["problems"][:1] and str(data["problems"][0]).startswith("refused"):
+    elif data["steps"] == 0 and data["problems"][:1] and str(data["problems"][0]).startswith(REFUSED):
         logger.info(f"the refusal is in {path}")  # its message follows as the error
     elif data["problems"]:
         logger.warning(f"AUDIT PROBLEMS in {path}: {'; '.join(data['problems'])}")

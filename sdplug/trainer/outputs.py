@@ -387,7 +387,7 @@ def write_failure_audit(folder, exc: BaseException, trainer=None) -> Path | None
     """A refused, failed or interrupted run still writes its audit: ``completed`` false, the
     reason in ``problems``, and whatever the audit had counted (nothing, when refused before
     training) -- into ``audit.json``, or beside it when that holds another run's record."""
-    from sdplug.plan_report import write_data
+    from sdplug.plan_report import REFUSED, write_before_plan
 
     if folder.rank != 0 or not folder.path.is_dir():
         return None
@@ -400,9 +400,10 @@ def write_failure_audit(folder, exc: BaseException, trainer=None) -> Path | None
     if plan is not None:
         plan.record_failure(exc)
         path = plan.write_audit(folder.path, audit_name=name, announce=not interrupted)
-    else:  # refused before the plan was built (a model that does not load)
-        problem = f"refused before training: {exc}" if refused else f"stopped at step 0 by {type(exc).__name__}: {exc}"
-        path = write_data({"steps": 0, "completed": False, "problems": [problem]}, folder.path, 0, name=name, announce=not interrupted)
+    else:  # refused before the plan was built (a model that does not load): the trainer's own host record is empty
+        problem = f"{REFUSED}{exc}" if refused else f"stopped at step 0 by {type(exc).__name__}: {exc}"
+        preset = getattr(trainer, "preset", None)
+        path = write_before_plan(folder.path, problem, host={}, preset=preset, name=name, announce=not interrupted)
     if name != "audit.json":
         logger.warning(f"{folder.path / 'audit.json'} is another run's record and stays; this run's audit is {path.name}")
     return path

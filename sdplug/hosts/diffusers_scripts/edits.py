@@ -19,6 +19,8 @@ from pathlib import Path
 from sdplug.errors import SdplugError
 from sdplug.hosts.patch_files import Rewrite, check_targets, decode_target, read_target, replace_files, tree_folder
 
+VERSION = "main-2026-08"  # the diffusers examples these edits fit (the audit's host version)
+
 MARK = "  # sdplug"
 _HEADER = re.compile(r"^# sdplug patch: original sha256 ([0-9a-f]{64})" + re.escape(MARK) + r"\n$")
 SCRIPTS = (
@@ -209,7 +211,7 @@ def fingerprint(text: str, script: str) -> str:
     lines = text.splitlines(keepends=True)
     for edit in edits_for(script):
         _line_index(lines, edit, script)
-    return "main-2026-08"
+    return VERSION
 
 
 def patch_source(text: str, script: str) -> str:

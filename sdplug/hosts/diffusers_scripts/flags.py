@@ -15,6 +15,7 @@ from typing import Any
 
 from sdplug.errors import SdplugError
 from sdplug.presets import Preset
+from sdplug.strategies.families import FAMILY_TABLE
 
 _NOISE = ("noise", "timesteps")  # the session draws noise and timesteps together
 _OPTIMIZER = ("optimizer",)
@@ -45,9 +46,7 @@ class DiffusersConflictError(SdplugError):
 
 
 def _set_sections(preset: Preset) -> set[str]:
-    sections = {name for name in ("timesteps", "loss", "loss_weighting", "optimizer", "attention") if getattr(preset, name)}
-    sections |= {name for name in ("noise", "caption") if getattr(preset, name)}
-    return sections
+    return {family.section for family in FAMILY_TABLE if preset.strategy_specs(family.section)}
 
 
 def check(preset: Preset, script: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:

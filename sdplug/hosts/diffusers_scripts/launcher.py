@@ -17,7 +17,8 @@ from pathlib import Path
 
 from sdplug.errors import SdplugError
 from sdplug.hosts.diffusers_scripts import edits, session
-from sdplug.presets import load_preset
+from sdplug.hosts.lifecycle import HostLifecycle, problems_exit_status
+from sdplug.presets import Preset, load_preset
 
 
 def resolve_script(script: str) -> Path:
@@ -78,20 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         problems = launch(args.preset, args.script, script_args)
     except SdplugError as exc:
-        output_dir = _refusal_output_dir(script_args)
         current = session.current()
-        if (current is None or current.plan is None) and output_dir:
-            _write_refusal(output_dir, str(exc), Path(args.script).name)
+        if current is None or current.plan is None:  # refused before the plan: its audit says so
+            preset = current.preset if current is not None else _readable_preset(args.preset)
+            host = {"script": Path(args.script).name, "version": edits.VERSION}
+            HostLifecycle(session.HOST_NAME).write_refusal(_refusal_output_dir(script_args), exc, host, preset)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if problems:
-        print(f"error: the run finished, but the audit found strategies that did not apply: {'; '.join(problems)}", file=sys.stderr)
-        return 1
-    return 0
+    status, error = problems_exit_status(problems)
+    if error is not None:
+        print(error, file=sys.stderr)
+    return status
 
 
-def _write_refusal(output_dir: str, problem: str, script: str) -> None:
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {"steps": 0, "completed": False, "problems": [f"refused before training: {problem}"], "host": {"name": "diffusers examples", "script": script}}
-    (folder / "audit.json").write_text(json.dumps(record, indent=2) + "\n")
+def _readable_preset(reference: str) -> Preset | None:
+    """The preset a refusal's audit lists the strategies of; None when the preset was refused."""
+    try:
+        return load_preset(reference)
+    except SdplugError:
+        return None

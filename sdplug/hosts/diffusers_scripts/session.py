@@ -7,9 +7,6 @@ one per process (a script trains one model), held in ``_current``.
 
 from __future__ import annotations
 
-import atexit
-import os
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +15,14 @@ import torch
 
 from sdplug.errors import SdplugError
 from sdplug.hosts.diffusers_scripts import flags
+from sdplug.hosts.diffusers_scripts.edits import VERSION
+from sdplug.hosts.lifecycle import HostLifecycle
 from sdplug.log import logger
 from sdplug.pipelines import NoiseDraw
 from sdplug.plan import Plan
 from sdplug.presets import Preset, load_preset
 
+HOST_NAME = "diffusers examples"
 LAUNCHED = False  # set by the launcher: it records failures and writes the audit itself
 
 
@@ -31,13 +31,17 @@ class Session:
 
     def __init__(self, preset: Preset, script: str, args: Any, flag_states: dict[str, Any]):
         self.preset, self.script, self.args, self.flag_states = preset, script, args, flag_states
-        self.plan: Plan | None = None
+        self.lifecycle = HostLifecycle(HOST_NAME)  # the plan, its failure watch and audit
         self.output_dir = getattr(args, "output_dir", None)
         self.draws_noise = bool(preset.noise) or preset.timesteps is not None
         self.draw: NoiseDraw | None = None
         self.empty_caption: Any = None
         self.written: Path | None = None
         self.pending_failure: BaseException | None = None
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.lifecycle.plan
 
     def bound(self) -> Plan:
         if self.plan is None:
@@ -51,15 +55,17 @@ class Session:
                 "inputs, outputs and loss with its own sigmas, which sdplug's noise, timesteps, target and weighting do "
                 "not know. Allowed with a preset: a DDPM-scheduled model, without --do_edm_style_training."
             )
-        rank = int(os.environ.get("RANK", "0"))
+        rank = self.lifecycle.rank
         prediction_type = getattr(args, "prediction_type", None) or noise_scheduler.config.prediction_type
-        self.plan = self.preset.build(noise_scheduler, seed=args.seed or 0, rank=rank, prediction_type=prediction_type)
-        if not self.plan.matches_schedule(torch.as_tensor(noise_scheduler.alphas_cumprod)):
-            raise flags.DiffusersConflictError(
-                f"{self.preset.path or self.preset.name}: schedule.zero_terminal_snr rescales the schedule, but the "
-                f"model's scheduler (used by {self.script}'s validation) is not rescaled. Allowed: a scheduler with "
-                "rescale_betas_zero_snr = true, or no schedule.zero_terminal_snr."
-            )
+        plan = self.preset.build(noise_scheduler, seed=args.seed or 0, rank=rank, prediction_type=prediction_type)
+        self.lifecycle.bind(plan)
+        self.lifecycle.check_schedule(
+            torch.as_tensor(noise_scheduler.alphas_cumprod),
+            f"{self.preset.path or self.preset.name}: schedule.zero_terminal_snr rescales the schedule, but the "
+            f"model's scheduler (used by {self.script}'s validation) is not rescaled. Allowed: a scheduler with "
+            "rescale_betas_zero_snr = true, or no schedule.zero_terminal_snr.",
+            error=flags.DiffusersConflictError,
+        )
         logger.info(f"preset {self.preset.name!r} bound to {self.script} ({prediction_type}, rank {rank})")
 
     def optimizer(self, host_optimizer: torch.optim.Optimizer, args: Any) -> torch.optim.Optimizer:
@@ -122,8 +128,8 @@ class Session:
     def write_audit(self) -> Path | None:
         if self.plan is None or self.output_dir is None or self.written is not None:
             return self.written
-        host = {"name": "diffusers examples", "script": self.script, "version": "main-2026-08", "script_flags": self.flag_states}
-        self.written = self.plan.write_audit(self.output_dir, host=host)
+        host = {"script": self.script, "version": VERSION, "script_flags": self.flag_states}
+        self.written = self.lifecycle.write_audit(self.output_dir, host)
         return self.written
 
 
@@ -144,22 +150,12 @@ def activate(args: Any, parser: Any, script: str) -> None:
     preset = load_preset(path)
     _current = Session(preset, script, args, flags.check(preset, script, args, parser))
     if not LAUNCHED:  # the patched script started directly: the audit also when it stops
-        atexit.register(_write_at_exit)
-        previous = sys.excepthook
-
-        def hook(kind: Any, exc: BaseException, tb: Any) -> None:
-            record_failure(exc)
-            previous(kind, exc, tb)
-
-        sys.excepthook = hook
+        _current.lifecycle.watch(at_exit=_write_at_exit)
 
 
 def record_failure(exc: BaseException) -> bool:
     """What stopped the run, for the audit; False when no plan was bound yet."""
-    if _current is None or _current.plan is None:
-        return False
-    _current.plan.record_failure(exc)
-    return True
+    return _current is not None and _current.lifecycle.record_failure(exc)
 
 
 def _write_at_exit() -> None:

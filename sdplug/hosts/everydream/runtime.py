@@ -24,14 +24,12 @@ or any sdplug error that stops the run, is shown as its message, without a trace
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from sdplug.audit import preset_strategies
 from sdplug.errors import SdplugError
 from sdplug.hosts.everydream.flags import KEYS
 from sdplug.hosts.everydream.optimizer_hook import install as install_optimizer
@@ -40,7 +38,7 @@ from sdplug.hosts.everydream.patching import is_patched
 from sdplug.hosts.everydream.reconcile import reconcile
 from sdplug.hosts.everydream.step_hooks import StepHooks
 from sdplug.hosts.everydream.version import EverydreamVersion, check_runtime, detect
-from sdplug.hosts.session import Session
+from sdplug.hosts.lifecycle import HostLifecycle
 from sdplug.log import logger, show_messages
 from sdplug.plan import Plan
 from sdplug.presets import Preset, load_preset
@@ -63,14 +61,17 @@ class EverydreamHost:
         self.log_folder = str(main_locals["log_folder"])
         self.scheduler, self.unet = main_locals["noise_scheduler"], main_locals["unet"]
         self.text_encoder, self.tokenizer = main_locals["text_encoder"], main_locals["tokenizer"]
-        self.session = Session()
-        self.plan: Plan | None = None
+        self.lifecycle = HostLifecycle(HOST_NAME)  # the plan, its failure watch and audit
+        self.session = self.lifecycle.session
         self.rules: list[str] = []
         self.keys: dict[str, str] = {}
         self.optimizer_record: dict[str, Any] = {}
         self.steps = StepHooks(self)
-        self.checked_schedule = False
         self.exit_on_problems = False  # the real plugin: a run with problems exits non-zero
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.lifecycle.plan
 
     # -- the constructor's work ---------------------------------------------------------------
     def configure(self, defaults: dict[str, Any]) -> None:
@@ -89,7 +90,7 @@ class EverydreamHost:
             self.rules.append(
                 "caption decisions: every sample, in the training process (on_step_start); per-image cond_dropout does not apply"
             )
-        self.plan = self._build_plan()
+        self.lifecycle.bind(self._build_plan())
         self.check_schedule()
         if result.enable_gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -108,7 +109,7 @@ class EverydreamHost:
         else:
             watch_own_optimizers(self, optimizer_class)
         if preset.attention is not None:
-            self.plan.attention(self.unet)
+            self.lifecycle.bound().attention(self.unet)
         for rule in self.rules:
             logger.info(rule)
 
@@ -120,25 +121,24 @@ class EverydreamHost:
         end = int(args.timestep_end)
         default = UniformTimesteps(min_timestep=int(args.timestep_start), max_timestep=end)
         return self.preset.build(
-            self.scheduler, seed=int(args.seed), rank=0, prediction_type=prediction, default_timesteps=default
+            self.scheduler,
+            seed=int(args.seed),
+            rank=self.lifecycle.rank,
+            prediction_type=prediction,
+            default_timesteps=default,
         )
 
     def check_schedule(self) -> None:
-        if self.checked_schedule:
-            return
-        assert self.plan is not None
-        if not self.plan.matches_schedule(self.scheduler.alphas_cumprod):
-            raise SdplugError(
-                "EveryDream2's training noise scheduler is not the schedule the preset was bound to (with "
-                "schedule.zero_terminal_snr the preset rescales it; set enable_zero_terminal_snr in train.json alike)."
-            )
-        self.checked_schedule = True
+        self.lifecycle.check_schedule(
+            self.scheduler.alphas_cumprod,
+            "EveryDream2's training noise scheduler is not the schedule the preset was bound to (with "
+            "schedule.zero_terminal_snr the preset rescales it; set enable_zero_terminal_snr in train.json alike).",
+        )
 
     # -- the audit ------------------------------------------------------------------------------
     def host_record(self) -> dict[str, Any]:
         assert self.plan is not None
         return {
-            "name": HOST_NAME,
             "version": self.version.name,
             "rules": self.rules,
             "everydream_keys": self.keys,
@@ -151,48 +151,19 @@ class EverydreamHost:
         }
 
     def write_audit(self) -> Path:
-        assert self.plan is not None
-        path = self.plan.write_audit(self.log_folder, host=self.host_record())
-        logger.info(f"audit ({path}):\n{self.plan.summary()}")
+        path = self.lifecycle.write_audit(self.log_folder, self.host_record())
+        logger.info(f"audit ({path}):\n{self.lifecycle.bound().summary()}")
         return path
 
     def at_exit(self) -> None:
         path = self.write_audit()
-        report = self.plan.report() if self.plan is not None else {"problems": []}
-        if self.exit_on_problems and report["problems"] and self.plan is not None and self.plan.failure is None:
-            # EveryDream2 has saved what it trained; the problems policy: the run exits non-zero
-            logger.error(f"the run had problems (see {path}); exiting with status 1")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            logging.shutdown()
-            os._exit(1)
+        if self.exit_on_problems:  # EveryDream2 has saved what it trained; its process ends here
+            self.lifecycle.exit_if_problems(path)
 
     def watch(self) -> None:
         """Record an exception that stops EveryDream2 (the audit says so; an sdplug error is shown as
         its message, not a traceback); write the audit at exit."""
-        previous = sys.excepthook
-
-        def excepthook(kind, value, traceback):
-            if self.plan is not None:
-                self.plan.record_failure(value)
-            if isinstance(value, SdplugError):  # its message names what to change: no traceback
-                logger.error(f"error: {value}")
-            else:
-                previous(kind, value, traceback)
-
-        self.session.set_excepthook(excepthook)
-        self.session.at_exit(self.at_exit)
-
-
-def refusal(message: str, preset: Preset | None, version: str | None) -> dict[str, Any]:
-    """The audit of a run refused before its first step, in the schema of every host."""
-    return {
-        "steps": 0,
-        "completed": False,
-        "strategies": preset_strategies(preset) if preset is not None else {},
-        "host": {"name": HOST_NAME, "version": version, "rules": []},
-        "problems": [f"refused before training: {message}"],
-    }
+        self.lifecycle.watch(at_exit=self.at_exit)
 
 
 class _ReportedErrorsQuiet:
@@ -263,10 +234,8 @@ def start(frame: FrameType | None, *, exit_on_problems: bool = True) -> Everydre
             raise
     except SdplugError as exc:
         folder = found.get("log_folder") if found else None
-        if folder:
-            from sdplug.plan_report import write_data as write
-
-            write(refusal(str(exc), preset, version.name if version else None), folder, 0)
+        known: dict[str, Any] = {"version": version.name if version else None, "rules": []}
+        HostLifecycle(HOST_NAME).write_refusal(str(folder) if folder else None, exc, known, preset)
         logger.error(f"error: {exc}")
         leave_out_traceback(exc)
         raise

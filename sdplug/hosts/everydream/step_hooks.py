@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from sdplug.errors import SdplugError
-from sdplug.streams import stream_seed
 
 
 class StepHooks:
@@ -128,13 +127,10 @@ class StepHooks:
 
     def _fixed_generators(self, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
         if self.validation_generators is None:
-            streams = self.plan.streams
-            seed = stream_seed(streams.seed, streams.rank, "everydream-validation-noise")
+            plan = self.plan
             self.validation_generators = (
-                torch.Generator(device=device).manual_seed(seed),
-                torch.Generator(device="cpu").manual_seed(
-                    stream_seed(streams.seed, streams.rank, "everydream-validation-timesteps")
-                ),
+                torch.Generator(device=device).manual_seed(plan.stream_seed("everydream-validation-noise")),
+                torch.Generator(device="cpu").manual_seed(plan.stream_seed("everydream-validation-timesteps")),
             )
         return self.validation_generators
 

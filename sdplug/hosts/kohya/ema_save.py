@@ -44,13 +44,13 @@ def install(adapter: Any, args: Any) -> None:
 def _with_twin(adapter: Any, network: Any, original: Save) -> Save:
     def save_weights(file, dtype, metadata):
         original(file, dtype, metadata)
-        ema = adapter.plan.ema_tracker if adapter.plan is not None else None
+        ema = adapter.plan.ema_average if adapter.plan is not None else None
         if ema is None or not {id(p) for p in ema.parameters} <= {id(p) for p in network.parameters()}:
             return  # not the network being trained (a --base_weights merge), or no average yet
         twin = ema_file(file)
         with ema.applied():
             original(twin, dtype, None if metadata is None else {**metadata, "sdplug_ema": json.dumps(ema.record())})
-        adapter.plan.audit.extend_host("ema_files", **{Path(twin).name: ema.record()["optimizer_steps"]})
+        adapter.plan.extend_host_record("ema_files", **{Path(twin).name: ema.record()["optimizer_steps"]})
         logger.info(f"EMA weights: {twin}")
 
     return save_weights

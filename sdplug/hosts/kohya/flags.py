@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from sdplug.strategies import FAMILIES as STRATEGY_FAMILIES
+
 VERSIONS = ("main", "v0.8.7")
 KINDS = ("conflict", "reconciled", "independent")
-FAMILIES = ("noise", "timesteps", "loss", "loss_weighting", "caption", "optimizer", "attention", "memory")
+FAMILIES = (*STRATEGY_FAMILIES, "memory")  # what a flag belongs to: a strategy family, or [memory]
 MEMORY_KEYS = ("gradient_checkpointing", "mixed_precision", "cache_latents", "cache_text_encoder_outputs")
 
 

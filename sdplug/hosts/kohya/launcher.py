@@ -19,6 +19,7 @@ from sdplug.errors import SdplugError
 from sdplug.hosts.kohya import report
 from sdplug.hosts.kohya.runtime import activate_for_launch, record_failure
 from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError, detect
+from sdplug.hosts.lifecycle import problems_exit_status
 from sdplug.log import logger
 from sdplug.presets import load_preset
 
@@ -70,14 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except SdplugError as exc:
         if not record_failure(exc):
             # refused before the adapter configured (preset, script, version): the audit says so
-            output_dir = report.output_dir_from_args(script_args)
-            if output_dir:
-                report.write(report.refusal(str(exc), script=Path(args.script).name), output_dir, 0)
+            report.write_early_refusal(exc, report.output_dir_from_args(script_args), Path(args.script).name)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if problems:  # the one problems policy: weights saved by the script, audit written, non-zero exit
-        print(
-            f"error: the run finished, but the audit found strategies that did not apply: {'; '.join(problems)}", file=sys.stderr
-        )
-        return 1
-    return 0
+    status, error = problems_exit_status(problems)  # weights saved by the script, audit written: non-zero exit
+    if error is not None:
+        print(error, file=sys.stderr)
+    return status

@@ -22,7 +22,7 @@ from sdplug.errors import PresetError, SdplugError
 from sdplug.hosts.kohya.flags import FLAGS, KohyaFlag, flags_for, host_setting_group
 from sdplug.hosts.preset_sections import is_set, preset_value, section_set
 from sdplug.presets import Preset, tomllib
-from sdplug.strategies import registry
+from sdplug.strategies import cached_text_caption_types
 
 # caption flags kohya's datasets also take per subset (``--dataset_config``): the same conflicts
 SUBSET_CAPTION_KEYS = tuple(dict.fromkeys(f.name for f in FLAGS if f.family == "caption" and f.kind == "conflict"))
@@ -137,8 +137,7 @@ SCHEDULE_FREE_SCRIPTS = {"main": ("train_network.py", "sdxl_train_network.py")}
 def check_schedule_free_switch(plan: Any, version: str, script: str) -> None:
     """A schedule-free optimizer samples and saves its evaluation weights only where the script
     calls train_util's train/eval switch (main's network scripts); elsewhere it is refused."""
-    strategy = plan.optimizer_strategy
-    if strategy is None or not strategy.schedule_free or script in SCHEDULE_FREE_SCRIPTS.get(version, ()):
+    if not plan.optimizer_is_schedule_free or script in SCHEDULE_FREE_SCRIPTS.get(version, ()):
         return
     spec = plan.optimizer_spec
     allowed = ", ".join(f"{v} {s}" for v, scripts in SCHEDULE_FREE_SCRIPTS.items() for s in scripts)
@@ -218,12 +217,14 @@ def reconcile(
     _memory(preset, values, script, result)
     if preset.caption and values.get("cache_text_encoder_outputs"):
         # cached outputs skip process_caption: only a dropout decision can still apply to them
-        needs_text = [s.type for s in preset.caption if getattr(registry("caption").get(s.type).cls, "needs_text", True)]
+        allowed = cached_text_caption_types()
+        needs_text = [s.type for s in preset.caption if s.type not in allowed]
         if needs_text:
             raise KohyaConflictError(
                 f"{preset.path}: [caption] {', '.join(needs_text)} rewrite the caption text, which "
                 "--cache_text_encoder_outputs leaves no longer there (sd-scripts encodes each caption once). "
-                "Allowed with cached outputs: 'dropout' only. Remove those transforms or --cache_text_encoder_outputs."
+                f"Allowed with cached outputs: {', '.join(repr(t) for t in allowed)} only. Remove those transforms or "
+                "--cache_text_encoder_outputs."
             )
         result.rules.append(
             "caption dropout on cached text-encoder outputs: a dropped sample gets the empty caption's outputs, "

@@ -1,8 +1,9 @@
 """The kohya adapter's audits: of a run refused before training, and of a configured run.
 
 A refused run writes an audit too (``steps`` 0, the refusal in ``problems``), in kohya's
-``--output_dir`` when the arguments name one, so a missing audit never stands for a refusal;
-``write`` (``sdplug.plan_report.write_data``, atomic) puts it there.
+``--output_dir`` when the arguments name one, so a missing audit never stands for a refusal.
+Both go through the host lifecycle (``sdplug.hosts.lifecycle``); this module says what only
+kohya knows: where its output folder is and what its ``host`` record holds.
 """
 
 from __future__ import annotations
@@ -11,23 +12,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sdplug.audit import preset_strategies
+from sdplug.hosts.lifecycle import HostLifecycle
 from sdplug.log import logger
-from sdplug.plan_report import write_data as write
 
 HOST_NAME = "kohya sd-scripts"
 
 
-def refusal(message: str, *, preset=None, version: str | None = None, script: str | None = None) -> dict[str, Any]:
-    """The audit of a run sdplug refused before its first step."""
-    strategies = preset_strategies(preset) if preset is not None else {}
-    return {
-        "steps": 0,
-        "completed": False,  # as sdplug's own trainer writes a refused run
-        "strategies": strategies,
-        "host": {"name": HOST_NAME, "version": version, "script": script, "rules": []},
-        "problems": [f"refused before training: {message}"],
-    }
+def write_early_refusal(message: object, output_dir: str | None, script: str) -> Path | None:
+    """The audit of a run refused before an adapter was configured (the preset, the script, the
+    version): nothing is known of kohya yet but the script."""
+    host: dict[str, Any] = {"version": None, "script": script, "rules": []}
+    return HostLifecycle(HOST_NAME).write_refusal(output_dir, message, host)
 
 
 def output_dir_from_args(script_args: list[str]) -> str | None:
@@ -50,7 +45,7 @@ def output_dir_from_args(script_args: list[str]) -> str | None:
 
 # -- the audit of a configured run ----------------------------------------------------------------
 def _host(adapter) -> dict[str, Any]:
-    host = {"name": HOST_NAME, "version": adapter.version.name, "script": adapter.script, "rules": adapter.rules}
+    host = {"version": adapter.version.name, "script": adapter.script, "rules": adapter.rules}
     if adapter.model_prediction is not None:  # the model folder declares its prediction type
         host["model_prediction_type"] = adapter.model_prediction
     return host
@@ -59,11 +54,7 @@ def _host(adapter) -> dict[str, Any]:
 def write_refusal(adapter, exc: BaseException) -> Path | None:
     """The audit of a run the adapter refused while configuring (no step ran)."""
     output_dir = getattr(adapter.args, "output_dir", None)
-    if not output_dir:
-        return None
-    refused = refusal(str(exc), preset=adapter.preset, version=adapter.version.name, script=adapter.script)
-    refused["host"] = {**_host(adapter), **adapter.flag_report}
-    return write(refused, output_dir, adapter.rank)
+    return adapter.lifecycle.write_refusal(output_dir, exc, {**_host(adapter), **adapter.flag_report}, adapter.preset)
 
 
 def write_run(adapter) -> Path | None:
@@ -72,7 +63,7 @@ def write_run(adapter) -> Path | None:
     if adapter.plan is None or adapter.args is None or not getattr(adapter.args, "output_dir", None):
         return None
     host = {**_host(adapter), "prediction_type": adapter.plan.prediction_type, **adapter.flag_report}
-    path = adapter.plan.write_audit(adapter.args.output_dir, host=host)
+    path = adapter.lifecycle.write_audit(adapter.args.output_dir, host)
     if adapter.rank == 0:
         logger.info(f"audit ({path}):\n{adapter.plan.summary()}")
     return path

@@ -36,7 +36,6 @@ refusal in ``problems``); captions count once their batch trains (``caption_hook
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,9 +59,9 @@ from sdplug.hosts.kohya.reconcile import (
     reconcile,
 )
 from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
+from sdplug.hosts.lifecycle import HostLifecycle
 from sdplug.hosts.session import Session
 from sdplug.log import logger, show_messages
-from sdplug.optimizer_groups import preset_lr
 from sdplug.plan import Plan
 from sdplug.plan_report import divergence_problem
 from sdplug.presets import Preset
@@ -78,14 +77,13 @@ _ACTIVE: KohyaAdapter | None = None
 class KohyaAdapter:
     def __init__(self, preset: Preset, version: KohyaVersion, script: str):
         self.preset, self.version, self.script = preset, version, script
-        self.plan: Plan | None = None
         self.args = None
-        self.session = Session()  # every change to the process, and its undo
+        self.lifecycle = HostLifecycle(report.HOST_NAME)  # the plan, its failure watch and audit
+        self.session = self.lifecycle.session  # every change to the process, and its undo
         self.originals: dict[tuple[Any, str], Any] = {}
         self.rules: list[str] = []
-        self.checked_schedule = False
         self.writes_audit = False  # configure ran: an audit (or a refusal) will be written
-        self.rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+        self.rank = self.lifecycle.rank
         self.defaults: dict[str, Any] = {}
         self.configured_range: tuple[Any, Any] = (None, None)  # kohya's --min/--max_timestep
         self.captions = CaptionHooks(self)
@@ -93,6 +91,14 @@ class KohyaAdapter:
         self.timesteps = None  # what the step's noise call drew: the loss hook's per-sample thresholds
         self.flag_report: dict[str, Any] = {}
         self.model_prediction: dict[str, str] | None = None  # what the model's scheduler config declares
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.lifecycle.plan
+
+    @plan.setter
+    def plan(self, plan: Plan | None) -> None:
+        self.lifecycle.plan = plan
 
     # -- installation -----------------------------------------------------------------------
     def install(self, train_util, custom_train_functions) -> Session:
@@ -142,7 +148,7 @@ class KohyaAdapter:
         """Check the command line against the preset, then bind the plan (before any model loads).
 
         A refusal writes its audit (in ``--output_dir``) before it propagates."""
-        self._watch_for_failure()
+        self.lifecycle.watch()
         self.args, self.writes_audit = args, True
         try:
             self._configure(args, parser)
@@ -164,14 +170,14 @@ class KohyaAdapter:
         if preset.schedule.zero_terminal_snr and not getattr(args, "zero_terminal_snr", False):
             args.zero_terminal_snr = True  # kohya rescales its training scheduler; the plan rescales alike
             self.rules.append("--zero_terminal_snr -> True (preset [schedule] zero_terminal_snr)")
-        self.plan = self._build_plan(args)
+        self.lifecycle.bind(self._build_plan(args))
         check_sections_apply(self.plan, self.version.name, self.script)
         ema_save.install(self, args)  # [ema]: a twin beside every network file kohya saves
         saved_metadata.install(self, args)  # every network file's ss_* keys say what the preset ran
         if getattr(args, "network_module", None):  # outermost: no file at all from non-finite weights
             wrap_saves(self, args.network_module, lambda network, save: self._finite_save(save))
         # the lr every trained group gets: the preset's, or Prodigy's / D-Adaptation's own 1.0
-        lr = preset_lr(self.plan.optimizer_spec, self.plan.optimizer_strategy)
+        lr = self.lifecycle.bound().preset_lr()
         result = reconcile(preset, version, values, self.defaults, script=self.script, lr=lr, written=written)
         for name, value in result.changes.items():
             setattr(args, name, value)
@@ -201,36 +207,16 @@ class KohyaAdapter:
             alphas_cumprod=alphas, prediction_type=prediction, seed=seed, rank=self.rank, default_timesteps=kohya_range
         )
 
-    def _watch_for_failure(self) -> None:
-        """Record an exception that stops the script (the audit then says so), and print an sdplug
-        error as its message (it names the file, key and what is allowed), not a traceback."""
-        previous = sys.excepthook
-
-        def excepthook(kind, value, traceback):
-            self.record_failure(value)
-            if isinstance(value, SdplugError):
-                logger.error(f"error: {value}")
-            else:
-                previous(kind, value, traceback)
-
-        self.session.set_excepthook(excepthook)
-
     def record_failure(self, exc: BaseException) -> None:
-        if self.plan is not None:  # configured: the audit of the run says what stopped it
-            self.plan.record_failure(exc)
+        self.lifecycle.record_failure(exc)  # configured: the audit of the run says what stopped it
 
     # -- hooks: kohya's calling convention in, the plan's calls out ------------------------------
     def _check_schedule(self, noise_scheduler) -> None:
-        if self.checked_schedule:
-            return
-        theirs = getattr(noise_scheduler, "alphas_cumprod", None)
-        assert self.plan is not None  # hooks run after configure built it
-        if theirs is None or not self.plan.matches_schedule(theirs):
-            raise SdplugError(
-                "sd-scripts' noise scheduler is not the Stable Diffusion schedule sdplug bound the preset to "
-                "(scaled_linear, 1000 steps); refusing to weight or noise it wrongly."
-            )
-        self.checked_schedule = True
+        self.lifecycle.check_schedule(
+            getattr(noise_scheduler, "alphas_cumprod", None),
+            "sd-scripts' noise scheduler is not the Stable Diffusion schedule sdplug bound the preset to "
+            "(scaled_linear, 1000 steps); refusing to weight or noise it wrongly.",
+        )
 
     def _validating(self, args) -> bool:
         """sd-scripts main validates by pinning every sample to one timestep (min = max): not a step."""
@@ -306,7 +292,7 @@ class KohyaAdapter:
         spec = self.plan.optimizer_spec
         if spec is None:
             return built["kohya"]
-        lr = preset_lr(spec, self.plan.optimizer_strategy)
+        lr = self.plan.preset_lr()
         if lr is not None:
             why = "preset [optimizer] lr" if "lr" in spec.params else f"{spec.type!r} adapts its own step size: its lr multiplier"
             self.rules.append(f"every parameter group's lr -> {lr:g}, except groups at lr 0 ({why})")
@@ -336,7 +322,7 @@ class KohyaAdapter:
         """Stop sd-scripts once a loss or the trained weights went non-finite (the plan's watch)."""
         if self.plan is None or self.plan.first_nonfinite_step() is None:
             return
-        record = self.plan.divergence.record()
+        record = self.plan.divergence_record()
         assert record is not None
         raise DivergedRun(
             f"{divergence_problem(self.plan, record)} sdplug stopped sd-scripts instead of {doing} non-finite "
@@ -427,8 +413,7 @@ def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | Non
         preset = load_preset(args.sdplug_preset)
         adapter, custom = _install(preset, version, root, script_file.name)
     except SdplugError as exc:  # refused before configuring: the audit says so, the message is one paragraph
-        if getattr(args, "output_dir", None):
-            report.write(report.refusal(str(exc), script=script_file.name), args.output_dir, 0)
+        report.write_early_refusal(exc, getattr(args, "output_dir", None), script_file.name)
         logger.error(f"error: {exc}")
         raise SystemExit(1) from None
     adapter.rebind_script_globals(script_globals, custom)

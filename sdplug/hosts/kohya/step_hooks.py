@@ -50,7 +50,6 @@ def conditional_loss(adapter: Any, original: Any, model_pred: torch.Tensor, targ
 def train_eval_switch(adapter: Any, original: Any, optimizer: Any, args: Any) -> tuple:
     """main's ``get_optimizer_train_eval_fn``: it knows only kohya's own schedule-free optimizers
     by name, so a preset's gets no-ops from it; the plan's strategy says which is."""
-    strategy = adapter.plan.optimizer_strategy if adapter.plan is not None else None
-    if strategy is not None and strategy.schedule_free:
+    if adapter.plan is not None and adapter.plan.optimizer_is_schedule_free:
         return (lambda: train_mode(optimizer)), (lambda: eval_mode(optimizer))
     return original(optimizer, args)
