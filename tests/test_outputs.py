@@ -16,7 +16,7 @@ from PIL import Image
 
 from sdplug.cli import build_parser, main
 from sdplug.log import show_messages
-from sdplug.trainer import outputs
+from sdplug.trainer import files, outputs
 from sdplug.trainer.config import OptionError, TrainConfig
 from sdplug.trainer.loop import train
 from sdplug.trainer.plot import loss_curve_plot, loss_per_timestep_plot
@@ -101,14 +101,14 @@ def test_loss_plots_label_their_axes(tmp_path):
 
 def test_atomic_output_is_whole_or_absent(tmp_path):
     target = tmp_path / "model"
-    with pytest.raises(RuntimeError), outputs.atomic(target) as tmp:
+    with pytest.raises(RuntimeError), files.atomic(target) as tmp:
         tmp.mkdir()
         (tmp / "half.bin").write_bytes(b"x")
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
     target.mkdir()
     (target / "old.bin").write_bytes(b"old")
-    with outputs.atomic(target) as tmp:
+    with files.atomic(target) as tmp:
         tmp.mkdir()
         (tmp / "new.bin").write_bytes(b"new")
         assert tmp.name == f"model.tmp-{os.getpid()}" and not (target / "new.bin").exists()

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from sdplug.errors import SdplugError
+from sdplug.trainer.files import follow_umask
 
 MANIFEST = "checkpoint.json"
 MANIFEST_CHECKSUM = "manifest_sha256"
@@ -92,8 +93,6 @@ def partial_dir(directory: Path) -> Path:
 
 def seal(directory: Path, *, identity: dict[str, Any], step: int) -> None:
     """Main process, after every rank wrote its part: the manifest last, then the rename."""
-    from sdplug.trainer.outputs import follow_umask
-
     work = partial_dir(directory)
     files = sorted(p.name for p in work.iterdir() if p.is_file() and p.name != MANIFEST)
     manifest: dict[str, Any] = {"step": step, "identity": identity, "files": {name: _sha256(work / name) for name in files}}

@@ -29,8 +29,8 @@ from sdplug.presets import Preset, load_preset, parse_preset_text
 from sdplug.schedule import PREDICTION_TYPES
 from sdplug.trainer import models
 from sdplug.trainer.config import TrainConfig
+from sdplug.trainer.files import atomic
 from sdplug.trainer.lora import kohya_layers, read_kohya_lora
-from sdplug.trainer.outputs import atomic
 from sdplug.trainer.sampling import sample_grid
 
 # torch generators take seeds from 0 to 2**64 - 1 (negative ones are folded into that range)

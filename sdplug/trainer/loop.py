@@ -24,6 +24,7 @@ from sdplug.runs_here import check_memory_runs_here
 from sdplug.trainer import checkpoint, data, lora, models, outputs, resume, synthetic, validation
 from sdplug.trainer.batches import TrainingInputs, check_no_mask_options
 from sdplug.trainer.config import OptionError, TrainConfig, check_before_loading, preflight
+from sdplug.trainer.files import remove_path
 from sdplug.trainer.gradient_checkpointing import CheckpointedCalls
 from sdplug.trainer.requirements import check_trainer_requirements
 from sdplug.trainer.run_folder import RunFolder
@@ -243,7 +244,7 @@ class Trainer:
         try:
             resume.save_run(self, directory)
         except (OSError, RuntimeError) as exc:  # a full disk: torch's writer raises RuntimeError
-            outputs.remove_path(checkpoint.partial_dir(directory))
+            remove_path(checkpoint.partial_dir(directory))
             raise checkpoint.CheckpointError(
                 f"writing {directory.name} failed ({_first_line(exc)}). {outputs.what_is_kept(self)}"
             ) from None

@@ -25,6 +25,7 @@ from typing import Any
 
 from sdplug.errors import SdplugError
 from sdplug.log import logger
+from sdplug.trainer.files import remove_path
 
 LOCK = ".sdplug-run.lock"
 LEFTOVER_MARKS = (".tmp-", ".old-")
@@ -139,8 +140,6 @@ class RunFolder:
         return None
 
     def _remove_leftovers(self) -> None:
-        from sdplug.trainer.outputs import remove_path
-
         removed = []
         for entry in self.path.iterdir():
             name = entry.name
@@ -183,8 +182,6 @@ class RunFolder:
         needs them --, then the folder, if this run created it and it is empty; say what is kept."""
         if self.rank != 0 or not self.path.is_dir():
             return
-        from sdplug.trainer.outputs import remove_path
-
         self.close()
         for entry in list(self.path.iterdir()):
             if any(mark in entry.name for mark in LEFTOVER_MARKS):
