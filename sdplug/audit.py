@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -333,11 +332,6 @@ class Audit:
             if tag_dropout:
                 report["caption"]["tag_dropout"] = tag_dropout
         report.update(d["host"])
-        return report
-
-    def write(self, path: Path) -> dict[str, Any]:
-        report = self.report()
-        path.write_text(json.dumps(report, indent=2) + "\n")
         return report
 
     def summary(self, report: dict[str, Any] | None = None) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import sys
+import types
 import typing
 from typing import Any, Literal, TypeVar
 
@@ -108,7 +109,7 @@ def _describe(annotation: Any, metadata: list) -> str:
         return _describe(args[0], list(args[1:]) + metadata)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
         return " or ".join(_describe(a, metadata if a is not type(None) else []) for a in args)
     if annotation is type(None):
         return "nothing (omit the key)"

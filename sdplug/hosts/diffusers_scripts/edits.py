@@ -262,21 +262,6 @@ def find_scripts(directory: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def unsupported_present(directory: Path) -> list[Path]:
-    """Scripts of the four that this sdplug version has no edits for yet, present in ``directory``."""
-    directory = Path(directory)
-    present = []
-    for script in SCRIPTS:
-        if script in EDITS:
-            continue
-        folder = FOLDERS.get(script, "dreambooth")
-        for candidate in (directory / script, directory / folder / script, directory / "examples" / folder / script):
-            if candidate.is_file():
-                present.append(candidate)
-                break
-    return present
-
-
 def _tree(directory: Path, command: str) -> tuple[Path, list[tuple[str, Path]]]:
     """The folder and its supported scripts, each one the tree's own regular file (else refused)."""
     root = tree_folder(
@@ -305,8 +290,6 @@ def apply(directory: Path) -> list[str]:
         rewrites.append(Rewrite(path, data, patch_source(text, script).encode("utf-8")))
     replace_files(root, rewrites)
     results += [f"patched: {rewrite.path} (accepts --sdplug_preset PATH)" for rewrite in rewrites]
-    for path in unsupported_present(root):  # said, never skipped quietly
-        results.append(f"NOT patched: {path} (this sdplug version has no edits for it yet; it runs without a preset)")
     return results
 
 
