@@ -215,7 +215,9 @@ class Audit:
         self, *, dropped: bool, drop_probability: float, substituted: bool = False, tag_counts: tuple = ()
     ) -> None:
         if self._held is not None:
-            self._held.append(dict(dropped=dropped, drop_probability=drop_probability, substituted=substituted, tag_counts=tag_counts))
+            self._held.append(
+                dict(dropped=dropped, drop_probability=drop_probability, substituted=substituted, tag_counts=tag_counts)
+            )
             return
         record = self.data["caption"]
         record["calls"] = [c + 1 for c in record["calls"]]

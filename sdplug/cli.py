@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masked-loss", action="store_true", help="loss masks: <image>-masklabel.png files or the alpha channel")
     p.add_argument("--validation-data", type=Path, metavar="DIR", help="held-out images with captions for the validation loss")
     p.add_argument("--validation-split", type=float, default=0.0, metavar="SHARE", help="hold out this share of --data instead")
-    p.add_argument("--validate-every", type=int, default=0, metavar="N", help="validation loss every N steps (0: before and after)")
+    p.add_argument(
+        "--validate-every", type=int, default=0, metavar="N", help="validation loss every N steps (0: before and after)"
+    )
     p.add_argument(
         "--resume",
         type=Path,
@@ -313,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     # listed for `sdplug --help` only: main() hands `sdplug kohya ...` to the launcher before
     # argparse, which cannot pass options after a subcommand through as REMAINDER
 
-    p = sub.add_parser("diffusers", help="run a diffusers example training script with a preset: sdplug diffusers --preset P -- SCRIPT ARGS")
+    p = sub.add_parser(
+        "diffusers", help="run a diffusers example training script with a preset: sdplug diffusers --preset P -- SCRIPT ARGS"
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("from-kohya", help="translate a kohya --config_file into a preset")

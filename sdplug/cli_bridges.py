@@ -16,7 +16,6 @@ def write(output: Path | None, text: str) -> None:
         print(f"wrote {output}", file=sys.stderr)
 
 
-
 def from_kohya(args: argparse.Namespace) -> int:
     from sdplug.hosts.kohya.config_bridge import preset_from_kohya_file
 

@@ -41,7 +41,9 @@ class DivergenceWatch:
 
     def _ensure(self, device: torch.device) -> None:
         if self._first_bad is None or self._first_bad.device != device:
-            moved = [t.to(device) if t is not None else None for t in (self._first_bad, self._first_loss, self._last_loss, self._where)]
+            moved = [
+                t.to(device) if t is not None else None for t in (self._first_bad, self._first_loss, self._last_loss, self._where)
+            ]
             self._first_bad = moved[0] if moved[0] is not None else torch.full((), -1, dtype=torch.int64, device=device)
             nan = torch.full((), math.nan, dtype=torch.float32, device=device)
             self._first_loss = moved[1] if moved[1] is not None else nan.clone()

@@ -90,7 +90,9 @@ class Plan:
         # what a strategy decides on the host (pyramid's level sizes) from a Python stream: no sync
         host_rng = self.streams.random(stream + "-host") if generator is None else None
         try:
-            draw = self.noise_pipeline(latents, generator or self.streams.generator(stream, latents.device), host_rng, timesteps=timesteps)
+            draw = self.noise_pipeline(
+                latents, generator or self.streams.generator(stream, latents.device), host_rng, timesteps=timesteps
+            )
         except PresetError as exc:
             raise _in_preset_file(exc, self.preset.noise) from None
         if not self._validating:
@@ -429,7 +431,9 @@ def _check_noise_timesteps(plan: Plan, latents: torch.Tensor, timesteps: torch.T
             )
         return
     if tuple(timesteps.shape) != (latents.shape[0],):
-        raise SdplugError(f"plan.noise got timesteps of shape {tuple(timesteps.shape)} for {latents.shape[0]} latents; one per sample.")
+        raise SdplugError(
+            f"plan.noise got timesteps of shape {tuple(timesteps.shape)} for {latents.shape[0]} latents; one per sample."
+        )
 
 
 def _check_loss_inputs(plan: Plan, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor | None) -> None:

@@ -63,7 +63,6 @@ def _exists(path: Path) -> bool:
     return path.exists() or path.is_symlink()  # a dangling link is reported when it is read
 
 
-
 def read_toml(path: Path) -> dict[str, Any]:
     return parse_toml(read_regular_file(path), str(path))
 
@@ -147,7 +146,6 @@ def check_nesting(data: Mapping[str, Any], path: str) -> None:
             continue
         # the key path names where the deep value starts, not every level of it
         stack.extend((v, k if depth < 4 else key, depth + 1) for k, v in children if isinstance(v, (Mapping, list, tuple)))
-
 
 
 def extended_path(reference: str, path: str) -> Path:

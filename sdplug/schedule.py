@@ -56,7 +56,9 @@ def _coefficients(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: t
     return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
 
 
-def noisy_sample(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def noisy_sample(
+    alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise`` (DDPM's forward process)."""
     signal, sigma = _coefficients(alphas_cumprod, timesteps, latents)
     return signal * latents + sigma * noise

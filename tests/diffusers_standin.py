@@ -1,13 +1,13 @@
-'''Stand-ins for diffusers' train_text_to_image_lora.py and train_dreambooth_lora.py, written
+"""Stand-ins for diffusers' train_text_to_image_lora.py and train_dreambooth_lora.py, written
 from their interfaces: the same anchor lines sdplug's patch finds (argument parsing, scheduler,
 xformers switch, optimizer, the inline step, saving), around a tiny convolution that trains on
 random latents offline. Each records what its step used (latents, noise, timesteps, noisy input,
 target, prediction, loss, caption rows), the optimizer and the attention processor in
-``output_dir/standin.pt``, so tests can replay the plan's draws and compare.'''
+``output_dir/standin.pt``, so tests can replay the plan's draws and compare."""
 
 from pathlib import Path
 
-_HEAD = r'''#!/usr/bin/env python
+_HEAD = r"""#!/usr/bin/env python
 import argparse
 import os
 
@@ -83,9 +83,11 @@ def common_args(parser):
     parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--mixed_precision", type=str, default=None)
-'''
+"""
 
-STANDIN = _HEAD + r'''
+STANDIN = (
+    _HEAD
+    + r"""
 
 def parse_args():
     parser = argparse.ArgumentParser()
@@ -170,9 +172,12 @@ def main():
 
 if __name__ == "__main__":
     main()
-'''
+"""
+)
 
-DREAMBOOTH_STANDIN = _HEAD + r'''
+DREAMBOOTH_STANDIN = (
+    _HEAD
+    + r"""
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser()
@@ -289,7 +294,8 @@ def main(args):
 if __name__ == "__main__":
     args = parse_args()
     main(args)
-'''
+"""
+)
 
 
 def make_standin(directory):

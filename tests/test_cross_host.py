@@ -178,7 +178,9 @@ def diffusers_draws(tmp_path, preset) -> tuple[dict, dict]:
     record = {
         "noise_sums": [float(s["noise"].double().sum()) for s in saved["steps"]],
         "timesteps": [s["timesteps"].tolist() for s in saved["steps"]],
-        "dropped": [bool((row == torch.tensor([1, 0, 0, 0])).all()) for s in saved["steps"] for row in s["ids"]],  # the empty caption's tokens
+        "dropped": [
+            bool((row == torch.tensor([1, 0, 0, 0])).all()) for s in saved["steps"] for row in s["ids"]
+        ],  # the empty caption's tokens
     }
     return record, json.loads((out / "audit.json").read_text())
 

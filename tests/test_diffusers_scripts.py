@@ -45,7 +45,9 @@ def _run(tmp_path, *script_args, preset=PRESET):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "sdplug", "diffusers", "--preset", str(tmp_path / "p.toml"), "--", str(script)]
-    result = subprocess.run([*command, "--output_dir", str(out), "--seed", "0", *script_args], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [*command, "--output_dir", str(out), "--seed", "0", *script_args], capture_output=True, text=True, env=env, timeout=300
+    )
     audit = json.loads((out / "audit.json").read_text()) if (out / "audit.json").is_file() else None
     return result, audit, out
 
@@ -99,7 +101,10 @@ def test_standin_trains_with_every_part_applied(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("flag", "section"), [(["--snr_gamma", "5"], "loss_weighting"), (["--noise_offset", "0.1"], "noise"), (["--use_8bit_adam"], "optimizer")])
+@pytest.mark.parametrize(
+    ("flag", "section"),
+    [(["--snr_gamma", "5"], "loss_weighting"), (["--noise_offset", "0.1"], "noise"), (["--use_8bit_adam"], "optimizer")],
+)
 def test_script_trick_flags_are_refused(tmp_path, flag, section):
     result, audit, _ = _run(tmp_path, *flag)
     assert result.returncode == 1 and f"[{section}]" in result.stderr
@@ -107,15 +112,30 @@ def test_script_trick_flags_are_refused(tmp_path, flag, section):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (os.environ.get("SDPLUG_DIFFUSERS_EXAMPLES_DIR") and os.environ.get("SDPLUG_DIFFUSERS_PYTHON")), reason="needs a diffusers checkout and its python")
+@pytest.mark.skipif(
+    not (os.environ.get("SDPLUG_DIFFUSERS_EXAMPLES_DIR") and os.environ.get("SDPLUG_DIFFUSERS_PYTHON")),
+    reason="needs a diffusers checkout and its python",
+)
 def test_real_text_to_image_lora(tmp_path):
     tree, python = Path(os.environ["SDPLUG_DIFFUSERS_EXAMPLES_DIR"]), os.environ["SDPLUG_DIFFUSERS_PYTHON"]
     (script,) = [path for name, path in edits.find_scripts(tree) if name == SCRIPT]
     (tmp_path / "p.toml").write_text(PRESET.replace('"adamw"', '"adamw8bit"'))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.environ.get("SDPLUG_DIFFUSERS_PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.environ.get("SDPLUG_DIFFUSERS_PYTHONPATH", ""),
+    }
     args = shlex.split(os.environ.get("SDPLUG_DIFFUSERS_ARGS", ""))
     command = [python, "-m", "sdplug", "diffusers", "--preset", str(tmp_path / "p.toml"), "--", str(script), *args]
-    result = subprocess.run([*command, "--max_train_steps", "2", "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=script.parent, timeout=900)
+    result = subprocess.run(
+        [*command, "--max_train_steps", "2", "--output_dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=script.parent,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     audit = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert audit["steps"] == 2 and audit["problems"] == [] and audit["optimizer"]["class"].endswith("AdamW8bit")
@@ -150,7 +170,11 @@ def test_a_run_gone_non_finite_is_in_the_audit_and_fails(tmp_path, monkeypatch):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "sdplug", "diffusers", "--preset", str(tmp_path / "p.toml"), "--", str(script)]
     result = subprocess.run(
-        [*command, "--output_dir", str(out), "--seed", "0", "--max_train_steps", "3"], capture_output=True, text=True, env=env, timeout=300
+        [*command, "--output_dir", str(out), "--seed", "0", "--max_train_steps", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode != 0, result.stderr[-3000:]
     audit = json.loads((out / "audit.json").read_text())

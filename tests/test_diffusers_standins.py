@@ -72,7 +72,13 @@ def empty_rows(ids: torch.Tensor) -> list[bool]:
 
 def replay(preset: Path, record: dict, *, prior_weight: float | None = None) -> int:
     """Check every recorded step against the plan's own draws; returns the rows dropped."""
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+    )
     plan = load_preset(preset).build(scheduler, seed=0, rank=0, prediction_type="v_prediction")
     dropped_total = 0
     for step in record["steps"]:
@@ -128,7 +134,9 @@ def test_text_to_image_standin_trains_on_the_plans_draws(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script_args", [["--with_prior_preservation", "--prior_loss_weight", "0.5"], ["--pre_compute_text_embeddings"]])
+@pytest.mark.parametrize(
+    "script_args", [["--with_prior_preservation", "--prior_loss_weight", "0.5"], ["--pre_compute_text_embeddings"]]
+)
 def test_dreambooth_standin_trains_on_the_plans_draws(tmp_path, script_args):
     record, audit, preset = _run(tmp_path, make_dreambooth_standin, *script_args)
     prior = "--with_prior_preservation" in script_args
@@ -140,11 +148,11 @@ def test_dreambooth_standin_trains_on_the_plans_draws(tmp_path, script_args):
 def _session(tmp_path, script="train_dreambooth_lora_sdxl.py", **args):
     import argparse
 
-    from sdplug.hosts.diffusers_scripts.session import Session
+    from sdplug.hosts.diffusers_scripts.session import ScriptRun
 
     (tmp_path / "p.toml").write_text(PRESET)
     namespace = argparse.Namespace(seed=0, output_dir=str(tmp_path / "out"), learning_rate=1e-4, **args)
-    return Session(load_preset(tmp_path / "p.toml"), script, namespace, {}), namespace
+    return ScriptRun(load_preset(tmp_path / "p.toml"), script, namespace, {}), namespace
 
 
 def _sd_scheduler():

@@ -88,7 +88,10 @@ def test_ema_needs_the_plans_optimizer_and_the_audit_names_an_ema_never_kept():
     assert plan_with({}).ema([torch.nn.Parameter(torch.ones(1))]) is None  # no decay: no [ema]
 
 
-@pytest.mark.parametrize("table,key", [({"decay": 1.0}, "ema.decay"), ({"decay": 0.9, "device": "gpu"}, "ema.device"), ({"update_every": 0}, "ema.update_every")])
+@pytest.mark.parametrize(
+    "table,key",
+    [({"decay": 1.0}, "ema.decay"), ({"decay": 0.9, "device": "gpu"}, "ema.device"), ({"update_every": 0}, "ema.update_every")],
+)
 def test_bad_ema_settings_name_the_key(table, key):
     with pytest.raises(PresetError, match=key.replace(".", r"\.")):
         parse_preset({"ema": table}, path="e.toml")
@@ -103,8 +106,17 @@ def test_the_trainer_saves_and_samples_the_ema_weights_beside_the_plain_ones(tmp
     preset.write_text('[ema]\ndecay = 0.5\n[optimizer]\ntype = "adamw"\nlr = 1e-2\n')
     out = tmp_path / "out"
     config = TrainConfig(
-        preset=str(preset), output=out, data=small_data, steps=3, batch_size=2, mode=mode, samples=True,
-        sample_seeds=(0,), guidance_scales=(1.0,), sample_steps=2, progress=False,
+        preset=str(preset),
+        output=out,
+        data=small_data,
+        steps=3,
+        batch_size=2,
+        mode=mode,
+        samples=True,
+        sample_seeds=(0,),
+        guidance_scales=(1.0,),
+        sample_steps=2,
+        progress=False,
     )
     trainer = Trainer(config)
     report = trainer.run()
@@ -119,13 +131,20 @@ def test_the_trainer_saves_and_samples_the_ema_weights_beside_the_plain_ones(tmp
 
 @pytest.mark.parametrize(
     "name,options",
-    [("huber-snr", {}), ("ztsnr-vpred", {"prediction_type": "v_prediction"}), ("prodigy-lora", {}), ("ema-dreambooth", {"mode": "dreambooth"})],
+    [
+        ("huber-snr", {}),
+        ("ztsnr-vpred", {"prediction_type": "v_prediction"}),
+        ("prodigy-lora", {}),
+        ("ema-dreambooth", {"mode": "dreambooth"}),
+    ],
 )
 def test_the_new_shipped_presets_train_and_their_audit_proves_them(tmp_path, small_data, name, options):
     from sdplug.trainer.config import TrainConfig
     from sdplug.trainer.loop import Trainer
 
-    config = TrainConfig(preset=name, output=tmp_path / "out", data=small_data, steps=2, batch_size=2, samples=False, progress=False, **options)
+    config = TrainConfig(
+        preset=name, output=tmp_path / "out", data=small_data, steps=2, batch_size=2, samples=False, progress=False, **options
+    )
     report = Trainer(config).run()
     assert report["problems"] == [] and report["steps"] == 2
     if name == "huber-snr":

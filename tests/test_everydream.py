@@ -264,9 +264,19 @@ def test_everydream_keys_round_trip_through_a_preset():
     from sdplug.presets import parse_preset
 
     train = {
-        "cond_dropout": 0.1, "zero_frequency_noise_ratio": 0.05, "pyramid_noise_discount": 0.7, "timestep_start": 100,
-        "timestep_end": 900, "min_snr_gamma": 5, "loss_type": "mse", "attn_type": "xformers", "shuffle_tags": True,
-        "keep_tags": 1, "enable_zero_terminal_snr": True, "ema_decay_rate": 0.999, "ema_update_interval": 10,
+        "cond_dropout": 0.1,
+        "zero_frequency_noise_ratio": 0.05,
+        "pyramid_noise_discount": 0.7,
+        "timestep_start": 100,
+        "timestep_end": 900,
+        "min_snr_gamma": 5,
+        "loss_type": "mse",
+        "attn_type": "xformers",
+        "shuffle_tags": True,
+        "keep_tags": 1,
+        "enable_zero_terminal_snr": True,
+        "ema_decay_rate": 0.999,
+        "ema_update_interval": 10,
     }
     optimizer = {"base": {"optimizer": "adamw8bit", "lr": 2e-6}}
     preset = parse_preset(from_everydream(train, optimizer=optimizer).data, path="train.json")
@@ -283,13 +293,17 @@ def test_to_everydream_switches_its_defaults_off_when_the_preset_does_not_ask_fo
     import sys
 
     (tmp_path / "p.toml").write_text('[loss_weighting]\ntype = "min_snr"\n[[noise]]\ntype = "perlin"\n')
-    result = subprocess.run([sys.executable, "-m", "sdplug", "to-everydream", str(tmp_path / "p.toml")], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "sdplug", "to-everydream", str(tmp_path / "p.toml")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     keys = json.loads(result.stdout)
     assert keys["cond_dropout"] == 0.0 and keys["zero_frequency_noise_ratio"] == 0.0 and keys["min_snr_gamma"] == 5.0
     assert "noise 'perlin': EveryDream2 has no equivalent" in result.stderr
     (tmp_path / "train.json").write_text(json.dumps({"cond_dropout": 0.2, "optimizer_config": "opt.json"}))
     (tmp_path / "opt.json").write_text(json.dumps({"base": {"optimizer": "lion8bit", "lr": 1e-5}}))
-    back = subprocess.run([sys.executable, "-m", "sdplug", "from-everydream", str(tmp_path / "train.json")], capture_output=True, text=True)
+    back = subprocess.run(
+        [sys.executable, "-m", "sdplug", "from-everydream", str(tmp_path / "train.json")], capture_output=True, text=True
+    )
     assert back.returncode == 0, back.stderr
     assert 'type = "lion8bit"' in back.stdout and "rate = 0.2" in back.stdout

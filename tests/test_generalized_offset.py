@@ -47,7 +47,9 @@ def test_psi_is_algorithm_1_and_its_closed_form():
 
 def plan_of(text: str, **build):
     preset = parse_preset(tomllib.loads(text), path="go.toml")
-    return preset.build(alphas_cumprod=build.pop("alphas_cumprod", sd_alphas_cumprod().float()), prediction_type="epsilon", **build)
+    return preset.build(
+        alphas_cumprod=build.pop("alphas_cumprod", sd_alphas_cumprod().float()), prediction_type="epsilon", **build
+    )
 
 
 def test_each_samples_channel_means_carry_strength_times_psi_t():

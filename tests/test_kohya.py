@@ -356,8 +356,12 @@ def test_the_loss_hook_is_the_loss_type_on_the_steps_timesteps_in_both_signature
         else:  # (model_pred, target, reduction=, loss_type=, huber_c=)
             got = adapter._train_util.conditional_loss(pred, target, reduction="none", loss_type="l2", huber_c=1)
         assert torch.equal(got, expected)
-        assert torch.equal(adapter._train_util.conditional_loss(pred, target, "l2", "mean") if version.name == "main"
-                           else adapter._train_util.conditional_loss(pred, target, "mean"), expected.mean())
+        assert torch.equal(
+            adapter._train_util.conditional_loss(pred, target, "l2", "mean")
+            if version.name == "main"
+            else adapter._train_util.conditional_loss(pred, target, "mean"),
+            expected.mean(),
+        )
 
 
 def test_loss_mask_options_kohya_would_not_apply_are_refused_before_the_model_loads(tmp_path):

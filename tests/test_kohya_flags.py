@@ -28,7 +28,9 @@ from sdplug.presets import parse_preset
 DATA = Path(__file__).parent / "data" / "kohya_parser_flags.json"
 PARSERS = json.loads(DATA.read_text())
 HOST_NAMES = [n for names in HOST_SETTINGS.values() for n in names]
-SECTIONS = {"noise", "timesteps", "loss", "loss_weighting", "caption", "optimizer", "attention"} | {f"memory.{k}" for k in MEMORY_KEYS}
+SECTIONS = {"noise", "timesteps", "loss", "loss_weighting", "caption", "optimizer", "attention"} | {
+    f"memory.{k}" for k in MEMORY_KEYS
+}
 
 
 def parser_names(version: str) -> set[str]:
@@ -364,7 +366,9 @@ def test_loss_types_schedule_and_noise_extras_round_trip_through_the_bridge():
     offset, perturbation = (spec.create() for spec in preset.noise)
     assert offset.random_strength and offset.adaptive_scale == 0.01 and perturbation.random_strength
     back = to_kohya(preset).data
-    assert {k: back[k] for k in kohya if k != "v_parameterization"} == {k: v for k, v in kohya.items() if k != "v_parameterization"}
+    assert {k: back[k] for k in kohya if k != "v_parameterization"} == {
+        k: v for k, v in kohya.items() if k != "v_parameterization"
+    }
     assert not [n for n in bridged.notes if "loss_type" in n or "huber" in n or "zero_terminal" in n]
     # kohya's smooth_l1 is sdplug's smooth_l1; l2 is the default (no [loss])
     assert _preset(from_kohya({"loss_type": "smooth_l1"}).data).loss.type == "smooth_l1"

@@ -43,7 +43,9 @@ def test_mask_files_are_not_examples_and_load_as_their_grey_levels(masked_data, 
 def train(tmp_path, folder, preset_text, **options):
     preset = tmp_path / "p.toml"
     preset.write_text(preset_text)
-    config = TrainConfig(preset=str(preset), output=tmp_path / "out", data=folder, steps=2, batch_size=4, samples=False, progress=False, **options)
+    config = TrainConfig(
+        preset=str(preset), output=tmp_path / "out", data=folder, steps=2, batch_size=4, samples=False, progress=False, **options
+    )
     trainer = Trainer(config)
     return trainer, trainer.run()
 

@@ -219,7 +219,9 @@ def test_a_failure_never_removes_a_folder_the_run_did_not_create(tmp_path, monke
     assert mine.is_dir() and [p.name for p in mine.iterdir()] == ["audit.json"]
 
 
-@pytest.mark.parametrize("option,value,words", [("--lora-alpha", "-4", "--lora-alpha must be a number > 0"), ("--seed", "-1", "--seed must be")])
+@pytest.mark.parametrize(
+    "option,value,words", [("--lora-alpha", "-4", "--lora-alpha must be a number > 0"), ("--seed", "-1", "--seed must be")]
+)
 def test_negative_alpha_and_seed_are_refused(tmp_path, capsys, option, value, words):
     assert run(ADAMW, tmp_path / "out", option, value, tmp=tmp_path) == 1
     assert words in capsys.readouterr().err and not (tmp_path / "out").exists()
@@ -254,7 +256,9 @@ def test_a_final_write_that_fails_keeps_the_newest_checkpoint_and_says_how_to_co
     from sdplug.trainer import lora
 
     def full(*args, **kwargs):
-        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(lora, "save_kohya_lora", full)
     out = tmp_path / "out"

@@ -324,7 +324,9 @@ def test_zero_terminal_snr_trains_and_samples_on_the_rescaled_schedule(tmp_path,
     monkeypatch.setattr(DDIMScheduler, "step", step)
     resolution = trainer.bundle.resolution
     with torch.no_grad():
-        sampling.sample(trainer.bundle, trainer.bundle.unet, torch.randn(1, 3, resolution, resolution), ["a red circle"], 1.0, 4, "cpu")
+        sampling.sample(
+            trainer.bundle, trainer.bundle.unet, torch.randn(1, 3, resolution, resolution), ["a red circle"], 1.0, 4, "cpu"
+        )
     assert seen[0] == scheduler.config.num_train_timesteps - 1  # trailing: the first step is pure noise
     monkeypatch.undo()
     report = trainer.run()
@@ -351,7 +353,9 @@ def test_a_schedule_free_optimizer_samples_and_saves_its_evaluation_weights(tmp_
     monkeypatch.setattr(outputs, "sample_grid", sample_grid)
     saved = []
     real_weights = outputs._write_weights
-    monkeypatch.setattr(outputs, "_write_weights", lambda t, toml: (saved.append(in_train_mode(t.optimizer)), real_weights(t, toml)))
+    monkeypatch.setattr(
+        outputs, "_write_weights", lambda t, toml: (saved.append(in_train_mode(t.optimizer)), real_weights(t, toml))
+    )
     preset = '[optimizer]\ntype = "adamw_schedulefree"\nlr = 1e-3\n'
     trainer = Trainer(quick(tmp_path, preset, data=small_data, steps=2, samples=True, save_every=1))
     trainer.run()

@@ -38,7 +38,11 @@ def test_a_dreambooth_run_with_ema_and_validation_writes_both(tmp_path, small_da
 @pytest.mark.slow
 def test_the_curve_is_comparable_the_draws_never_depend_on_seed_or_preset(tmp_path, small_data):
     runs = {}
-    for name, seed, preset in (("a", 0, '[[noise]]\ntype = "pyramid"\n'), ("b", 0, '[[noise]]\ntype = "offset"\n'), ("c", 7, '[[noise]]\ntype = "offset"\n')):
+    for name, seed, preset in (
+        ("a", 0, '[[noise]]\ntype = "pyramid"\n'),
+        ("b", 0, '[[noise]]\ntype = "offset"\n'),
+        ("c", 7, '[[noise]]\ntype = "offset"\n'),
+    ):
         trainer = Trainer(config(tmp_path, small_data, preset, name=name, seed=seed, validation_split=0.2, steps=1))
         runs[name] = (trainer.validator.noise.clone(), trainer.validator.captions, trainer.run()["validation"]["values"][0])
     assert all((runs[n][0] == runs["a"][0]).all() and runs[n][1] == runs["a"][1] for n in "bc")  # seed and preset aside
@@ -69,7 +73,7 @@ def test_validation_options_are_checked(tmp_path, options, words):
 @pytest.mark.slow
 def test_a_resumed_run_keeps_its_validation_curve(tmp_path, small_data):
     common = dict(validation_split=0.2, validate_every=2, steps=4)
-    plain = "[[noise]]\ntype = \"offset\"\n"
+    plain = '[[noise]]\ntype = "offset"\n'
     whole = Trainer(config(tmp_path, small_data, plain, name="whole", **common)).run()["validation"]
     Trainer(config(tmp_path, small_data, plain, name="split", stop_after=2, **common)).run()
     resumed = Trainer(config(tmp_path, small_data, plain, name="split", resume="latest", **common)).run()["validation"]

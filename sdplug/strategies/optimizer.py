@@ -32,7 +32,8 @@ class AdamW(OptimizerStrategy):
     eps: _Eps = 1e-8
 
     def build(self, params):
-        return torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, eps=self.eps)
+        betas = (self.betas[0], self.betas[1])
+        return torch.optim.AdamW(params, lr=self.lr, betas=betas, weight_decay=self.weight_decay, eps=self.eps)
 
 
 # bitsandbytes keeps 32-bit states for tensors under ``min_8bit_size`` elements (its default

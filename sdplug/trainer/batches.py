@@ -44,7 +44,11 @@ class TrainingInputs:
             )
         ones = torch.ones(1, resolution, resolution)
         self.masks = torch.stack([m if m is not None else ones for m in found])
-        return {"images_with_mask": sum(m is not None for m in found), "images": len(found), "mean_mask": float(self.masks.mean())}
+        return {
+            "images_with_mask": sum(m is not None for m in found),
+            "images": len(found),
+            "mean_mask": float(self.masks.mean()),
+        }
 
     def memory_record(self) -> dict:
         return {

@@ -231,4 +231,6 @@ def check_pickles(directory: Path) -> None:
                 f"(unpickling it could run code). Resume only from checkpoints a sdplug run wrote. ({str(exc).splitlines()[0]})"
             ) from None
         except (RuntimeError, EOFError, OSError) as exc:
-            raise CheckpointError(f"--resume {directory}: {path.name} cannot be read ({exc}). {_newest_before(directory)}") from None
+            raise CheckpointError(
+                f"--resume {directory}: {path.name} cannot be read ({exc}). {_newest_before(directory)}"
+            ) from None

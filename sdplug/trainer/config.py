@@ -65,9 +65,7 @@ class TrainConfig:
         if not 0 <= self.seed < 2**63:
             raise OptionError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed}.")
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise OptionError(
-                f"--lora-alpha must be a number > 0 (the LoRA's scale is alpha / rank), got {self.lora_alpha:g}."
-            )
+            raise OptionError(f"--lora-alpha must be a number > 0 (the LoRA's scale is alpha / rank), got {self.lora_alpha:g}.")
         if not math.isfinite(self.prior_loss_weight):
             raise OptionError(f"--prior-loss-weight must be a finite number, got {self.prior_loss_weight}.")
         if self.save_every < 0:

@@ -100,7 +100,11 @@ class Trainer:
         if self.accelerator.is_main_process:
             outputs.check_free_space(self, "before training")
         self.step = 0
-        self.loss_bins: dict[str, list[float]] = {"raw_sum": [0.0] * TIMESTEP_BINS, "weighted_sum": [0.0] * TIMESTEP_BINS, "count": [0] * TIMESTEP_BINS}
+        self.loss_bins: dict[str, list[float]] = {
+            "raw_sum": [0.0] * TIMESTEP_BINS,
+            "weighted_sum": [0.0] * TIMESTEP_BINS,
+            "count": [0] * TIMESTEP_BINS,
+        }
         self.draw_log: list[dict] = []
         self.losses: list[float] = []
         self.validation_curve: list[tuple[int, float]] = []
@@ -131,7 +135,7 @@ class Trainer:
         self.checkpointed, self.checkpointed_recorded = None, False
         if memory.gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
-            checkpointed = {"unet": bundle.unet}
+            checkpointed: dict[str, torch.nn.Module] = {"unet": bundle.unet}
             if config.train_text_encoder:
                 bundle.text_encoder.gradient_checkpointing_enable()
                 checkpointed["text_encoder"] = bundle.text_encoder

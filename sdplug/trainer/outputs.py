@@ -296,7 +296,12 @@ def _write_final_outputs(trainer, ranks: list) -> dict:
     if trainer.config.log_with and (out / "sdplug").is_dir():
         trainer.written.append("sdplug/")
     per_rank = [
-        {"rank": r["rank"], "first_draws": r["draws"], "caption": r["audit"]["caption"], "noise_draws": r["audit"]["noise"]["draws"]}
+        {
+            "rank": r["rank"],
+            "first_draws": r["draws"],
+            "caption": r["audit"]["caption"],
+            "noise_draws": r["audit"]["noise"]["draws"],
+        }
         for r in ranks
     ]
     trainer.written.append("audit.json")  # written last; a refused or failed run writes one with completed = false

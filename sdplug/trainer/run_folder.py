@@ -91,7 +91,9 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock()
         except PermissionError as exc:
-            raise OutputFolderError(f"--output {self.path}: cannot write there ({exc.strerror}). Give a folder you can write to.") from None
+            raise OutputFolderError(
+                f"--output {self.path}: cannot write there ({exc.strerror}). Give a folder you can write to."
+            ) from None
         self._remove_leftovers()
         return self
 

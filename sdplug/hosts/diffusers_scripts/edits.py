@@ -44,7 +44,7 @@ class Edit:
     until: str | None = None  # insert after the first line equal to this, at or below the anchor
 
 
-_OPTION = "{i}parser.add_argument(\"--sdplug_preset\", type=str, default=None, help=\"sdplug preset (TOML): its tricks replace this script's own\")"
+_OPTION = '{i}parser.add_argument("--sdplug_preset", type=str, default=None, help="sdplug preset (TOML): its tricks replace this script\'s own")'
 _IMPORT = Edit("check_min_version(", "import sdplug.hosts.diffusers_scripts.session as _sdplug")
 _BIND = Edit("    noise_scheduler = DDPMScheduler.from_pretrained(", "    _sdplug.bind(noise_scheduler, args)")
 # the dreambooth scripts' loss, with the prior-preservation pair when they train one
@@ -56,10 +56,15 @@ _DREAMBOOTH_LOSS = Edit(
 )
 _STEP = Edit("                global_step += 1", "                _sdplug.step()")
 _FINISH = Edit("    accelerator.end_training()", "    _sdplug.finish(args.output_dir)", before=True)
-_ATTENTION = Edit('            raise ValueError("xformers is not available. Make sure it is installed correctly")', "    _sdplug.attention(unet)")
+_ATTENTION = Edit(
+    '            raise ValueError("xformers is not available. Make sure it is installed correctly")',
+    "    _sdplug.attention(unet)",
+)
 _TIMESTEPS = "                timesteps = timesteps.long()"
-_TARGET = Edit('                    raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")',
-               "                target = _sdplug.target({x}, noise, timesteps, target)")
+_TARGET = Edit(
+    '                    raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")',
+    "                target = _sdplug.target({x}, noise, timesteps, target)",
+)
 
 
 def _activate(script: str) -> Edit:
@@ -69,7 +74,10 @@ def _activate(script: str) -> Edit:
 def _noise(x: str, noisy: str) -> list[Edit]:
     return [
         Edit(_TIMESTEPS, f"                noise, timesteps = _sdplug.noise_and_timesteps({x}, noise, timesteps)"),
-        Edit(f"                {noisy} = noise_scheduler.add_noise(", f"                {noisy} = _sdplug.noisy_input({x}, noise, timesteps, {noisy})"),
+        Edit(
+            f"                {noisy} = noise_scheduler.add_noise(",
+            f"                {noisy} = _sdplug.noisy_input({x}, noise, timesteps, {noisy})",
+        ),
         dataclasses.replace(_TARGET, text=_TARGET.text.format(x=x)),
     ]
 
@@ -92,7 +100,11 @@ EDITS: dict[str, list[Edit]] = {
             '                _sdplug.drop_captions(batch, epoch, lambda: tokenize_captions({caption_column: [""]}))',
             before=True,
         ),
-        Edit("                # Gather the losses across all processes", "                loss = _sdplug.loss(model_pred, target, timesteps, loss)", before=True),
+        Edit(
+            "                # Gather the losses across all processes",
+            "                loss = _sdplug.loss(model_pred, target, timesteps, loss)",
+            before=True,
+        ),
         _STEP,
         _FINISH,
     ],
@@ -128,7 +140,11 @@ EDITS: dict[str, list[Edit]] = {
             '"input_ids_two": tokenize_prompt(tokenizer_two, "")}, key="input_ids_one")',
             before=True,
         ),
-        Edit("                # Gather the losses across all processes", "                loss = _sdplug.loss(model_pred, target, timesteps, loss)", before=True),
+        Edit(
+            "                # Gather the losses across all processes",
+            "                loss = _sdplug.loss(model_pred, target, timesteps, loss)",
+            before=True,
+        ),
         _STEP,
         _FINISH,
     ],
@@ -136,10 +152,17 @@ EDITS: dict[str, list[Edit]] = {
         _IMPORT,
         Edit("    if input_args is not None:", _OPTION.format(i="    "), before=True),
         _activate("train_dreambooth_lora_sdxl.py"),
-        Edit("    text_encoder_one = text_encoder_cls_one.from_pretrained(", "    _sdplug.bind(noise_scheduler, args)", before=True),
+        Edit(
+            "    text_encoder_one = text_encoder_cls_one.from_pretrained(", "    _sdplug.bind(noise_scheduler, args)", before=True
+        ),
         _ATTENTION,
-        Edit("    # If custom instance prompts are NOT provided", "    optimizer = _sdplug.optimizer(optimizer, args)", before=True),
-        Edit("    " + _TIMESTEPS, "                    noise, timesteps = _sdplug.noise_and_timesteps(model_input, noise, timesteps)"),
+        Edit(
+            "    # If custom instance prompts are NOT provided", "    optimizer = _sdplug.optimizer(optimizer, args)", before=True
+        ),
+        Edit(
+            "    " + _TIMESTEPS,
+            "                    noise, timesteps = _sdplug.noise_and_timesteps(model_input, noise, timesteps)",
+        ),
         *_noise("model_input", "noisy_model_input")[1:],
         # the prompt embeddings the script shares across steps (one row, repeated): one row per
         # sample for this step, the dropped ones the script's own encoding of "", then restored (the
@@ -258,7 +281,9 @@ def find_scripts(directory: Path) -> list[tuple[str, Path]]:
                 found.append((script, candidate))
                 break
     if not found:
-        raise DiffusersScriptError(f"{directory}: none of {', '.join(sorted(EDITS))} found (checked DIR, DIR/<folder>, DIR/examples/<folder>).")
+        raise DiffusersScriptError(
+            f"{directory}: none of {', '.join(sorted(EDITS))} found (checked DIR, DIR/<folder>, DIR/examples/<folder>)."
+        )
     return found
 
 

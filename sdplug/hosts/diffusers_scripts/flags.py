@@ -37,7 +37,10 @@ CONFLICTS: dict[str, tuple[tuple[str, ...], str]] = {
     "prodigy_use_bias_correction": (_OPTIMIZER, "the script's Prodigy settings"),
     "prodigy_safeguard_warmup": (_OPTIMIZER, "the script's Prodigy settings"),
     "enable_xformers_memory_efficient_attention": (("attention",), "the script's xformers switch (sdplug: attention 'xformers')"),
-    "proportion_empty_prompts": (("caption",), "the script's once-per-dataset empty prompts (sdplug: caption 'dropout', per step)"),
+    "proportion_empty_prompts": (
+        ("caption",),
+        "the script's once-per-dataset empty prompts (sdplug: caption 'dropout', per step)",
+    ),
 }
 
 
@@ -88,7 +91,9 @@ def _check_caption(preset: Preset, script: str, where: str) -> None:
 
 def _check_settings(preset: Preset, script: str, where: str) -> None:
     if preset.ema.decay is not None:
-        raise DiffusersConflictError(f"{where}: [ema] decay: {script} saves its LoRA itself; sdplug cannot save an average beside it. Allowed: no [ema].")
+        raise DiffusersConflictError(
+            f"{where}: [ema] decay: {script} saves its LoRA itself; sdplug cannot save an average beside it. Allowed: no [ema]."
+        )
     for key in ("cache_latents", "cache_text_encoder_outputs"):
         if getattr(preset.memory, key):
             raise DiffusersConflictError(f"{where}: memory.{key}: {script} has no such switch. Allowed: false.")
@@ -101,6 +106,9 @@ def _memory(preset: Preset, args: argparse.Namespace) -> dict[str, Any]:
         rules["gradient_checkpointing"] = {"value": True, "state": "reconciled: memory.gradient_checkpointing"}
     wanted = preset.memory.mixed_precision
     if wanted != "no" and getattr(args, "mixed_precision", None) != wanted:
-        rules["mixed_precision"] = {"value": wanted, "state": f"reconciled: memory.mixed_precision (was {args.mixed_precision!r})"}
+        rules["mixed_precision"] = {
+            "value": wanted,
+            "state": f"reconciled: memory.mixed_precision (was {args.mixed_precision!r})",
+        }
         args.mixed_precision = wanted
     return rules

@@ -26,7 +26,7 @@ HOST_NAME = "diffusers examples"
 LAUNCHED = False  # set by the launcher: it records failures and writes the audit itself
 
 
-class Session:
+class ScriptRun:
     """One script's run with a preset: the plan, the script's flags and what the step used."""
 
     def __init__(self, preset: Preset, script: str, args: Any, flag_states: dict[str, Any]):
@@ -72,7 +72,9 @@ class Session:
         groups = [{"params": list(group["params"]), "lr": group["lr"]} for group in host_optimizer.param_groups]
         return self.bound().optimizer(groups, default=lambda _groups: host_optimizer, host_lr=args.learning_rate)
 
-    def noise_and_timesteps(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def noise_and_timesteps(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self.bound()
         if not self.draws_noise:
             self.draw = NoiseDraw(noise, noise)
@@ -103,7 +105,9 @@ class Session:
                     elif drop:
                         target[index] = row.to(target.device, target.dtype)
 
-    def drop_embeddings(self, epoch: int, embeds: torch.Tensor, pooled: torch.Tensor, empty: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def drop_embeddings(
+        self, epoch: int, embeds: torch.Tensor, pooled: torch.Tensor, empty: Callable[[], Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dropout on precomputed SDXL prompt embeddings (one row per sample): a dropped row gets
         the script's own encoding of ``""`` (embeddings and pooled embedding)."""
         plan = self.bound()
@@ -123,7 +127,9 @@ class Session:
             return plan.loss(model_pred, target, timesteps).mean()
         pred_prior, target_prior, prior_weight = prior
         instance_t, prior_t = timesteps.chunk(2)
-        return plan.loss(model_pred, target, instance_t).mean() + prior_weight * plan.loss(pred_prior, target_prior, prior_t).mean()
+        return (
+            plan.loss(model_pred, target, instance_t).mean() + prior_weight * plan.loss(pred_prior, target_prior, prior_t).mean()
+        )
 
     def write_audit(self) -> Path | None:
         if self.plan is None or self.output_dir is None or self.written is not None:
@@ -133,10 +139,10 @@ class Session:
         return self.written
 
 
-_current: Session | None = None
+_current: ScriptRun | None = None
 
 
-def current() -> Session | None:
+def current() -> ScriptRun | None:
     return _current
 
 
@@ -148,7 +154,7 @@ def activate(args: Any, parser: Any, script: str) -> None:
     if not path:
         return
     preset = load_preset(path)
-    _current = Session(preset, script, args, flags.check(preset, script, args, parser))
+    _current = ScriptRun(preset, script, args, flags.check(preset, script, args, parser))
     if not LAUNCHED:  # the patched script started directly: the audit also when it stops
         _current.lifecycle.watch(at_exit=_write_at_exit)
 
@@ -210,7 +216,9 @@ def drop_embeddings(
     return (*per_sample, 1)
 
 
-def loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, host_loss: torch.Tensor, prior: Any = None) -> torch.Tensor:
+def loss(
+    model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, host_loss: torch.Tensor, prior: Any = None
+) -> torch.Tensor:
     return host_loss if _current is None else _current.loss(model_pred, target, timesteps, prior)
 
 

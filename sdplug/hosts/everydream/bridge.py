@@ -18,7 +18,15 @@ from sdplug.hosts.kohya.config_bridge import Bridged
 from sdplug.presets import Preset
 
 ATTENTION = {"sdp": "sdpa", "xformers": "xformers", "slice": "sliced"}
-OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion8bit": "lion8bit", "prodigy": "prodigy", "dadapt_adam": "dadapt_adam", "adafactor": "adafactor", "came": "came"}
+OPTIMIZERS = {
+    "adamw": "adamw",
+    "adamw8bit": "adamw8bit",
+    "lion8bit": "lion8bit",
+    "prodigy": "prodigy",
+    "dadapt_adam": "dadapt_adam",
+    "adafactor": "adafactor",
+    "came": "came",
+}
 
 
 def read_train_json(path: Path) -> dict[str, Any]:
@@ -56,7 +64,9 @@ def from_everydream(config: dict[str, Any], *, name: str = "from-everydream", op
     if loss == "huber":
         preset["loss"] = {"type": "huber"}
     elif loss != "mse":
-        notes.append(f"loss_type {loss!r}: EveryDream2's timestep blend of MSE and Huber has no sdplug loss type (sdplug uses mse)")
+        notes.append(
+            f"loss_type {loss!r}: EveryDream2's timestep blend of MSE and Huber has no sdplug loss type (sdplug uses mse)"
+        )
     captions: list[dict[str, Any]] = []
     if float(_value(config, "cond_dropout") or 0) > 0:
         captions.append({"type": "dropout", "rate": float(_value(config, "cond_dropout"))})

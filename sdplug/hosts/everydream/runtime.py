@@ -50,9 +50,7 @@ PRESET_KEY = "sdplug_preset"  # the train.json key; the environment's SDPLUG_PRE
 
 
 class EverydreamHost:
-    def __init__(
-        self, preset: Preset, version: EverydreamVersion, main_locals: dict[str, Any], *, patched: bool = False
-    ):
+    def __init__(self, preset: Preset, version: EverydreamVersion, main_locals: dict[str, Any], *, patched: bool = False):
         self.preset, self.version = preset, version
         self.patched = patched  # train.py takes a plugin's sdplug_loss (sdplug patch everydream)
         # the preset's [loss] replaces EveryDream2's loss block; without [loss] its own loss stays

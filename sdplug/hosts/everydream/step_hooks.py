@@ -97,9 +97,7 @@ class StepHooks:
         return noisy
 
     # -- the patched closure's loss (``sdplug patch everydream``) -------------------------------
-    def loss(
-        self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, loss_scale: Any
-    ) -> torch.Tensor:
+    def loss(self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, loss_scale: Any) -> torch.Tensor:
         """The training loss of a patched train.py: the preset's loss type and weighting per
         sample (``plan.loss``), times EveryDream2's ``loss_scale`` (its image multipliers), mean
         over the batch -- EveryDream2's own reduction, whose MSE branch is ``(mse * scale).mean()``."""

@@ -224,6 +224,7 @@ class KohyaAdapter:
         return pinned is not None and pinned == getattr(args, "max_timestep", None) and pinned != self.configured_range[0]
 
     def _noise_hook(self, args, noise_scheduler, latents):
+        assert self.plan is not None  # hooks run after configure built it
         self.validating = self._validating(args)
         if not self.validating:
             # kohya reads every step's loss back (its loss log), so the device is already waited
@@ -264,6 +265,7 @@ class KohyaAdapter:
     def _weight_hook(self, loss, timesteps, noise_scheduler, gamma, v_prediction=False):
         if not isinstance(gamma, PresetWeightingMarker):
             return self.original(self._custom, "apply_snr_weight")(loss, timesteps, noise_scheduler, gamma, v_prediction)
+        assert self.plan is not None  # a marker exists only once configure built the plan
         self._check_schedule(noise_scheduler)
         if bool(v_prediction) != (self.plan.prediction_type == "v_prediction"):
             raise SdplugError(f"kohya passed v_prediction={v_prediction} but the preset was bound to {self.plan.prediction_type}")

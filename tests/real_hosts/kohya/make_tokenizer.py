@@ -14,8 +14,26 @@ import json
 import sys
 from pathlib import Path
 
-WORDS = ("a", "photo", "of", "sks", "dog", "cat", "person", "picture", "red", "blue", "green",
-         "on", "the", "in", "with", "background", "white", "black")
+WORDS = (
+    "a",
+    "photo",
+    "of",
+    "sks",
+    "dog",
+    "cat",
+    "person",
+    "picture",
+    "red",
+    "blue",
+    "green",
+    "on",
+    "the",
+    "in",
+    "with",
+    "background",
+    "white",
+    "black",
+)
 
 
 def bytes_to_unicode():  # the same table as CLIP / GPT-2
@@ -50,12 +68,26 @@ def main(out: Path) -> None:
     assert len(vocab) == len(vocab_list) and len(vocab) < 49408
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
     (out / "special_tokens_map.json").write_text(json.dumps(special))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-         "clean_up_tokenization_spaces": True, "errors": "replace", "add_prefix_space": False}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                **special,
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "do_lower_case": True,
+                "clean_up_tokenization_spaces": True,
+                "errors": "replace",
+                "add_prefix_space": False,
+            }
+        )
+    )
 
     import transformers
     from transformers import CLIPTokenizer

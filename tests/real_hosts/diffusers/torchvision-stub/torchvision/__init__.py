@@ -1,6 +1,7 @@
 """A stand-in for torchvision (the CPU wheel here cannot import): the transforms diffusers' examples use
 are real (transforms/); any other name libraries import at start-up (io, ops, transforms.v2, ...)
 is a placeholder that raises when called."""
+
 import importlib.abc
 import importlib.machinery
 import sys
