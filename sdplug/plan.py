@@ -236,6 +236,14 @@ class Plan:
         the device: call it where the host already waits for it (logging, saving, the end)."""
         return self.divergence.first_step()
 
+    def stop_if_diverged(self, consequence: str) -> None:
+        """Raise ``DivergedRun`` once a loss or the trained weights went non-finite: the step, the
+        losses before it and the likely cause, then ``consequence`` (what the host does about it).
+        Reads the device, as ``first_nonfinite_step`` does."""
+        record = self.divergence.record()
+        if record is not None:
+            raise DivergedRun(f"{plan_report.divergence_problem(self, record)} {consequence}")
+
     def _training_step(self) -> int:
         # the optimizer step a loss belongs to, counted the same in every host (hosts call
         # plan.step() at the start or the end of their step); the plan's own count otherwise

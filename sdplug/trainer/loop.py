@@ -15,10 +15,8 @@ from pathlib import Path
 import torch
 
 from sdplug.audit import TIMESTEP_BINS
-from sdplug.divergence import DivergedRun
 from sdplug.errors import MissingDependencyError, SdplugError
 from sdplug.log import show_messages
-from sdplug.plan_report import divergence_problem
 from sdplug.presets import load_preset
 from sdplug.runs_here import check_memory_runs_here
 from sdplug.trainer import checkpoint, data, lora, models, outputs, resume, synthetic, validation
@@ -256,14 +254,10 @@ class Trainer:
     def stop_if_diverged(self) -> None:
         """Stop the run once a loss or the weights went non-finite (the plan's watch; read where the
         step already waited for the device)."""
-        if self.plan.first_nonfinite_step() is None:
-            return
-        record = self.plan.divergence.record()
-        assert record is not None
-        raise DivergedRun(
-            f"{divergence_problem(self.plan, record)} The run stopped; nothing from step {record['first_step']} on is "
-            f"saved as its result. {outputs.what_is_kept(self)}"
-        )
+        if self.plan.first_nonfinite_step() is not None:
+            self.plan.stop_if_diverged(
+                f"The run stopped; nothing from then on is saved as its result. {outputs.what_is_kept(self)}"
+            )
 
     def load_checkpoint(self, directory: Path) -> None:
         resume.load_run(self, directory)

@@ -43,7 +43,6 @@ from typing import Any
 import torch
 
 from sdplug import __version__ as sdplug_version
-from sdplug.divergence import DivergedRun
 from sdplug.errors import SdplugError
 from sdplug.hosts.kohya import ema_save, model_prediction, report, saved_metadata, step_hooks
 from sdplug.hosts.kohya.attention_switch import switch_attention
@@ -63,7 +62,6 @@ from sdplug.hosts.lifecycle import HostLifecycle
 from sdplug.hosts.session import Session
 from sdplug.log import logger, show_messages
 from sdplug.plan import Plan
-from sdplug.plan_report import divergence_problem
 from sdplug.presets import Preset
 from sdplug.runs_here import check_memory_runs_here
 from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
@@ -322,14 +320,11 @@ class KohyaAdapter:
 
     def stop_if_diverged(self, doing: str) -> None:
         """Stop sd-scripts once a loss or the trained weights went non-finite (the plan's watch)."""
-        if self.plan is None or self.plan.first_nonfinite_step() is None:
-            return
-        record = self.plan.divergence_record()
-        assert record is not None
-        raise DivergedRun(
-            f"{divergence_problem(self.plan, record)} sdplug stopped sd-scripts instead of {doing} non-finite "
-            "weights; the network files it saved before that step are finite."
-        )
+        if self.plan is not None:
+            self.plan.stop_if_diverged(
+                f"sdplug stopped sd-scripts instead of {doing} non-finite weights; the network files it saved before "
+                "that step are finite."
+            )
 
     def _finite_save(self, save: Any) -> Any:
         def save_weights(file, dtype, metadata):
