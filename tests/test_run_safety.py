@@ -20,7 +20,7 @@ from sdplug.cli import main
 from sdplug.presets import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 from sdplug.trainer import checkpoint, outputs
-from sdplug.trainer.run_folder import LOCK, RunFolder
+from sdplug.trainer.run_folder import LOCK, OutputFolderError, RunFolder
 
 ADAMW = '[optimizer]\ntype = "adamw"\nlr = 1e-3\n'
 DIVERGING = '[optimizer]\ntype = "adamw"\nlr = 1.0\n[loss_weighting]\ntype = "max_snr"\ngamma = 10000.0\n'
@@ -351,3 +351,17 @@ def test_help_and_readme_say_the_same_of_a_single_file_model():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for text in (model.help, readme[readme.index("- `--model`") :][:600]):
         assert "single-file" in text and "offline" in text and "convert" in text, text
+
+
+def test_a_lock_being_written_by_a_run_starting_now_is_not_taken_as_stale(tmp_path):
+    """Between creating the lock and writing its pid, another run sees an empty lock: a young one
+    is held, never removed; an old unreadable one is stale."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK).write_text("")
+    with pytest.raises(OutputFolderError, match="in use by another sdplug run"):
+        RunFolder(out).open()
+    assert (out / LOCK).exists()
+    os.utime(out / LOCK, (time.time() - 3600, time.time() - 3600))
+    RunFolder(out).open().close()
+    assert not (out / LOCK).exists()

@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,16 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+FRESH_LOCK_SECONDS = 10.0
+
+
+def _age_seconds(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return float("inf")
 
 
 def _utc_stamp() -> str:
@@ -135,6 +146,8 @@ class RunFolder:
             pid = int(holder["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             holder, pid = None, None
+            if _age_seconds(path) < FRESH_LOCK_SECONDS:  # being written by a run starting this moment
+                return {"pid": "(being written)", "host": socket.gethostname(), "started": "just now"}
         if holder is not None and pid is not None and (holder.get("host") != socket.gethostname() or _process_alive(pid)):
             return holder  # another machine's lock (a shared disk) is never judged stale from here
         logger.warning(f"{path}: a lock left by a run that is gone (pid {pid}); taking it over.")
