@@ -14,7 +14,7 @@ from typing import Any
 
 from sdplug.errors import MissingDependencyError, PluginError, PresetError, SdplugError, UnknownStrategyError
 from sdplug.plan import NoiseDraw, Plan
-from sdplug.presets import Preset, load_preset
+from sdplug.preset import Preset, load_preset
 from sdplug.strategies import FAMILIES, registry
 
 try:  # the installed distribution's version: one number, in pyproject.toml

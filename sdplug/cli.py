@@ -37,7 +37,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from sdplug.errors import PresetError
-    from sdplug.presets import load_preset
+    from sdplug.preset import load_preset
 
     failed = 0
     for path in args.files:
@@ -54,7 +54,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from sdplug.errors import PresetErrors
-    from sdplug.presets import load_preset
+    from sdplug.preset import load_preset
 
     try:
         preset = load_preset(args.file)

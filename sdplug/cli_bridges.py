@@ -32,7 +32,7 @@ def to_kohya(args: argparse.Namespace) -> int:
     from tomli_w import dumps
 
     from sdplug.hosts.kohya.config_bridge import to_kohya
-    from sdplug.presets import load_preset
+    from sdplug.preset import load_preset
 
     bridged = to_kohya(load_preset(args.preset))
     notes = "".join(f"# kohya cannot express: {note}\n" for note in bridged.notes)
@@ -45,7 +45,7 @@ def to_kohya(args: argparse.Namespace) -> int:
 
 def from_everydream(args: argparse.Namespace) -> int:
     from sdplug.hosts.everydream.bridge import from_everydream, read_train_json
-    from sdplug.presets import parse_preset
+    from sdplug.preset import parse_preset
 
     config = read_train_json(args.config)
     optimizer_file = args.config.parent / str(config.get("optimizer_config", "optimizer.json"))
@@ -63,7 +63,7 @@ def to_everydream(args: argparse.Namespace) -> int:
     import json
 
     from sdplug.hosts.everydream.bridge import to_everydream
-    from sdplug.presets import load_preset
+    from sdplug.preset import load_preset
 
     bridged = to_everydream(load_preset(args.preset))
     write(args.output, json.dumps(bridged.data, indent=2) + "\n")

@@ -73,12 +73,12 @@ def test_sliced_auto_works_on_one_head_layers():
 
 
 def test_through_the_plan_a_slice_size_error_names_the_preset_file(tiny_unet):
-    from sdplug.plan import Plan
-    from sdplug.presets import parse_preset
+    from sdplug.plan import bind
+    from sdplug.preset import parse_preset
     from sdplug.schedule import scaled_linear_alphas_cumprod
 
     preset = parse_preset({"attention": {"type": "sliced", "slice_size": 9}}, path="my-preset.toml")
-    plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    plan = bind(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
     with pytest.raises(PresetError) as info:
         plan.attention(tiny_unet)
     assert str(info.value).startswith("my-preset.toml: attention.slice_size: ")

@@ -7,13 +7,13 @@ import random
 import pytest
 import torch
 
-from sdplug.plan import Plan
-from sdplug.presets import parse_preset
+from sdplug.plan import bind
+from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 
 
 def make_plan(data):
-    return Plan(parse_preset(data, path="audit.toml"), alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    return bind(parse_preset(data, path="audit.toml"), alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
 
 
 def low_frequency_energy(plan, shape, draws, seed=0):

@@ -5,7 +5,7 @@ diffusers' text-to-image script (stand-ins) train the same
 preset -- noise, timesteps, loss weighting and caption families all at once -- from the same
 seed on latents of one shape, and must draw identical noise (checksums), timesteps, caption
 dropout decisions and per-timestep weights for every step. The plan owns the random streams
-(``sdplug.streams``), so nothing else can make them agree.
+(``sdplug.plan.streams``), so nothing else can make them agree.
 
 diffusers' scripts tokenize captions in their data pipeline, so the host refuses caption
 transforms other than dropout: its case runs the preset with the dropout alone (``DROPOUT_ONLY``),

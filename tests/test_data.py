@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from sdplug.plan import Plan
-from sdplug.presets import parse_preset
+from sdplug.preset import parse_preset
 from sdplug.trainer.batches import TrainingInputs
 from sdplug.trainer.data import BatchSampler, DataError, Example, find_examples
 from sdplug.trainer.loop import Trainer

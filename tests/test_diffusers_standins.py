@@ -17,7 +17,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdplug.hosts.diffusers_scripts import edits
-from sdplug.presets import load_preset
+from sdplug.preset import load_preset
 from tests.diffusers_standin import DREAMBOOTH_STANDIN, make_dreambooth_standin, make_standin
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdplug.errors import PresetError, SdplugError
-from sdplug.presets import parse_preset
+from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 
 

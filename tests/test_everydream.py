@@ -21,7 +21,7 @@ import torch
 from sdplug.hosts.everydream import runtime
 from sdplug.hosts.everydream.reconcile import EverydreamConflictError, reconcile
 from sdplug.hosts.everydream.version import EverydreamVersionError, detect
-from sdplug.presets import load_preset
+from sdplug.preset import load_preset
 from tests.everydream_standin import make_standin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,7 +250,7 @@ def test_real_everydream2_trains_with_the_preset():
 # -- the bridge: sdplug from-everydream / to-everydream ---------------------------------------------
 def test_from_everydream_carries_everydream2s_effective_defaults():
     from sdplug.hosts.everydream.bridge import from_everydream
-    from sdplug.presets import parse_preset
+    from sdplug.preset import parse_preset
 
     bridged = from_everydream({})  # EveryDream2 still drops 4% of captions and adds 0.02 offset noise
     preset = parse_preset(bridged.data, path="train.json")
@@ -261,7 +261,7 @@ def test_from_everydream_carries_everydream2s_effective_defaults():
 
 def test_everydream_keys_round_trip_through_a_preset():
     from sdplug.hosts.everydream.bridge import from_everydream, to_everydream
-    from sdplug.presets import parse_preset
+    from sdplug.preset import parse_preset
 
     train = {
         "cond_dropout": 0.1,

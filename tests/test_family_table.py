@@ -9,7 +9,7 @@ import pytest
 import sdplug
 from sdplug.errors import PluginError, PresetError
 from sdplug.params import strategy_params
-from sdplug.presets import Preset, parse_preset
+from sdplug.preset import Preset, parse_preset
 from sdplug.strategies import BUILTINS, FAMILIES, REGISTRIES, build_registries, cached_text_caption_types
 from sdplug.strategies.base import CaptionTransform, LossType, NoiseStrategy, OptimizerStrategy
 from sdplug.strategies.families import FAMILY_TABLE
@@ -53,7 +53,7 @@ def test_timestep_bins_have_one_home():
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TIMESTEP_BINS" for t in node.targets)
     ]
-    assert assigned == ["audit.py"]
+    assert assigned == ["plan/audit.py"]
 
 
 def test_every_family_of_the_table_has_its_builtins_and_its_preset_field():
@@ -67,8 +67,8 @@ def test_every_family_of_the_table_has_its_builtins_and_its_preset_field():
 
 
 def test_preset_sections_and_audit_families_follow_the_table():
-    from sdplug.audit import preset_strategies
-    from sdplug.presets import LIST_SECTIONS, SECTIONS, SINGLE_SECTIONS
+    from sdplug.plan.audit import preset_strategies
+    from sdplug.preset.model import LIST_SECTIONS, SECTIONS, SINGLE_SECTIONS
 
     assert LIST_SECTIONS == ("noise", "caption")
     assert SINGLE_SECTIONS == ("timesteps", "loss", "loss_weighting", "optimizer", "attention")

@@ -9,7 +9,7 @@ import tomllib
 import torch
 
 from sdplug.errors import PresetError, SdplugError
-from sdplug.presets import parse_preset
+from sdplug.preset import parse_preset
 from sdplug.schedule import rescale_zero_terminal_snr
 from sdplug.strategies.generalized_offset import offset_coefficients
 

@@ -1,5 +1,5 @@
 """Every host runs the one lifecycle (``sdplug.hosts.lifecycle``): a refused, a crashed and a
-completed run each write ``audit.json`` through the one writer (``plan_report.write_data``,
+completed run each write ``audit.json`` through the one writer (``sdplug.plan.audit_file.write``,
 atomic), with the keys every audit has.
 
 Each run is its own process (the audit of a crash is written at exit). A ``sitecustomize`` put
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sdplug.hosts.lifecycle import launcher_rank
-from sdplug.plan_report import AUDIT_KEYS
+from sdplug.plan.audit_file import AUDIT_KEYS
 from tests.diffusers_standin import make_standin as make_diffusers_standin
 from tests.everydream_standin import make_standin as make_everydream_standin
 from tests.kohya_standin import make_standin as make_kohya_standin
@@ -30,19 +30,19 @@ import json, os
 
 import torch
 
-from sdplug import plan_report
+from sdplug.plan import audit_file
 
-_write_data = plan_report.write_data
+_write = audit_file.write
 
 
 def _logged(data, output_dir, rank, **options):
-    path = _write_data(data, output_dir, rank, **options)
+    path = _write(data, output_dir, rank, **options)
     with open(os.environ["AUDIT_WRITES"], "a") as log:
         log.write(json.dumps({"path": os.path.abspath(path), "keys": sorted(data)}) + "\\n")
     return path
 
 
-plan_report.write_data = _logged
+audit_file.write = _logged
 
 if os.environ.get("CRASH_AT_BACKWARD"):
     _backward, _calls = torch.Tensor.backward, [0]

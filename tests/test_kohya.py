@@ -20,7 +20,7 @@ from sdplug.hosts.kohya import patching, runtime
 from sdplug.hosts.kohya.runtime import KohyaAdapter
 from sdplug.hosts.kohya.version import KNOWN, KohyaVersionError, detect
 from sdplug.plan import Plan
-from sdplug.presets import parse_preset
+from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 from tests.kohya_standin import make_standin
 from tests.make_kohya_patches import make_patches
@@ -771,7 +771,7 @@ def test_launcher_exits_non_zero_when_the_audit_finds_problems(tmp_path, in_proc
 
 def test_a_schedule_free_optimizer_gets_mains_train_eval_switch_and_is_refused_where_none_exists(tmp_path):
     pytest.importorskip("schedulefree", reason="the schedulefree extra (CI installs it)")
-    from sdplug.optimizer_modes import in_train_mode
+    from sdplug.strategies.optimizer_modes import in_train_mode
 
     preset = parse_preset({"optimizer": {"type": "adamw_schedulefree", "lr": 1e-3}}, path="sf.toml")
     adapter = KohyaAdapter(preset, KNOWN[0], "train_network.py")

@@ -18,7 +18,7 @@ from sdplug.hosts.kohya import launcher
 from sdplug.hosts.kohya.flags import flags_for
 from sdplug.hosts.kohya.reconcile import KohyaConflictError, check_conflicts, check_dataset_config, reconcile
 from sdplug.hosts.kohya.saved_metadata import METADATA_KEYS, corrected_metadata
-from sdplug.presets import parse_preset
+from sdplug.preset import parse_preset
 from tests.kohya_standin import make_standin
 from tests.make_kohya_patches import make_patches
 

@@ -23,7 +23,7 @@ from sdplug.hosts.kohya.reconcile import (
     reconcile,
 )
 from sdplug.hosts.preset_sections import is_set
-from sdplug.presets import parse_preset
+from sdplug.preset import parse_preset
 
 DATA = Path(__file__).parent / "data" / "kohya_parser_flags.json"
 PARSERS = json.loads(DATA.read_text())

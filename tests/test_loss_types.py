@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sdplug
-from sdplug.presets import parse_preset
+from sdplug.preset import parse_preset
 from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
 from sdplug.strategies.loss import huber_threshold, resize_mask
 from tests.test_no_sync import syncs_raise_inside
@@ -242,7 +242,7 @@ def test_loss_section_round_trips_through_toml():
     assert preset.loss.type == "smooth_l1" and preset.loss.params == {"c": 0.25, "schedule": "exponential"}
     text = preset.to_toml()
     assert '[loss]\ntype = "smooth_l1"' in text and "unmasked_weight = 0.0" in text and "scale = 1.0" in text
-    from sdplug.presets import tomllib
+    from sdplug.preset.files import tomllib
 
     again = parse_preset(tomllib.loads(text), path="b.toml")
     assert again.loss.create() == preset.loss.create()

@@ -15,7 +15,7 @@ import torch
 import sdplug
 from sdplug.errors import PresetError
 from sdplug.plan import Plan
-from sdplug.presets import parse_preset
+from sdplug.preset import parse_preset
 from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
 from sdplug.strategies import registry
 
@@ -58,13 +58,13 @@ def test_an_ordinary_optimizer_keeps_the_hosts_lr_when_the_preset_names_none():
 
 
 def test_whether_an_optimizer_adapts_its_step_size_is_one_declared_attribute():
+    from sdplug.strategies import optimizer_adapts_step_size
     from sdplug.strategies.base import OptimizerStrategy
-    from sdplug.strategies.optimizers_extra import lr_is_a_multiplier
 
     names = registry("optimizer").names()
     adapting = {n for n in names if registry("optimizer").get(n).cls.adapts_step_size}
     assert adapting == set(ADAPTIVE)
-    assert all(lr_is_a_multiplier(n) == (n in adapting) for n in names)
+    assert all(optimizer_adapts_step_size(n) == (n in adapting) for n in names)
     assert OptimizerStrategy.adapts_step_size is False
 
 
@@ -83,7 +83,7 @@ def test_plan_optimizer_reads_the_attribute_not_the_class_it_comes_from():
             return torch.optim.SGD(params, lr=self.lr)
 
     plan = plan_of({"optimizer": {"type": "adamw"}})
-    plan.optimizer_strategy = SelfTuning()
+    plan.optimizer_choice.strategy = SelfTuning()
     optimizer = plan.optimizer(groups([1e-4, 0.0]), host_lr=1e-4)
     assert [g["lr"] for g in optimizer.param_groups] == [1.0, 0.0]
 
@@ -241,7 +241,7 @@ def test_perlin_refuses_a_first_octave_as_fine_as_the_latent():
 
 
 def test_perlin_refused_in_a_plan_names_the_preset_file_and_its_table(tmp_path):
-    from sdplug.presets import load_preset
+    from sdplug.preset import load_preset
     from sdplug.schedule import scaled_linear_alphas_cumprod
 
     (tmp_path / "p.toml").write_text('[[noise]]\ntype = "offset"\n[[noise]]\ntype = "perlin"\ncells = 16\n')
@@ -298,7 +298,7 @@ def test_an_older_checkpoint_without_the_configured_counts_still_reports_a_rate(
 
 # -- 8. the console audit table -------------------------------------------------------------------
 def test_the_audit_table_shows_the_optimizer_timesteps_and_weights_labelled():
-    from sdplug.audit_table import summary_table
+    from sdplug.plan.audit_table import summary_table
 
     plan = plan_of(
         {

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sdplug
-from sdplug.presets import parse_preset
+from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")

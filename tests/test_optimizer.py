@@ -5,8 +5,8 @@ import torch
 
 import sdplug
 from sdplug.errors import MissingDependencyError
-from sdplug.plan import Plan
-from sdplug.presets import parse_preset
+from sdplug.plan import bind
+from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 from sdplug.strategies.optimizer import state_bytes
 
@@ -66,18 +66,18 @@ def test_plan_refuses_a_missing_optimizer_without_fallback(monkeypatch):
     monkeypatch.setattr("sdplug.optional.is_available", lambda package: package != "bitsandbytes")
     preset = preset_with_optimizer(type="adamw8bit", lr=1e-4)
     with pytest.raises(MissingDependencyError):
-        Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+        bind(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
 
 
 def test_plan_uses_the_named_fallback_loudly(monkeypatch):
     monkeypatch.setattr("sdplug.optional.is_available", lambda package: package != "bitsandbytes")
     preset = preset_with_optimizer(type="adamw8bit", lr=2e-4, fallback="adamw")
     with pytest.warns(UserWarning, match="fallback 'adamw'"):
-        plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+        plan = bind(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
     optimizer = plan.optimizer([torch.nn.Parameter(torch.zeros(3))])
     assert type(optimizer) is torch.optim.AdamW
     assert optimizer.param_groups[0]["lr"] == 2e-4
-    assert plan.optimizer_fell_back
+    assert plan.optimizer_choice.fell_back
 
 
 def test_fallback_must_accept_the_same_parameters():
@@ -112,11 +112,11 @@ def test_8bit_availability_is_a_real_step(bitsandbytes_that_cannot_step, name):
 def test_an_8bit_optimizer_that_cannot_step_fails_the_plan_or_takes_the_named_fallback(bitsandbytes_that_cannot_step):
     preset = {"optimizer": {"type": "adamw8bit"}}
     with pytest.raises(MissingDependencyError, match=r"^p\.toml: optimizer\.type: optimizer AdamW8bit cannot step on cpu"):
-        Plan(parse_preset(preset, path="p.toml"), alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+        bind(parse_preset(preset, path="p.toml"), alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
     preset["optimizer"]["fallback"] = "adamw"
     with pytest.warns(UserWarning, match="fallback 'adamw'"):
-        plan = Plan(parse_preset(preset, path="p.toml"), alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
-    assert plan.optimizer_fell_back
+        plan = bind(parse_preset(preset, path="p.toml"), alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    assert plan.optimizer_choice.fell_back
 
 
 def test_8bit_availability_passes_where_bitsandbytes_steps():

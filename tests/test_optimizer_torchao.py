@@ -14,7 +14,7 @@ import torch
 import sdplug
 from sdplug import optional
 from sdplug.errors import MissingDependencyError, PresetError
-from sdplug.presets import parse_preset
+from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 from sdplug.strategies.optimizer import state_bytes
 

@@ -1,7 +1,7 @@
 """Optimizers from their own packages: they really train, keep their conventions, refuse loudly.
 
 Prodigy and D-Adaptation: one lr for every trained group; schedule-free AdamW: train mode for
-steps, eval mode around sampling and saving (sdplug.optimizer_modes); a missing package names
+steps, eval mode around sampling and saving (sdplug.strategies.optimizer_modes); a missing package names
 sdplug's extra; presets validate their parameters by key.
 """
 
@@ -14,11 +14,11 @@ import torch
 import sdplug
 from sdplug import optional
 from sdplug.errors import MissingDependencyError, PresetError, SdplugError
-from sdplug.optimizer_modes import eval_mode, evaluating, has_modes, in_train_mode, train_mode
-from sdplug.plan import Plan
-from sdplug.presets import parse_preset
+from sdplug.plan import bind
+from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 from sdplug.strategies.optimizer import state_bytes
+from sdplug.strategies.optimizer_modes import eval_mode, evaluating, has_modes, in_train_mode, train_mode
 
 # name -> (import name, sdplug extra, an lr that fits a 50-step regression)
 EXTRA = {
@@ -59,7 +59,7 @@ def train(optimizer, model, x, y, steps):
 
 
 def plan_for(table):
-    return Plan(
+    return bind(
         parse_preset({"optimizer": table}, path="p.toml"),
         alphas_cumprod=scaled_linear_alphas_cumprod(),
         prediction_type="epsilon",
@@ -315,7 +315,7 @@ def test_import_sdplug_imports_none_of_these_packages():
 
 def test_a_hosts_learning_rate_never_replaces_prodigys_multiplier():
     pytest.importorskip("prodigyopt")
-    from sdplug.presets import parse_preset
+    from sdplug.preset import parse_preset
     from sdplug.schedule import scaled_linear_alphas_cumprod
 
     plan = parse_preset({"optimizer": {"type": "prodigy"}}, path="p.toml").build(
@@ -326,7 +326,7 @@ def test_a_hosts_learning_rate_never_replaces_prodigys_multiplier():
 
 
 def test_a_fallback_never_inherits_prodigys_lr_multiplier():
-    from sdplug.presets import parse_preset
+    from sdplug.preset import parse_preset
 
     preset = parse_preset({"optimizer": {"type": "prodigy", "lr": 1.0, "weight_decay": 0.01, "fallback": "adamw"}}, path="p.toml")
     fallback = preset.optimizer_fallback.create()

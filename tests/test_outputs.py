@@ -222,9 +222,9 @@ def test_import_notices_of_unused_parts_are_quieted(caplog):
 
 def test_audit_problems_keep_the_trained_weights_and_fail_the_run(tmp_path, monkeypatch):
     """The one problems policy: save everything, list the problems in audit.json, exit non-zero."""
-    from sdplug import plan_report
+    from sdplug.plan import problems
 
-    monkeypatch.setattr(plan_report, "strategy_problems", lambda report: ["noise 'offset' ran 1 times in 2 steps"])
+    monkeypatch.setattr(problems, "strategy_problems", lambda report: ["noise 'offset' ran 1 times in 2 steps"])
     (tmp_path / "p.toml").write_text('[[noise]]\ntype = "offset"\n')
     out = tmp_path / "out"
     code = main(

@@ -5,13 +5,13 @@ import random
 import pytest
 import torch
 
-from sdplug.plan import Plan
-from sdplug.presets import parse_preset
+from sdplug.plan import bind
+from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 
 
 def make_plan(data, prediction_type="epsilon"):
-    return Plan(
+    return bind(
         parse_preset(data, path="plan.toml"), alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type=prediction_type
     )
 

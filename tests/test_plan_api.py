@@ -12,9 +12,9 @@ from diffusers import DDPMScheduler
 
 import sdplug
 from sdplug.errors import SdplugError
-from sdplug.presets import parse_preset
+from sdplug.plan.streams import stream_seed
+from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod, snr
-from sdplug.streams import stream_seed
 
 PRESET = {
     "noise": [{"type": "pyramid", "discount": 0.8}],

@@ -13,7 +13,7 @@ import pytest
 import sdplug
 from sdplug.errors import PresetError, printable
 from sdplug.params import describe_allowed, field_names
-from sdplug.presets import load_preset, parse_preset
+from sdplug.preset import load_preset, parse_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = "\x1b]0;PWNED\x07\x1b[2J"  # sets the terminal's title, then clears the screen
@@ -69,7 +69,7 @@ def test_validate_escapes_file_names_sections_keys_and_names_from_the_file(tmp_p
 
 
 def test_an_embedded_presets_source_is_escaped(tmp_path):
-    from sdplug.presets import parse_preset_text
+    from sdplug.preset import parse_preset_text
 
     with pytest.raises(PresetError) as info:
         parse_preset_text('[[noise]]\ntype = "nope"\n', path=f"lora{HOSTILE}.safetensors (its metadata)", embedded_from="x")
@@ -126,7 +126,7 @@ def test_errors_inside_an_extended_file_do_not_quote_its_values(tmp_path):
 
 
 def test_a_preset_embedded_in_a_download_cannot_extend(tmp_path):
-    from sdplug.presets import parse_preset_text
+    from sdplug.preset import parse_preset_text
 
     text = '[preset]\nextends = "/etc/passwd"\n[[noise]]\ntype = "offset"\n'
     with pytest.raises(PresetError) as info:
@@ -140,7 +140,7 @@ def test_a_preset_embedded_in_a_download_cannot_extend(tmp_path):
 
 
 def test_an_embedded_preset_without_extends_loads():
-    from sdplug.presets import parse_preset_text
+    from sdplug.preset import parse_preset_text
 
     preset = parse_preset_text('[[noise]]\ntype = "offset"\n', path="lora (its metadata)", embedded_from="lora")
     assert [spec.type for spec in preset.noise] == ["offset"]

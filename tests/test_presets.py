@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sdplug
-from sdplug.presets import SECTIONS, parse_preset, tomllib
+from sdplug.preset import SECTIONS, parse_preset
+from sdplug.preset.files import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(glob.glob(str(ROOT / "presets" / "*.toml")))
@@ -242,7 +243,7 @@ def write_chain(tmp_path, files):
 
 
 def test_extends_chain_has_a_depth_limit_with_a_clear_error(tmp_path):
-    from sdplug.presets import MAX_EXTENDS_DEPTH
+    from sdplug.preset.model import MAX_EXTENDS_DEPTH
 
     (tmp_path / "ok").mkdir()
     assert sdplug.load_preset(write_chain(tmp_path / "ok", MAX_EXTENDS_DEPTH)).noise[0].type == "offset"
@@ -259,12 +260,12 @@ def test_control_characters_round_trip_through_to_toml():
 
 
 def test_check_against_schedule_names_the_file_key_and_range(tmp_path, sd_alphas):
-    from sdplug.plan import Plan
+    from sdplug.plan import bind
 
     parent = write(tmp_path, "parent.toml", '[timesteps]\ntype = "uniform"\nmax_timestep = 5000\n')
     child = write(tmp_path, "child.toml", '[preset]\nextends = "parent"\n')
     with pytest.raises(sdplug.PresetError) as info:
-        Plan(sdplug.load_preset(child), alphas_cumprod=sd_alphas, prediction_type="epsilon")
+        bind(sdplug.load_preset(child), alphas_cumprod=sd_alphas, prediction_type="epsilon")
     error = info.value
     assert error.path == str(parent) and error.key == "timesteps.max_timestep"  # the file that wrote it
     assert "5000" in str(error) and "max_timestep <= 1000" in str(error)
@@ -280,19 +281,19 @@ def test_check_against_schedule_names_the_file_key_and_range(tmp_path, sd_alphas
     ],
 )
 def test_timestep_parameters_beyond_the_schedule_are_refused_when_bound(tmp_path, sd_alphas, table, key):
-    from sdplug.plan import Plan
+    from sdplug.plan import bind
 
     path = write(tmp_path, "t.toml", f"[timesteps]\n{table}")
     preset = sdplug.load_preset(path)  # validates: the schedule is not known yet
     with pytest.raises(sdplug.PresetError, match="allowed: 0 <=") as info:
-        Plan(preset, alphas_cumprod=sd_alphas, prediction_type="epsilon")
+        bind(preset, alphas_cumprod=sd_alphas, prediction_type="epsilon")
     assert info.value.path == str(path) and info.value.key == key
 
 
 def test_timestep_parameters_that_fit_a_longer_schedule_bind(tmp_path, sd_alphas):
-    from sdplug.plan import Plan
+    from sdplug.plan import bind
 
     path = write(tmp_path, "t.toml", '[timesteps]\ntype = "uniform"\nmin_timestep = 100\nmax_timestep = 1000\n')
-    plan = Plan(sdplug.load_preset(path), alphas_cumprod=sd_alphas, prediction_type="epsilon")
+    plan = bind(sdplug.load_preset(path), alphas_cumprod=sd_alphas, prediction_type="epsilon")
     t = plan.timesteps(64, generator=torch.Generator().manual_seed(0))
     assert t.min() >= 100 and t.max() < 1000

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdplug.cli import main
-from sdplug.presets import parse_preset
+from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 from sdplug.trainer import checkpoint, outputs
 from sdplug.trainer.run_folder import LOCK, OutputFolderError, RunFolder
@@ -328,7 +328,7 @@ def test_tiny_default_trains_without_bitsandbytes_on_its_named_fallback(monkeypa
     """`pip install sdplug[train]` alone has no bitsandbytes: the main job's preset still builds,
     on plain AdamW, with a warning that says so and names what does not carry over."""
     from sdplug.errors import MissingDependencyError
-    from sdplug.presets import load_preset
+    from sdplug.preset import load_preset
     from sdplug.strategies.optimizer import AdamW8bit
 
     def missing(self):

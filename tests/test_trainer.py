@@ -341,7 +341,7 @@ def test_a_schedule_free_optimizer_samples_and_saves_its_evaluation_weights(tmp_
     pytest.importorskip("schedulefree", reason="the schedulefree extra (CI installs it)")
     from PIL import Image
 
-    from sdplug.optimizer_modes import in_train_mode
+    from sdplug.strategies.optimizer_modes import in_train_mode
     from sdplug.trainer import outputs
 
     modes = []

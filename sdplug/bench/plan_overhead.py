@@ -36,8 +36,10 @@ import torch.nn.functional as F
 
 import sdplug
 from sdplug.errors import SdplugError
-from sdplug.presets import MemorySettings, Preset
-from sdplug.streams import stream_seed
+from sdplug.plan import bind
+from sdplug.plan.streams import stream_seed
+from sdplug.preset import Preset
+from sdplug.preset.settings import MemorySettings
 
 PLAN_CALLS = ("caption", "noise", "timesteps", "noisy_input", "target", "loss", "step")
 LR, WEIGHT_DECAY = 1e-3, 1e-2
@@ -273,7 +275,7 @@ def measure(
         embedded(seed=seed, prediction_type=prediction_type),
         embedded(seed=seed, prediction_type=prediction_type),
     )
-    plan = bench_preset.build(plan_model.scheduler, seed=seed, rank=0)
+    plan = bind(bench_preset, plan_model.scheduler, seed=seed, rank=0)
     plan.attention(plan_model.unet)
     if bench_preset.attention is not None:
         bench_preset.attention.create().apply(hand_model.unet)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdplug.plan import Plan
-from sdplug.presets import Preset, parse_preset
+from sdplug.preset import Preset, parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 
 SIZE = 16

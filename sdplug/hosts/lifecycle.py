@@ -11,7 +11,7 @@ convention into the plan's calls; around those calls every host does the same th
   stopped the run) and an sdplug error is shown as its message, not a traceback; the audit is
   written at exit. Both through the host's ``Session``, so ``undo()`` takes them out again;
 - ``write_audit`` / ``write_refusal``: ``audit.json`` through the one writer
-  (``sdplug.plan_report``), the plan's report, or a refusal's audit when no plan was bound yet;
+  (``sdplug.plan.audit_file``), the plan's report, or a refusal's audit when no plan was bound yet;
 - ``problems_exit_status`` / ``exit_if_problems``: the problems policy, the same in every host:
   the run kept what it trained, the audit lists the problems and the process exits non-zero.
 """
@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 from sdplug.errors import SdplugError
 from sdplug.hosts.session import Session
 from sdplug.log import logger
-from sdplug.plan_report import REFUSED, write_before_plan
+from sdplug.plan.audit_file import REFUSED, write_refusal
 
 if TYPE_CHECKING:
     import torch
 
     from sdplug.plan import Plan
-    from sdplug.presets import Preset
+    from sdplug.preset import Preset
 
 
 def launcher_rank(environ: Mapping[str, str] = os.environ) -> int:
@@ -127,11 +127,11 @@ class HostLifecycle:
         self, output_dir: str | Path | None, message: object, host: dict[str, Any], preset: Preset | None = None
     ) -> Path | None:
         """The audit of a run refused before its first step (nothing, without an output folder),
-        whether or not a plan was bound: ``plan_report.write_before_plan``, the refusal its one
+        whether or not a plan was bound: ``audit_file.write_refusal``, the refusal its one
         problem and the preset's strategies (none when the preset itself was refused)."""
         if not output_dir:
             return None
-        return write_before_plan(output_dir, refused(message), host={"name": self.name, **host}, preset=preset, rank=self.rank)
+        return write_refusal(output_dir, refused(message), host={"name": self.name, **host}, preset=preset, rank=self.rank)
 
     def exit_if_problems(self, audit_path: Path) -> None:
         """The problems policy where the host's own code ends the process (no launcher returns

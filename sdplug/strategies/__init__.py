@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from sdplug.errors import UnknownStrategyError
 from sdplug.registry import Registry
-from sdplug.strategies.base import CaptionTransform
+from sdplug.strategies.base import CaptionTransform, OptimizerStrategy
 from sdplug.strategies.families import FAMILIES as FAMILIES  # re-exported: sdplug.FAMILIES
 from sdplug.strategies.families import FAMILY_TABLE
 
@@ -37,6 +37,15 @@ def registry(family: str) -> Registry:
         return REGISTRIES[family]
     except KeyError:
         raise UnknownStrategyError("families", family, FAMILIES) from None
+
+
+def optimizer_adapts_step_size(name: str) -> bool:
+    """Whether the optimizer registered as ``name`` declares that it estimates its own step size
+    (``OptimizerStrategy.adapts_step_size``: its lr near 1.0 only scales that estimate). An
+    unknown name is False: the preset reports it, with what is allowed."""
+    if name not in registry("optimizer").names():
+        return False
+    return cast("type[OptimizerStrategy]", registry("optimizer").get(name).cls).adapts_step_size
 
 
 def cached_text_caption_types() -> list[str]:

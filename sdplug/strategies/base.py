@@ -297,7 +297,7 @@ class OptimizerStrategy(Strategy):
 
     requires: ClassVar[tuple[str, ...]] = ()
     # True: the optimizer it builds has train and eval modes (schedule-free ones), built in train
-    # mode; hosts switch it with ``sdplug.optimizer_modes`` (eval around sampling, validation and
+    # mode; hosts switch it with ``sdplug.strategies.optimizer_modes`` (eval around sampling, validation and
     # saving, train for steps). Those functions do nothing for other optimizers.
     schedule_free: ClassVar[bool] = False
     # True: the optimizer estimates its own step size (Prodigy, D-Adaptation) and its ``lr`` only

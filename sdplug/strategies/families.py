@@ -9,22 +9,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from sdplug.strategies import (
-    attention,
-    caption,
-    fields,
-    generalized_offset,
-    learned,
-    loss,
-    loss_weighting,
-    noise,
-    optimizer,
-    optimizer_torchao,
-    optimizers_extra,
-    pyramid,
-    timestep_distributions,
-    timesteps,
-)
+import sdplug.strategies.attention as attention
+import sdplug.strategies.caption as caption
+import sdplug.strategies.fields as fields
+import sdplug.strategies.generalized_offset as generalized_offset
+import sdplug.strategies.learned as learned
+import sdplug.strategies.loss as loss
+import sdplug.strategies.loss_weighting as loss_weighting
+import sdplug.strategies.noise as noise
+import sdplug.strategies.optimizer as optimizer
+import sdplug.strategies.optimizer_torchao as optimizer_torchao
+import sdplug.strategies.optimizers_extra as optimizers_extra
+import sdplug.strategies.pyramid as pyramid
+import sdplug.strategies.timestep_distributions as timestep_distributions
+import sdplug.strategies.timesteps as timesteps
 from sdplug.strategies.base import (
     AttentionStrategy,
     CaptionTransform,

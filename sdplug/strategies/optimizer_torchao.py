@@ -12,7 +12,7 @@ requires no torch of its own, so pip never replaces yours. Two of its convention
   ``compile_step = false`` runs the same update eagerly under
   ``torch.compiler.set_stance("force_eager")``: no compilation, slower steps;
 - it keeps each group's ``lr`` as a 0-d tensor (changed in place, as PyTorch's lr schedulers
-  do); the audit records it as a float (``sdplug.optimizer_groups.describe``).
+  do); the audit records it as a float (``sdplug.plan.optimizer_groups.describe``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ kept here, not left to the user:
   refuse only at the first step.
 - Schedule-free AdamW needs no lr schedule (keep the host's schedule constant; it warms up by
   ``warmup_steps``) and has train and eval modes: ``build`` returns it in train mode, and hosts
-  switch it to eval around sampling, validation and saving (``sdplug.optimizer_modes``).
+  switch it to eval around sampling, validation and saving (``sdplug.strategies.optimizer_modes``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib.metadata
 import math
 from types import ModuleType
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -194,7 +194,7 @@ class AdamWScheduleFree(_PackageOptimizer):
 
     No lr schedule: keep the host's constant and warm up with ``warmup_steps``; it takes 1-10x
     AdamW's lr (the package's default 0.0025). Train and eval modes: built in train mode; hosts
-    switch it to eval around sampling, validation and saving (``sdplug.optimizer_modes``).
+    switch it to eval around sampling, validation and saving (``sdplug.strategies.optimizer_modes``).
     8 bytes of state per parameter.
     """
 
@@ -304,16 +304,3 @@ class AdEMAMix8bit(_Bitsandbytes8bit):
 
     def _extra(self) -> dict:
         return {"alpha": self.alpha, "t_alpha": self.t_alpha, "t_beta3": self.t_beta3, "eps": self.eps}
-
-
-def lr_is_a_multiplier(name: str) -> bool:
-    """Whether the optimizer registered as ``name`` estimates its own step size
-    (``OptimizerStrategy.adapts_step_size``), so its lr near 1.0 only scales that estimate: a
-    fallback never inherits it."""
-    from sdplug.errors import UnknownStrategyError
-    from sdplug.strategies import registry
-
-    try:
-        return cast("type[OptimizerStrategy]", registry("optimizer").get(name).cls).adapts_step_size
-    except UnknownStrategyError:  # the preset reports an unknown name, with what is allowed
-        return False

@@ -126,7 +126,7 @@ def preflight(preset: Any, config: TrainConfig) -> None:
 def check_before_loading(config: TrainConfig) -> None:
     """Everything the command line decides, checked before torch's models and diffusers load and
     before anything is created: the options, the preset, the data folders and ``--output``."""
-    from sdplug.presets import load_preset
+    from sdplug.preset import load_preset
     from sdplug.trainer import data
     from sdplug.trainer.run_folder import check_output
 

@@ -25,7 +25,7 @@ from PIL import Image
 from sdplug.errors import SdplugError, printable
 from sdplug.log import logger
 from sdplug.plan import NoisePipeline
-from sdplug.presets import Preset, load_preset, parse_preset_text
+from sdplug.preset import Preset, load_preset, parse_preset_text
 from sdplug.schedule import PREDICTION_TYPES
 from sdplug.trainer import models
 from sdplug.trainer.config import TrainConfig

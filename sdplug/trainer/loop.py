@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from sdplug.audit import TIMESTEP_BINS
 from sdplug.errors import MissingDependencyError, SdplugError
 from sdplug.log import show_messages
-from sdplug.presets import load_preset
-from sdplug.runs_here import check_memory_runs_here
+from sdplug.plan import bind
+from sdplug.plan.audit import TIMESTEP_BINS
+from sdplug.plan.runs_here import check_memory_runs_here
+from sdplug.preset import load_preset
 from sdplug.trainer import checkpoint, data, lora, models, outputs, resume, synthetic, validation
 from sdplug.trainer.batches import TrainingInputs, check_no_mask_options
 from sdplug.trainer.config import OptionError, TrainConfig, check_before_loading, preflight
@@ -88,7 +89,7 @@ class Trainer:
 
         if self.preset.schedule.zero_terminal_snr:  # training and sampling alike (the plan rescales its copy)
             self.bundle.scheduler = models.zero_terminal(self.bundle.scheduler)
-        self.plan = self.preset.build(self.bundle.scheduler, seed=config.seed, rank=self.rank)
+        self.plan = bind(self.preset, self.bundle.scheduler, seed=config.seed, rank=self.rank)
         self.audit = self.plan.audit
         preflight(self.preset, config)
         self._prepare_random_streams()  # first: caching latents draws from them
@@ -179,7 +180,7 @@ class Trainer:
             self.text_encoder = bundle.text_encoder
 
     def _prepare_random_streams(self):
-        # Every stream is the plan's (sdplug.streams: one per --seed, rank and purpose), so the
+        # Every stream is the plan's (sdplug.plan.streams: one per --seed, rank and purpose), so the
         # noise, timesteps and caption decisions are those any host draws for this preset and
         # seed; data order and a VAE's posterior samples are streams of their own.
         streams = self.plan.streams

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from sdplug.divergence import DivergedRun
 from sdplug.errors import SdplugError
 from sdplug.log import logger
-from sdplug.optimizer_modes import eval_mode, evaluating
+from sdplug.plan.divergence import DivergedRun
+from sdplug.strategies.optimizer_modes import eval_mode, evaluating
 from sdplug.trainer import lora, models
 from sdplug.trainer.config import SAMPLE_PROMPTS, read_prompts_file
 from sdplug.trainer.files import atomic, write_text
@@ -339,7 +339,7 @@ def write_failure_audit(folder, exc: BaseException, trainer=None) -> Path | None
     """A refused, failed or interrupted run still writes its audit: ``completed`` false, the
     reason in ``problems``, and whatever the audit had counted (nothing, when refused before
     training) -- into ``audit.json``, or beside it when that holds another run's record."""
-    from sdplug.plan_report import REFUSED, write_before_plan
+    from sdplug.plan.audit_file import REFUSED, write_refusal
 
     if folder.rank != 0 or not folder.path.is_dir():
         return None
@@ -355,7 +355,7 @@ def write_failure_audit(folder, exc: BaseException, trainer=None) -> Path | None
     else:  # refused before the plan was built (a model that does not load): the trainer's own host record is empty
         problem = f"{REFUSED}{exc}" if refused else f"stopped at step 0 by {type(exc).__name__}: {exc}"
         preset = getattr(trainer, "preset", None)
-        path = write_before_plan(folder.path, problem, host={}, preset=preset, name=name, announce=not interrupted)
+        path = write_refusal(folder.path, problem, host={}, preset=preset, name=name, announce=not interrupted)
     if name != "audit.json":
         logger.warning(f"{folder.path / 'audit.json'} is another run's record and stays; this run's audit is {path.name}")
     return path

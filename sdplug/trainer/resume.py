@@ -14,7 +14,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from sdplug.optimizer_modes import evaluating, train_mode
+from sdplug.strategies.optimizer_modes import evaluating, train_mode
 from sdplug.trainer import checkpoint
 from sdplug.trainer.checkpoint import CheckpointError
 

@@ -87,7 +87,7 @@ def maybe_validate(trainer, *, final: bool = False) -> None:
     due = step == 0 or final or (every and step % every == 0)
     if not due or step in done:
         return
-    from sdplug.optimizer_modes import evaluating
+    from sdplug.strategies.optimizer_modes import evaluating
 
     with evaluating(trainer.optimizer):  # a schedule-free optimizer's evaluation weights
         value = validator(trainer.accelerator.unwrap_model(trainer.unet))

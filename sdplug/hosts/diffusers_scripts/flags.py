@@ -14,7 +14,7 @@ import argparse
 from typing import Any
 
 from sdplug.errors import SdplugError
-from sdplug.presets import Preset
+from sdplug.preset import Preset
 from sdplug.strategies.families import FAMILY_TABLE
 
 _NOISE = ("noise", "timesteps")  # the session draws noise and timesteps together

@@ -18,7 +18,7 @@ from pathlib import Path
 from sdplug.errors import SdplugError
 from sdplug.hosts.diffusers_scripts import edits, session
 from sdplug.hosts.lifecycle import HostLifecycle, problems_exit_status
-from sdplug.presets import Preset, load_preset
+from sdplug.preset import Preset, load_preset
 
 
 def resolve_script(script: str) -> Path:

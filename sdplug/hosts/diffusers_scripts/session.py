@@ -18,9 +18,10 @@ from sdplug.hosts.diffusers_scripts import flags
 from sdplug.hosts.diffusers_scripts.edits import VERSION
 from sdplug.hosts.lifecycle import HostLifecycle
 from sdplug.log import logger
-from sdplug.pipelines import NoiseDraw
 from sdplug.plan import Plan
-from sdplug.presets import Preset, load_preset
+from sdplug.plan import bind as bind_plan
+from sdplug.plan.pipelines import NoiseDraw
+from sdplug.preset import Preset, load_preset
 
 HOST_NAME = "diffusers examples"
 LAUNCHED = False  # set by the launcher: it records failures and writes the audit itself
@@ -57,7 +58,7 @@ class ScriptRun:
             )
         rank = self.lifecycle.rank
         prediction_type = getattr(args, "prediction_type", None) or noise_scheduler.config.prediction_type
-        plan = self.preset.build(noise_scheduler, seed=args.seed or 0, rank=rank, prediction_type=prediction_type)
+        plan = bind_plan(self.preset, noise_scheduler, seed=args.seed or 0, rank=rank, prediction_type=prediction_type)
         self.lifecycle.bind(plan)
         self.lifecycle.check_schedule(
             torch.as_tensor(noise_scheduler.alphas_cumprod),

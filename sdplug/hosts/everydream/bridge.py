@@ -15,7 +15,7 @@ from typing import Any
 from sdplug.errors import PresetError
 from sdplug.hosts.everydream.flags import BY_NAME
 from sdplug.hosts.kohya.config_bridge import Bridged
-from sdplug.presets import Preset
+from sdplug.preset import Preset
 
 ATTENTION = {"sdp": "sdpa", "xformers": "xformers", "slice": "sliced"}
 OPTIMIZERS = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdplug.log import logger
-from sdplug.optimizer_groups import learning_rate
+from sdplug.plan.optimizer_groups import learning_rate
 
 _DEFAULT_LR = 1e-6  # EveryDream2's own when neither optimizer.json nor train.json names one
 

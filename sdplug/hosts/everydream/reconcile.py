@@ -16,7 +16,7 @@ from typing import Any
 from sdplug.errors import SdplugError
 from sdplug.hosts.everydream.flags import CARRIED, KEYS, Ed2Key
 from sdplug.hosts.preset_sections import is_set, section_set
-from sdplug.presets import Preset
+from sdplug.preset import Preset
 
 
 class EverydreamConflictError(SdplugError):

@@ -40,8 +40,8 @@ from sdplug.hosts.everydream.step_hooks import StepHooks
 from sdplug.hosts.everydream.version import EverydreamVersion, check_runtime, detect
 from sdplug.hosts.lifecycle import HostLifecycle
 from sdplug.log import logger, show_messages
-from sdplug.plan import Plan
-from sdplug.presets import Preset, load_preset
+from sdplug.plan import Plan, bind
+from sdplug.preset import Preset, load_preset
 from sdplug.strategies.timesteps import UniformTimesteps
 
 HOST_NAME = "EveryDream2"
@@ -118,7 +118,8 @@ class EverydreamHost:
         prediction = str(getattr(self.scheduler.config, "prediction_type", "epsilon")).replace("-", "_")
         end = int(args.timestep_end)
         default = UniformTimesteps(min_timestep=int(args.timestep_start), max_timestep=end)
-        return self.preset.build(
+        return bind(
+            self.preset,
             self.scheduler,
             seed=int(args.seed),
             rank=self.lifecycle.rank,

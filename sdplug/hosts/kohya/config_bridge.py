@@ -17,7 +17,8 @@ from typing import Any
 from sdplug.errors import PresetError
 from sdplug.hosts.kohya.flags import FLAGS, host_setting_group
 from sdplug.params import field_names
-from sdplug.presets import Preset, parse_preset, tomllib
+from sdplug.preset import Preset, parse_preset
+from sdplug.preset.files import tomllib
 
 KOHYA_OPTIMIZERS = {
     "adamw": "adamw",

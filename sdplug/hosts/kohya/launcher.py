@@ -21,7 +21,7 @@ from sdplug.hosts.kohya.runtime import activate_for_launch, record_failure
 from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError, detect
 from sdplug.hosts.lifecycle import problems_exit_status
 from sdplug.log import logger
-from sdplug.presets import load_preset
+from sdplug.preset import load_preset
 
 
 def resolve_script(script: str, sd_scripts: Path | None) -> Path:

@@ -21,7 +21,8 @@ from typing import Any
 from sdplug.errors import PresetError, SdplugError
 from sdplug.hosts.kohya.flags import FLAGS, KohyaFlag, flags_for, host_setting_group
 from sdplug.hosts.preset_sections import is_set, preset_value, section_set
-from sdplug.presets import Preset, tomllib
+from sdplug.preset import Preset
+from sdplug.preset.files import tomllib
 from sdplug.strategies import cached_text_caption_types
 
 # caption flags kohya's datasets also take per subset (``--dataset_config``): the same conflicts

@@ -61,9 +61,9 @@ from sdplug.hosts.kohya.version import KohyaVersion, check_hooks
 from sdplug.hosts.lifecycle import HostLifecycle
 from sdplug.hosts.session import Session
 from sdplug.log import logger, show_messages
-from sdplug.plan import Plan
-from sdplug.presets import Preset
-from sdplug.runs_here import check_memory_runs_here
+from sdplug.plan import Plan, bind
+from sdplug.plan.runs_here import check_memory_runs_here
+from sdplug.preset import Preset
 from sdplug.schedule import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
 from sdplug.strategies.timesteps import UniformTimesteps
 
@@ -201,8 +201,13 @@ class KohyaAdapter:
         # the noise hook replaces kohya's whole noise function, timestep draw included: with no
         # [timesteps], kohya's own range carries over into the plan's uniform draw
         kohya_range = UniformTimesteps(min_timestep=args.min_timestep or 0, max_timestep=args.max_timestep)
-        return self.preset.build(
-            alphas_cumprod=alphas, prediction_type=prediction, seed=seed, rank=self.rank, default_timesteps=kohya_range
+        return bind(
+            self.preset,
+            alphas_cumprod=alphas,
+            prediction_type=prediction,
+            seed=seed,
+            rank=self.rank,
+            default_timesteps=kohya_range,
         )
 
     def record_failure(self, exc: BaseException) -> None:
@@ -401,7 +406,7 @@ def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | Non
         return _ACTIVE
     show_messages()  # no sdplug command around a patched script: this session shows them
     from sdplug.hosts.kohya.version import detect
-    from sdplug.presets import load_preset
+    from sdplug.preset import load_preset
 
     script_file = Path(script_globals.get("__file__", "train_network.py"))
     root = script_file.resolve().parent

@@ -29,7 +29,8 @@ from typing import Any
 from sdplug.hosts.kohya.config_bridge import to_kohya
 from sdplug.hosts.kohya.network_saves import Save, wrap_saves
 from sdplug.hosts.preset_sections import section_set
-from sdplug.presets import LIST_SECTIONS, SINGLE_SECTIONS, Preset
+from sdplug.preset import Preset
+from sdplug.preset.model import LIST_SECTIONS, SINGLE_SECTIONS
 
 _NOISE = ("noise", "timesteps")  # sdplug's noise hook replaces kohya's whole noise function for either
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sdplug.errors import SdplugError
-from sdplug.optimizer_modes import eval_mode, train_mode
+from sdplug.strategies.optimizer_modes import eval_mode, train_mode
 
 _ARGUMENTS = {"main": ("loss_type", "reduction", "huber_c"), "v0.8.7": ("reduction", "loss_type", "huber_c")}
 

@@ -41,7 +41,7 @@ class ScheduleSettings:
 
 @strategy_params
 class EMASettings:
-    """An exponential moving average of the trained weights (``sdplug.ema``); on when ``decay``
+    """An exponential moving average of the trained weights (``sdplug.plan.ema``); on when ``decay``
     is set. ``update_every``: optimizer steps between updates; ``start_step``: the step from
     which it averages (before it, it follows the weights); ``device``: ``"cpu"`` keeps the
     averaged copy off the GPU, ``"same"`` beside the weights."""

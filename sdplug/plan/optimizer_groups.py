@@ -25,7 +25,7 @@ import torch
 from sdplug.strategies.optimizer import state_bytes
 
 if TYPE_CHECKING:
-    from sdplug.presets import StrategySpec
+    from sdplug.preset import StrategySpec
     from sdplug.strategies.base import OptimizerStrategy
 
 LearnedGroup = Literal["own", "first"]

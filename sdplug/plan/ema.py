@@ -12,7 +12,7 @@ post-step hook of the optimizer the plan built, so it follows real optimizer ste
 accumulation micro-steps) in every host. ``applied()`` swaps the averaged weights in -- for
 sampling and saving -- and back.
 
-With a schedule-free optimizer (``sdplug.optimizer_modes``) the parameters hold, between steps,
+With a schedule-free optimizer (``sdplug.strategies.optimizer_modes``) the parameters hold, between steps,
 the point its gradients are taken at (``y``), not the weights it says to evaluate (``x``, which
 eval mode puts in the parameters for sampling and saving). The average is of what is evaluated:
 each update switches the optimizer to eval mode, averages ``x``, and puts the training point back
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from sdplug.optimizer_modes import eval_mode, has_modes, in_train_mode, train_mode
-from sdplug.preset_settings import EMASettings
+from sdplug.preset.settings import EMASettings
+from sdplug.strategies.optimizer_modes import eval_mode, has_modes, in_train_mode, train_mode
 
 
 class EMA:
@@ -51,6 +51,14 @@ class EMA:
             self.shadows = [p.detach().to(device=self._device or p.device, copy=True) for p in self.parameters]
         self.optimizer_steps = 0
         self.updates = 0  # averaging updates (from start_step on)
+
+    @classmethod
+    def following(cls, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], settings: EMASettings) -> EMA:
+        """An average updated after every step of ``optimizer`` (of its evaluation weights, ``x``,
+        for a schedule-free optimizer)."""
+        ema = cls(parameters, settings, optimizer=optimizer)
+        optimizer.register_step_post_hook(lambda optimizer, args, kwargs: ema.after_optimizer_step())
+        return ema
 
     def after_optimizer_step(self) -> None:
         self.optimizer_steps += 1

@@ -12,7 +12,7 @@ methods at the same moments of a training step, so a preset behaves the same eve
     plan.step()                                                # once per optimizer step
     plan.write_audit(output_dir, host={"name": ...})           # at the end
 
-The plan owns the random streams (``sdplug.streams``: one per seed, rank and purpose), its
+The plan owns the random streams (``sdplug.plan.streams``: one per seed, rank and purpose), its
 audit, and the learned state of learned strategies; ``state_dict`` holds all three.
 """
 
@@ -26,28 +26,27 @@ from typing import Any
 
 import torch
 
-from sdplug import optimizer_groups, plan_report, plan_setup, schedule
-from sdplug.audit import Audit
-from sdplug.divergence import DivergedRun, DivergenceWatch, optimizer_watch
-from sdplug.ema import EMA
+from sdplug import schedule
 from sdplug.errors import PresetError, SdplugError
-from sdplug.optimizer_groups import LearnedGroup
-from sdplug.pipelines import CaptionDraw, CaptionPipeline, NoiseDraw, NoisePipeline
-from sdplug.preset_checks import check_against_schedule
-from sdplug.presets import Preset, StrategySpec
-from sdplug.runs_here import choose_attention, choose_optimizer
-from sdplug.schedule import check_prediction_type
+from sdplug.plan import audit_file, problems
+from sdplug.plan.attention import AttentionChoice
+from sdplug.plan.audit import Audit
+from sdplug.plan.divergence import DivergedRun, DivergenceWatch, optimizer_watch
+from sdplug.plan.ema import EMA
+from sdplug.plan.optimizer import OptimizerChoice
+from sdplug.plan.optimizer_groups import LearnedGroup
+from sdplug.plan.pipelines import CaptionDraw, CaptionPipeline, NoiseDraw, NoisePipeline
+from sdplug.plan.streams import Streams, stream_seed
+from sdplug.preset import Preset, StrategySpec
 from sdplug.strategies.base import LossWeighting, TimestepStrategy
 from sdplug.strategies.timesteps import UniformTimesteps
-from sdplug.streams import Streams, stream_seed
-
-__all__ = ["CaptionDraw", "CaptionPipeline", "NoiseDraw", "NoisePipeline", "Plan"]
 
 _UNIFORM = UniformTimesteps()
 
 
 class Plan:
-    """A preset's strategies, built and bound to a noise schedule and prediction type."""
+    """A preset's strategies, built and bound to a noise schedule and prediction type: made by
+    ``sdplug.plan.bind`` (``Preset.build``), which checks the preset against the schedule first."""
 
     def __init__(
         self,
@@ -63,23 +62,21 @@ class Plan:
         self.streams = Streams(seed, rank)
         self.steps = 0
         self._validating = False
-        self.prediction_type = check_prediction_type(prediction_type)
+        self.prediction_type = schedule.check_prediction_type(prediction_type)
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float32).cpu()
         self.num_train_timesteps = len(self.alphas_cumprod)
-        check_against_schedule(preset, self.num_train_timesteps, self.alphas_cumprod)  # file and key, before training
         self.noise_pipeline = NoisePipeline([spec.create() for spec in preset.noise], self.alphas_cumprod)
         self.caption_pipeline = CaptionPipeline([spec.create() for spec in preset.caption])
         # the host's own draw (kohya's --min/max_timestep range) when the preset names none
         self.timestep_sampler: TimestepStrategy | None = preset.timesteps.create() if preset.timesteps else default_timesteps
         self.loss_weighting: LossWeighting | None = preset.loss_weighting.create() if preset.loss_weighting else None
         self.loss_type = (preset.loss or StrategySpec("loss", "mse", {}, "the default loss type")).create()
-        self.optimizer_strategy, self.optimizer_fell_back = choose_optimizer(preset)
-        self.attention_strategy = choose_attention(preset)
-        self.built_optimizer: torch.optim.Optimizer | None = None  # what plan.optimizer returned
+        self.optimizer_choice = OptimizerChoice(preset)  # checked on this machine now
+        self.attention_choice = AttentionChoice(preset)
         self.failure: str | None = None  # what stopped the host, when something did
         self.ema_tracker: EMA | None = None  # see ema()
         self.audit = Audit.for_preset(preset, self.num_train_timesteps, optimizer=self.optimizer_spec)
-        self.divergence = DivergenceWatch()  # non-finite losses and weights, kept on the device (sdplug.divergence)
+        self.divergence = DivergenceWatch()  # non-finite losses and weights, kept on the device (sdplug.plan.divergence)
 
     def noise(
         self, latents: torch.Tensor, generator: torch.Generator | None = None, *, timesteps: torch.Tensor | None = None
@@ -147,7 +144,12 @@ class Plan:
     @property
     def optimizer_spec(self) -> StrategySpec | None:
         """The preset's optimizer table, or its fallback's when the named one cannot run here."""
-        return self.preset.optimizer_fallback if self.optimizer_fell_back else self.preset.optimizer
+        return self.optimizer_choice.spec
+
+    @property
+    def built_optimizer(self) -> torch.optim.Optimizer | None:
+        """What ``optimizer()`` returned (None before it)."""
+        return self.optimizer_choice.built
 
     def timesteps(
         self, batch_size: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
@@ -242,7 +244,7 @@ class Plan:
         Reads the device, as ``first_nonfinite_step`` does."""
         record = self.divergence.record()
         if record is not None:
-            raise DivergedRun(f"{plan_report.divergence_problem(self, record)} {consequence}")
+            raise DivergedRun(f"{problems.divergence_problem(record, _likely_divergence_cause(self))} {consequence}")
 
     def _training_step(self) -> int:
         # the optimizer step a loss belongs to, counted the same in every host (hosts call
@@ -264,8 +266,12 @@ class Plan:
 
     def ema(self, parameters: Iterable[torch.nn.Parameter]) -> EMA | None:
         """The preset's ``[ema]`` of ``parameters`` (None when it has none): call after
-        ``optimizer``; it updates after every step of that optimizer (``sdplug.ema``)."""
-        self.ema_tracker = plan_setup.track_ema(self, list(parameters))
+        ``optimizer``; it updates after every step of that optimizer (``sdplug.plan.ema``)."""
+        if self.preset.ema.decay is None:
+            return None
+        if self.built_optimizer is None:
+            raise SdplugError("plan.ema: call plan.optimizer first; the average follows the steps of the optimizer it builds.")
+        self.ema_tracker = EMA.following(self.built_optimizer, list(parameters), self.preset.ema)
         return self.ema_tracker
 
     def optimizer(
@@ -277,7 +283,7 @@ class Plan:
         learned_group: LearnedGroup = "own",
     ) -> torch.optim.Optimizer:
         """The preset's optimizer over ``params`` (tensors or parameter groups), or
-        ``default(params)`` when the preset names none (``sdplug.optimizer_groups``):
+        ``default(params)`` when the preset names none (``sdplug.plan.optimizer_groups``):
 
         - the preset's ``lr`` is every group's lr except groups at lr 0; with no ``lr`` in the
           preset, ``host_lr`` (the host's own learning-rate option) when given -- except for an
@@ -289,13 +295,13 @@ class Plan:
           (``learned_group="first"``).
 
         Recorded in the audit; call it once."""
-        self.built_optimizer = plan_setup.build_optimizer(self, list(params), default, host_lr, learned_group)
-        self.watch_optimizer(self.built_optimizer)
-        return self.built_optimizer
+        optimizer = self.optimizer_choice.build(list(params), default, host_lr, learned_group, self.loss_weighting)
+        self.watch_optimizer(optimizer)
+        return optimizer
 
     def watch_optimizer(self, optimizer: torch.optim.Optimizer, *, counts_steps: bool = True) -> None:
         """Watch the weights ``optimizer`` trains for non-finite values after each of its steps
-        (no sync: ``sdplug.divergence``). ``optimizer()`` does it for what it builds; a host
+        (no sync: ``sdplug.plan.divergence``). ``optimizer()`` does it for what it builds; a host
         whose own optimizer trains (no ``[optimizer]``, built outside the plan) calls it once
         per optimizer, ``counts_steps`` false for all but one when a step steps several."""
         optimizer.register_step_post_hook(optimizer_watch(self.divergence, counts_steps=counts_steps))
@@ -352,18 +358,18 @@ class Plan:
     def optimizer_adapts_step_size(self) -> bool:
         """Whether the optimizer in use (a fallback's, when the plan fell back) estimates its own
         step size (Prodigy, D-Adaptation): its lr is a multiplier near 1.0."""
-        return self.optimizer_strategy is not None and bool(self.optimizer_strategy.adapts_step_size)
+        return self.optimizer_choice.adapts_step_size
 
     @property
     def optimizer_is_schedule_free(self) -> bool:
         """Whether the optimizer in use must be switched to its evaluation weights around
         sampling and saving (a schedule-free optimizer)."""
-        return self.optimizer_strategy is not None and bool(self.optimizer_strategy.schedule_free)
+        return self.optimizer_choice.schedule_free
 
     def preset_lr(self) -> float | None:
         """The lr the preset gives every trained group (``[optimizer]`` lr, or the default
         multiplier of an optimizer that adapts its step size); None: the host's lr stands."""
-        return optimizer_groups.preset_lr(self.optimizer_spec, self.optimizer_strategy)
+        return self.optimizer_choice.preset_lr()
 
     @property
     def ema_average(self) -> EMA | None:
@@ -389,8 +395,26 @@ class Plan:
 
     def report(self) -> dict[str, Any]:
         """What ``audit.json`` holds for this plan: every family's record, ``completed``, and the
-        ``problems`` -- the one policy of every host (``sdplug.plan_report``)."""
-        return plan_report.report(self)
+        ``problems`` -- the one policy of every host (``sdplug.plan.problems``)."""
+        data = self.audit.report()
+        if self.built_optimizer is not None:
+            data["optimizer"] = self.optimizer_choice.record(self.loss_weighting)
+        alphas = self.alphas_cumprod  # on the CPU: no device sync
+        data["schedule"] = {
+            "zero_terminal_snr": self.preset.schedule.zero_terminal_snr,
+            "alpha_cumprod_first": float(alphas[0]),
+            "alpha_cumprod_last": float(alphas[-1]),  # 0 under zero-terminal SNR
+            "prediction_type": self.prediction_type,
+        }
+        if self.ema_tracker is not None:
+            data["ema"] = self.ema_tracker.record()
+        diverged = self.divergence.record()
+        if diverged is not None:
+            data["divergence"] = diverged
+        data["completed"] = self.failure is None and diverged is None
+        cause = _likely_divergence_cause(self) if diverged is not None else ""
+        data["problems"] = problems.problems(self.preset, data, self.failure, cause)
+        return data
 
     def write_audit(
         self,
@@ -405,7 +429,10 @@ class Plan:
         ``audit-rank<R>.json`` on the others, or ``audit_name``; ``sections`` are added at the
         top level. Problems are also logged (unless ``announce`` is false: the host says why it
         stopped itself). Returns the path."""
-        return plan_report.write(self, Path(output_dir), host or {}, sections, audit_name, announce)
+        data = self.report()
+        data["host"] = {**data.get("host", {}), **(host or {})}
+        data.update(sections)
+        return audit_file.write(data, Path(output_dir), self.rank, name=audit_name, announce=announce)
 
     def attention(self, model: torch.nn.Module, install: Callable[[str], dict[str, Any]] | None = None) -> int:
         """Install the preset's attention in ``model`` and record it (``attention`` in the audit:
@@ -413,7 +440,7 @@ class Plan:
         takes no diffusers processors (kohya's UNet) passes ``install(type) -> record``, which
         switches it the host's way and says what changed (``changed``: a module count).
         Returns the number of modules changed."""
-        record = plan_setup.install_attention(self, model, install)
+        record = self.attention_choice.install(model, install)
         self.audit.record_host(attention=record)
         return int(record["changed"])
 
@@ -453,3 +480,19 @@ def _check_loss_inputs(plan: Plan, model_pred: torch.Tensor, target: torch.Tenso
             f"plan.loss: loss type {spec.type if spec else 'mse'!r} computes a threshold per sample from "
             "its timestep; pass timesteps= (plan.loss passes them)."
         )
+
+
+def _likely_divergence_cause(plan: Plan) -> str:
+    """What in the preset most likely made the run diverge (``problems.likely_divergence_cause``)."""
+    spec, weighting = plan.optimizer_spec, plan.preset.loss_weighting
+    weights = None
+    if plan.loss_weighting is not None and weighting is not None:
+        t = torch.arange(plan.num_train_timesteps)
+        weights = plan.loss_weighting.weights(t, plan.alphas_cumprod, plan.prediction_type)
+    return problems.likely_divergence_cause(
+        optimizer=repr(spec.type) if spec is not None else "the host's optimizer",
+        learning_rates=plan.optimizer_choice.learning_rates(),
+        adapts_step_size=plan.optimizer_adapts_step_size,
+        weighting=weighting.type if weighting is not None else None,
+        weights=weights,
+    )

@@ -13,7 +13,7 @@ from sdplug.strategies.families import IN_PRESET_ORDER
 if TYPE_CHECKING:
     import torch
 
-    from sdplug.presets import Preset, StrategySpec
+    from sdplug.preset.model import Preset, StrategySpec
 
 
 def check_against_schedule(preset: Preset, num_train_timesteps: int, alphas_cumprod: torch.Tensor | None = None) -> None:

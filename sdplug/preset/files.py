@@ -4,7 +4,7 @@ UTF-8 files read (never a directory, a device or a FIFO), TOML parsed with a nes
 
 A preset may come from a download (a LoRA's or model folder's saved preset) and may name any
 path in ``extends``; what this module refuses is what could block, never end, or print another
-file's contents (``sdplug.presets`` validates what is read).
+file's contents (``sdplug.preset`` validates what is read).
 """
 
 from __future__ import annotations

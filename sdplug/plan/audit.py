@@ -18,7 +18,7 @@ import torch
 from sdplug.strategies.families import IN_PRESET_ORDER
 
 if TYPE_CHECKING:
-    from sdplug.presets import Preset, StrategySpec
+    from sdplug.preset import Preset, StrategySpec
     from sdplug.strategies.base import NoiseStrategy
 
 # The audit's timestep histogram and per-bin loss records: tenths of the schedule (the
@@ -337,9 +337,9 @@ class Audit:
         return report
 
     def summary(self, report: dict[str, Any] | None = None) -> str:
-        """A short table for the end of a run (``sdplug.audit_table``) of ``report``: pass the
+        """A short table for the end of a run (``sdplug.plan.audit_table``) of ``report``: pass the
         plan's report (``plan.report()``, what ``audit.json`` holds) for the optimizer, EMA,
         schedule and problems rows; without it, of the audit's own part."""
-        from sdplug.audit_table import summary_table
+        from sdplug.plan.audit_table import summary_table
 
         return summary_table(report if report is not None else self.report())

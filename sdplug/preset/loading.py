@@ -1,20 +1,5 @@
-"""TOML presets: loading, ``extends``, validation with key paths, and writing back.
+"""Preset files: loading, ``extends``, validation with key paths.
 
-A preset file has these sections, all optional::
-
-    [preset]            name, description, extends (a shipped preset's name or a .toml file's path)
-    [[noise]]           noise strategies, applied in the order written
-    [timesteps]         one timestep sampler
-    [loss]              one loss type (mse when omitted), with its mask options
-    [loss_weighting]    one loss weighting
-    [[caption]]         caption transforms, applied in the order written
-    [optimizer]         one optimizer; `fallback` may name another to use when it cannot run
-    [attention]         one attention implementation
-    [memory]            gradient_checkpointing, mixed_precision, cache_latents, cache_text_encoder_outputs
-    [schedule]          zero_terminal_snr (and epsilon_ok)
-    [ema]               decay (turns it on), update_every, start_step, device
-
-Each strategy table has ``type`` (a registered name) and that strategy's parameters.
 ``extends``: a section the child writes replaces the parent's section whole (``noise = []``
 removes the parent's noise list), except ``[memory]``, ``[schedule]`` and ``[ema]``, which merge key by key.
 Every problem is one ``PresetError`` naming the file, the key path and what is allowed; all the
@@ -31,209 +16,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from sdplug.errors import PresetError, SdplugError, did_you_mean, raise_together
-from sdplug.params import check_known_keys, validate_params
-from sdplug.preset_checks import check_consistency
-from sdplug.preset_files import (
-    MAX_NESTING as MAX_NESTING,  # re-exported: the preset API names these here too
+from sdplug.params import check_known_keys, field_names, validate_params
+from sdplug.preset.checks import check_consistency
+from sdplug.preset.files import check_nesting, extended_path, parse_toml, read_toml, resolve_preset_path, shipped_preset_names
+from sdplug.preset.model import (
+    MAX_EXTENDS_DEPTH,
+    OPTIMIZER_EXTRA_KEYS,
+    PRESET_KEYS,
+    SECTIONS,
+    SETTINGS_SECTIONS,
+    Preset,
+    StrategySpec,
 )
-from sdplug.preset_files import (
-    check_nesting,
-    extended_path,
-    parse_toml,
-    read_toml,
-    resolve_preset_path,
-    shipped_preset_names,
-)
-from sdplug.preset_files import (
-    shipped_presets_dir as shipped_presets_dir,
-)
-from sdplug.preset_files import (
-    tomllib as tomllib,
-)
-from sdplug.preset_settings import EMASettings, MemorySettings, ScheduleSettings, settings_table
-from sdplug.strategies import registry
+from sdplug.preset.settings import settings_table
+from sdplug.strategies import optimizer_adapts_step_size, registry
+from sdplug.strategies.base import OptimizerStrategy
 from sdplug.strategies.families import IN_PRESET_ORDER
-
-if TYPE_CHECKING:
-    from sdplug.plan import Plan
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover - Python 3.10
-    pass
-
-LIST_SECTIONS = tuple(family.section for family in IN_PRESET_ORDER if family.many)
-SINGLE_SECTIONS = tuple(family.section for family in IN_PRESET_ORDER if not family.many)
-SETTINGS_SECTIONS = {"memory": MemorySettings, "schedule": ScheduleSettings, "ema": EMASettings}
-SECTIONS = ("preset", *LIST_SECTIONS, *SINGLE_SECTIONS, *SETTINGS_SECTIONS)
-PRESET_KEYS = ("name", "description", "extends")
-OPTIMIZER_EXTRA_KEYS = ("fallback",)
-# Far deeper than any real preset family, far below Python's recursion limit.
-MAX_EXTENDS_DEPTH = 32
-# Levels of tables and arrays in one file: a preset needs 4; deeper is an attack or a mistake.
-
-
-@dataclasses.dataclass(frozen=True)
-class StrategySpec:
-    """One strategy table of a preset: family, registered name, validated parameters."""
-
-    family: str
-    type: str
-    params: Mapping[str, Any]
-    source: str  # "file: key path", for messages that point back at the preset
-    path: str | None = None  # the file this table was written in (a parent's, when inherited)
-    key: str = ""  # its key path there, e.g. "timesteps" or "noise[1]"
-
-    def create(self) -> Any:
-        return registry(self.family).create(self.type, **dict(self.params))
-
-    def to_table(self, *, with_defaults: bool = False) -> dict[str, Any]:
-        """``type`` and parameters; ``with_defaults`` also writes every parameter left at its default."""
-        params = dict(self.params)
-        if with_defaults:
-            params = {
-                field.name: getattr(self.create(), field.name)
-                for field in dataclasses.fields(registry(self.family).get(self.type).cls)
-            }
-        # None means "not set" (e.g. uniform's max_timestep follows the schedule); TOML has no null
-        return {
-            "type": self.type,
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if v is not None},
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """A fully resolved preset (after ``extends``)."""
-
-    name: str
-    description: str = ""
-    path: str | None = None
-    extends_chain: tuple[str, ...] = ()  # the files merged in, parent first
-    noise: tuple[StrategySpec, ...] = ()
-    caption: tuple[StrategySpec, ...] = ()
-    timesteps: StrategySpec | None = None
-    loss: StrategySpec | None = None
-    loss_weighting: StrategySpec | None = None
-    optimizer: StrategySpec | None = None
-    optimizer_fallback: StrategySpec | None = None
-    attention: StrategySpec | None = None
-    memory: MemorySettings = dataclasses.field(default_factory=MemorySettings)
-    schedule: ScheduleSettings = dataclasses.field(default_factory=ScheduleSettings)
-    ema: EMASettings = dataclasses.field(default_factory=EMASettings)
-    # "memory.cache_latents" and so on: the settings the file (or a parent) wrote, for to_dict
-    settings_written: frozenset[str] = frozenset()
-
-    def strategy_specs(self, section: str) -> tuple[StrategySpec, ...]:
-        """The strategy tables of one family's section, in order (none, one, or a list's)."""
-        value = getattr(self, section)
-        if isinstance(value, tuple):
-            return value
-        return () if value is None else (value,)
-
-    def to_dict(self, *, with_defaults: bool = False) -> dict[str, Any]:
-        """The resolved preset as TOML-ready data (no ``extends``: everything is inlined).
-
-        Without ``with_defaults``, only what was written: each strategy's written parameters, and
-        of the settings those written (here or in a parent) or changed since from their defaults.
-        """
-        data: dict[str, Any] = {"preset": {"name": self.name, "description": self.description}}
-        for family in IN_PRESET_ORDER:
-            tables = [spec.to_table(with_defaults=with_defaults) for spec in self.strategy_specs(family.section)]
-            if tables:
-                data[family.section] = tables if family.many else tables[0]
-        if self.optimizer_fallback is not None:
-            data["optimizer"]["fallback"] = self.optimizer_fallback.type
-        for name in SETTINGS_SECTIONS:
-            settings = getattr(self, name)
-            if name == "ema" and settings.decay is None:  # TOML has no null: an [ema] without decay is no [ema]
-                continue
-            table = settings_table(settings)
-            if not with_defaults:
-                defaults = settings_table(type(settings)())
-                table = {k: v for k, v in table.items() if f"{name}.{k}" in self.settings_written or v != defaults[k]}
-            if table:
-                data[name] = table
-        return data
-
-    def build(
-        self,
-        noise_scheduler: Any = None,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        alphas_cumprod: Any = None,
-        prediction_type: str | None = None,
-        default_timesteps: Any = None,
-    ) -> Plan:
-        """The plan: this preset bound to a model's noise schedule and prediction type.
-
-        ``noise_scheduler`` is a diffusers-style scheduler (its ``alphas_cumprod`` and
-        ``config.prediction_type``); or give ``alphas_cumprod`` and ``prediction_type``
-        (explicit values win over the scheduler's). ``seed`` and ``rank`` derive the plan's
-        random streams (``sdplug.streams``). ``default_timesteps`` is the host's own timestep
-        strategy, used when the preset names none (uniform over the schedule otherwise). Everything the file alone cannot know is checked
-        here: timestep ranges against the schedule, the prediction type, an optimizer or
-        attention that cannot run on this machine.
-        """
-        from sdplug.plan import Plan
-
-        if noise_scheduler is not None:
-            alphas_cumprod = noise_scheduler.alphas_cumprod if alphas_cumprod is None else alphas_cumprod
-            config = getattr(noise_scheduler, "config", None)
-            prediction_type = prediction_type or getattr(config, "prediction_type", None) or "epsilon"
-        if alphas_cumprod is None or prediction_type is None:
-            raise SdplugError(
-                f"{self.path or self.name}: Preset.build needs a noise scheduler, or alphas_cumprod= and prediction_type=."
-            )
-        import torch
-
-        from sdplug.schedule import rescale_zero_terminal_snr
-
-        alphas_cumprod = torch.as_tensor(alphas_cumprod)
-        if self.schedule.zero_terminal_snr:
-            if prediction_type == "epsilon" and not self.schedule.epsilon_ok:
-                raise PresetError(
-                    "zero-terminal SNR trains the last timestep at SNR 0, where an epsilon-prediction model's target "
-                    "says nothing about the image (Lin et al. 2023 train v-prediction). Allowed: a v_prediction or "
-                    "sample model, or schedule.epsilon_ok = true to train epsilon anyway.",
-                    path=self.path,
-                    key="schedule.zero_terminal_snr",
-                )
-            alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)  # idempotent: a rescaled schedule stays
-        self._check_prediction_type(prediction_type)
-        return Plan(
-            self,
-            alphas_cumprod=alphas_cumprod,
-            prediction_type=prediction_type,
-            seed=seed,
-            rank=rank,
-            default_timesteps=default_timesteps,
-        )
-
-    def _check_prediction_type(self, prediction_type: str) -> None:
-        """Refuse a loss-weighting parameter the preset wrote that does nothing for this model
-        (an SNR floor with a v_prediction or sample model), naming its file and key."""
-        from sdplug.schedule import check_prediction_type
-
-        spec = self.loss_weighting
-        if spec is None:
-            return
-        problem = spec.create().prediction_problem(check_prediction_type(prediction_type), set(spec.params))
-        if problem is not None:
-            parameter, sentence = problem
-            raise PresetError(sentence, path=spec.path, key=f"{spec.key}.{parameter}" if spec.key else parameter)
-
-    def to_toml(self, *, with_defaults: bool = True) -> str:
-        import tomli_w
-
-        return tomli_w.dumps(self.to_dict(with_defaults=with_defaults))
 
 
 def load_preset(path: str | Path, *, embedded_from: str | None = None) -> Preset:
@@ -491,13 +294,8 @@ def _strategy(value: Any, family: str, path: str, key: str, extra_keys: tuple[st
 def _fallback(value: Mapping[str, Any], primary: StrategySpec, path: str) -> StrategySpec | None:
     if "fallback" not in value:
         return None
-    from sdplug.params import field_names
-    from sdplug.strategies import registry
-    from sdplug.strategies.base import OptimizerStrategy
-    from sdplug.strategies.optimizers_extra import lr_is_a_multiplier as multiplier
-
     # Prodigy's lr 1.0 as AdamW's would blow the weights up: the fallback keeps its own default lr
-    drop = multiplier(primary.type) and not multiplier(str(value["fallback"]))
+    drop = optimizer_adapts_step_size(primary.type) and not optimizer_adapts_step_size(str(value["fallback"]))
     # every setting of the update carries over and must be one the fallback takes; the primary's
     # implementation settings it lacks (adamw8bit's min_8bit_size) stay behind, named by its warning
     name = str(value["fallback"])
