@@ -233,3 +233,23 @@ def test_cached_text_refusal_names_what_the_registry_allows():
     with pytest.raises(PresetError, match="'dropout' only") as info:
         parse_preset({"memory": {"cache_text_encoder_outputs": True}, "caption": [{"type": "shuffle"}]})
     assert info.value.key == "caption[0].type"
+
+
+def test_every_host_table_is_one_flag_type_whose_sections_the_preset_knows():
+    """kohya's, EveryDream2's and the diffusers scripts' tables are rows of one ``HostFlag``,
+    each taken over only by sections a preset has (a family's, or one ``memory.<key>``)."""
+    from sdplug.hosts.diffusers_scripts.flags import FLAGS as DIFFUSERS
+    from sdplug.hosts.everydream.flags import KEYS as EVERYDREAM
+    from sdplug.hosts.host_flags import KINDS, HostFlag
+    from sdplug.hosts.kohya.flags import FLAGS as KOHYA
+    from sdplug.preset.settings import MemorySettings, settings_table
+    from sdplug.strategies.families import FAMILY_TABLE
+
+    sections = {family.section for family in FAMILY_TABLE} | {f"memory.{key}" for key in settings_table(MemorySettings())}
+    for table in (KOHYA, EVERYDREAM, DIFFUSERS):
+        assert table and all(type(row) is HostFlag for row in table)
+        for row in table:
+            assert row.kind in KINDS and row.why, row
+            assert set(row.sections) <= sections, row
+    with pytest.raises(ValueError, match="kind 'ignored-by-mistake'"):
+        HostFlag("x", ("noise",), "a trick", kind="ignored-by-mistake")

@@ -13,8 +13,9 @@ from types import MappingProxyType
 import pytest
 
 import sdplug
+from sdplug.hosts.host_flags import KINDS, is_set
 from sdplug.hosts.kohya.config_bridge import from_kohya, to_kohya
-from sdplug.hosts.kohya.flags import FAMILIES, FLAGS, HOST_SETTINGS, KINDS, MEMORY_KEYS, VERSIONS, flags_for
+from sdplug.hosts.kohya.flags import FAMILIES, FLAGS, HOST_SETTINGS, MEMORY_KEYS, VERSIONS, flags_for
 from sdplug.hosts.kohya.reconcile import (
     KohyaConflictError,
     PresetWeightingMarker,
@@ -22,7 +23,6 @@ from sdplug.hosts.kohya.reconcile import (
     check_dataset_config,
     reconcile,
 )
-from sdplug.hosts.preset_sections import is_set
 from sdplug.preset import parse_preset
 
 DATA = Path(__file__).parent / "data" / "kohya_parser_flags.json"

@@ -14,58 +14,59 @@ import argparse
 from typing import Any
 
 from sdplug.errors import SdplugError
+from sdplug.hosts.host_flags import HostFlag
 from sdplug.preset import Preset
-from sdplug.strategies.families import FAMILY_TABLE
 
 _NOISE = ("noise", "timesteps")  # the session draws noise and timesteps together
 _OPTIMIZER = ("optimizer",)
 
-# flag -> (preset sections that replace it, what it is)
-CONFLICTS: dict[str, tuple[tuple[str, ...], str]] = {
-    "noise_offset": (_NOISE, "the script's offset noise (sdplug: noise 'offset')"),
-    "input_perturbation": (_NOISE, "the script's input perturbation (sdplug: noise 'input_perturbation')"),
-    "snr_gamma": (("loss_weighting",), "the script's min-SNR weighting (sdplug: loss_weighting 'min_snr')"),
-    "use_8bit_adam": (_OPTIMIZER, "the script's 8-bit AdamW (sdplug: optimizer 'adamw8bit')"),
-    "optimizer": (_OPTIMIZER, "the script's optimizer choice"),
-    "adam_beta1": (_OPTIMIZER, "the script's AdamW betas"),
-    "adam_beta2": (_OPTIMIZER, "the script's AdamW betas"),
-    "adam_weight_decay": (_OPTIMIZER, "the script's weight decay"),
-    "adam_weight_decay_text_encoder": (_OPTIMIZER, "the script's text-encoder weight decay"),
-    "adam_epsilon": (_OPTIMIZER, "the script's AdamW epsilon"),
-    "prodigy_beta3": (_OPTIMIZER, "the script's Prodigy settings"),
-    "prodigy_decouple": (_OPTIMIZER, "the script's Prodigy settings"),
-    "prodigy_use_bias_correction": (_OPTIMIZER, "the script's Prodigy settings"),
-    "prodigy_safeguard_warmup": (_OPTIMIZER, "the script's Prodigy settings"),
-    "enable_xformers_memory_efficient_attention": (("attention",), "the script's xformers switch (sdplug: attention 'xformers')"),
-    "proportion_empty_prompts": (
+# the script flags that set a trick a preset section replaces (the scripts reconcile [memory] themselves: _memory)
+FLAGS: tuple[HostFlag, ...] = (
+    HostFlag("noise_offset", _NOISE, "the script's offset noise (sdplug: noise 'offset')"),
+    HostFlag("input_perturbation", _NOISE, "the script's input perturbation (sdplug: noise 'input_perturbation')"),
+    HostFlag("snr_gamma", ("loss_weighting",), "the script's min-SNR weighting (sdplug: loss_weighting 'min_snr')"),
+    HostFlag("use_8bit_adam", _OPTIMIZER, "the script's 8-bit AdamW (sdplug: optimizer 'adamw8bit')"),
+    HostFlag("optimizer", _OPTIMIZER, "the script's optimizer choice"),
+    HostFlag("adam_beta1", _OPTIMIZER, "the script's AdamW betas"),
+    HostFlag("adam_beta2", _OPTIMIZER, "the script's AdamW betas"),
+    HostFlag("adam_weight_decay", _OPTIMIZER, "the script's weight decay"),
+    HostFlag("adam_weight_decay_text_encoder", _OPTIMIZER, "the script's text-encoder weight decay"),
+    HostFlag("adam_epsilon", _OPTIMIZER, "the script's AdamW epsilon"),
+    HostFlag("prodigy_beta3", _OPTIMIZER, "the script's Prodigy settings"),
+    HostFlag("prodigy_decouple", _OPTIMIZER, "the script's Prodigy settings"),
+    HostFlag("prodigy_use_bias_correction", _OPTIMIZER, "the script's Prodigy settings"),
+    HostFlag("prodigy_safeguard_warmup", _OPTIMIZER, "the script's Prodigy settings"),
+    HostFlag(
+        "enable_xformers_memory_efficient_attention",
+        ("attention",),
+        "the script's xformers switch (sdplug: attention 'xformers')",
+    ),
+    HostFlag(
+        "proportion_empty_prompts",
         ("caption",),
         "the script's once-per-dataset empty prompts (sdplug: caption 'dropout', per step)",
     ),
-}
+)
 
 
 class DiffusersConflictError(SdplugError):
     """A script flag that sets a trick the preset replaces, or a preset key the script cannot apply."""
 
 
-def _set_sections(preset: Preset) -> set[str]:
-    return {family.section for family in FAMILY_TABLE if preset.strategy_specs(family.section)}
-
-
 def check(preset: Preset, script: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Refuse conflicts and unreachable preset keys; returns ``{flag: how it stood}`` for the audit
     and applies the reconciled ``[memory]`` keys to ``args``."""
     where = preset.path or preset.name
-    sections = _set_sections(preset)
     stood: dict[str, Any] = {}
-    for flag, (replaced_by, what) in CONFLICTS.items():
+    for row in FLAGS:
+        flag = row.name
         if not hasattr(args, flag):
             continue
         value, default = getattr(args, flag), parser.get_default(flag)
-        taken = sorted(sections.intersection(replaced_by))
+        taken = sorted(row.taken_by(preset))
         if taken and value != default:
             raise DiffusersConflictError(
-                f"{script}: --{flag} {value!r} sets {what}, which the preset {where} replaces ([{taken[0]}]). Allowed: "
+                f"{script}: --{flag} {value!r} sets {row.why}, which the preset {where} replaces ([{taken[0]}]). Allowed: "
                 f"leave --{flag} at its default ({default!r}), or drop [{taken[0]}] from the preset."
             )
         stood[flag] = {"value": value, "state": f"off: the preset's [{taken[0]}] applies" if taken else "the script's"}

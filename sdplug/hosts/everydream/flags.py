@@ -14,31 +14,29 @@ replace is listed once, with EveryDream2's default and the value that switches i
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+from sdplug.hosts.host_flags import HostFlag
 
-@dataclasses.dataclass(frozen=True)
-class Ed2Key:
-    name: str
-    sections: tuple[str, ...]  # preset sections (families, or memory.<key>) that replace it
-    default: Any  # EveryDream2 main's argparse default
-    off: Any  # the value that switches the trick off ("keep": nothing to switch, refuse if set)
-    meaning: str
+
+def _key(name: str, sections: tuple[str, ...], default: Any, off: Any, why: str) -> HostFlag:
+    """``default``: EveryDream2 main's argparse default; ``off``: the value that switches the
+    trick off ("keep": nothing to switch, refused when set)."""
+    return HostFlag(name, sections, why, default=default, off=off)
 
 
 KEYS = (
-    Ed2Key("cond_dropout", ("caption",), 0.04, 0.0, "caption dropout (the tokens of ' ')"),
-    Ed2Key("shuffle_tags", ("caption",), False, False, "tag shuffling in the data loader"),
-    Ed2Key("keep_tags", ("caption",), 0, 0, "tags kept in place when shuffling"),
-    Ed2Key("zero_frequency_noise_ratio", ("noise",), 0.02, 0.0, "zero-frequency (offset) noise"),
-    Ed2Key("pyramid_noise_discount", ("noise",), None, None, "pyramid noise"),
-    Ed2Key("timestep_start", ("timesteps",), 0, "keep", "the timestep range's start"),
-    Ed2Key("timestep_end", ("timesteps",), 1000, "keep", "the timestep range's end"),
-    Ed2Key("min_snr_gamma", ("loss_weighting",), None, None, "min-SNR weighting (epsilon form only)"),
-    Ed2Key("loss_type", ("loss",), "mse_huber", "mse", "the loss type (mse_huber blends by timestep)"),
-    Ed2Key("attn_type", ("attention",), "sdp", "keep", "the attention"),
-    Ed2Key("gradient_checkpointing", ("memory.gradient_checkpointing",), False, "keep", "gradient checkpointing"),
+    _key("cond_dropout", ("caption",), 0.04, 0.0, "caption dropout (the tokens of ' ')"),
+    _key("shuffle_tags", ("caption",), False, False, "tag shuffling in the data loader"),
+    _key("keep_tags", ("caption",), 0, 0, "tags kept in place when shuffling"),
+    _key("zero_frequency_noise_ratio", ("noise",), 0.02, 0.0, "zero-frequency (offset) noise"),
+    _key("pyramid_noise_discount", ("noise",), None, None, "pyramid noise"),
+    _key("timestep_start", ("timesteps",), 0, "keep", "the timestep range's start"),
+    _key("timestep_end", ("timesteps",), 1000, "keep", "the timestep range's end"),
+    _key("min_snr_gamma", ("loss_weighting",), None, None, "min-SNR weighting (epsilon form only)"),
+    _key("loss_type", ("loss",), "mse_huber", "mse", "the loss type (mse_huber blends by timestep)"),
+    _key("attn_type", ("attention",), "sdp", "keep", "the attention"),
+    _key("gradient_checkpointing", ("memory.gradient_checkpointing",), False, "keep", "gradient checkpointing"),
 )
 BY_NAME = {key.name: key for key in KEYS}
 

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from sdplug.errors import SdplugError
-from sdplug.hosts.everydream.flags import CARRIED, KEYS, Ed2Key
-from sdplug.hosts.preset_sections import is_set, section_set
+from sdplug.hosts.everydream.flags import CARRIED, KEYS
+from sdplug.hosts.host_flags import HostFlag, is_set, section_set
 from sdplug.preset import Preset
 
 
@@ -32,14 +32,14 @@ class Reconciliation:
     enable_gradient_checkpointing: bool = False  # [memory] asks for it and EveryDream2 has it off
 
 
-def _is_off(key: Ed2Key, value: Any) -> bool:
+def _is_off(key: HostFlag, value: Any) -> bool:
     """EveryDream2 does not do the trick (0 pyramid discount and 0 dropout are off there too)."""
     if key.off == "keep":
         return False
     return value == key.off or value is None or value is False or value == 0
 
 
-def _section(preset: Preset, key: Ed2Key) -> str | None:
+def _section(preset: Preset, key: HostFlag) -> str | None:
     return next((s for s in key.sections if section_set(preset, s)), None)
 
 
@@ -69,7 +69,7 @@ def reconcile(
             continue  # refused below with the section, whatever loss_type says
         if key.off == "keep":
             if is_set(value, default):
-                clashes.append(f"the preset sets {label} and EveryDream2 sets {key.name} = {value!r} ({key.meaning})")
+                clashes.append(f"the preset sets {label} and EveryDream2 sets {key.name} = {value!r} ({key.why})")
             else:
                 result.keys[key.name] = f"replaced by the preset's {label}"
             continue
@@ -79,10 +79,10 @@ def reconcile(
             result.changes[key.name] = key.off
             result.keys[key.name] = "switched off"
             result.rules.append(
-                f"EveryDream2 {key.name} = {value!r} (its default) -> {key.off!r}: the preset's {label} replaces {key.meaning}"
+                f"EveryDream2 {key.name} = {value!r} (its default) -> {key.off!r}: the preset's {label} replaces {key.why}"
             )
         else:
-            clashes.append(f"the preset sets {label} and EveryDream2 sets {key.name} = {value!r} ({key.meaning})")
+            clashes.append(f"the preset sets {label} and EveryDream2 sets {key.name} = {value!r} ({key.why})")
     clashes += unreachable(preset, values, loss_reachable=loss_reachable)
     if clashes:
         raise EverydreamConflictError(

@@ -1,13 +1,8 @@
 """Every argument of sd-scripts' four training scripts (main and v0.8.7), classified once.
 
 The adapter's checks (``reconcile``) and the config bridge read this table; nothing else
-decides what a kohya flag means next to a preset. Each flag of a trick family is one of:
-
-- ``conflict``: it sets a trick that a preset section replaces. Set together with that
-  section, the run is refused before the model loads, naming the flag and the section.
-- ``reconciled``: the preset's value wins; the adapter changes kohya's value before training,
-  prints the rule and writes it to ``audit.json`` (``host.rules``).
-- ``independent``: kohya keeps doing it next to the preset; ``why`` says why that is sound.
+decides what a kohya flag means next to a preset. Each flag of a trick family is one
+``HostFlag`` (``sdplug.hosts.host_flags``): ``conflict``, ``reconciled`` or ``independent``.
 
 ``sections`` are the preset sections (``noise``, ``timesteps``, ... or one ``memory.<key>``)
 that take the flag over; with none of them set, kohya does what the flag says, as without
@@ -21,36 +16,24 @@ checks that each is classified here exactly once.
 
 from __future__ import annotations
 
-import dataclasses
-
+from sdplug.hosts.host_flags import HostFlag
 from sdplug.strategies import FAMILIES as STRATEGY_FAMILIES
 
 VERSIONS = ("main", "v0.8.7")
-KINDS = ("conflict", "reconciled", "independent")
 FAMILIES = (*STRATEGY_FAMILIES, "memory")  # what a flag belongs to: a strategy family, or [memory]
 MEMORY_KEYS = ("gradient_checkpointing", "mixed_precision", "cache_latents", "cache_text_encoder_outputs")
 
 
-@dataclasses.dataclass(frozen=True)
-class KohyaFlag:
-    name: str  # the argument without "--" (also its attribute on kohya's Namespace)
-    family: str
-    kind: str
-    why: str
-    sections: tuple[str, ...] = ()
-    versions: tuple[str, ...] = VERSIONS
-    agrees: tuple[tuple[str, object], ...] = ()  # (section, value): written at that value, no conflict
-
-
 def _rows(family: str, kind: str, sections: tuple[str, ...], why: str, *names: str, versions=VERSIONS, agrees=()):
-    return tuple(KohyaFlag(n, family, kind, why, sections if kind != "independent" else (), versions, agrees) for n in names)
+    sections = sections if kind != "independent" else ()
+    return tuple(HostFlag(n, sections, why, kind=kind, family=family, versions=versions, agrees=agrees) for n in names)
 
 
 _NOISE = ("noise", "timesteps")  # sdplug's noise hook replaces kohya's whole noise function for either
 
 # fmt: off
 # (a data table: one line per group of flags, kept as written)
-FLAGS: tuple[KohyaFlag, ...] = (
+FLAGS: tuple[HostFlag, ...] = (
     # -- noise: kohya's noise function, replaced by sdplug's when the preset sets [[noise]] or [timesteps]
     *_rows("noise", "conflict", _NOISE, "kohya's offset noise (sdplug: noise 'offset')", "noise_offset"),
     *_rows("noise", "conflict", _NOISE, "a random offset strength (sdplug: noise 'offset' random_strength)", "noise_offset_random_strength"),
@@ -159,7 +142,7 @@ HOST_SETTINGS: dict[str, tuple[str, ...]] = {
 # fmt: on
 
 
-def flags_for(version: str) -> dict[str, KohyaFlag]:
+def flags_for(version: str) -> dict[str, HostFlag]:
     """The trick-family flags of one sd-scripts version, by name."""
     return {f.name: f for f in FLAGS if version in f.versions}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from sdplug.errors import PresetError, SdplugError
-from sdplug.hosts.kohya.flags import FLAGS, KohyaFlag, flags_for, host_setting_group
-from sdplug.hosts.preset_sections import is_set, preset_value, section_set
+from sdplug.hosts.host_flags import HostFlag, is_set, preset_value, section_set
+from sdplug.hosts.kohya.flags import FLAGS, flags_for, host_setting_group
 from sdplug.preset import Preset
 from sdplug.preset.files import tomllib
 from sdplug.strategies import cached_text_caption_types
@@ -77,7 +77,7 @@ def user_set(name: str, value: Any, default: Any, written: Collection[str]) -> b
     return is_set(value, default)
 
 
-def _agrees(flag: KohyaFlag, section: str, value: Any, preset: Preset) -> bool:
+def _agrees(flag: HostFlag, section: str, value: Any, preset: Preset) -> bool:
     """The flag's value is what the preset's section needs of kohya: no conflict."""
     return value == preset_value(preset, section) or (section, value) in flag.agrees
 
@@ -155,7 +155,7 @@ def check_schedule_free_switch(plan: Any, version: str, script: str) -> None:
 KOHYA_MASK = {"unmasked_weight": 0.0, "normalize_by_mask_area": False}
 
 
-def _why(flag: KohyaFlag, section: str) -> str:
+def _why(flag: HostFlag, section: str) -> str:
     if flag.family == "noise" and section == "timesteps":
         return f"{flag.why}; sdplug's timestep hook replaces kohya's noise function, which applies it"
     return flag.why

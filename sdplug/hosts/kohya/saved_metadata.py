@@ -26,9 +26,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from sdplug.hosts.host_flags import section_set
 from sdplug.hosts.kohya.config_bridge import to_kohya
 from sdplug.hosts.kohya.network_saves import Save, wrap_saves
-from sdplug.hosts.preset_sections import section_set
 from sdplug.preset import Preset
 from sdplug.preset.model import LIST_SECTIONS, SINGLE_SECTIONS
 
