@@ -315,7 +315,7 @@ def measure(
     )
 
 
-def report(result: Result) -> str:
+def result_table(result: Result) -> str:
     r = result
     agree = "agree" if r.first_loss_difference <= RTOL else "DISAGREE"
     lines = [
@@ -356,7 +356,7 @@ def main(
         batch_size=base["batch_size"] if batch_size is None else batch_size,
         threads=threads,
     )
-    print(report(result))
+    print(result_table(result))
     figures = (result.ratio, result.plan_calls_fraction, result.hand_calls_fraction)
     if result.first_loss_difference > RTOL or not all(math.isfinite(f) for f in figures):
         print("\nFAILED: the two sides do not compute the same step; the timings compare different maths.")

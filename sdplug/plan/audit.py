@@ -257,8 +257,9 @@ class Audit:
         self._sums = {}
         self._latent_sizes_seen = set()  # asked again: the answer is the same
 
-    def report(self) -> dict[str, Any]:
-        """What audit.json holds: per family, counts and realised statistics."""
+    def records(self) -> dict[str, Any]:
+        """Each family's record -- counts and realised statistics -- and the host's facts: the
+        part of ``audit.json`` the audit keeps (``Plan.report`` adds the rest)."""
         self._settle()  # the one host-device sync of the audit
         d = self.data
         report: dict[str, Any] = {"steps": d["steps"], "strategies": self.strategies}
@@ -342,4 +343,4 @@ class Audit:
         schedule and problems rows; without it, of the audit's own part."""
         from sdplug.plan.audit_table import summary_table
 
-        return summary_table(report if report is not None else self.report())
+        return summary_table(report if report is not None else self.records())

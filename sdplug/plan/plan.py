@@ -396,7 +396,7 @@ class Plan:
     def report(self) -> dict[str, Any]:
         """What ``audit.json`` holds for this plan: every family's record, ``completed``, and the
         ``problems`` -- the one policy of every host (``sdplug.plan.problems``)."""
-        data = self.audit.report()
+        data = self.audit.records()
         if self.built_optimizer is not None:
             data["optimizer"] = self.optimizer_choice.record(self.loss_weighting)
         alphas = self.alphas_cumprod  # on the CPU: no device sync

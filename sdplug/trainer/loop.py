@@ -302,7 +302,7 @@ class Trainer:
         if config.stop_after is not None:
             self.save_checkpoint(config.output / f"checkpoint-{self.step}")
             self.written.append(f"checkpoint-{self.step}/")
-            return self.audit.report()
+            return self.audit.records()
         validation.maybe_validate(self, final=True)
         report = outputs.finish(self)
         if config.log_with:

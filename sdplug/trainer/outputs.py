@@ -243,7 +243,7 @@ def finish(trainer) -> dict:
     ranks = gather_object([{"rank": trainer.rank, "draws": trainer.draw_log[:3], "audit": audit.state_dict()}])
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
-        return audit.report()
+        return audit.records()
     from safetensors import SafetensorError
 
     check_free_space(trainer, "after training")

@@ -23,7 +23,7 @@ from sdplug.hosts.everydream.version import EverydreamVersionError, detect
 from sdplug.hosts.patch_files import PatchSet, tree_folder
 
 # what the patch inserts, before LOAD_ANCHOR, LOSS_ANCHOR and after the --plugins option
-# (tests/make_everydream_patches.py writes the shipped patch from these)
+# (tests/hosts/make_everydream_patches.py writes the shipped patch from these)
 LOAD_ANCHOR = "    plugin_runner = PluginRunner(plugins=plugins)\n"
 LOAD_LINES = (
     '    if getattr(args, "sdplug_preset", None) and not any(type(p).__module__.startswith("sdplug.") for p in plugins):\n'

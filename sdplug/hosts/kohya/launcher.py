@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from sdplug.errors import SdplugError
-from sdplug.hosts.kohya import report
+from sdplug.hosts.kohya import audits
 from sdplug.hosts.kohya.runtime import activate_for_launch, record_failure
 from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError, detect
 from sdplug.hosts.lifecycle import problems_exit_status
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except SdplugError as exc:
         if not record_failure(exc):
             # refused before the adapter configured (preset, script, version): the audit says so
-            report.write_early_refusal(exc, report.output_dir_from_args(script_args), Path(args.script).name)
+            audits.write_early_refusal(exc, audits.output_dir_from_args(script_args), Path(args.script).name)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     status, error = problems_exit_status(problems)  # weights saved by the script, audit written: non-zero exit

@@ -44,7 +44,7 @@ import torch
 
 from sdplug import __version__ as sdplug_version
 from sdplug.errors import SdplugError
-from sdplug.hosts.kohya import ema_save, model_prediction, report, saved_metadata, step_hooks
+from sdplug.hosts.kohya import audits, ema_save, model_prediction, saved_metadata, step_hooks
 from sdplug.hosts.kohya.attention_switch import switch_attention
 from sdplug.hosts.kohya.caption_hooks import CaptionHooks
 from sdplug.hosts.kohya.command_line import written_flags
@@ -76,7 +76,7 @@ class KohyaAdapter:
     def __init__(self, preset: Preset, version: KohyaVersion, script: str):
         self.preset, self.version, self.script = preset, version, script
         self.args = None
-        self.lifecycle = HostLifecycle(report.HOST_NAME)  # the plan, its failure watch and audit
+        self.lifecycle = HostLifecycle(audits.HOST_NAME)  # the plan, its failure watch and audit
         self.session = self.lifecycle.session  # every change to the process, and its undo
         self.originals: dict[tuple[Any, str], Any] = {}
         self.rules: list[str] = []
@@ -87,7 +87,7 @@ class KohyaAdapter:
         self.captions = CaptionHooks(self)
         self.validating = False  # the current noise/weight calls are main's validation, not a step
         self.timesteps = None  # what the step's noise call drew: the loss hook's per-sample thresholds
-        self.flag_report: dict[str, Any] = {}
+        self.flag_record: dict[str, Any] = {}
         self.model_prediction: dict[str, str] | None = None  # what the model's scheduler config declares
 
     @property
@@ -151,7 +151,7 @@ class KohyaAdapter:
         try:
             self._configure(args, parser)
         except Exception as exc:
-            report.write_refusal(self, exc)
+            audits.write_refusal(self, exc)
             raise
         self.session.at_exit(self.write_audit)
 
@@ -180,9 +180,9 @@ class KohyaAdapter:
         for name, value in result.changes.items():
             setattr(args, name, value)
         self.rules += result.rules
-        self.flag_report = {"kohya_flags": result.flags}
+        self.flag_record = {"kohya_flags": result.flags}
         if result.unclassified:
-            self.flag_report["unclassified_flags"] = result.unclassified
+            self.flag_record["unclassified_flags"] = result.unclassified
             self.rules.append(
                 f"flags not in sdplug's kohya flag table, left to kohya: {', '.join('--' + n for n in result.unclassified)}"
             )
@@ -339,7 +339,7 @@ class KohyaAdapter:
         return save_weights
 
     def write_audit(self) -> Path | None:
-        return report.write_run(self)
+        return audits.write_run(self)
 
 
 def _import_library(root: Path, session: Session):
@@ -415,7 +415,7 @@ def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | Non
         preset = load_preset(args.sdplug_preset)
         adapter, custom = _install(preset, version, root, script_file.name)
     except SdplugError as exc:  # refused before configuring: the audit says so, the message is one paragraph
-        report.write_early_refusal(exc, getattr(args, "output_dir", None), script_file.name)
+        audits.write_early_refusal(exc, getattr(args, "output_dir", None), script_file.name)
         logger.error(f"error: {exc}")
         raise SystemExit(1) from None
     adapter.rebind_script_globals(script_globals, custom)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild, from nothing, the environment that runs sdplug's real-host integration tests
-# (tests/test_kohya.py + tests/test_kohya_flags.py, `-k real_sd_scripts`) against real kohya
+# (tests/hosts/test_kohya.py + tests/hosts/test_kohya_flags.py, `-k real_sd_scripts`) against real kohya
 # sd-scripts trees, with sdplug installed from a WHEEL (non-editable) on the kohya side; then
 # run them. CPU only, offline except for package registries (pip). Idempotent: re-running skips
 # what is already built (trees, venvs, model) and always rebuilds/reinstalls the sdplug wheel.
@@ -36,7 +36,7 @@
 #   tokcache-<name>/openai_clip-vit-large-patch14   tokenizer written with that venv's transformers
 #   model-sd15/            random-weight SD 1.5-size diffusers folder (v_prediction), shared
 #   data/1_sks/            4 images 256x256 + .txt captions
-#   tests-copy/tests/      copy of $SNAP/tests (the tests import tests.kohya_standin etc.)
+#   tests-copy/tests/      copy of $SNAP/tests (the tests import tests.hosts.kohya_standin etc.)
 #   run/                   pytest's working directory (outside $SNAP)
 #   logs/                  one log per step
 set -euo pipefail
@@ -187,7 +187,7 @@ MODEL_TOK=$KINT/tokcache-$(basename "$MODEL_VENV" | sed 's/^venv-//')/openai_cli
 (cd "$KINT/run" && "$MODEL_VENV/bin/python" "$HELPERS/make_data.py" "$KINT/data")
 done_step
 
-# --- the tests: a fresh copy of $SNAP/tests (folder name kept: they import tests.kohya_standin),
+# --- the tests: a fresh copy of $SNAP/tests (folder name kept: they import tests.hosts.kohya_standin),
 # run from $KINT/run (outside $SNAP), sdplug from the runner venv's wheel; the kohya side runs
 # $SDPLUG_KOHYA_PYTHON -m sdplug from the tree venv's wheel. PYTHONPATH: the `tests` package and
 # the torchvision stub (the kohya subprocess inherits it).
@@ -205,7 +205,7 @@ if [ "$RUN_TESTS" = 1 ]; then
             export SDPLUG_KOHYA_ARGS="--pretrained_model_name_or_path $KINT/model-sd15 --train_data_dir $KINT/data --resolution 256 --train_batch_size 1 --tokenizer_cache_dir $KINT/tokcache-$name --v_parameterization --caption_extension .txt"
             # what the kohya subprocess imports, with the tests' exact environment and cwd:
             "$SDPLUG_KOHYA_PYTHON" -c 'import sys, sdplug, sdplug.hosts.kohya.launcher as l; print("kohya-side sdplug:", sdplug.__file__, l.__file__); assert "site-packages" in sdplug.__file__, "the kohya side must import the installed wheel"'
-            "$KINT/venv-runner/bin/python" -m pytest "$KINT/tests-copy/tests/test_kohya.py" "$KINT/tests-copy/tests/test_kohya_flags.py" \
+            "$KINT/venv-runner/bin/python" -m pytest "$KINT/tests-copy/tests/hosts/test_kohya.py" "$KINT/tests-copy/tests/hosts/test_kohya_flags.py" \
                 -k real_sd_scripts -v -rA --durations=0 -p no:cacheprovider
         ) > "$KINT/logs/pytest-$name.txt" 2>&1 || status=1
         grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" "$KINT/logs/pytest-$name.txt" | grep -v "^PASSED\|^SKIPPED\|^FAILED" | sed 's/^/   /'

@@ -1,0 +1,203 @@
+"""One preset, one seed: the same draws in every host.
+
+The reference trainer, the kohya adapter (stand-in trees of both layouts), EveryDream2 and
+diffusers' text-to-image script (stand-ins) train the same
+preset -- noise, timesteps, loss weighting and caption families all at once -- from the same
+seed on latents of one shape, and must draw identical noise (checksums), timesteps, caption
+dropout decisions and per-timestep weights for every step. The plan owns the random streams
+(``sdplug.plan.streams``), so nothing else can make them agree.
+
+diffusers' scripts tokenize captions in their data pipeline, so the host refuses caption
+transforms other than dropout: its case runs the preset with the dropout alone (``DROPOUT_ONLY``),
+as does the trainer it is compared with.
+
+Not in the preset: immiscible noise, whose assignment depends on the latents' values, which
+two hosts with different data pipelines never share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sdplug.trainer.config import TrainConfig
+from sdplug.trainer.loop import Trainer
+from tests.hosts.diffusers_standin import make_standin as make_diffusers_standin
+from tests.hosts.everydream_standin import make_standin as make_everydream_standin
+from tests.hosts.kohya_standin import make_standin
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS, BATCH = 3, 4
+PRESET = """
+[[noise]]
+type = "offset"
+strength = 0.1
+
+[[noise]]
+type = "pyramid"
+discount = 0.8
+
+[[noise]]
+type = "generalized_offset"
+strength = 0.1
+
+[[noise]]
+type = "input_perturbation"
+gamma = 0.1
+
+[timesteps]
+type = "logit_normal"
+
+[loss_weighting]
+type = "min_snr"
+gamma = 5.0
+
+[[caption]]
+type = "dropout"
+rate = 0.4
+
+[[caption]]
+type = "shuffle"
+keep_tokens = 1
+
+[[caption]]
+type = "tag_dropout"
+rate = 0.3
+keep_tokens = 1
+
+[optimizer]
+type = "adamw"
+lr = 1e-3
+"""
+DROPOUT_ONLY = PRESET[: PRESET.index('[[caption]]\ntype = "shuffle"')] + PRESET[PRESET.index("[optimizer]") :]
+
+
+def trainer_draws(tmp_path, tiny_sd, preset) -> tuple[list[dict], dict]:
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):  # captions of four tags, as the stand-in's: caption transforms draw per tag
+        Image.new("RGB", (16, 16), (30 * i, 100, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"sks cat, picture {i}, sofa, evening")
+    config = TrainConfig(
+        preset=str(preset),
+        model=tiny_sd,
+        data=data,
+        resolution=16,  # the tiny VAE halves it: 4 x 8 x 8 latents, the stand-in's shape
+        output=tmp_path / "trainer",
+        steps=STEPS,
+        batch_size=BATCH,
+        seed=0,
+        samples=False,
+        progress=False,
+        record_draws=True,
+    )
+    trainer = Trainer(config)
+    report = trainer.run()
+    return trainer.draw_log, report
+
+
+def kohya_draws(tmp_path, version, preset) -> tuple[dict, dict]:
+    root = make_standin(tmp_path / f"sd-{version}", version)
+    out = tmp_path / f"kohya-{version}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sdplug", "kohya", "--preset", str(preset), "--sd-scripts", str(root), "--"]
+    command += ["train_network.py", "--output_dir", str(out), "--max_train_steps", str(STEPS)]
+    command += ["--train_batch_size", str(BATCH), "--seed", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "standin-record.json").read_text()), json.loads((out / "audit.json").read_text())
+
+
+@pytest.mark.parametrize("version", ["main", "v0.8.7"])
+def test_trainer_and_kohya_draw_the_same_for_one_preset_and_seed(tmp_path, tiny_sd, version):
+    preset = tmp_path / "every-family.toml"
+    preset.write_text(PRESET)
+    draws, trainer_report = trainer_draws(tmp_path, tiny_sd, preset)
+    record, kohya_report = kohya_draws(tmp_path, version, preset)
+
+    assert [d["noise_sum"] for d in draws] == pytest.approx(record["noise_sums"], rel=1e-6, abs=1e-6)
+    assert [d["timesteps"] for d in draws] == record["timesteps"]
+    dropped = [c == "" for c in record["captions"]]
+    assert [flag for d in draws for flag in d["dropped"]] == dropped
+    assert any(dropped) and not all(dropped)  # the comparison can fail both ways
+    for report in (trainer_report, kohya_report):
+        assert report["steps"] == STEPS and report["caption"]["samples"] == STEPS * BATCH
+    weights = [r["loss_weighting"]["mean_weight_per_timestep_bin"] for r in (trainer_report, kohya_report)]
+    assert [w is None for w in weights[0]] == [w is None for w in weights[1]]
+    assert [w for w in weights[0] if w is not None] == pytest.approx([w for w in weights[1] if w is not None], rel=1e-6)
+    tags = [r["caption"]["tag_dropout"][0] for r in (trainer_report, kohya_report)]
+    assert tags[0]["tags_droppable"] == tags[1]["tags_droppable"] and tags[0]["tags_dropped"] == tags[1]["tags_dropped"]
+
+
+def everydream_draws(tmp_path, preset) -> tuple[dict, dict]:
+    root = make_everydream_standin(tmp_path / "everydream2")
+    config = {"plugins": ["sdplug.hosts.everydream.Plugin"], "sdplug_preset": str(preset), "seed": 0}
+    (root / "train.json").write_text(json.dumps({**config, "batch_size": BATCH, "standin_max_steps": STEPS}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "train.py", "--config", "train.json"]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = root / "logs" / "myproj-standin"
+    return json.loads((folder / "standin-record.json").read_text()), json.loads((folder / "audit.json").read_text())
+
+
+def test_trainer_and_everydream_draw_the_same_for_one_preset_and_seed(tmp_path, tiny_sd):
+    preset = tmp_path / "every-family.toml"
+    preset.write_text(PRESET)
+    draws, trainer_report = trainer_draws(tmp_path, tiny_sd, preset)
+    record, everydream_report = everydream_draws(tmp_path, preset)
+
+    assert [d["noise_sum"] for d in draws] == pytest.approx(record["noise_sums"], rel=1e-6, abs=1e-6)
+    assert [d["timesteps"] for d in draws] == record["timesteps"]
+    assert [flag for d in draws for flag in d["dropped"]] == record["dropped"]
+    assert any(record["dropped"]) and not all(record["dropped"])
+    assert everydream_report["steps"] == STEPS and everydream_report["caption"]["samples"] == STEPS * BATCH
+    weights = [r["loss_weighting"]["mean_weight_per_timestep_bin"] for r in (trainer_report, everydream_report)]
+    assert [w is None for w in weights[0]] == [w is None for w in weights[1]]
+    assert [w for w in weights[0] if w is not None] == pytest.approx([w for w in weights[1] if w is not None], rel=1e-6)
+    tags = [r["caption"]["tag_dropout"][0] for r in (trainer_report, everydream_report)]
+    assert tags[0]["tags_droppable"] == tags[1]["tags_droppable"] and tags[0]["tags_dropped"] == tags[1]["tags_dropped"]
+
+
+def diffusers_draws(tmp_path, preset) -> tuple[dict, dict]:
+    script = make_diffusers_standin(tmp_path / "diffusers")
+    out = tmp_path / "diffusers-out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sdplug", "diffusers", "--preset", str(preset), "--", str(script), "--output_dir", str(out)]
+    command += ["--max_train_steps", str(STEPS), "--train_batch_size", str(BATCH), "--seed", "0", "--prediction_type", "epsilon"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(out / "standin.pt")
+    record = {
+        "noise_sums": [float(s["noise"].double().sum()) for s in saved["steps"]],
+        "timesteps": [s["timesteps"].tolist() for s in saved["steps"]],
+        "dropped": [
+            bool((row == torch.tensor([1, 0, 0, 0])).all()) for s in saved["steps"] for row in s["ids"]
+        ],  # the empty caption's tokens
+    }
+    return record, json.loads((out / "audit.json").read_text())
+
+
+def test_trainer_and_diffusers_draw_the_same_for_one_preset_and_seed(tmp_path, tiny_sd):
+    preset = tmp_path / "dropout-only.toml"
+    preset.write_text(DROPOUT_ONLY)
+    assert "shuffle" not in DROPOUT_ONLY and "[optimizer]" in DROPOUT_ONLY and 'type = "dropout"' in DROPOUT_ONLY
+    draws, trainer_report = trainer_draws(tmp_path, tiny_sd, preset)
+    record, diffusers_report = diffusers_draws(tmp_path, preset)
+
+    assert [d["noise_sum"] for d in draws] == pytest.approx(record["noise_sums"], rel=1e-6, abs=1e-6)
+    assert [d["timesteps"] for d in draws] == record["timesteps"]
+    assert [flag for d in draws for flag in d["dropped"]] == record["dropped"]
+    assert any(record["dropped"]) and not all(record["dropped"])
+    assert diffusers_report["problems"] == [] and diffusers_report["steps"] == STEPS
+    assert diffusers_report["caption"]["samples"] == STEPS * BATCH
+    weights = [r["loss_weighting"]["mean_weight_per_timestep_bin"] for r in (trainer_report, diffusers_report)]
+    assert [w is None for w in weights[0]] == [w is None for w in weights[1]]
+    assert [w for w in weights[0] if w is not None] == pytest.approx([w for w in weights[1] if w is not None], rel=1e-6)
