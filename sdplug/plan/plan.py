@@ -349,6 +349,17 @@ class Plan:
         """The process rank the plan was bound to (its audit's file name, its streams)."""
         return self.streams.rank
 
+    def stream_generator(self, purpose: str, device: torch.device | str = "cpu") -> torch.Generator:
+        """The plan's own stream named ``purpose`` (a host's data order, say): drawn from the
+        plan's seed and rank, and kept in ``state_dict`` so a resumed run continues it."""
+        return self.streams.generator(purpose, device)
+
+    @property
+    def training_noise(self) -> NoisePipeline:
+        """The preset's noise, callable as ``(latents, generator) -> NoiseDraw`` outside the
+        audit: what sampling starts from when it draws the training noise family."""
+        return self.noise_pipeline
+
     def stream_seed(self, purpose: str) -> int:
         """The seed of a host's own stream named ``purpose``, independent of the plan's streams
         and of every other seed, rank and purpose (a host's fixed validation generators)."""

@@ -90,7 +90,6 @@ class Trainer:
         if self.preset.schedule.zero_terminal_snr:  # training and sampling alike (the plan rescales its copy)
             self.bundle.scheduler = models.zero_terminal(self.bundle.scheduler)
         self.plan = bind(self.preset, self.bundle.scheduler, seed=config.seed, rank=self.rank)
-        self.audit = self.plan.audit
         preflight(self.preset, config)
         self._prepare_random_streams()  # first: caching latents draws from them
         self._prepare_models()
@@ -155,7 +154,7 @@ class Trainer:
             device=self.device,
             latent_generator=self.latent_generator,
         )
-        self.audit.record_host(
+        self.plan.record_host(
             memory={
                 "gradient_checkpointing": self.preset.memory.gradient_checkpointing,
                 "mixed_precision": self.preset.memory.mixed_precision,
@@ -163,7 +162,7 @@ class Trainer:
             }
         )
         if self.config.masked_loss or check_no_mask_options(self.preset):
-            self.audit.record_host(masked_loss=self.inputs.load_masks(self.examples))
+            self.plan.record_host(masked_loss=self.inputs.load_masks(self.examples))
 
     def _prepare_optimizer(self):
         bundle = self.bundle
@@ -183,14 +182,14 @@ class Trainer:
         # Every stream is the plan's (sdplug.plan.streams: one per --seed, rank and purpose), so the
         # noise, timesteps and caption decisions are those any host draws for this preset and
         # seed; data order and a VAE's posterior samples are streams of their own.
-        streams = self.plan.streams
-        self.sampler = data.BatchSampler(len(self.examples), self.config.batch_size, streams.generator("data"))
+        plan = self.plan
+        self.sampler = data.BatchSampler(len(self.examples), self.config.batch_size, plan.stream_generator("data"))
         self.class_sampler = (
-            data.BatchSampler(len(self.class_examples), self.config.batch_size, streams.generator("class-data"))
+            data.BatchSampler(len(self.class_examples), self.config.batch_size, plan.stream_generator("class-data"))
             if self.class_examples
             else None
         )
-        self.latent_generator = streams.generator("latents", self.device)
+        self.latent_generator = plan.stream_generator("latents", self.device)
 
     # -- one step -----------------------------------------------------------------------------
     def _loss(self, sampler: data.BatchSampler, examples, images, masks=None) -> tuple[torch.Tensor, dict]:
@@ -229,7 +228,7 @@ class Trainer:
         if self.checkpointed is not None and not self.checkpointed_recorded:
             # what really ran in one step, not the switch (see gradient_checkpointing.py)
             calls = dict(self.checkpointed.calls)
-            self.audit.extend_host("memory", gradient_checkpointing={"checkpointed_calls_in_step_1": calls})
+            self.plan.extend_host_record("memory", gradient_checkpointing={"checkpointed_calls_in_step_1": calls})
             self.checkpointed_recorded = True
             idle = [name for name, count in calls.items() if count == 0]
             if idle:
@@ -302,7 +301,7 @@ class Trainer:
         if config.stop_after is not None:
             self.save_checkpoint(config.output / f"checkpoint-{self.step}")
             self.written.append(f"checkpoint-{self.step}/")
-            return self.audit.records()
+            return self.plan.report()
         validation.maybe_validate(self, final=True)
         report = outputs.finish(self)
         if config.log_with:

@@ -124,7 +124,7 @@ def write_grid(trainer, name: str) -> dict | None:
         images, grid = sample_grid(
             trainer.bundle,
             trainer.accelerator.unwrap_model(trainer.unet),
-            trainer.plan.noise_pipeline,
+            trainer.plan.training_noise,
             list(sample_prompts(trainer)[0]),
             list(config.sample_seeds),
             list(config.guidance_scales),
@@ -161,7 +161,7 @@ def peak_memory(device) -> dict:
 
 def _record_run(trainer) -> None:
     config, accelerator = trainer.config, trainer.accelerator
-    trainer.audit.record_host(
+    trainer.plan.record_host(
         run={
             "mode": config.mode,
             "model": trainer.bundle.source,
@@ -215,7 +215,7 @@ def final_output_bytes(trainer) -> int:
         modules.append(trainer.bundle.vae)
     trained_only = trainer.config.mode == "lora"
     weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters() if p.requires_grad or not trained_only)
-    copies = 2 if trainer.plan.ema_tracker is not None else 1
+    copies = 2 if trainer.plan.ema_average is not None else 1
     return weights * copies + (16 << 20)
 
 
@@ -233,17 +233,17 @@ def check_free_space(trainer, when: str) -> None:
 
 def finish(trainer) -> dict:
     """Record the run, then (main process) write every final output; returns the audit report."""
-    accelerator, audit = trainer.accelerator, trainer.audit
+    accelerator, plan = trainer.accelerator, trainer.plan
     eval_mode(trainer.optimizer)  # training is over: a schedule-free optimizer's weights to save and sample
     trainer.stop_if_diverged()  # non-finite weights are never written as the result
     _record_run(trainer)
     problems = trainer.plan.report()["problems"]  # the policy: save everything, record them, then fail
     from accelerate.utils import gather_object
 
-    ranks = gather_object([{"rank": trainer.rank, "draws": trainer.draw_log[:3], "audit": audit.state_dict()}])
+    ranks = gather_object([{"rank": trainer.rank, "draws": trainer.draw_log[:3], "audit": plan.state_dict()["audit"]}])
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
-        return audit.records()
+        return plan.report()
     from safetensors import SafetensorError
 
     check_free_space(trainer, "after training")
@@ -288,7 +288,7 @@ def _write_final_outputs(trainer, ranks: list) -> dict:
             validation_curve_plot(tmp, steps, values, f"{name}: validation loss ({trainer.validator.count} held-out images)")
         trainer.written.append("validation-loss.png")
     trainer.samples_after = write_grid(trainer, "after")
-    ema = trainer.plan.ema_tracker
+    ema = trainer.plan.ema_average
     if ema is not None:
         with ema.applied():  # the averaged weights, saved and sampled beside the plain ones
             _write_weights(trainer, preset_toml, suffix="-ema")

@@ -159,3 +159,39 @@ def test_a_rank_that_is_no_number_is_refused_naming_the_variable():
 
     with pytest.raises(SdplugError, match="RANK='zero'"):
         launcher_rank({"RANK": "zero"})
+
+
+# what a plan keeps for itself: a host reads the plan through its public methods instead
+PLAN_INTERNALS = (
+    "audit",
+    "optimizer_choice",
+    "attention_choice",
+    "ema_tracker",
+    "noise_pipeline",
+    "caption_pipeline",
+    "divergence",
+    "streams",
+    "timestep_sampler",
+    "loss_type",
+)
+
+
+def test_no_host_reaches_through_the_plan_into_what_it_keeps():
+    """kohya, EveryDream2, the diffusers scripts and the reference trainer read the plan only
+    through its public API (``Plan.rank``, ``record_host``, ``stream_generator``, ...)."""
+    import ast
+
+    import sdplug
+
+    package = Path(sdplug.__file__).parent
+    reached = []
+    for folder in ("hosts", "trainer", "bench"):
+        for path in sorted((package / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.Attribute) and node.attr in PLAN_INTERNALS):
+                    continue
+                owner = node.value
+                name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+                if name == "plan":
+                    reached.append(f"{path.relative_to(package)}:{node.lineno}: plan.{node.attr}")
+    assert reached == []

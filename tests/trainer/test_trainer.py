@@ -111,7 +111,7 @@ def test_resume_continues_the_same_random_streams(tmp_path):
     for (name, p), (_, q) in zip(whole.unet.named_parameters(), resumed.unet.named_parameters(), strict=True):
         if p.requires_grad:
             assert torch.allclose(p, q, atol=1e-6), name
-    assert resumed.audit.records()["steps"] == 6
+    assert resumed.plan.report()["steps"] == 6
 
 
 def test_dropout_with_cached_text_embeddings_substitutes_the_empty_caption(tmp_path, small_data):
@@ -361,4 +361,4 @@ def test_a_schedule_free_optimizer_samples_and_saves_its_evaluation_weights(tmp_
     trainer.run()
     # before, after: eval mode while sampling; the training steps ran in train mode in between
     assert modes == [False, False] and saved == [False]
-    assert trainer.audit.records()["steps"] == 2 and (tmp_path / "out" / "checkpoint-1").is_dir()
+    assert trainer.plan.report()["steps"] == 2 and (tmp_path / "out" / "checkpoint-1").is_dir()
