@@ -48,6 +48,14 @@ def run_sdplug(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, "-m", "sdplug", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+def test_the_wheel_holds_every_module_of_the_source(installed):
+    """Every module of ``sdplug/`` is in the wheel: a package left out of pyproject's list would
+    import from a checkout's editable install here, and fail only for users."""
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "sdplug").rglob("*.py") if "__pycache__" not in p.parts}
+    wheel = {p.relative_to(installed).as_posix() for p in (installed / "sdplug").rglob("*.py")}
+    assert source - wheel == set()
+
+
 def test_the_wheel_is_what_runs(installed, tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", "import sdplug; print(sdplug.__file__)"],
