@@ -1,7 +1,7 @@
 """The reference trainer: LoRA or DreamBooth on diffusers + accelerate + peft, driven by a plan.
 
 The training step calls the plan exactly where every other host does (the order in
-sdplug/plan.py's docstring): caption -> noise -> timesteps -> noisy input / target -> weight ->
+sdplug/plan/plan.py's docstring): caption -> noise -> timesteps -> noisy input / target -> weight ->
 step, and the audit proves it.
 """
 
