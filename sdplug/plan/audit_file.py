@@ -13,11 +13,11 @@ from typing import Any
 
 from sdplug.log import logger
 from sdplug.plan.audit import preset_strategies
+from sdplug.plan.problems import REFUSED
 from sdplug.preset import Preset
 
 # what every audit.json holds at its top level, whichever host wrote it and however the run ended
 AUDIT_KEYS = ("steps", "completed", "strategies", "host", "problems")
-REFUSED = "refused before training: "  # how a refusal's problem starts
 
 
 def write_refusal(

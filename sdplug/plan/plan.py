@@ -74,7 +74,7 @@ class Plan:
         self.optimizer_choice = OptimizerChoice(preset)  # checked on this machine now
         self.attention_choice = AttentionChoice(preset)
         self.failure: str | None = None  # what stopped the host, when something did
-        self.ema_tracker: EMA | None = None  # see ema()
+        self.ema_average: EMA | None = None  # the moving average ema() keeps (None before it, or without [ema])
         self.audit = Audit.for_preset(preset, self.num_train_timesteps, optimizer=self.optimizer_spec)
         self.divergence = DivergenceWatch()  # non-finite losses and weights, kept on the device (sdplug.plan.divergence)
 
@@ -271,8 +271,8 @@ class Plan:
             return None
         if self.built_optimizer is None:
             raise SdplugError("plan.ema: call plan.optimizer first; the average follows the steps of the optimizer it builds.")
-        self.ema_tracker = EMA.following(self.built_optimizer, list(parameters), self.preset.ema)
-        return self.ema_tracker
+        self.ema_average = EMA.following(self.built_optimizer, list(parameters), self.preset.ema)
+        return self.ema_average
 
     def optimizer(
         self,
@@ -311,7 +311,7 @@ class Plan:
         """The random streams, the step count, the audit and any learned strategy state: a run
         resumed from it draws what an uninterrupted run would. Tensors and plain data only."""
         learned = self.loss_weighting.state_dict() if self.loss_weighting is not None else {}
-        ema = self.ema_tracker.state_dict() if self.ema_tracker is not None else None
+        ema = self.ema_average.state_dict() if self.ema_average is not None else None
         return {
             "streams": self.streams.state_dict(),
             "steps": self.steps,
@@ -327,21 +327,14 @@ class Plan:
         self.audit.load_state_dict(state["audit"])
         if state["learned"] and self.loss_weighting is not None:
             self.loss_weighting.load_state_dict(state["learned"])
-        if state.get("ema") is not None and self.ema_tracker is not None:
-            self.ema_tracker.load_state_dict(state["ema"])
+        if state.get("ema") is not None and self.ema_average is not None:
+            self.ema_average.load_state_dict(state["ema"])
         self.divergence.load_state_dict(state.get("divergence", {}))
 
     def record_failure(self, exc: BaseException) -> None:
         """What stopped the host's run: ``report()`` then says the run did not complete, and
         why -- refused before training (an sdplug error before the first step) or stopped."""
-        if isinstance(exc, KeyboardInterrupt):
-            self.failure = f"interrupted at step {self.steps} (Ctrl-C: KeyboardInterrupt)"
-        elif isinstance(exc, DivergedRun):
-            self.failure = f"stopped at step {self.steps}: the run went non-finite (the next problem says where)"
-        elif isinstance(exc, SdplugError) and self.steps == 0:
-            self.failure = f"refused before training: {exc}"
-        else:
-            self.failure = f"stopped at step {self.steps} by {type(exc).__name__}: {exc}"
+        self.failure = problems.failure(exc, self.steps)
 
     # -- what a host reads of the plan (sdplug.hosts) ------------------------------------------
     @property
@@ -382,11 +375,6 @@ class Plan:
         multiplier of an optimizer that adapts its step size); None: the host's lr stands."""
         return self.optimizer_choice.preset_lr()
 
-    @property
-    def ema_average(self) -> EMA | None:
-        """The moving average ``ema()`` keeps (None before it, or without ``[ema]``)."""
-        return self.ema_tracker
-
     def divergence_record(self) -> dict[str, Any] | None:
         """Where the run first went non-finite (the audit's ``divergence``), or None. Reads the
         device, as ``first_nonfinite_step`` does."""
@@ -417,8 +405,8 @@ class Plan:
             "alpha_cumprod_last": float(alphas[-1]),  # 0 under zero-terminal SNR
             "prediction_type": self.prediction_type,
         }
-        if self.ema_tracker is not None:
-            data["ema"] = self.ema_tracker.record()
+        if self.ema_average is not None:
+            data["ema"] = self.ema_average.record()
         diverged = self.divergence.record()
         if diverged is not None:
             data["divergence"] = diverged

@@ -10,12 +10,15 @@ every host: the run keeps (saves) what it trained, ``audit.json`` lists the prob
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from sdplug.preset import Preset
+from sdplug.errors import SdplugError
+from sdplug.plan.divergence import DivergedRun
+from sdplug.preset import Preset
+
+REFUSED = "refused before training: "  # how a refusal's problem starts
 
 
 def problems(preset: Preset, report: dict[str, Any], failure: str | None, divergence_cause: str) -> list[str]:
@@ -42,6 +45,18 @@ def problems(preset: Preset, report: dict[str, Any], failure: str | None, diverg
     if preset.attention is not None and "attention" not in report:
         found.append(f"attention {preset.attention.type!r} was never installed (the host did not call plan.attention)")
     return found
+
+
+def failure(exc: BaseException, steps: int) -> str:
+    """The problem an exception that stopped the host at ``steps`` puts first: refused before
+    training (an sdplug error before the first step), interrupted, diverged or stopped."""
+    if isinstance(exc, KeyboardInterrupt):
+        return f"interrupted at step {steps} (Ctrl-C: KeyboardInterrupt)"
+    if isinstance(exc, DivergedRun):
+        return f"stopped at step {steps}: the run went non-finite (the next problem says where)"
+    if isinstance(exc, SdplugError) and steps == 0:
+        return f"{REFUSED}{exc}"
+    return f"stopped at step {steps} by {type(exc).__name__}: {exc}"
 
 
 def divergence_problem(record: dict[str, Any], cause: str) -> str:

@@ -166,7 +166,6 @@ PLAN_INTERNALS = (
     "audit",
     "optimizer_choice",
     "attention_choice",
-    "ema_tracker",
     "noise_pipeline",
     "caption_pipeline",
     "divergence",

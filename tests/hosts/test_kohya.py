@@ -828,7 +828,7 @@ def test_ema_saves_a_twin_of_every_network_file_kohya_saves(tmp_path, monkeypatc
     network.save_weights("out/last.safetensors", None, {"ss_x": "1"})
     plain, _ = network.saved["out/last.safetensors"]
     averaged, metadata = network.saved["out/last-ema.safetensors"]
-    assert torch.allclose(averaged, adapter.plan.ema_tracker.shadows[0]) and not torch.equal(plain, averaged)
+    assert torch.allclose(averaged, adapter.plan.ema_average.shadows[0]) and not torch.equal(plain, averaged)
     assert torch.equal(network.weight.detach(), plain)  # the trained weights are back after the twin
     assert json.loads(metadata["sdplug_ema"])["optimizer_steps"] == 3 and metadata["ss_x"] == "1"
     adapter.session.undo()

@@ -97,7 +97,7 @@ def test_the_watch_sees_weights_go_non_finite_before_the_loss_does():
 
 
 def test_the_watch_does_not_sync_in_the_optimizer_step():
-    from test_no_sync import syncs_raise_inside
+    from tests.core.test_no_sync import syncs_raise_inside
 
     plan = parse_preset({"optimizer": {"type": "adamw", "lr": 1e-3}}, path="x.toml").build(
         alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon"
