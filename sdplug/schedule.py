@@ -1,14 +1,18 @@
-"""Noise-schedule helpers that read ``alphas_cumprod`` and nothing else.
+"""Noise-schedule helpers that read ``alphas_cumprod`` and nothing else, and the prediction types.
 
 Notation: ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` with ``a_t`` the
-cumulative product of alphas, and ``SNR(t) = a_t / (1 - a_t)``.
+cumulative product of alphas, and ``SNR(t) = a_t / (1 - a_t)``. A rectified-flow process gives
+the table of the same SNR (``sdplug.process.Flow.alphas_cumprod``), so ``snr`` serves both.
 """
 
 from __future__ import annotations
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DDPM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# rectified flow: the velocity noise - x0 (SD3, FLUX), or x0 - noise with time reversed (Lumina 2)
+FLOW_PREDICTION_TYPES = ("velocity", "velocity_reversed")
+PREDICTION_TYPES = (*DDPM_PREDICTION_TYPES, *FLOW_PREDICTION_TYPES)
 
 
 def check_prediction_type(prediction_type: str) -> str:

@@ -76,8 +76,19 @@ class Audit:
         num_train_timesteps: int,
         tag_dropout_rates: dict[int, float] | None = None,
         noise_strategies: list[NoiseStrategy] | None = None,
+        sigmas: torch.Tensor | None = None,
     ):
         self.num_train_timesteps = num_train_timesteps
+        # the histograms' bin of every timestep: tenths of the schedule, or of sigma on a flow
+        # process, whose shifted sigmas are not linear in the index
+        self.binned_by = "t" if sigmas is None else "sigma"
+        index = torch.arange(num_train_timesteps)
+        self._bins = (
+            index * TIMESTEP_BINS // num_train_timesteps
+            if sigmas is None
+            else (sigmas.detach().double().cpu() * TIMESTEP_BINS).floor().long()
+        ).clamp(0, TIMESTEP_BINS - 1)
+        self._bins_on: dict[torch.device, torch.Tensor] = {}
         # family -> list of "type" per entry (in order), as the preset names them
         self.strategies = strategies
         # the noise strategies, asked once per latent size what they do there (Perlin's octaves)
@@ -117,11 +128,20 @@ class Audit:
         self._held: list[dict[str, Any]] | None = None  # caption decisions not counted yet
 
     @classmethod
-    def for_preset(cls, preset: Preset, num_train_timesteps: int, *, optimizer: StrategySpec | None = None) -> Audit:
-        """The audit of a run of ``preset``; ``optimizer``: the optimizer table in use (a fallback)."""
+    def for_preset(
+        cls,
+        preset: Preset,
+        num_train_timesteps: int,
+        *,
+        optimizer: StrategySpec | None = None,
+        sigmas: torch.Tensor | None = None,
+    ) -> Audit:
+        """The audit of a run of ``preset``; ``optimizer``: the optimizer table in use (a fallback);
+        ``sigmas``: a flow process's (its histograms then bin sigma)."""
         rates = {i: s.create().rate for i, s in enumerate(preset.caption) if s.type == "tag_dropout"}
         noise = [s.create() for s in preset.noise]
-        return cls(preset_strategies(preset, optimizer), num_train_timesteps, tag_dropout_rates=rates, noise_strategies=noise)
+        strategies = preset_strategies(preset, optimizer)
+        return cls(strategies, num_train_timesteps, tag_dropout_rates=rates, noise_strategies=noise, sigmas=sigmas)
 
     # -- fed by the plan -------------------------------------------------------------------
     # Tensor statistics accumulate as tensors on the device of the tensors measured, and are
@@ -135,7 +155,10 @@ class Audit:
             self._sums[key] = value.clone()
 
     def _bin_counts(self, timesteps: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-        bins = (timesteps.detach().long() * TIMESTEP_BINS // self.num_train_timesteps).clamp(0, TIMESTEP_BINS - 1).reshape(-1)
+        device = timesteps.device
+        if device not in self._bins_on:  # once per device: a copy made in a step would not wait, but costs
+            self._bins_on[device] = self._bins.to(device)
+        bins = self._bins_on[device][timesteps.detach().long().reshape(-1)]
         source = torch.ones_like(bins, dtype=torch.float64) if values is None else values.detach().to(torch.float64).reshape(-1)
         # scatter_add into a fixed-size tensor (bincount would read the maximum back to size its output)
         return torch.zeros(TIMESTEP_BINS, dtype=torch.float64, device=bins.device).scatter_add_(0, bins, source.to(bins.device))
@@ -289,6 +312,8 @@ class Audit:
             "draws": t["draws"],
             "histogram": t["histogram"],
         }
+        if self.binned_by == "sigma":
+            report["timesteps"]["binned_by"] = "sigma"
         if self.strategies.get("loss"):
             report["loss"] = {"type": self.strategies["loss"][0], "calls": d.get("loss", {"calls": 0})["calls"]}
         if self.strategies.get("loss_weighting"):
@@ -299,7 +324,11 @@ class Audit:
                 "mean_weight_per_timestep_bin": [
                     s / c if c else None for s, c in zip(w["weight_sum"], w["weight_count"], strict=True)
                 ],
-                "bin_edges": [i * self.num_train_timesteps // TIMESTEP_BINS for i in range(TIMESTEP_BINS + 1)],
+                "bin_edges": (
+                    [i * self.num_train_timesteps // TIMESTEP_BINS for i in range(TIMESTEP_BINS + 1)]
+                    if self.binned_by == "t"
+                    else [i / TIMESTEP_BINS for i in range(TIMESTEP_BINS + 1)]
+                ),
             }
         if self.strategies.get("caption"):
             c = d["caption"]

@@ -20,7 +20,8 @@ def summary_table(r: dict[str, Any]) -> str:
     if "loss_weighting" in r:
         w = r["loss_weighting"]
         means = " ".join("-" if v is None else f"{v:.2g}" for v in w["mean_weight_per_timestep_bin"])
-        rows.append(("loss weighting", f"{w['type']}, {w['calls']} calls; mean weight in each tenth of t: {means}"))
+        axis = r.get("timesteps", {}).get("binned_by", "t")
+        rows.append(("loss weighting", f"{w['type']}, {w['calls']} calls; mean weight in each tenth of {axis}: {means}"))
     rows += _caption_rows(r.get("caption"))
     if "optimizer" in r:
         rows.append(("optimizer", _optimizer(r["optimizer"])))
@@ -34,9 +35,11 @@ def summary_table(r: dict[str, Any]) -> str:
         )
     if "schedule" in r:
         s = r["schedule"]
-        rows.append(
-            ("schedule", f"{s['prediction_type']} prediction, zero-terminal SNR {'on' if s['zero_terminal_snr'] else 'off'}")
-        )
+        if s.get("process") == "flow":
+            rows.append(("schedule", f"rectified flow, {s['prediction_type']} prediction, shift {s['shift']:g}"))
+        else:
+            zero_terminal = "on" if s["zero_terminal_snr"] else "off"
+            rows.append(("schedule", f"{s['prediction_type']} prediction, zero-terminal SNR {zero_terminal}"))
     if "attention" in r:
         rows.append(("attention", _attention(r["attention"])))
     if "memory" in r:
@@ -72,7 +75,8 @@ def _timestep_rows(t: dict[str, Any] | None) -> list[tuple[str, str]]:
     if not draws:
         return [("timesteps", f"{t['type']}, none drawn")]
     shares = " ".join(f"{100 * count / draws:.0f}" for count in t["histogram"])
-    return [("timesteps", f"{t['type']}, {draws} draws; % in each tenth of t, low to high: {shares}")]
+    axis = t.get("binned_by", "t")
+    return [("timesteps", f"{t['type']}, {draws} draws; % in each tenth of {axis}, low to high: {shares}")]
 
 
 def _caption_rows(c: dict[str, Any] | None) -> list[tuple[str, str]]:

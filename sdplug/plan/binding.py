@@ -1,6 +1,7 @@
 """Binding a preset to one model's diffusion process: the one place a ``Plan`` is made.
 
 Everything the preset file alone cannot know is checked here, before anything trains: the
+process (DDPM or rectified flow, ``sdplug.process``) and every strategy's support of it, the
 prediction type, zero-terminal SNR against it, the preset's timestep ranges and noise against
 the schedule, a loss-weighting parameter that does nothing for this prediction type, and (in
 ``Plan``) an optimizer or attention that cannot run on this machine.
@@ -8,7 +9,7 @@ the schedule, a loss-weighting parameter that does nothing for this prediction t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -16,8 +17,11 @@ from sdplug.errors import PresetError, SdplugError
 from sdplug.plan.plan import Plan
 from sdplug.preset.checks import check_against_schedule
 from sdplug.preset.model import Preset, register_binder
-from sdplug.schedule import check_prediction_type, rescale_zero_terminal_snr
-from sdplug.strategies.base import TimestepStrategy
+from sdplug.process import DDPM, Flow, Process, flow_from_scheduler, is_flow_scheduler
+from sdplug.schedule import FLOW_PREDICTION_TYPES, check_prediction_type, rescale_zero_terminal_snr
+from sdplug.strategies import registry
+from sdplug.strategies.base import Strategy, TimestepStrategy
+from sdplug.strategies.families import IN_PRESET_ORDER
 
 
 def bind(
@@ -29,15 +33,28 @@ def bind(
     alphas_cumprod: Any = None,
     prediction_type: str | None = None,
     default_timesteps: TimestepStrategy | None = None,
+    process: Process | None = None,
 ) -> Plan:
-    """The plan: ``preset`` bound to a model's noise schedule and prediction type.
+    """The plan: ``preset`` bound to a model's diffusion process.
 
-    ``noise_scheduler`` is a diffusers-style scheduler (its ``alphas_cumprod`` and
-    ``config.prediction_type``); or give ``alphas_cumprod`` and ``prediction_type``
-    (explicit values win over the scheduler's). ``seed`` and ``rank`` derive the plan's
-    random streams (``sdplug.plan.streams``). ``default_timesteps`` is the host's own timestep
-    strategy, used when the preset names none (uniform over the schedule otherwise).
+    ``noise_scheduler`` is a diffusers-style scheduler: a DDPM one (its ``alphas_cumprod`` and
+    ``config.prediction_type``) or a ``FlowMatchEulerDiscreteScheduler`` (its
+    ``num_train_timesteps`` and ``shift``; ``prediction_type`` then defaults to ``velocity``);
+    or give ``alphas_cumprod`` and ``prediction_type`` (explicit values win over the
+    scheduler's), or a ``process`` (``sdplug.process.DDPM`` / ``Flow``). ``seed`` and ``rank``
+    derive the plan's random streams (``sdplug.plan.streams``). ``default_timesteps`` is the
+    host's own timestep strategy, used when the preset names none (uniform over the schedule
+    otherwise).
     """
+    if process is None and noise_scheduler is not None and is_flow_scheduler(noise_scheduler):
+        if prediction_type is not None and prediction_type not in FLOW_PREDICTION_TYPES:
+            raise SdplugError(
+                f"{preset.path or preset.name}: {type(noise_scheduler).__name__} is a rectified-flow scheduler and "
+                f"prediction_type {prediction_type!r} a DDPM one. Allowed: {', '.join(FLOW_PREDICTION_TYPES)}."
+            )
+        process = flow_from_scheduler(noise_scheduler, prediction_type)
+    if process is not None:
+        return _bind_process(preset, process, seed=seed, rank=rank, default_timesteps=default_timesteps)
     if noise_scheduler is not None:
         alphas_cumprod = noise_scheduler.alphas_cumprod if alphas_cumprod is None else alphas_cumprod
         config = getattr(noise_scheduler, "config", None)
@@ -57,16 +74,47 @@ def bind(
                 key="schedule.zero_terminal_snr",
             )
         alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)  # idempotent: a rescaled schedule stays
-    _check_prediction_type(preset, prediction_type)
+    if check_prediction_type(prediction_type) in FLOW_PREDICTION_TYPES:
+        raise SdplugError(
+            f"{preset.path or preset.name}: prediction_type {prediction_type!r} is a rectified-flow type; a schedule "
+            "of alphas_cumprod is DDPM's. Give the flow scheduler (or process=sdplug.process.Flow(...)) instead."
+        )
+    return _bind_process(preset, DDPM(alphas_cumprod, prediction_type), seed=seed, rank=rank, default_timesteps=default_timesteps)
+
+
+def _bind_process(preset: Preset, process: Process, *, seed: int, rank: int, default_timesteps: TimestepStrategy | None) -> Plan:
+    _check_processes(preset, process)
+    _check_prediction_type(preset, process.prediction_type)
+    alphas_cumprod = process.alphas_cumprod  # a flow process's: the table of the same SNR
     check_against_schedule(preset, len(alphas_cumprod), alphas_cumprod)  # file and key, before training
-    return Plan(
-        preset,
-        alphas_cumprod=alphas_cumprod,
-        prediction_type=check_prediction_type(prediction_type),
-        seed=seed,
-        rank=rank,
-        default_timesteps=default_timesteps,
-    )
+    return Plan(preset, process=process, seed=seed, rank=rank, default_timesteps=default_timesteps)
+
+
+def _check_processes(preset: Preset, process: Process) -> None:
+    """Refuse, naming the file and key, a strategy that is not written for ``process``."""
+    if isinstance(process, Flow) and preset.schedule.zero_terminal_snr:
+        raise PresetError(
+            "zero-terminal SNR rescales a DDPM schedule so its last step is pure noise; on a rectified-flow model "
+            "sigma = 1 already is. Allowed: leave schedule.zero_terminal_snr out with a flow model.",
+            path=preset.path,
+            key="schedule.zero_terminal_snr",
+        )
+    for family in IN_PRESET_ORDER:
+        for spec in preset.strategy_specs(family.section):
+            supported = spec.create().processes
+            if process.kind not in supported:
+                raise PresetError(
+                    f"{family.name} {spec.type!r} is written for {' and '.join(sorted(supported))} models, and this "
+                    f"model is a {process.kind} model ({type(process).__name__}, {process.prediction_type}). Allowed "
+                    f"on {process.kind}: {', '.join(_supporting(family.name, process.kind))}.",
+                    path=spec.path or preset.path,
+                    key=f"{spec.key}.type" if spec.key else "type",
+                )
+
+
+def _supporting(family: str, kind: str) -> list[str]:
+    chosen = registry(family)
+    return [name for name in chosen.names() if kind in cast("type[Strategy]", chosen.get(name).cls).processes] or ["none yet"]
 
 
 def _check_prediction_type(preset: Preset, prediction_type: str) -> None:

@@ -38,6 +38,7 @@ from sdplug.plan.optimizer_groups import LearnedGroup
 from sdplug.plan.pipelines import CaptionDraw, CaptionPipeline, NoiseDraw, NoisePipeline
 from sdplug.plan.streams import Streams, stream_seed
 from sdplug.preset import Preset, StrategySpec
+from sdplug.process import Process
 from sdplug.strategies.base import LossWeighting, TimestepStrategy
 from sdplug.strategies.timesteps import UniformTimesteps
 
@@ -52,8 +53,7 @@ class Plan:
         self,
         preset: Preset,
         *,
-        alphas_cumprod: torch.Tensor,
-        prediction_type: str,
+        process: Process,
         seed: int = 0,
         rank: int = 0,
         default_timesteps: TimestepStrategy | None = None,
@@ -62,9 +62,11 @@ class Plan:
         self.streams = Streams(seed, rank)
         self.steps = 0
         self._validating = False
-        self.prediction_type = schedule.check_prediction_type(prediction_type)
-        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float32).cpu()
-        self.num_train_timesteps = len(self.alphas_cumprod)
+        self.process = process  # DDPM or rectified flow (sdplug.process)
+        self.prediction_type = process.prediction_type
+        # what every strategy reads: a flow process's is the table of the same SNR (float64)
+        self.alphas_cumprod = process.alphas_cumprod.detach().cpu()
+        self.num_train_timesteps = process.num_train_timesteps
         self.noise_pipeline = NoisePipeline([spec.create() for spec in preset.noise], self.alphas_cumprod)
         self.caption_pipeline = CaptionPipeline([spec.create() for spec in preset.caption])
         # the host's own draw (kohya's --min/max_timestep range) when the preset names none
@@ -75,7 +77,8 @@ class Plan:
         self.attention_choice = AttentionChoice(preset)
         self.failure: str | None = None  # what stopped the host, when something did
         self.ema_average: EMA | None = None  # the moving average ema() keeps (None before it, or without [ema])
-        self.audit = Audit.for_preset(preset, self.num_train_timesteps, optimizer=self.optimizer_spec)
+        sigmas = getattr(process, "sigmas", None)  # a flow process's: its audit bins sigma
+        self.audit = Audit.for_preset(preset, self.num_train_timesteps, optimizer=self.optimizer_spec, sigmas=sigmas)
         self.divergence = DivergenceWatch()  # non-finite losses and weights, kept on the device (sdplug.plan.divergence)
 
     def noise(
@@ -167,11 +170,16 @@ class Plan:
 
     def noisy_input(self, latents: torch.Tensor, noise: NoiseDraw, timesteps: torch.Tensor) -> torch.Tensor:
         """``x_t`` from the model-input noise (input perturbation acts here, never on the target)."""
-        return schedule.noisy_sample(self.alphas_cumprod, latents, noise.model_input, timesteps)
+        return self.process.noisy_input(latents, noise.model_input, timesteps)
 
     def target(self, latents: torch.Tensor, noise: NoiseDraw, timesteps: torch.Tensor) -> torch.Tensor:
         """What the model should predict, from the clean target noise."""
-        return schedule.prediction_target(self.alphas_cumprod, self.prediction_type, latents, noise.target, timesteps)
+        return self.process.target(latents, noise.target, timesteps)
+
+    def model_time(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The time value the model takes for ``timesteps``: the index on DDPM, ``sigma * 1000``
+        on rectified flow (``(1 - sigma) * 1000`` for the reversed convention)."""
+        return self.process.model_time(timesteps)
 
     def loss(
         self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None = None
@@ -398,13 +406,8 @@ class Plan:
         data = self.audit.records()
         if self.built_optimizer is not None:
             data["optimizer"] = self.optimizer_choice.record(self.loss_weighting)
-        alphas = self.alphas_cumprod  # on the CPU: no device sync
-        data["schedule"] = {
-            "zero_terminal_snr": self.preset.schedule.zero_terminal_snr,
-            "alpha_cumprod_first": float(alphas[0]),
-            "alpha_cumprod_last": float(alphas[-1]),  # 0 under zero-terminal SNR
-            "prediction_type": self.prediction_type,
-        }
+        # on the CPU: no device sync
+        data["schedule"] = {"zero_terminal_snr": self.preset.schedule.zero_terminal_snr, **self.process.record()}
         if self.ema_average is not None:
             data["ema"] = self.ema_average.record()
         diverged = self.divergence.record()

@@ -143,6 +143,7 @@ class Preset:
         alphas_cumprod: Any = None,
         prediction_type: str | None = None,
         default_timesteps: Any = None,
+        process: Any = None,
     ) -> Any:
         """The plan (a ``sdplug.Plan``): this preset bound to a model's noise schedule and
         prediction type -- ``sdplug.plan.bind(preset, ...)``, which documents the arguments
@@ -157,6 +158,7 @@ class Preset:
             alphas_cumprod=alphas_cumprod,
             prediction_type=prediction_type,
             default_timesteps=default_timesteps,
+            process=process,
         )
 
     def to_toml(self, *, with_defaults: bool = True) -> str:

@@ -16,6 +16,8 @@ import torch
 
 from sdplug.schedule import check_prediction_type, snr
 
+PROCESS_KINDS = ("ddpm", "flow")  # sdplug.process.KINDS: the processes a strategy may declare
+
 
 class Strategy:
     """What every family's strategies share: the capabilities a strategy declares.
@@ -27,8 +29,9 @@ class Strategy:
     registers (``declaration_problems``), naming the plugin.
     """
 
-    # The diffusion processes the strategy is written for. Every strategy today is written for
-    # DDPM's (a noise schedule of alphas_cumprod); nothing reads it yet.
+    # The diffusion processes (``sdplug.process.KINDS``) the strategy is written for: a preset
+    # naming it for a model of another process is refused when the plan is bound. A family whose
+    # strategies never read the process (captions, optimizers, attention) declares both.
     processes: ClassVar[frozenset[str]] = frozenset({"ddpm"})
 
     def schedule_problem(self, num_train_timesteps: int) -> tuple[str, str] | None:
@@ -57,6 +60,8 @@ class Strategy:
                 problem = _declaration_problem(name, default, getattr(cls, name), hints.get(name))
                 if problem is not None:
                     problems.append(problem)
+        if not problems and (not cls.processes or not set(cls.processes) <= set(PROCESS_KINDS)):
+            problems.append(f"processes is {set(cls.processes)!r}; allowed: a non-empty set of {', '.join(PROCESS_KINDS)}")
         return problems or cls.related_declaration_problems()
 
     @classmethod
@@ -132,6 +137,9 @@ class NoiseStrategy(Strategy):
 
 class TimestepStrategy(Strategy):
     """Draws one integer training timestep per sample."""
+
+    # an index into the process's table (lowest noise first): the process maps it to its noise
+    processes: ClassVar[frozenset[str]] = frozenset({"ddpm", "flow"})
 
     def sample(self, batch_size: int, num_train_timesteps: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -227,6 +235,9 @@ class LossType(Strategy):
     is False (they use no per-sample schedule).
     """
 
+    # a threshold schedule reads SNR, which a flow process gives as DDPM's does
+    processes: ClassVar[frozenset[str]] = frozenset({"ddpm", "flow"})
+
     def needs_timesteps(self) -> bool:
         """Whether ``elementwise`` reads the timesteps (a per-sample threshold schedule)."""
         return False
@@ -263,6 +274,9 @@ class CaptionTransform(Strategy):
     by substituting the empty caption's embedding.
     """
 
+    # text, before any model: the same on every process
+    processes: ClassVar[frozenset[str]] = frozenset({"ddpm", "flow"})
+
     needs_text: ClassVar[bool] = True
 
     def __call__(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> str:
@@ -294,6 +308,9 @@ class CaptionTransform(Strategy):
 
 class OptimizerStrategy(Strategy):
     """Builds a ``torch.optim.Optimizer`` for the given parameters."""
+
+    # parameters and gradients: the same on every process
+    processes: ClassVar[frozenset[str]] = frozenset({"ddpm", "flow"})
 
     requires: ClassVar[tuple[str, ...]] = ()
     # True: the optimizer it builds has train and eval modes (schedule-free ones), built in train
@@ -351,6 +368,9 @@ class ProcessorModel(Protocol):
 
 class AttentionStrategy(Strategy):
     """Installs an attention implementation in a diffusers model."""
+
+    # the model's attention: the same on every process
+    processes: ClassVar[frozenset[str]] = frozenset({"ddpm", "flow"})
 
     def check_available(self) -> None:
         """Raise ``MissingDependencyError`` when this attention cannot run here."""

@@ -26,17 +26,38 @@ _Floor = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 def _in_prediction_space(w_x0: torch.Tensor, snr: torch.Tensor, prediction_type: str, snr_floor: float) -> torch.Tensor:
-    """Convert an x0-space weight into the model's space, dividing by at least ``snr_floor``."""
+    """Convert an x0-space weight into the model's space, dividing by at least ``snr_floor``
+    (epsilon only: the other spaces' factors are finite at SNR 0).
+
+    A loss ``w_x0 |x0^ - x0|^2`` is, in each model's own error:
+
+    - DDPM epsilon: ``x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``, so ``|x0^ - x0|^2 = |eps^ - eps|^2 / SNR``:
+      weight ``w_x0 / SNR``;
+    - DDPM v: ``x0 = sqrt(a) x_t - sqrt(1 - a) v``, so ``|x0^ - x0|^2 = (1 - a) |v^ - v|^2 = |v^ - v|^2 / (SNR + 1)``:
+      weight ``w_x0 / (SNR + 1)``;
+    - flow velocity (either sign): ``x_t = x0 + s v``, so ``|x0^ - x0|^2 = s^2 |v^ - v|^2`` with
+      ``s = 1 / (1 + sqrt(SNR))`` (``SNR = ((1 - s) / s)^2``): weight ``w_x0 s^2``
+      (``w_x0`` at s = 1, pure noise; 0 as s -> 0);
+    - x0 (``sample``): ``w_x0``.
+    """
     if prediction_type == "sample":
         return w_x0
     if prediction_type == "v_prediction":
         return w_x0 / (snr + 1.0)
+    if prediction_type in ("velocity", "velocity_reversed"):
+        return w_x0 / (1.0 + snr.sqrt()) ** 2
     return w_x0 / snr.clamp_min(snr_floor)
+
+
+# the weightings written from SNR alone: on a flow process too, through its SNR
+_ANY_PROCESS: frozenset[str] = frozenset({"ddpm", "flow"})
 
 
 @strategy_params
 class ConstantWeighting(LossWeighting):
     """No reweighting: the host's loss as computed (weight 1 in the model's own space)."""
+
+    processes = _ANY_PROCESS
 
     def weight_for(self, snr, prediction_type):
         return torch.ones_like(snr)
@@ -45,6 +66,8 @@ class ConstantWeighting(LossWeighting):
 @strategy_params
 class SNRWeighting(LossWeighting):
     """SNR weighting, ``w_x0 = SNR``: plain epsilon-prediction MSE expressed for any model (Ho et al., 2020)."""
+
+    processes = _ANY_PROCESS
 
     def weight_for(self, snr, prediction_type):
         if prediction_type == "epsilon":
@@ -59,6 +82,8 @@ class MinSNRWeighting(LossWeighting):
     Model weights: x0 ``min(SNR, gamma)``, epsilon ``min(SNR, gamma) / SNR`` (= ``min(1, gamma / SNR)``,
     1 at SNR = 0), v ``min(SNR, gamma) / (SNR + 1)``. Paper default gamma 5.
     """
+
+    processes = _ANY_PROCESS
 
     gamma: _Gamma = 5.0
 
@@ -77,6 +102,8 @@ class MaxSNRWeighting(LossWeighting):
     (``gamma`` at SNR 0) and the x0 weight need no floor: ``snr_floor`` is refused with them.
     """
 
+    processes = _ANY_PROCESS
+
     gamma: _Gamma = 1.0
     epsilon_only_parameters = ("snr_floor",)
     snr_floor: _Floor = 1e-3
@@ -92,6 +119,8 @@ class SoftMinSNRWeighting(LossWeighting):
     Model weights: x0 ``SNR gamma / (SNR + gamma)``, epsilon ``gamma / (SNR + gamma)``,
     v ``SNR gamma / ((SNR + gamma)(SNR + 1))``.
     """
+
+    processes = _ANY_PROCESS
 
     gamma: _Gamma = 5.0
 
@@ -117,6 +146,8 @@ class DebiasedWeighting(LossWeighting):
     timestep the two agree.
     """
 
+    processes = _ANY_PROCESS
+
     epsilon_only_parameters = ("snr_floor",)
     snr_floor: _Floor = 1e-3
 
@@ -133,6 +164,8 @@ class P2Weighting(LossWeighting):
     ``w_x0 = SNR / (k + SNR)**gamma``: v ``SNR / ((k + SNR)**gamma (SNR + 1))``, x0
     ``SNR / (k + SNR)**gamma``. Paper defaults k = 1, gamma = 1.
     """
+
+    processes = _ANY_PROCESS
 
     k: Annotated[float, Field(gt=0.0, le=1e3)] = 1.0
     gamma: Annotated[float, Field(ge=0.0, le=10.0)] = 1.0

@@ -27,6 +27,8 @@ class GaussianNoise(NoiseStrategy):
     In a noise list it passes the noise so far through unchanged.
     """
 
+    processes = frozenset({"ddpm", "flow"})  # N(0, I): the noise both processes are defined with
+
     def transform(self, noise, latents, generator):
         return _start(noise, latents, generator).to(latents.dtype)
 

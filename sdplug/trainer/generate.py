@@ -26,7 +26,7 @@ from sdplug.errors import SdplugError, printable
 from sdplug.log import logger
 from sdplug.plan import NoisePipeline
 from sdplug.preset import Preset, load_preset, parse_preset_text
-from sdplug.schedule import PREDICTION_TYPES
+from sdplug.schedule import DDPM_PREDICTION_TYPES as PREDICTION_TYPES  # sampling knows DDPM models only
 from sdplug.trainer import models
 from sdplug.trainer.config import TrainConfig
 from sdplug.trainer.files import atomic

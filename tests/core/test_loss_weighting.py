@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sdplug
-from sdplug.schedule import PREDICTION_TYPES, snr
+from sdplug.schedule import DDPM_PREDICTION_TYPES, snr
 
 FIXED = [name for name in sdplug.available("loss_weighting") if name != "learned"]
 
@@ -54,7 +54,7 @@ WITH_PARAMS = (
 
 
 @pytest.mark.parametrize("name,params", WITH_PARAMS)
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", DDPM_PREDICTION_TYPES)
 def test_fixed_weightings_match_their_formula(name, prediction_type, params, sd_alphas):
     strategy = sdplug.create("loss_weighting", name, **params)
     timesteps = torch.tensor([0, 10, 100, 300, 500, 700, 900, 999])
@@ -77,7 +77,7 @@ def test_same_x0_space_weight_whatever_the_prediction_type(name, sd_alphas):
 
 
 @pytest.mark.parametrize("name", sdplug.available("loss_weighting"))
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", DDPM_PREDICTION_TYPES)
 def test_finite_for_every_timestep_including_zero_terminal_snr(name, prediction_type, zero_terminal_alphas):
     assert zero_terminal_alphas[-1].item() == 0.0  # SNR(T) = 0
     strategy = sdplug.create("loss_weighting", name)

@@ -131,3 +131,29 @@ def test_the_guard_catches_a_sync():
     plan.noisy_input = lambda latents, noise, t: latents.sum().item()  # a sync where none belongs
     with pytest.raises(SyncInStep), syncs_raise_inside(plan):
         plan.noisy_input(torch.ones(1), None, None)
+
+
+def flow_cases():
+    from sdplug.strategies import registry
+
+    for family, name in cases():
+        if "flow" in registry(family).get(name).cls.processes:
+            yield family, name
+
+
+@pytest.mark.parametrize("family,name", list(flow_cases()))
+def test_no_plan_call_syncs_on_a_flow_process(family, name):
+    """The same steps on a rectified-flow plan (shift 3): every strategy it takes, no sync."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    table = one_of_each(family, name)
+    data = {family: [table]} if family in ("noise", "caption") else {family: table}
+    if family == "caption" and name != "dropout":
+        data["caption"].append({"type": "dropout", "rate": 0.5})
+    plan = parse_preset(data, path="sync.toml").build(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert plan.process.kind == "flow"
+    with syncs_raise_inside(plan):
+        run_steps(plan)
+    report = plan.report()
+    assert report["steps"] == 3 and sum(report["timesteps"]["histogram"]) == 12
+    assert report["problems"] == []

@@ -1,0 +1,190 @@
+"""The diffusion process a plan is bound to: how a clean latent becomes a training input, what
+the model predicts, and the signal-to-noise ratio of every training timestep.
+
+Two kinds:
+
+- ``DDPM`` (SD1.5, SDXL): ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` over a table of
+  ``alphas_cumprod`` ``a_t``; ``SNR = a_t / (1 - a_t)``; the model predicts ``epsilon``, ``v``
+  (``v_prediction``) or ``x0`` (``sample``); the model's time is the index ``t``.
+- ``Flow`` (rectified flow: SD3, FLUX, Lumina, ...): ``x_t = (1 - s) x0 + s eps`` with
+  ``s = sigma`` in ``(0, 1]``; ``SNR = ((1 - s) / s)**2``; the model predicts the velocity
+  ``eps - x0`` (``velocity``: SD3, FLUX, diffusers' scripts) or its negative ``x0 - eps`` with
+  its time reversed (``velocity_reversed``: Lumina 2); the model's time is ``s * 1000``
+  (``(1 - s) * 1000`` reversed).
+
+Training timesteps are indices into the process's table on both kinds, lowest noise first: a
+flow table holds the sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler`` (``shift``
+applied as that scheduler applies it), so a timestep sampler draws an index exactly as
+diffusers' flow scripts index ``scheduler.sigmas``.
+
+Every strategy that reads a schedule reads ``alphas_cumprod``. A flow process gives the
+variance-preserving table with the same SNR at every index, ``a = SNR / (1 + SNR)``, so a
+weighting or threshold written from SNR means the same on both kinds; the conversion of a
+weight into the model's prediction space is the one place that differs
+(``sdplug.strategies.loss_weighting``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from sdplug.errors import SdplugError
+from sdplug.schedule import DDPM_PREDICTION_TYPES, FLOW_PREDICTION_TYPES, noisy_sample, prediction_target, same_schedule
+
+KINDS = ("ddpm", "flow")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DDPM:
+    """The DDPM process of a table of ``alphas_cumprod`` (float32, on the CPU)."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+    kind: str = dataclasses.field(default="ddpm", init=False)
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in DDPM_PREDICTION_TYPES:
+            raise SdplugError(
+                f"prediction type {self.prediction_type!r} is not one of a DDPM model "
+                f"({', '.join(DDPM_PREDICTION_TYPES)}); {', '.join(FLOW_PREDICTION_TYPES)} are rectified-flow types."
+            )
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def noisy_input(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noisy_sample(self.alphas_cumprod, latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return prediction_target(self.alphas_cumprod, self.prediction_type, latents, noise, timesteps)
+
+    def model_time(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The time the model takes: the index itself."""
+        return timesteps
+
+    def same_as(self, other: Any) -> bool:
+        return isinstance(other, DDPM) and same_schedule(other.alphas_cumprod, self.alphas_cumprod)
+
+    def record(self) -> dict[str, Any]:
+        """The audit's ``schedule`` facts of this process."""
+        return {
+            "process": self.kind,
+            "alpha_cumprod_first": float(self.alphas_cumprod[0]),
+            "alpha_cumprod_last": float(self.alphas_cumprod[-1]),  # 0 under zero-terminal SNR
+            "prediction_type": self.prediction_type,
+        }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Flow:
+    """A rectified-flow process over a table of ``sigmas`` (ascending, in ``(0, 1]``, float32 on
+    the CPU), with the ``shift`` that made them (recorded; already applied to the table)."""
+
+    sigmas: torch.Tensor
+    prediction_type: str = "velocity"
+    shift: float = 1.0
+    kind: str = dataclasses.field(default="flow", init=False)
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in FLOW_PREDICTION_TYPES:
+            raise SdplugError(
+                f"prediction type {self.prediction_type!r} is not one of a rectified-flow model "
+                f"({', '.join(FLOW_PREDICTION_TYPES)}); {', '.join(DDPM_PREDICTION_TYPES)} are DDPM types."
+            )
+        sigmas = self.sigmas
+        if sigmas.dim() != 1 or len(sigmas) < 2 or not bool(((sigmas > 0) & (sigmas <= 1)).all()):
+            raise SdplugError("a flow process needs a table of at least 2 sigmas in (0, 1].")
+        if not bool((sigmas[1:] > sigmas[:-1]).all()):
+            raise SdplugError("a flow process's sigmas ascend (index 0 is the least noise).")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The variance-preserving table with this process's SNR at every index:
+        ``a = (1 - s)**2 / ((1 - s)**2 + s**2)`` (0 at ``s = 1``, pure noise). In float64: at the
+        smallest sigmas ``1 - a`` is about ``s**2``, below float32's resolution next to 1."""
+        s = self.sigmas.to(torch.float64)
+        return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+    def sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Each sample's sigma, shaped to broadcast over ``like``."""
+        s = self.sigmas.to(like.device)[timesteps.to(like.device).long()].to(like.dtype)
+        return s.view(-1, *([1] * (like.dim() - 1)))
+
+    def noisy_input(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``x_t = (1 - s) x0 + s noise``."""
+        s = self.sigma(timesteps, latents)
+        return (1 - s) * latents + s * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``noise - x0`` (velocity) or ``x0 - noise`` (velocity_reversed)."""
+        if self.prediction_type == "velocity_reversed":
+            return latents - noise
+        return noise - latents
+
+    def model_time(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The time the model takes: ``s * 1000`` (SD3, FLUX, diffusers' scripts), or
+        ``(1 - s) * 1000`` for the reversed convention (Lumina 2)."""
+        s = self.sigmas.to(timesteps.device)[timesteps.long()]
+        return (1 - s) * 1000 if self.prediction_type == "velocity_reversed" else s * 1000
+
+    def same_as(self, other: Any) -> bool:
+        return (
+            isinstance(other, Flow)
+            and other.sigmas.shape == self.sigmas.shape
+            and bool(torch.allclose(other.sigmas.float().cpu(), self.sigmas.float().cpu(), atol=1e-6))
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The audit's ``schedule`` facts of this process."""
+        return {
+            "process": self.kind,
+            "shift": self.shift,
+            "sigma_first": float(self.sigmas[0]),
+            "sigma_last": float(self.sigmas[-1]),
+            "prediction_type": self.prediction_type,
+        }
+
+
+Process = DDPM | Flow
+
+
+def flow_sigmas(num_train_timesteps: int = 1000, shift: float = 1.0) -> torch.Tensor:
+    """The training sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler`` without dynamic
+    shifting, ascending: ``s_i = (i + 1) / N``, then ``shift * s / (1 + (shift - 1) * s)``."""
+    if num_train_timesteps < 2 or not shift > 0:
+        raise SdplugError(f"flow sigmas need at least 2 timesteps and a shift > 0 (got {num_train_timesteps}, {shift}).")
+    s = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    return (shift * s / (1 + (shift - 1) * s)).to(torch.float32)
+
+
+def flow_from_scheduler(noise_scheduler: Any, prediction_type: str | None) -> Flow:
+    """The flow process of a diffusers ``FlowMatchEulerDiscreteScheduler`` (its ``config``:
+    ``num_train_timesteps``, ``shift``). A scheduler with dynamic shifting is refused: its sigmas
+    depend on each image's size, which the plan does not take yet."""
+    config = getattr(noise_scheduler, "config", None)
+    name = type(noise_scheduler).__name__
+    if getattr(config, "use_dynamic_shifting", False):
+        raise SdplugError(
+            f"{name} has use_dynamic_shifting = true: its sigmas follow each image's token count, which sdplug's "
+            "plan does not take yet. Allowed: a scheduler with use_dynamic_shifting = false (a fixed shift)."
+        )
+    for option in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
+        if getattr(config, option, None):
+            raise SdplugError(f"{name} has {option} set: sdplug knows the plain (shifted) flow-matching sigmas only.")
+    steps = int(getattr(config, "num_train_timesteps", 1000))
+    shift = float(getattr(config, "shift", 1.0))
+    return Flow(flow_sigmas(steps, shift), prediction_type or "velocity", shift)
+
+
+def is_flow_scheduler(noise_scheduler: Any) -> bool:
+    """Whether a scheduler is a flow-matching one (diffusers' ``FlowMatch*`` schedulers, which
+    have sigmas and a shift and no ``alphas_cumprod``)."""
+    return type(noise_scheduler).__name__.startswith("FlowMatch") and not hasattr(noise_scheduler, "alphas_cumprod")

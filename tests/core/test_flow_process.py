@@ -1,0 +1,187 @@
+"""The rectified-flow process: its sigmas, input, target and time against diffusers and the
+formulas, SNR-based weightings on velocity against their sigma-space form, and the refusals
+of what a flow plan cannot take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import sdplug
+from sdplug.errors import SdplugError
+from sdplug.plan import bind
+from sdplug.preset import parse_preset
+from sdplug.process import DDPM, Flow, flow_sigmas
+from sdplug.schedule import scaled_linear_alphas_cumprod, snr
+
+
+def flow_plan(data: dict | None = None, shift: float = 3.0, **options):
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    return bind(parse_preset(data or {}, path="flow.toml"), scheduler, **options)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 6.0])
+def test_the_sigmas_are_diffusers_flow_sigmas_lowest_noise_first(shift):
+    theirs = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).sigmas
+    ours = flow_sigmas(1000, shift)
+    assert torch.allclose(ours, theirs.flip(0).float(), atol=1e-6)
+    assert ours[-1] == 1.0 and bool((ours[1:] > ours[:-1]).all())
+
+
+def test_input_target_and_model_time_are_the_flow_formulas():
+    sigmas = flow_sigmas(1000, 3.0)
+    x0, noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 250, 700, 999])
+    s = sigmas[t].view(-1, 1, 1, 1)
+    velocity = Flow(sigmas, "velocity", 3.0)
+    assert torch.allclose(velocity.noisy_input(x0, noise, t), (1 - s) * x0 + s * noise)
+    assert torch.allclose(velocity.target(x0, noise, t), noise - x0)
+    assert torch.allclose(velocity.model_time(t), sigmas[t] * 1000)
+    reversed_ = Flow(sigmas, "velocity_reversed", 3.0)  # Lumina 2: x0 - noise, time 1 - sigma
+    assert torch.allclose(reversed_.target(x0, noise, t), x0 - noise)
+    assert torch.allclose(reversed_.model_time(t), (1 - sigmas[t]) * 1000)
+    # at sigma = 1 the input is the noise alone: no zero-terminal rescaling is needed
+    assert torch.equal(velocity.noisy_input(x0, noise, torch.tensor([999] * 4)), noise)
+
+
+def test_a_flow_process_gives_the_table_of_its_snr():
+    sigmas = flow_sigmas(1000, 3.0)
+    t = torch.arange(0, 1000, 37)
+    expected = ((1 - sigmas[t].double()) / sigmas[t].double()) ** 2
+    got = snr(t, Flow(sigmas).alphas_cumprod)
+    assert torch.allclose(got.double(), expected, rtol=1e-4)
+    assert got[-1] == 0 or snr(torch.tensor([999]), Flow(sigmas).alphas_cumprod) == 0
+
+
+# each SNR weighting written directly in sigma, the velocity error's weight: w_x0(SNR) * sigma^2
+def _sigma_space(name: str, s: torch.Tensor) -> torch.Tensor:
+    r = (1 - s) / s  # sqrt(SNR)
+    return {
+        "constant": torch.ones_like(s),
+        "snr": (1 - s) ** 2,
+        "min_snr": torch.minimum(r**2, torch.tensor(5.0, dtype=s.dtype)) * s**2,
+        "max_snr": torch.maximum(r**2, torch.tensor(1.0, dtype=s.dtype)) * s**2,
+        "soft_min_snr": r**2 * 5.0 / (r**2 + 5.0) * s**2,
+        "debiased": (1 - s) * s,
+        "p2": (1 - s) ** 2 / (1.0 + r**2),
+    }[name]
+
+
+FLOW_WEIGHTINGS = ["constant", "snr", "min_snr", "max_snr", "soft_min_snr", "debiased", "p2"]
+
+
+@pytest.mark.parametrize("prediction_type", ["velocity", "velocity_reversed"])
+@pytest.mark.parametrize("name", FLOW_WEIGHTINGS)
+def test_snr_weightings_on_velocity_match_their_sigma_space_form(name, prediction_type):
+    plan = flow_plan({"loss_weighting": {"type": name}}, prediction_type=prediction_type)
+    t = torch.tensor([0, 5, 100, 400, 700, 950, 999])
+    s = plan.process.sigmas[t].double()
+    got = plan.loss_weighting.weights(t, plan.alphas_cumprod, plan.prediction_type).double()
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, _sigma_space(name, s), rtol=2e-3, atol=1e-6)
+
+
+def test_min_snr_on_velocity_reduces_to_its_two_regimes():
+    """Noisy steps (SNR < gamma) keep (1 - sigma)^2, the SNR weight; clean ones gamma sigma^2."""
+    plan = flow_plan({"loss_weighting": {"type": "min_snr", "gamma": 5.0}})
+    t = torch.arange(1000)
+    s = plan.process.sigmas.double()
+    w = plan.loss_weighting.weights(t, plan.alphas_cumprod, plan.prediction_type).double()
+    noisy = ((1 - s) / s) ** 2 < 5.0
+    assert noisy.any() and (~noisy).any()
+    assert torch.allclose(w[noisy], (1 - s[noisy]) ** 2, rtol=1e-3)
+    assert torch.allclose(w[~noisy], 5.0 * s[~noisy] ** 2, rtol=1e-3)
+
+
+def test_the_scheduled_huber_threshold_runs_the_ddpm_direction_on_flow():
+    """c_t -> c at high noise (sigma -> 1), -> 1 at low noise, computed from SNR(sigma)."""
+    plan = flow_plan({"loss": {"type": "pseudo_huber", "c": 0.1, "schedule": "snr"}})
+    t = torch.tensor([0, 500, 999])
+    c = plan.loss_type.threshold(t, plan.alphas_cumprod, torch.zeros(3, 1)).flatten()
+    s = plan.process.sigmas[t].double()
+    inverse_root_snr = s / (1 - s).clamp_min(1e-12)  # DDPM's sigma_t = sqrt((1 - a) / a) = 1 / sqrt(SNR)
+    expected = (1 - 0.1) / (1 + inverse_root_snr) ** 2 + 0.1
+    assert torch.allclose(c.double(), expected, rtol=1e-3, atol=1e-6)
+    assert c[0] > 0.99 and abs(float(c[-1]) - 0.1) < 1e-6 and c[0] > c[1] > c[2]
+
+
+def test_a_flow_plan_draws_trains_and_records_its_process():
+    plan = flow_plan({"timesteps": {"type": "logit_normal"}, "loss_weighting": {"type": "min_snr"}}, seed=1)
+    model = torch.nn.Conv2d(3, 3, 3, padding=1)
+    optimizer = plan.optimizer(model.parameters(), default=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    x0 = torch.rand(8, 3, 8, 8) * 2 - 1
+    for _ in range(3):
+        t = plan.timesteps(len(x0))
+        noise = plan.noise(x0, timesteps=t)
+        prediction = model(plan.noisy_input(x0, noise, t))
+        loss = plan.loss(prediction, plan.target(x0, noise, t), t).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        plan.step()
+    report = plan.report()
+    assert report["schedule"]["process"] == "flow" and report["schedule"]["shift"] == 3.0
+    assert report["schedule"]["prediction_type"] == "velocity" and report["problems"] == []
+    assert sum(report["timesteps"]["histogram"]) == 24 and report["loss_weighting"]["calls"] == 3
+    assert report["timesteps"]["binned_by"] == "sigma" and report["loss_weighting"]["bin_edges"][-1] == 1.0
+    assert "rectified flow, velocity prediction, shift 3" in plan.summary()
+    assert "% in each tenth of sigma" in plan.summary()
+
+
+def test_the_flow_audit_bins_sigma_not_the_index():
+    """With shift 3 most indices carry sigma above 0.5: the histogram counts each draw's sigma."""
+    plan = flow_plan()
+    t = torch.tensor([0, 100, 500, 999])  # sigmas 0.003, 0.25, 0.75, 1.0
+    plan.audit.record_timesteps(t)
+    bins = plan.audit.records()["timesteps"]["histogram"]
+    expected = [0] * 10
+    for sigma in plan.process.sigmas[t].tolist():
+        expected[min(int(sigma * 10), 9)] += 1
+    assert bins == expected and bins[0] == 1 and bins[9] == 1
+
+
+def test_a_ddpm_plan_records_its_process_as_before(sd_alphas):
+    plan = bind(parse_preset({}, path="p.toml"), alphas_cumprod=sd_alphas, prediction_type="epsilon")
+    assert isinstance(plan.process, DDPM)
+    assert plan.report()["schedule"]["process"] == "ddpm"
+    assert torch.equal(plan.model_time(torch.tensor([3, 999])), torch.tensor([3, 999]))
+
+
+def test_a_ddpm_only_strategy_on_a_flow_model_is_refused_naming_file_key_and_what_is_allowed():
+    with pytest.raises(sdplug.PresetError) as info:
+        flow_plan({"noise": [{"type": "gaussian"}, {"type": "offset", "strength": 0.1}]})
+    message = str(info.value)
+    assert "flow.toml" in message and "noise[1].type" in message and "'offset'" in message
+    assert "Allowed on flow: gaussian" in message
+    with pytest.raises(sdplug.PresetError, match="v_pred_like_loss.*written for ddpm"):
+        flow_plan({"loss_weighting": {"type": "v_pred_like_loss"}})
+
+
+def test_zero_terminal_snr_on_a_flow_model_is_refused():
+    with pytest.raises(sdplug.PresetError, match="schedule.zero_terminal_snr.*sigma = 1 already is"):
+        flow_plan({"schedule": {"zero_terminal_snr": True}})
+
+
+def test_what_cannot_be_a_flow_process_is_refused_with_what_is_allowed():
+    with pytest.raises(SdplugError, match="rectified-flow scheduler.*'epsilon' a DDPM one"):
+        flow_plan(prediction_type="epsilon")
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    with pytest.raises(SdplugError, match="use_dynamic_shifting"):
+        bind(parse_preset({}, path="p.toml"), dynamic)
+    with pytest.raises(SdplugError, match="rectified-flow type"):
+        bind(parse_preset({}, path="p.toml"), alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="velocity")
+    with pytest.raises(SdplugError, match="ascend"):
+        Flow(flow_sigmas(10).flip(0))
+
+
+def test_a_plugin_declaring_an_unknown_process_is_refused_when_it_registers():
+    from sdplug.registry import Registry
+    from sdplug.strategies.base import TimestepStrategy
+    from sdplug.strategies.timesteps import UniformTimesteps
+
+    class OnSde(UniformTimesteps):
+        processes = frozenset({"sde"})
+
+    with pytest.raises(sdplug.PluginError, match="processes.*allowed: a non-empty set of ddpm, flow"):
+        Registry("timesteps", TimestepStrategy).register("on_sde", OnSde)
