@@ -99,6 +99,17 @@ def _check_processes(preset: Preset, process: Process) -> None:
             path=preset.path,
             key="schedule.zero_terminal_snr",
         )
+    timesteps = preset.timesteps
+    if isinstance(process, Flow) and process.shift != 1.0 and timesteps is not None:
+        shift = float(timesteps.params.get("shift", 1.0))
+        if shift != 1.0:
+            raise PresetError(
+                f"the scheduler already shifts its sigmas by {process.shift:g}, and a timestep index drawn with "
+                f"shift {shift:g} on top would be shifted twice. Allowed: leave {timesteps.key}.shift out with this "
+                "scheduler, or give a scheduler with shift = 1 and shift here.",
+                path=timesteps.path or preset.path,
+                key=f"{timesteps.key}.shift",
+            )
     for family in IN_PRESET_ORDER:
         for spec in preset.strategy_specs(family.section):
             supported = spec.create().processes

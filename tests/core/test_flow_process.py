@@ -158,6 +158,13 @@ def test_a_ddpm_only_strategy_on_a_flow_model_is_refused_naming_file_key_and_wha
         flow_plan({"loss_weighting": {"type": "v_pred_like_loss"}})
 
 
+def test_a_preset_shift_on_a_shifted_scheduler_is_refused_never_doubled():
+    with pytest.raises(sdplug.PresetError, match=r"timesteps.shift.*shifted twice"):
+        flow_plan({"timesteps": {"type": "logit_normal", "shift": 3.0}}, shift=3.0)
+    plan = flow_plan({"timesteps": {"type": "logit_normal", "shift": 3.0}}, shift=1.0)  # the shift acts once
+    assert plan.process.shift == 1.0 and plan.timestep_sampler.shift == 3.0
+
+
 def test_zero_terminal_snr_on_a_flow_model_is_refused():
     with pytest.raises(sdplug.PresetError, match="schedule.zero_terminal_snr.*sigma = 1 already is"):
         flow_plan({"schedule": {"zero_terminal_snr": True}})
@@ -185,3 +192,24 @@ def test_a_plugin_declaring_an_unknown_process_is_refused_when_it_registers():
 
     with pytest.raises(sdplug.PluginError, match="processes.*allowed: a non-empty set of ddpm, flow"):
         Registry("timesteps", TimestepStrategy).register("on_sde", OnSde)
+
+
+def test_the_readme_flow_table_says_what_each_strategy_declares():
+    """The README's table of the flow forms lists, per family, exactly the strategies that
+    declare flow (or says "all" where every one does)."""
+    import re
+    from pathlib import Path
+
+    from sdplug.strategies import registry
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### On rectified-flow models", 1)[1].split("Python:", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([a-z_]+) \| ([^|]*) \|", section, re.M)}
+    for family in ("noise", "timesteps", "loss", "loss_weighting"):
+        names = registry(family).names()
+        on_flow = [n for n in names if "flow" in registry(family).get(n).cls.processes]
+        listed = re.findall(r"`([a-z0-9_]+)`", rows[family].split(":")[0])
+        if rows[family].startswith("all"):
+            assert on_flow == names, family
+        else:
+            assert sorted(listed) == sorted(on_flow), family
