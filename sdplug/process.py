@@ -12,10 +12,14 @@ Two kinds:
   its time reversed (``velocity_reversed``: Lumina 2); the model's time is ``s * 1000``
   (``(1 - s) * 1000`` reversed).
 
-Training timesteps are indices into the process's table on both kinds, lowest noise first: a
-flow table holds the sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler`` (``shift``
-applied as that scheduler applies it), so a timestep sampler draws an index exactly as
-diffusers' flow scripts index ``scheduler.sigmas``.
+Training timesteps are indices into the process's table on both kinds, lowest noise first. A
+flow table is the unshifted grid ``(i + 1) / N``; a sampler draws a position ``u`` along it
+(``TimestepStrategy.position``) and the process maps it (``Flow.index``): to the grid point
+``(floor(u N) + 1) / N``, as diffusers' flow scripts index their table, then through the shift,
+``s x / (1 + (s - 1) x)`` (diffusers' ``FlowMatchEulerDiscreteScheduler`` ``shift``), or the
+resolution-dependent shift ``e^mu / (e^mu + 1 / x - 1)`` with ``mu`` linear in the image's token
+count (``DynamicShift``: FLUX's ``base_shift`` / ``max_shift``), to the nearest table entry:
+within ``1 / (2N)`` of the continuous sigma kohya's flow scripts draw.
 
 Every strategy that reads a schedule reads ``alphas_cumprod``. A flow process gives the
 variance-preserving table with the same SNR at every index, ``a = SNR / (1 + SNR)``, so a
@@ -27,6 +31,7 @@ weight into the model's prediction space is the one place that differs
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -79,14 +84,34 @@ class DDPM:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class DynamicShift:
+    """The resolution-dependent shift: ``mu`` linear in the image's token count, from
+    ``base_shift`` at ``base_seq_len`` tokens to ``max_shift`` at ``max_seq_len`` (FLUX.1:
+    0.5 at 256, 1.15 at 4096), tokens being the latent's ``(H / patch) (W / patch)``."""
+
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    patch_size: int = 2
+
+    def mu(self, height: int, width: int) -> float:
+        tokens = (height // self.patch_size) * (width // self.patch_size)
+        slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        return self.base_shift + slope * (tokens - self.base_seq_len)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Flow:
     """A rectified-flow process over a table of ``sigmas`` (ascending, in ``(0, 1]``, float32 on
-    the CPU), with the ``shift`` that made them (recorded; already applied to the table)."""
+    the CPU: the grid ``flow_sigmas(N)`` by default), with the ``shift`` (or ``dynamic`` shift)
+    that maps a sampler's position to sigma (``index``)."""
 
     sigmas: torch.Tensor
     prediction_type: str = "velocity"
     shift: float = 1.0
+    dynamic: DynamicShift | None = None
     kind: str = dataclasses.field(default="flow", init=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +137,27 @@ class Flow:
         smallest sigmas ``1 - a`` is about ``s**2``, below float32's resolution next to 1."""
         s = self.sigmas.to(torch.float64)
         return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+    def index(self, position: torch.Tensor, latent_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The table index of each sampler position in ``[0, 1)`` (see the module's docstring).
+        ``latent_size`` ``(H, W)``: the step's latents, which a dynamic shift needs."""
+        n = self.num_train_timesteps
+        x = (torch.floor(position.double() * n).clamp(0, n - 1) + 1) / n  # the grid point, in (0, 1]
+        if self.dynamic is not None:
+            if latent_size is None:
+                raise SdplugError(
+                    "this flow process shifts by resolution (a dynamic shift): give the step's latent size, "
+                    "plan.timesteps(batch, latent_size=(height, width))."
+                )
+            e_mu = math.exp(self.dynamic.mu(*latent_size))
+            x = e_mu / (e_mu + 1 / x - 1)
+        elif self.shift != 1.0:
+            x = self.shift * x / (1 + (self.shift - 1) * x)
+        table = self.sigmas.to(device=x.device, dtype=torch.float64)
+        above = torch.searchsorted(table, x).clamp(max=n - 1)
+        below = (above - 1).clamp(min=0)
+        nearer_below = (x - table[below]).abs() < (table[above] - x).abs()
+        return torch.where(nearer_below, below, above)
 
     def sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Each sample's sigma, shaped to broadcast over ``like``."""
@@ -144,9 +190,12 @@ class Flow:
 
     def record(self) -> dict[str, Any]:
         """The audit's ``schedule`` facts of this process."""
+        shift: dict[str, Any] = {"shift": self.shift}
+        if self.dynamic is not None:
+            shift = {"shift": "dynamic", "dynamic_shift": dataclasses.asdict(self.dynamic)}
         return {
             "process": self.kind,
-            "shift": self.shift,
+            **shift,
             "sigma_first": float(self.sigmas[0]),
             "sigma_last": float(self.sigmas[-1]),
             "prediction_type": self.prediction_type,
@@ -158,7 +207,8 @@ Process = DDPM | Flow
 
 def flow_sigmas(num_train_timesteps: int = 1000, shift: float = 1.0) -> torch.Tensor:
     """The training sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler`` without dynamic
-    shifting, ascending: ``s_i = (i + 1) / N``, then ``shift * s / (1 + (shift - 1) * s)``."""
+    shifting, ascending: ``s_i = (i + 1) / N``, then ``shift * s / (1 + (shift - 1) * s)``
+    (a flow process's table is the unshifted grid; its shift maps positions onto it)."""
     if num_train_timesteps < 2 or not shift > 0:
         raise SdplugError(f"flow sigmas need at least 2 timesteps and a shift > 0 (got {num_train_timesteps}, {shift}).")
     s = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
@@ -167,21 +217,23 @@ def flow_sigmas(num_train_timesteps: int = 1000, shift: float = 1.0) -> torch.Te
 
 def flow_from_scheduler(noise_scheduler: Any, prediction_type: str | None) -> Flow:
     """The flow process of a diffusers ``FlowMatchEulerDiscreteScheduler`` (its ``config``:
-    ``num_train_timesteps``, ``shift``). A scheduler with dynamic shifting is refused: its sigmas
-    depend on each image's size, which the plan does not take yet."""
-    config = getattr(noise_scheduler, "config", None)
+    ``num_train_timesteps``, ``shift``, or ``use_dynamic_shifting`` with ``base_shift``,
+    ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``)."""
+    config: Any = getattr(noise_scheduler, "config", None)
     name = type(noise_scheduler).__name__
+    steps = int(getattr(config, "num_train_timesteps", 1000))
+    dynamic = None
     if getattr(config, "use_dynamic_shifting", False):
-        raise SdplugError(
-            f"{name} has use_dynamic_shifting = true: its sigmas follow each image's token count, which sdplug's "
-            "plan does not take yet. Allowed: a scheduler with use_dynamic_shifting = false (a fixed shift)."
+        if getattr(config, "time_shift_type", "exponential") != "exponential":
+            raise SdplugError(f"{name} has time_shift_type {config.time_shift_type!r}: sdplug knows 'exponential' only.")
+        dynamic = DynamicShift(
+            float(config.base_shift), float(config.max_shift), int(config.base_image_seq_len), int(config.max_image_seq_len)
         )
     for option in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
         if getattr(config, option, None):
             raise SdplugError(f"{name} has {option} set: sdplug knows the plain (shifted) flow-matching sigmas only.")
-    steps = int(getattr(config, "num_train_timesteps", 1000))
-    shift = float(getattr(config, "shift", 1.0))
-    return Flow(flow_sigmas(steps, shift), prediction_type or "velocity", shift)
+    shift = 1.0 if dynamic is not None else float(getattr(config, "shift", 1.0))
+    return Flow(flow_sigmas(steps), prediction_type or "velocity", shift, dynamic)
 
 
 def is_flow_scheduler(noise_scheduler: Any) -> bool:

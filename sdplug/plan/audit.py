@@ -196,6 +196,10 @@ class Audit:
         self.data["timesteps"]["draws"] += timesteps.numel()
         self._add("timesteps.histogram", self._bin_counts(timesteps))
 
+    def record_flow_shift(self, latent_size: tuple[int, int], mu: float) -> None:
+        """A dynamic flow shift's ``mu`` at one latent size (plain numbers: no sync)."""
+        self.data["timesteps"].setdefault("mu_per_latent_size", {})[f"{latent_size[0]}x{latent_size[1]}"] = mu
+
     def record_weights(self, timesteps: torch.Tensor, weights: torch.Tensor) -> None:
         self.data["loss_weighting"]["calls"] += 1
         self._add("loss_weighting.weight_sum", self._bin_counts(timesteps, weights))
@@ -314,6 +318,8 @@ class Audit:
         }
         if self.binned_by == "sigma":
             report["timesteps"]["binned_by"] = "sigma"
+        if "mu_per_latent_size" in t:
+            report["timesteps"]["mu_per_latent_size"] = dict(t["mu_per_latent_size"])
         if self.strategies.get("loss"):
             report["loss"] = {"type": self.strategies["loss"][0], "calls": d.get("loss", {"calls": 0})["calls"]}
         if self.strategies.get("loss_weighting"):

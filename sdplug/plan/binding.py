@@ -83,14 +83,14 @@ def bind(
 
 
 def _bind_process(preset: Preset, process: Process, *, seed: int, rank: int, default_timesteps: TimestepStrategy | None) -> Plan:
-    _check_processes(preset, process)
+    _check_processes(preset, process, default_timesteps)
     _check_prediction_type(preset, process.prediction_type)
     alphas_cumprod = process.alphas_cumprod  # a flow process's: the table of the same SNR
     check_against_schedule(preset, len(alphas_cumprod), alphas_cumprod)  # file and key, before training
     return Plan(preset, process=process, seed=seed, rank=rank, default_timesteps=default_timesteps)
 
 
-def _check_processes(preset: Preset, process: Process) -> None:
+def _check_processes(preset: Preset, process: Process, default_timesteps: TimestepStrategy | None) -> None:
     """Refuse, naming the file and key, a strategy that is not written for ``process``."""
     if isinstance(process, Flow) and preset.schedule.zero_terminal_snr:
         raise PresetError(
@@ -110,6 +110,11 @@ def _check_processes(preset: Preset, process: Process) -> None:
                 path=timesteps.path or preset.path,
                 key=f"{timesteps.key}.shift",
             )
+    if timesteps is None and default_timesteps is not None and process.kind not in default_timesteps.processes:
+        raise SdplugError(
+            f"the host's own timestep draw ({type(default_timesteps).__name__}) is written for "
+            f"{' and '.join(sorted(default_timesteps.processes))} models; name a [timesteps] sampler in the preset."
+        )
     for family in IN_PRESET_ORDER:
         for spec in preset.strategy_specs(family.section):
             supported = spec.create().processes

@@ -38,7 +38,7 @@ from sdplug.plan.optimizer_groups import LearnedGroup
 from sdplug.plan.pipelines import CaptionDraw, CaptionPipeline, NoiseDraw, NoisePipeline
 from sdplug.plan.streams import Streams, stream_seed
 from sdplug.preset import Preset, StrategySpec
-from sdplug.process import Process
+from sdplug.process import Flow, Process
 from sdplug.strategies.base import LossWeighting, TimestepStrategy
 from sdplug.strategies.timesteps import UniformTimesteps
 
@@ -155,15 +155,25 @@ class Plan:
         return self.optimizer_choice.built
 
     def timesteps(
-        self, batch_size: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+        self,
+        batch_size: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        latent_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """One timestep per sample (uniform over the schedule when the preset names none), drawn
         on the CPU from the plan's ``timesteps`` stream unless ``generator`` is given, then moved
-        to ``device``."""
+        to ``device``. ``latent_size`` ``(H, W)``: the step's latents, for a flow process that
+        shifts by resolution."""
         sampler = self.timestep_sampler or _UNIFORM
         stream = "validation-timesteps" if self._validating else "timesteps"
         generator = generator or self.streams.generator(stream, "cpu")
-        t = sampler(batch_size, self.num_train_timesteps, generator=generator, device=device)
+        if isinstance(self.process, Flow):  # a position along the schedule, mapped by the process
+            t = _flow_timesteps(self, sampler, batch_size, generator, latent_size)
+            t = t.to(device) if device is not None else t
+        else:
+            t = sampler(batch_size, self.num_train_timesteps, generator=generator, device=device)
         if not self._validating:
             self.audit.record_timesteps(t)
         return t
@@ -498,3 +508,16 @@ def _likely_divergence_cause(plan: Plan) -> str:
         weighting=weighting.type if weighting is not None else None,
         weights=weights,
     )
+
+
+def _flow_timesteps(
+    plan: Plan, sampler: TimestepStrategy, batch_size: int, generator: torch.Generator, latent_size: tuple[int, int] | None
+) -> torch.Tensor:
+    """The flow process's table indices of the sampler's positions; a dynamic shift's ``mu`` for
+    each latent size is recorded once (audit ``timesteps.mu_per_latent_size``)."""
+    process = plan.process
+    assert isinstance(process, Flow)
+    t = process.index(sampler.position(batch_size, plan.num_train_timesteps, generator=generator), latent_size)
+    if process.dynamic is not None and latent_size is not None and not plan._validating:
+        plan.audit.record_flow_shift(latent_size, process.dynamic.mu(*latent_size))
+    return t

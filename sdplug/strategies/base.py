@@ -136,12 +136,20 @@ class NoiseStrategy(Strategy):
 
 
 class TimestepStrategy(Strategy):
-    """Draws one integer training timestep per sample."""
+    """Draws one integer training timestep per sample.
 
-    # an index into the process's table (lowest noise first): the process maps it to its noise
-    processes: ClassVar[frozenset[str]] = frozenset({"ddpm", "flow"})
+    A sampler that draws a position along the schedule (``u`` in ``[0, 1)``, 0 the least
+    noise; DDPM's timestep is ``floor(u T)``) gives it by ``position`` and declares the flow
+    process too: a flow plan maps the position to sigma (its shift, or its resolution-dependent
+    shift) and then to its table (``sdplug.process.Flow.index``).
+    """
 
     def sample(self, batch_size: int, num_train_timesteps: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def position(self, batch_size: int, num_train_timesteps: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Each sample's position along the schedule in ``[0, 1)`` (float64, on the generator's
+        device): for the samplers that declare the flow process."""
         raise NotImplementedError
 
     def __call__(

@@ -30,6 +30,7 @@ class _UnitTimesteps(TimestepStrategy):
     """Draw ``u`` (``unit``), shift it, discretise it over the schedule."""
 
     shift: float
+    processes = frozenset({"ddpm", "flow"})  # draws a position (position())
 
     def unit(self, batch_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         raise NotImplementedError
@@ -37,6 +38,9 @@ class _UnitTimesteps(TimestepStrategy):
     def sample(self, batch_size, num_train_timesteps, *, generator=None):
         u = self.unit(batch_size, generator, _generator_device(generator))
         return unit_to_timesteps(shift_unit(u, self.shift), 0, num_train_timesteps)
+
+    def position(self, batch_size, num_train_timesteps, *, generator=None):
+        return shift_unit(self.unit(batch_size, generator, _generator_device(generator)).double(), self.shift)
 
 
 def standard_gamma(shape: float, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

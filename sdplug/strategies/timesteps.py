@@ -47,6 +47,8 @@ class UniformTimesteps(TimestepStrategy):
     absolute timestep after drawing it in its range, which agrees for the full schedule).
     """
 
+    processes = frozenset({"ddpm", "flow"})  # draws a position (position())
+
     min_timestep: _Timestep = 0
     max_timestep: _Timestep | None = None
     shift: Shift = 1.0
@@ -85,6 +87,11 @@ class UniformTimesteps(TimestepStrategy):
         u = torch.rand(batch_size, generator=generator, device=device)
         return unit_to_timesteps(shift_unit(u, self.shift), self.min_timestep, high)
 
+    def position(self, batch_size, num_train_timesteps, *, generator=None):
+        high = self._range(num_train_timesteps)
+        u = torch.rand(batch_size, generator=generator, device=_generator_device(generator), dtype=torch.float64)
+        return (self.min_timestep + shift_unit(u, self.shift) * (high - self.min_timestep)) / num_train_timesteps
+
 
 @strategy_params
 class StratifiedTimesteps(UniformTimesteps):
@@ -110,6 +117,15 @@ class StratifiedTimesteps(UniformTimesteps):
             u = u[torch.randperm(batch_size, generator=generator, device=device)]
         return unit_to_timesteps(shift_unit(u, self.shift), self.min_timestep, high)
 
+    def position(self, batch_size, num_train_timesteps, *, generator=None):
+        high = self._range(num_train_timesteps)
+        device = _generator_device(generator)
+        strata = torch.arange(batch_size, device=device, dtype=torch.float64)
+        u = (strata + torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)) / batch_size
+        if self.shuffle:
+            u = u[torch.randperm(batch_size, generator=generator, device=device)]
+        return (self.min_timestep + shift_unit(u, self.shift) * (high - self.min_timestep)) / num_train_timesteps
+
 
 @strategy_params
 class LogitNormalTimesteps(TimestepStrategy):
@@ -119,6 +135,8 @@ class LogitNormalTimesteps(TimestepStrategy):
     OneTrainer's LOGIT_NORMAL is this with ``mean = noising_bias``, ``std = noising_weight + 1``.
     """
 
+    processes = frozenset({"ddpm", "flow"})  # draws a position (position())
+
     mean: Annotated[float, Field(ge=-5.0, le=5.0)] = 0.0
     std: Annotated[float, Field(gt=0.0, le=5.0)] = 1.0
     shift: Shift = 1.0
@@ -127,6 +145,10 @@ class LogitNormalTimesteps(TimestepStrategy):
         normal = torch.randn(batch_size, generator=generator, device=_generator_device(generator))
         u = torch.sigmoid(self.mean + self.std * normal)
         return unit_to_timesteps(shift_unit(u, self.shift), 0, num_train_timesteps)
+
+    def position(self, batch_size, num_train_timesteps, *, generator=None):
+        normal = torch.randn(batch_size, generator=generator, device=_generator_device(generator), dtype=torch.float64)
+        return shift_unit(torch.sigmoid(self.mean + self.std * normal), self.shift)
 
 
 @strategy_params

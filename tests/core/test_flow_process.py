@@ -173,9 +173,11 @@ def test_zero_terminal_snr_on_a_flow_model_is_refused():
 def test_what_cannot_be_a_flow_process_is_refused_with_what_is_allowed():
     with pytest.raises(SdplugError, match="rectified-flow scheduler.*'epsilon' a DDPM one"):
         flow_plan(prediction_type="epsilon")
-    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
-    with pytest.raises(SdplugError, match="use_dynamic_shifting"):
-        bind(parse_preset({}, path="p.toml"), dynamic)
+    dynamic = bind(parse_preset({}, path="p.toml"), FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+    with pytest.raises(SdplugError, match=r"latent_size=\(height, width\)"):
+        dynamic.timesteps(2)
+    with pytest.raises(sdplug.PresetError, match="biased.*written for ddpm"):
+        flow_plan({"timesteps": {"type": "biased", "bias": "later"}})
     with pytest.raises(SdplugError, match="rectified-flow type"):
         bind(parse_preset({}, path="p.toml"), alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="velocity")
     with pytest.raises(SdplugError, match="ascend"):
@@ -213,3 +215,61 @@ def test_the_readme_flow_table_says_what_each_strategy_declares():
             assert on_flow == names, family
         else:
             assert sorted(listed) == sorted(on_flow), family
+
+
+def test_a_shifted_scheduler_maps_each_position_to_its_shifted_sigma():
+    """Position i / N lands within 1 / (2N) of diffusers' shifted sigma of index i (ascending)."""
+    plan = flow_plan(shift=3.0)
+    n = plan.num_train_timesteps
+    theirs = FlowMatchEulerDiscreteScheduler(num_train_timesteps=n, shift=3.0).sigmas.flip(0).double()
+    position = torch.arange(n, dtype=torch.float64) / n
+    ours = plan.process.sigmas.double()[plan.process.index(position)]
+    assert (ours - theirs).abs().max() <= 0.5 / n + 1e-6
+
+
+def _ks(sigmas: torch.Tensor, cdf) -> float:
+    """The Kolmogorov-Smirnov distance of draws to a CDF."""
+    x = sigmas.double().sort().values
+    n = len(x)
+    empirical = torch.arange(1, n + 1, dtype=torch.float64) / n
+    return float((empirical - cdf(x)).abs().max())
+
+
+def test_uniform_on_a_shifted_flow_draws_the_shifted_law():
+    """u uniform, sigma = 3u / (1 + 2u): P(sigma <= x) = x / (3 - 2x)."""
+    plan = flow_plan(shift=3.0, seed=4)
+    sigmas = plan.process.sigmas[plan.timesteps(20000)]
+    assert _ks(sigmas, lambda x: x / (3 - 2 * x)) < 0.015  # 1.36 / sqrt(20000) = 0.0096, plus the grid
+
+
+def test_logit_normal_on_flow_is_the_sd3_rf_lognorm_law():
+    """Esser et al. 2024's rf/lognorm(0, 1): P(sigma <= x) = Phi(logit(x))."""
+    plan = flow_plan({"timesteps": {"type": "logit_normal"}}, shift=1.0, seed=5)
+    sigmas = plan.process.sigmas[plan.timesteps(20000)]
+    normal = torch.distributions.Normal(0.0, 1.0)
+    assert _ks(sigmas, lambda x: normal.cdf(torch.logit(x.clamp(1e-9, 1 - 1e-9)))) < 0.015
+
+
+def test_the_resolution_dependent_shift_is_fluxs():
+    """mu linear in the token count (FLUX: 0.5 at 256, 1.15 at 4096; 1024 tokens: 0.63, as
+    diffusers' calculate_shift gives), sigma' = e^mu / (e^mu + 1 / sigma - 1) (the scheduler's
+    own time_shift), recorded per latent size."""
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    plan = bind(parse_preset({}, path="p.toml"), scheduler, seed=6)
+    assert plan.process.dynamic.mu(64, 64) == pytest.approx(0.63)
+    n = plan.num_train_timesteps
+    position = torch.arange(n, dtype=torch.float64) / n
+    for size in ((32, 32), (64, 64), (128, 96)):
+        mu = plan.process.dynamic.mu(*size)
+        expected = scheduler.time_shift(mu, 1.0, (position + 1 / n)).double()
+        ours = plan.process.sigmas.double()[plan.process.index(position, size)]
+        assert (ours - expected).abs().max() <= 0.5 / n + 1e-6
+        plan.timesteps(4, latent_size=size)
+    bigger = plan.process.sigmas[plan.process.index(position, (128, 128))]
+    smaller = plan.process.sigmas[plan.process.index(position, (32, 32))]
+    assert bool((bigger >= smaller).all()) and bigger.mean() > smaller.mean()  # more tokens, noisier
+    report = plan.report()
+    assert report["schedule"]["shift"] == "dynamic" and report["schedule"]["dynamic_shift"]["max_shift"] == 1.15
+    assert report["timesteps"]["mu_per_latent_size"] == {
+        f"{h}x{w}": pytest.approx(plan.process.dynamic.mu(h, w)) for h, w in ((32, 32), (64, 64), (128, 96))
+    }
