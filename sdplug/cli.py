@@ -244,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, metavar="N", default=0, help="seeds every random stream (a run repeats exactly)")
     p.add_argument("--resolution", type=int, metavar="N", help="training resolution for --model (default: the model's own)")
     p.add_argument(
-        "--prediction-type", choices=["epsilon", "v_prediction", "sample"], help="embedded model only (default: epsilon)"
+        "--prediction-type",
+        choices=["epsilon", "v_prediction", "sample", "velocity"],
+        help="embedded model only (default: epsilon); velocity trains it as a rectified flow (SD3's process)",
     )
     p.add_argument("--lora-rank", type=int, metavar="N", default=8, help="LoRA rank (--mode lora)")
     p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default: the rank, scale 1)")

@@ -9,6 +9,8 @@ from typing import Any
 
 from sdplug.errors import SdplugError
 
+# the embedded model's processes: DDPM's three prediction types, or rectified flow (velocity)
+EMBEDDED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
 SAMPLE_PROMPTS = (
     "a red circle on a black background",
     "a blue square on a white background",
@@ -76,8 +78,8 @@ class TrainConfig:
             read_prompts_file(self.sample_prompts_file)
         if self.prediction_type is not None and self.model is not None:
             raise OptionError("--prediction-type applies to the embedded model only; a --model's scheduler config sets its own.")
-        if self.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
-            raise OptionError(f"--prediction-type {self.prediction_type!r}: allowed: epsilon, v_prediction, sample.")
+        if self.prediction_type not in (None, *EMBEDDED_PREDICTION_TYPES):
+            raise OptionError(f"--prediction-type {self.prediction_type!r}: allowed: {', '.join(EMBEDDED_PREDICTION_TYPES)}.")
         if self.class_data is not None and self.mode != "dreambooth":
             raise OptionError("--class-data (prior preservation) needs --mode dreambooth.")
         if self.prior_loss_weight < 0:

@@ -26,8 +26,8 @@ from sdplug.errors import SdplugError, printable
 from sdplug.log import logger
 from sdplug.plan import NoisePipeline
 from sdplug.preset import Preset, load_preset, parse_preset_text
-from sdplug.schedule import DDPM_PREDICTION_TYPES as PREDICTION_TYPES  # sampling knows DDPM models only
 from sdplug.trainer import models
+from sdplug.trainer.config import EMBEDDED_PREDICTION_TYPES as PREDICTION_TYPES
 from sdplug.trainer.config import TrainConfig
 from sdplug.trainer.files import atomic
 from sdplug.trainer.lora import kohya_layers, read_kohya_lora

@@ -87,7 +87,9 @@ class Trainer:
             self.examples, held = validation.hold_out(self.examples, config.validation_split)
         self.class_examples = data.find_examples(config.class_data) if config.class_data else []
 
-        if self.preset.schedule.zero_terminal_snr:  # training and sampling alike (the plan rescales its copy)
+        if (
+            self.preset.schedule.zero_terminal_snr and not self.bundle.flow
+        ):  # training and sampling alike (a flow plan refuses it)
             self.bundle.scheduler = models.zero_terminal(self.bundle.scheduler)
         self.plan = bind(self.preset, self.bundle.scheduler, seed=config.seed, rank=self.rank)
         preflight(self.preset, config)
@@ -106,11 +108,7 @@ class Trainer:
         self.draw_log: list[dict] = []
         self.losses: list[float] = []
         self.validation_curve: list[tuple[int, float]] = []
-        self.validator = (
-            validation.ValidationLoss(self.bundle, held, self.plan.alphas_cumprod, self.plan.prediction_type, self.device)
-            if held
-            else None
-        )
+        self.validator = validation.ValidationLoss(self.bundle, held, self.plan.process, self.device) if held else None
         resume.register(self)  # the plan, the samplers and these records in accelerate's save_state
 
     # -- set-up ------------------------------------------------------------------------------

@@ -39,7 +39,14 @@ class ModelBundle:
     source: str
 
     @property
+    def flow(self) -> bool:
+        """Whether the model is a rectified flow (a flow-matching scheduler)."""
+        return type(self.scheduler).__name__.startswith("FlowMatch")
+
+    @property
     def prediction_type(self) -> str:
+        if self.flow:
+            return "velocity"  # what the flow-matching schedulers' step takes
         # diffusers types config as a dict (it is one, a FrozenDict, that also allows attribute access)
         return self.scheduler.config["prediction_type"]
 
@@ -53,12 +60,15 @@ class ModelBundle:
 
 
 def embedded(*, prediction_type: str = "epsilon", seed: int = 0) -> ModelBundle:
+    """The embedded tiny model: DDPM with ``prediction_type`` epsilon, v_prediction or sample,
+    or a rectified flow with ``velocity`` (the same UNet; the flow-matching scheduler)."""
     tokenizer = tiny.build_tokenizer()
+    flow = prediction_type == "velocity"
     return ModelBundle(
         unet=tiny.build_unet(seed),
         text_encoder=tiny.build_text_encoder(len(tokenizer), seed),
         tokenizer=tokenizer,
-        scheduler=tiny.build_scheduler(prediction_type),
+        scheduler=tiny.build_flow_scheduler() if flow else tiny.build_scheduler(prediction_type),
         vae=None,
         resolution=tiny.IMAGE_SIZE,
         source="embedded tiny pixel-space model",
@@ -67,7 +77,7 @@ def embedded(*, prediction_type: str = "epsilon", seed: int = 0) -> ModelBundle:
 
 def load(path: Path, *, resolution: int | None = None) -> ModelBundle:
     """A model from a local diffusers folder, an sdplug pixel-space folder, or a single file."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -89,7 +99,7 @@ def load(path: Path, *, resolution: int | None = None) -> ModelBundle:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+        scheduler = _scheduler_class(path).from_pretrained(path, subfolder="scheduler", local_files_only=True)
         vae = None if pixel else AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"--model {path}: cannot load its components ({exc}).") from None
@@ -98,6 +108,16 @@ def load(path: Path, *, resolution: int | None = None) -> ModelBundle:
     else:
         native = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     return ModelBundle(unet, text_encoder, tokenizer, scheduler, vae, resolution or native, str(path))
+
+
+def _scheduler_class(path: Path) -> Any:
+    """The training scheduler of a saved folder: a flow-matching one when its config names it,
+    else DDPM's (whatever inference scheduler the folder names, its betas are DDPM's)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    config = path / "scheduler" / "scheduler_config.json"
+    name = json.loads(config.read_text()).get("_class_name", "") if config.is_file() else ""
+    return FlowMatchEulerDiscreteScheduler if str(name).startswith("FlowMatch") else DDPMScheduler
 
 
 def _single_file(path: Path, resolution: int | None) -> ModelBundle:

@@ -31,19 +31,23 @@ def encode_prompts(bundle, prompts: list[str], device) -> torch.Tensor:
 def sample(
     bundle, unet, start_noise, prompts: list[str], guidance: float, steps: int, device, *, refuse_non_finite: bool = False
 ) -> torch.Tensor:
-    """Images (N, 3, R, R) in [-1, 1] by DDIM (eta 0) with classifier-free guidance.
+    """Images (N, 3, R, R) in [-1, 1] by DDIM (eta 0), or the flow-matching Euler sampler for a
+    rectified-flow model, with classifier-free guidance.
 
     With ``refuse_non_finite`` a NaN or inf anywhere in the images raises NonFiniteSamplesError
     (clamping would turn inf into white and NaN into black, hiding it)."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    # a zero-terminal schedule must start sampling at its last step, pure noise (Lin et al. 2023, 3.3)
-    trailing = {"timestep_spacing": "trailing"} if bundle.scheduler.config.get("rescale_betas_zero_snr") else {}
-    scheduler = DDIMScheduler.from_config(bundle.scheduler.config, **trailing)
+    if type(bundle.scheduler).__name__.startswith("FlowMatch"):  # x += (sigma_next - sigma) v, sigma 1 -> 0
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(bundle.scheduler.config)
+    else:
+        # a zero-terminal schedule must start sampling at its last step, pure noise (Lin et al. 2023, 3.3)
+        trailing = {"timestep_spacing": "trailing"} if bundle.scheduler.config.get("rescale_betas_zero_snr") else {}
+        scheduler = DDIMScheduler.from_config(bundle.scheduler.config, **trailing)
     scheduler.set_timesteps(steps)
     cond = encode_prompts(bundle, prompts, device)
     uncond = encode_prompts(bundle, [""] * len(prompts), device)
-    x = start_noise.to(device) * scheduler.init_noise_sigma
+    x = start_noise.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)  # flow starts at sigma 1: the noise
     for t in scheduler.timesteps:
         if guidance == 1.0:
             prediction = unet(x, t, encoder_hidden_states=cond).sample

@@ -38,7 +38,8 @@ def diffusion_loss(
     timesteps = plan.timesteps(len(latents), device=latents.device)
     noise = plan.noise(latents, timesteps=timesteps)
     with autocast():
-        prediction = unet(plan.noisy_input(latents, noise, timesteps), timesteps, encoder_hidden_states=text_states).sample
+        model_input, time = plan.noisy_input(latents, noise, timesteps), plan.model_time(timesteps)
+        prediction = unet(model_input, time, encoder_hidden_states=text_states).sample
     if mask is not None:  # a pixel mask, at the latents' size (area interpolation, as kohya resizes its masks)
         mask = resize_mask(mask, latents)
     unweighted = plan.unweighted_loss(prediction, plan.target(latents, noise, timesteps), mask, timesteps=timesteps)

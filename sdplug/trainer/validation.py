@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from sdplug import schedule
+from sdplug.process import Process
 from sdplug.trainer import data
 from sdplug.trainer.sampling import encode_prompts
 
@@ -32,16 +32,15 @@ def hold_out(examples: list, share: float) -> tuple[list, list]:
 class ValidationLoss:
     """The fixed validation batch of a run, and its loss for the model as it is now."""
 
-    def __init__(self, bundle, examples, alphas_cumprod: torch.Tensor, prediction_type: str, device):
-        self.bundle, self.device, self.prediction_type = bundle, device, prediction_type
-        self.alphas_cumprod = alphas_cumprod
+    def __init__(self, bundle, examples, process: Process, device):
+        self.bundle, self.device, self.process = bundle, device, process
         images = torch.stack([data.load_image(e.image, bundle.resolution) for e in examples])
         with torch.no_grad():
             if bundle.vae is None:  # pixel space
                 latents = images
             else:  # the posterior's mean: no draw
                 latents = bundle.vae.encode(images.to(device)).latent_dist.mean.cpu() * bundle.latent_scale
-        steps = len(alphas_cumprod)
+        steps = process.num_train_timesteps  # a flow process's grid: tenths of sigma
         self.grid = [(2 * i + 1) * steps // (2 * GRID) for i in range(GRID)]
         self.latents = latents.repeat_interleave(GRID, dim=0)
         self.timesteps = torch.tensor(self.grid).repeat(len(examples))
@@ -57,9 +56,9 @@ class ValidationLoss:
             noise = self.noise[start : start + batch_size].to(self.device)
             t = self.timesteps[start : start + batch_size].to(self.device)
             states = encode_prompts(self.bundle, self.captions[start : start + batch_size], self.device)
-            x_t = schedule.noisy_sample(self.alphas_cumprod, latents, noise, t)
-            target = schedule.prediction_target(self.alphas_cumprod, self.prediction_type, latents, noise, t)
-            prediction = unet(x_t, t, encoder_hidden_states=states).sample
+            x_t = self.process.noisy_input(latents, noise, t)
+            target = self.process.target(latents, noise, t)
+            prediction = unet(x_t, self.process.model_time(t), encoder_hidden_states=states).sample
             total += float(((prediction.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).sum())
             seen += len(latents)
         return total / seen

@@ -21,10 +21,9 @@ def border_brightness(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) / 2).mean(dim=-3)[..., frame].mean(dim=-1)
 
 
-@pytest.mark.slow  # minutes on a 2-core CPU: run with `python -m pytest -m slow` (CI runs it)
-def test_after_training_samples_follow_the_prompted_brightness_and_colour(tmp_path):
+def train_and_sample(tmp_path, preset: str, **options) -> Trainer:
     config = TrainConfig(
-        preset="tiny-default",
+        preset=preset,
         output=tmp_path,
         mode="dreambooth",
         train_text_encoder=True,
@@ -34,9 +33,14 @@ def test_after_training_samples_follow_the_prompted_brightness_and_colour(tmp_pa
         guidance_scales=(3.0,),
         sample_steps=20,
         progress=False,
+        **options,
     )
     trainer = Trainer(config)
     trainer.run()
+    return trainer
+
+
+def assert_samples_follow_the_prompts(trainer: Trainer, tmp_path) -> None:
     before = border_brightness(trainer.samples_before[3.0])  # (prompt, seed)
     after = border_brightness(trainer.samples_after[3.0])
     dark, bright = after[[0, 2]], after[[1, 3]]
@@ -48,3 +52,17 @@ def test_after_training_samples_follow_the_prompted_brightness_and_colour(tmp_pa
     red, green, blue = centre.mean(dim=(0, 2, 3))
     assert red > green + 0.2 and red > blue + 0.2
     assert (tmp_path / "samples-before.png").is_file() and (tmp_path / "samples-after.png").is_file()
+
+
+@pytest.mark.slow  # minutes on a 2-core CPU: run with `python -m pytest -m slow` (CI runs it)
+def test_after_training_samples_follow_the_prompted_brightness_and_colour(tmp_path):
+    assert_samples_follow_the_prompts(train_and_sample(tmp_path, "tiny-default"), tmp_path)
+
+
+@pytest.mark.slow
+def test_the_embedded_model_as_a_rectified_flow_learns_its_prompts_too(tmp_path):
+    """The same model and check on rectified flow (``--prediction-type velocity``, SD3's
+    logit-normal timesteps), sampled with the flow-matching Euler sampler."""
+    trainer = train_and_sample(tmp_path, "flow-lognorm", prediction_type="velocity")
+    assert trainer.plan.process.kind == "flow"
+    assert_samples_follow_the_prompts(trainer, tmp_path)
