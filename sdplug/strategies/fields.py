@@ -34,6 +34,8 @@ class PinkNoise(NoiseStrategy):
     1 is pink, 2 is brown, 0 is white. Then rescaled to unit std over the batch or per sample.
     """
 
+    processes = frozenset({"ddpm", "flow"})  # the noise's law, whatever process mixes it in
+
     alpha: Annotated[float, Field(ge=0.0, le=4.0)] = 1.0
     normalize: Normalize = "batch"
 
@@ -88,6 +90,8 @@ class PerlinNoise(NoiseStrategy):
     64x64; ``octave_cells`` says which, and the audit records them per latent size. A latent
     too small for even the first octave is refused.
     """
+
+    processes = frozenset({"ddpm", "flow"})  # the noise's law, whatever process mixes it in
 
     strength: Annotated[float, Field(gt=0.0, le=10.0)] = 0.5
     cells: Annotated[int, Field(ge=1, le=256)] = 4

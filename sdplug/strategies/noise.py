@@ -57,6 +57,8 @@ class OffsetNoise(NoiseStrategy):
     coefficient ``psi_t`` of each sample's timestep: ``generalized_offset``.
     """
 
+    processes = frozenset({"ddpm", "flow"})  # the noise's law, whatever process mixes it in (flow: x_t = (1 - s) x0 + s noise)
+
     strength: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     random_strength: bool = False
     adaptive_scale: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.0
@@ -85,6 +87,10 @@ class InputPerturbation(NoiseStrategy):
     ``U`` per sample (kohya draws one for the whole batch).
     """
 
+    processes = frozenset(
+        {"ddpm", "flow"}
+    )  # on flow this is kohya's flow form: x_t = (1 - s) x0 + s (noise + gamma xi), target noise - x0
+
     role = "input"
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     random_strength: bool = False
@@ -103,6 +109,8 @@ class ImmiscibleNoise(NoiseStrategy):
     (squared L2 distance), so nearby noise goes to nearby images; the noise itself is unchanged
     as a set, so its marginal distribution stays Gaussian.
     """
+
+    processes = frozenset({"ddpm", "flow"})  # which noise goes with which latent: the same on every process
 
     def transform(self, noise, latents, generator):
         noise = _start(noise, latents, generator)

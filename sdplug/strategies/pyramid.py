@@ -90,6 +90,8 @@ class PyramidNoise(NoiseStrategy):
         which keeps the white component at unit variance.
     """
 
+    processes = frozenset({"ddpm", "flow"})  # the noise's law, whatever process mixes it in
+
     discount: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
     iterations: Annotated[int, Field(ge=1, le=16)] = 10
     scale_min: Annotated[float, Field(gt=1.0, le=16.0)] = 2.0

@@ -150,10 +150,10 @@ def test_a_ddpm_plan_records_its_process_as_before(sd_alphas):
 
 def test_a_ddpm_only_strategy_on_a_flow_model_is_refused_naming_file_key_and_what_is_allowed():
     with pytest.raises(sdplug.PresetError) as info:
-        flow_plan({"noise": [{"type": "gaussian"}, {"type": "offset", "strength": 0.1}]})
+        flow_plan({"noise": [{"type": "gaussian"}, {"type": "generalized_offset", "strength": 0.1}]})
     message = str(info.value)
-    assert "flow.toml" in message and "noise[1].type" in message and "'offset'" in message
-    assert "Allowed on flow: gaussian" in message
+    assert "flow.toml" in message and "noise[1].type" in message and "'generalized_offset'" in message
+    assert "Allowed on flow: gaussian, immiscible, input_perturbation, offset" in message
     with pytest.raises(sdplug.PresetError, match="v_pred_like_loss.*written for ddpm"):
         flow_plan({"loss_weighting": {"type": "v_pred_like_loss"}})
 
@@ -273,3 +273,28 @@ def test_the_resolution_dependent_shift_is_fluxs():
     assert report["timesteps"]["mu_per_latent_size"] == {
         f"{h}x{w}": pytest.approx(plan.process.dynamic.mu(h, w)) for h, w in ((32, 32), (64, 64), (128, 96))
     }
+
+
+def test_input_perturbation_on_flow_is_kohyas_flow_form():
+    """x_t = (1 - s) x0 + s (noise + gamma xi), the target noise - x0 from the clean noise."""
+    plan = flow_plan({"noise": [{"type": "input_perturbation", "gamma": 0.1}]}, seed=2)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    t = plan.timesteps(4)
+    draw = plan.noise(x0, timesteps=t)
+    s = plan.process.sigmas[t].view(-1, 1, 1, 1)
+    xi = (draw.model_input - draw.target) / 0.1
+    assert 0.8 < float(xi.std()) < 1.2  # the extra Gaussian, gamma 0.1
+    assert torch.allclose(plan.noisy_input(x0, draw, t), (1 - s) * x0 + s * (draw.target + 0.1 * xi), atol=1e-6)
+    assert torch.allclose(plan.target(x0, draw, t), draw.target - x0)
+
+
+def test_offset_noise_on_flow_shifts_what_sigma_1_looks_like():
+    """At sigma = 1 the model input is the noise itself: an offset's per-channel shift is there
+    whole, which is why sampling starts from the training noise family."""
+    plan = flow_plan({"noise": [{"type": "offset", "strength": 0.5}]}, seed=3)
+    x0 = torch.zeros(64, 4, 16, 16)
+    t = torch.full((64,), plan.num_train_timesteps - 1)
+    x_1 = plan.noisy_input(x0, plan.noise(x0, timesteps=t), t)
+    channel_means = x_1.mean(dim=(2, 3)).flatten()
+    # N(0, I) gives channel means of variance 1 / 256; the offset adds 0.5^2
+    assert 0.15 < float(channel_means.var()) < 0.4

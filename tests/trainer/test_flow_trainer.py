@@ -75,10 +75,12 @@ def test_a_flow_run_resumes_with_the_same_draws(tmp_path):
 
 
 def test_a_ddpm_only_preset_on_the_flow_model_is_refused_before_training(tmp_path, capsys):
-    code = main(["train", "tiny-default", "--prediction-type", "velocity", "--output", str(tmp_path / "out"), "--steps", "1"])
+    (tmp_path / "p.toml").write_text('[[noise]]\ntype = "generalized_offset"\n')
+    out = tmp_path / "out"
+    code = main(["train", str(tmp_path / "p.toml"), "--prediction-type", "velocity", "--output", str(out), "--steps", "1"])
     err = capsys.readouterr().err
-    assert code != 0 and "tiny-default.toml: noise[0].type" in err and "Allowed on flow: gaussian" in err
-    assert "Traceback" not in err
+    assert code != 0 and "p.toml: noise[0].type" in err and "written for ddpm" in err and "Allowed on flow:" in err
+    assert "Traceback" not in err and not (out / "lora.safetensors").exists()
 
 
 def test_sdplug_sample_reproduces_a_flow_loras_after_grid(tmp_path):
