@@ -201,3 +201,70 @@ def test_trainer_and_diffusers_draw_the_same_for_one_preset_and_seed(tmp_path, t
     weights = [r["loss_weighting"]["mean_weight_per_timestep_bin"] for r in (trainer_report, diffusers_report)]
     assert [w is None for w in weights[0]] == [w is None for w in weights[1]]
     assert [w for w in weights[0] if w is not None] == pytest.approx([w for w in weights[1] if w is not None], rel=1e-6)
+
+
+FLOW_PRESET = """
+[[noise]]
+type = "offset"
+strength = 0.1
+
+[[noise]]
+type = "pyramid"
+discount = 0.8
+
+[[noise]]
+type = "input_perturbation"
+gamma = 0.1
+
+[timesteps]
+type = "logit_normal"
+
+[loss_weighting]
+type = "min_snr"
+gamma = 5.0
+
+[[caption]]
+type = "dropout"
+rate = 0.4
+
+[optimizer]
+type = "adamw"
+lr = 1e-3
+"""
+
+
+def test_the_trainer_and_your_own_loop_draw_the_same_on_a_flow_model(tmp_path):
+    """One flow preset and seed: the reference trainer (the embedded model as a rectified flow)
+    and a loop of one's own over the same plan calls draw the same sigmas, noise and dropout."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import sdplug
+
+    preset = tmp_path / "flow.toml"
+    preset.write_text(FLOW_PRESET)
+    config = TrainConfig(
+        preset=str(preset),
+        output=tmp_path / "trainer",
+        steps=STEPS,
+        batch_size=BATCH,
+        seed=0,
+        samples=False,
+        progress=False,
+        record_draws=True,
+        prediction_type="velocity",
+    )
+    trainer = Trainer(config)
+    trainer.run()
+    captions = [example.caption for example in trainer.examples]
+
+    plan = sdplug.load_preset(preset).build(FlowMatchEulerDiscreteScheduler(shift=1.0), seed=0, rank=0)
+    assert plan.process.same_as(trainer.plan.process)
+    for draw in trainer.draw_log:
+        dropped = [plan.caption(captions[i]).dropped for i in draw["indices"]]
+        t = plan.timesteps(BATCH)
+        noise = plan.noise(torch.zeros(BATCH, 3, 32, 32), timesteps=t)
+        plan.step()
+        assert t.tolist() == draw["timesteps"]
+        assert dropped == draw["dropped"]
+        assert float(noise.target.double().sum()) == pytest.approx(draw["noise_sum"], rel=1e-9)
+    assert trainer.plan.report()["schedule"] == plan.report()["schedule"]
