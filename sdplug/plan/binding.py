@@ -9,6 +9,7 @@ the schedule, a loss-weighting parameter that does nothing for this prediction t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, cast
 
 import torch
@@ -17,7 +18,7 @@ from sdplug.errors import PresetError, SdplugError
 from sdplug.plan.plan import Plan
 from sdplug.preset.checks import check_against_schedule
 from sdplug.preset.model import Preset, register_binder
-from sdplug.process import DDPM, Flow, Process, flow_from_scheduler, is_flow_scheduler
+from sdplug.process import DDPM, DynamicShift, Flow, Process, flow_from_scheduler, is_flow_scheduler
 from sdplug.schedule import FLOW_PREDICTION_TYPES, check_prediction_type, rescale_zero_terminal_snr
 from sdplug.strategies import registry
 from sdplug.strategies.base import Strategy, TimestepStrategy
@@ -83,11 +84,42 @@ def bind(
 
 
 def _bind_process(preset: Preset, process: Process, *, seed: int, rank: int, default_timesteps: TimestepStrategy | None) -> Plan:
+    process = _with_preset_shift(preset, process)
     _check_processes(preset, process, default_timesteps)
     _check_prediction_type(preset, process.prediction_type)
     alphas_cumprod = process.alphas_cumprod  # a flow process's: the table of the same SNR
     check_against_schedule(preset, len(alphas_cumprod), alphas_cumprod)  # file and key, before training
     return Plan(preset, process=process, seed=seed, rank=rank, default_timesteps=default_timesteps)
+
+
+def _with_preset_shift(preset: Preset, process: Process) -> Process:
+    """The process with ``[schedule]``'s flow shift applied: refused on DDPM, and on a flow
+    scheduler that shifts its sigmas itself (the shift would act twice)."""
+    schedule = preset.schedule
+    if schedule.flow_shift == 1.0 and not schedule.dynamic_shift:
+        return process
+    key = "schedule.dynamic_shift" if schedule.dynamic_shift else "schedule.flow_shift"
+    if not isinstance(process, Flow):
+        raise PresetError(
+            f"{key} shifts a rectified-flow model's sigmas, and this model is a DDPM one. Allowed: leave it out "
+            "with a DDPM model (a timesteps sampler's shift moves DDPM timesteps).",
+            path=preset.path,
+            key=key,
+        )
+    if process.shift != 1.0 or process.dynamic is not None:
+        given = "a dynamic shift" if process.dynamic is not None else f"shift {process.shift:g}"
+        raise PresetError(
+            f"the model's scheduler already shifts its sigmas ({given}); {key} on top would shift them twice. "
+            f"Allowed: leave {key} out with this scheduler, or give one with shift = 1.",
+            path=preset.path,
+            key=key,
+        )
+    if schedule.dynamic_shift:
+        dynamic = DynamicShift(
+            schedule.base_shift, schedule.max_shift, schedule.base_seq_len, schedule.max_seq_len, schedule.patch_size
+        )
+        return dataclasses.replace(process, dynamic=dynamic)
+    return dataclasses.replace(process, shift=schedule.flow_shift)
 
 
 def _check_processes(preset: Preset, process: Process, default_timesteps: TimestepStrategy | None) -> None:
@@ -100,11 +132,11 @@ def _check_processes(preset: Preset, process: Process, default_timesteps: Timest
             key="schedule.zero_terminal_snr",
         )
     timesteps = preset.timesteps
-    if isinstance(process, Flow) and process.shift != 1.0 and timesteps is not None:
+    if isinstance(process, Flow) and (process.shift != 1.0 or process.dynamic is not None) and timesteps is not None:
         shift = float(timesteps.params.get("shift", 1.0))
         if shift != 1.0:
             raise PresetError(
-                f"the scheduler already shifts its sigmas by {process.shift:g}, and a timestep index drawn with "
+                f"the process already shifts its sigmas ({process.record()['shift']}), and a position drawn with "
                 f"shift {shift:g} on top would be shifted twice. Allowed: leave {timesteps.key}.shift out with this "
                 "scheduler, or give a scheduler with shift = 1 and shift here.",
                 path=timesteps.path or preset.path,

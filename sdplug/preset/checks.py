@@ -98,4 +98,31 @@ def check_consistency(preset: Preset, path: str) -> None:
                     )
                 )
     problems.extend(zero_terminal_errors(preset))
+    problems.extend(flow_shift_errors(preset, path))
     raise_together(problems)
+
+
+def flow_shift_errors(preset: Preset, path: str) -> list[PresetError]:
+    """A flow shift given twice in ``[schedule]``, or a dynamic one whose token range is empty."""
+    schedule = preset.schedule
+    if not schedule.dynamic_shift:
+        return []
+    if schedule.flow_shift != 1.0:
+        return [
+            PresetError(
+                "flow_shift and dynamic_shift both shift the sigmas; one of them acts. Allowed: flow_shift "
+                "(a fixed shift) or dynamic_shift = true (a shift from each image's size).",
+                path=path,
+                key="schedule.flow_shift",
+            )
+        ]
+    if schedule.max_seq_len <= schedule.base_seq_len:
+        return [
+            PresetError(
+                f"max_seq_len ({schedule.max_seq_len}) must be above base_seq_len ({schedule.base_seq_len}): "
+                "mu is linear between them.",
+                path=path,
+                key="schedule.max_seq_len",
+            )
+        ]
+    return []

@@ -11,7 +11,7 @@ A preset file has these sections, all optional::
     [optimizer]         one optimizer; `fallback` may name another to use when it cannot run
     [attention]         one attention implementation
     [memory]            gradient_checkpointing, mixed_precision, cache_latents, cache_text_encoder_outputs
-    [schedule]          zero_terminal_snr (and epsilon_ok)
+    [schedule]          zero_terminal_snr (and epsilon_ok); flow_shift or dynamic_shift (rectified flow)
     [ema]               decay (turns it on), update_every, start_step, device
 
 Each strategy table has ``type`` (a registered name) and that strategy's parameters; the

@@ -37,6 +37,18 @@ class ScheduleSettings:
 
     zero_terminal_snr: bool = False
     epsilon_ok: bool = False
+    # rectified flow only (``sdplug.process.Flow``): the shift of the sigmas (SD3's 3.0; kohya
+    # ``--discrete_flow_shift``), or the resolution-dependent shift (FLUX; kohya
+    # ``--timestep_sampling flux_shift``, OneTrainer's dynamic timestep shifting): ``mu`` from
+    # ``base_shift`` at ``base_seq_len`` tokens to ``max_shift`` at ``max_seq_len``, tokens being
+    # the latent's ``(H / patch_size) (W / patch_size)``. Refused with a scheduler that shifts itself.
+    flow_shift: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    dynamic_shift: bool = False
+    base_shift: Annotated[float, Field(ge=-10.0, le=10.0)] = 0.5
+    max_shift: Annotated[float, Field(ge=-10.0, le=10.0)] = 1.15
+    base_seq_len: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    max_seq_len: Annotated[int, Field(ge=2, le=1_000_000)] = 4096
+    patch_size: Annotated[int, Field(ge=1, le=64)] = 2
 
 
 @strategy_params

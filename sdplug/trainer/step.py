@@ -35,7 +35,7 @@ def diffusion_loss(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     mask: torch.Tensor | None = None,
 ) -> StepLoss:
-    timesteps = plan.timesteps(len(latents), device=latents.device)
+    timesteps = plan.timesteps(len(latents), device=latents.device, latent_size=(latents.shape[-2], latents.shape[-1]))
     noise = plan.noise(latents, timesteps=timesteps)
     with autocast():
         model_input, time = plan.noisy_input(latents, noise, timesteps), plan.model_time(timesteps)

@@ -298,3 +298,46 @@ def test_offset_noise_on_flow_shifts_what_sigma_1_looks_like():
     channel_means = x_1.mean(dim=(2, 3)).flatten()
     # N(0, I) gives channel means of variance 1 / 256; the offset adds 0.5^2
     assert 0.15 < float(channel_means.var()) < 0.4
+
+
+def test_a_presets_flow_shift_shifts_the_sigmas_once():
+    """[schedule] flow_shift = 3 with an unshifted scheduler: the uniform law shifted by 3
+    (P(sigma <= x) = x / (3 - 2x)), recorded; with a shifted scheduler, or on DDPM, refused."""
+    plan = flow_plan({"schedule": {"flow_shift": 3.0}}, shift=1.0, seed=7)
+    assert plan.process.shift == 3.0 and plan.report()["schedule"]["shift"] == 3.0
+    sigmas = plan.process.sigmas[plan.timesteps(20000)]
+    assert _ks(sigmas, lambda x: x / (3 - 2 * x)) < 0.015
+    with pytest.raises(sdplug.PresetError, match=r"schedule.flow_shift.*already shifts its sigmas \(shift 3\)"):
+        flow_plan({"schedule": {"flow_shift": 3.0}}, shift=3.0)
+    with pytest.raises(sdplug.PresetError, match="schedule.flow_shift.*DDPM one"):
+        bind(
+            parse_preset({"schedule": {"flow_shift": 3.0}}, path="p.toml"),
+            alphas_cumprod=scaled_linear_alphas_cumprod(),
+            prediction_type="epsilon",
+        )
+
+
+def test_a_presets_dynamic_shift_follows_the_latent_size():
+    preset = {"schedule": {"dynamic_shift": True, "base_shift": 0.5, "max_shift": 1.15}}
+    plan = flow_plan(preset, shift=1.0, seed=8)
+    assert plan.report()["schedule"]["dynamic_shift"]["base_seq_len"] == 256
+    small = plan.process.sigmas[plan.timesteps(4000, latent_size=(32, 32))].mean()
+    large = plan.process.sigmas[plan.timesteps(4000, latent_size=(128, 128))].mean()
+    assert large > small + 0.05  # 4096 tokens: mu 1.15; 256 tokens: mu 0.5
+    with pytest.raises(sdplug.PresetError, match="schedule.dynamic_shift.*already shifts"):
+        bind(parse_preset(preset, path="p.toml"), FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+    with pytest.raises(sdplug.PresetError, match="schedule.flow_shift.*one of them acts"):
+        parse_preset({"schedule": {"dynamic_shift": True, "flow_shift": 2.0}}, path="p.toml")
+    with pytest.raises(sdplug.PresetError, match="schedule.max_seq_len"):
+        parse_preset({"schedule": {"dynamic_shift": True, "max_seq_len": 100}}, path="p.toml")
+
+
+@pytest.mark.parametrize("name", ["flow-lognorm", "flow-min-snr", "flux-dynamic-shift"])
+def test_the_shipped_flow_presets_bind_to_a_flow_model_and_not_to_ddpm(name):
+    preset = sdplug.load_preset(name)
+    plan = preset.build(FlowMatchEulerDiscreteScheduler(shift=1.0))
+    assert plan.process.kind == "flow" and plan.timesteps(4, latent_size=(64, 64)).shape == (4,)
+    if name == "flux-dynamic-shift":
+        assert plan.process.dynamic is not None
+        with pytest.raises(SdplugError):
+            preset.build(alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
