@@ -110,6 +110,8 @@ FAMILY_TABLE: tuple[Family, ...] = (
             "p2": loss_weighting.P2Weighting,
             "scale_v_pred_loss_like_noise_pred": loss_weighting.VPredLikeNoisePredWeighting,
             "v_pred_like_loss": loss_weighting.VPredLikeLossWeighting,
+            "sigma_sqrt": loss_weighting.SigmaSqrtWeighting,
+            "cosmap": loss_weighting.CosMapWeighting,
             "learned": learned.LearnedWeighting,
         },
     ),

@@ -13,6 +13,7 @@ is refused (``Preset.build``) rather than left to change nothing.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import torch
@@ -235,3 +236,50 @@ class VPredLikeLossWeighting(LossWeighting):
             return 1.0 + self.strength * (capped + 1.0) / capped.clamp_min(self.snr_floor)
         w_x0 = snr + self.strength * (capped + 1.0) * over
         return w_x0 / (snr + 1.0) if prediction_type == "v_prediction" else w_x0
+
+
+def _flow_sigma(snr: torch.Tensor) -> torch.Tensor:
+    """A rectified flow's sigma from its SNR, ``((1 - s) / s)**2``: ``1 / (1 + sqrt(SNR))``."""
+    return 1.0 / (1.0 + snr.sqrt())
+
+
+_FLOW_ONLY: frozenset[str] = frozenset({"flow"})
+
+
+@strategy_params
+class SigmaSqrtWeighting(LossWeighting):
+    """SD3's ``sigma_sqrt`` weighting, ``w_x0 = sigma**-2`` (diffusers' and kohya's ``compute_loss_weighting_for_sd3``).
+
+    Both apply ``sigma**-2`` to the loss of the x0 the model's velocity implies (diffusers' SD3
+    scripts with ``--precondition_outputs``, their default; kohya with ``--model_prediction_type
+    sigma_scaled``, without which kohya ignores the weighting). On that x0 error it is exactly
+    the plain velocity MSE: on velocity, ``sigma**-2 * sigma**2 = 1``. diffusers' FLUX scripts
+    (no preconditioning) apply ``sigma**-2`` to the velocity loss itself, which is ``w_x0 =
+    sigma**-4``: a different weighting, not this one. Rectified flow only.
+    """
+
+    processes = _FLOW_ONLY
+
+    def weight_for(self, snr, prediction_type):
+        if prediction_type in ("velocity", "velocity_reversed"):
+            return torch.ones_like(snr)  # sigma**-2 * sigma**2, without the rounding
+        return _flow_sigma(snr) ** -2.0
+
+
+@strategy_params
+class CosMapWeighting(LossWeighting):
+    """SD3's ``cosmap`` weighting, ``w_x0 = 2 / (pi (1 - 2 sigma + 2 sigma**2))`` (Esser et al., "Scaling Rectified Flow Transformers", 2024, eq. 21's density as a weight; diffusers' and kohya's ``compute_loss_weighting_for_sd3``).
+
+    The density of cosmap timestep sampling (``timesteps 'cosmap'``), applied as a weight
+    instead of a sampling law; as with ``sigma_sqrt``, diffusers and kohya apply it to the x0
+    error (kohya only with ``--model_prediction_type sigma_scaled``). On velocity:
+    ``2 sigma**2 / (pi (1 - 2 sigma + 2 sigma**2))``, rising from 0 at no noise to ``2 / pi`` at
+    sigma = 1. Rectified flow only.
+    """
+
+    processes = _FLOW_ONLY
+
+    def weight_for(self, snr, prediction_type):
+        sigma = _flow_sigma(snr)
+        w_x0 = 2.0 / (math.pi * (1.0 - 2.0 * sigma + 2.0 * sigma**2))
+        return _in_prediction_space(w_x0, snr, prediction_type, 1.0)

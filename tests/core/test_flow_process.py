@@ -65,10 +65,13 @@ def _sigma_space(name: str, s: torch.Tensor) -> torch.Tensor:
         "soft_min_snr": r**2 * 5.0 / (r**2 + 5.0) * s**2,
         "debiased": (1 - s) * s,
         "p2": (1 - s) ** 2 / (1.0 + r**2),
+        # SD3's two, on the x0 error as diffusers' SD3 scripts (preconditioned) and kohya (sigma_scaled) apply them
+        "sigma_sqrt": s**-2 * s**2,
+        "cosmap": 2 / (torch.pi * (1 - 2 * s + 2 * s**2)) * s**2,
     }[name]
 
 
-FLOW_WEIGHTINGS = ["constant", "snr", "min_snr", "max_snr", "soft_min_snr", "debiased", "p2"]
+FLOW_WEIGHTINGS = ["constant", "snr", "min_snr", "max_snr", "soft_min_snr", "debiased", "p2", "sigma_sqrt", "cosmap"]
 
 
 @pytest.mark.parametrize("prediction_type", ["velocity", "velocity_reversed"])
@@ -341,3 +344,16 @@ def test_the_shipped_flow_presets_bind_to_a_flow_model_and_not_to_ddpm(name):
         assert plan.process.dynamic is not None
         with pytest.raises(SdplugError):
             preset.build(alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+
+
+def test_sd3s_weightings_are_rectified_flows_and_refused_on_ddpm(sd_alphas):
+    for name in ("sigma_sqrt", "cosmap"):
+        with pytest.raises(sdplug.PresetError, match=f"'{name}' is written for flow"):
+            bind(
+                parse_preset({"loss_weighting": {"type": name}}, path="p.toml"),
+                alphas_cumprod=sd_alphas,
+                prediction_type="v_prediction",
+            )
+    plan = flow_plan({"loss_weighting": {"type": "cosmap"}})
+    w = plan.loss_weighting.weights(torch.tensor([0, 999]), plan.alphas_cumprod, "velocity")
+    assert float(w[0]) < 1e-5 and float(w[1]) == pytest.approx(2 / torch.pi, rel=1e-4)

@@ -8,7 +8,12 @@ import torch
 import sdplug
 from sdplug.schedule import DDPM_PREDICTION_TYPES, snr
 
-FIXED = [name for name in sdplug.available("loss_weighting") if name != "learned"]
+# the weightings of DDPM models (sigma_sqrt and cosmap are rectified flow's: test_flow_process.py)
+FIXED = [
+    name
+    for name in sdplug.available("loss_weighting")
+    if name != "learned" and "ddpm" in sdplug.strategies.registry("loss_weighting").get(name).cls.processes
+]
 
 
 def x0_weight(name: str, s: float, **p) -> float:

@@ -103,11 +103,18 @@ def one_of_each(family, name):
     return entry
 
 
-def cases():
+def all_cases():
     for family in ("noise", "timesteps", "loss", "loss_weighting", "caption"):
         for name in sdplug.available(family):
             if (family, name) not in HOST_DECIDED:
                 yield family, name
+
+
+def cases():
+    """The strategies a DDPM plan takes (``flow_cases``: a flow plan's)."""
+    from sdplug.strategies import registry
+
+    return [(family, name) for family, name in all_cases() if "ddpm" in registry(family).get(name).cls.processes]
 
 
 @pytest.mark.parametrize("family,name", list(cases()))
@@ -136,7 +143,7 @@ def test_the_guard_catches_a_sync():
 def flow_cases():
     from sdplug.strategies import registry
 
-    for family, name in cases():
+    for family, name in all_cases():
         if "flow" in registry(family).get(name).cls.processes:
             yield family, name
 
