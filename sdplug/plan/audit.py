@@ -77,7 +77,10 @@ class Audit:
         tag_dropout_rates: dict[int, float] | None = None,
         noise_strategies: list[NoiseStrategy] | None = None,
         sigmas: torch.Tensor | None = None,
+        encoder_drop_rates: dict[str, float] | None = None,
     ):
+        # text encoder -> the chance the dropouts naming it drop its output (per-encoder dropout)
+        self.encoder_drop_rates = dict(encoder_drop_rates or {})
         self.num_train_timesteps = num_train_timesteps
         # the histograms' bin of every timestep: tenths of the schedule, or of sigma on a flow
         # process, whose shifted sigmas are not linear in the index
@@ -141,7 +144,21 @@ class Audit:
         rates = {i: s.create().rate for i, s in enumerate(preset.caption) if s.type == "tag_dropout"}
         noise = [s.create() for s in preset.noise]
         strategies = preset_strategies(preset, optimizer)
-        return cls(strategies, num_train_timesteps, tag_dropout_rates=rates, noise_strategies=noise, sigmas=sigmas)
+        keep: dict[str, float] = {}
+        for spec in preset.caption:
+            transform = spec.create()
+            if not transform.needs_text:
+                for name in transform.dropped_encoders():
+                    keep[name] = keep.get(name, 1.0) * (1.0 - transform.drop_probability(0))
+        encoder_rates = {name: 1.0 - kept for name, kept in keep.items()}
+        return cls(
+            strategies,
+            num_train_timesteps,
+            tag_dropout_rates=rates,
+            noise_strategies=noise,
+            sigmas=sigmas,
+            encoder_drop_rates=encoder_rates,
+        )
 
     # -- fed by the plan -------------------------------------------------------------------
     # Tensor statistics accumulate as tensors on the device of the tensors measured, and are
@@ -239,11 +256,23 @@ class Audit:
             self.record_caption(**decision)
 
     def record_caption(
-        self, *, dropped: bool, drop_probability: float, substituted: bool = False, tag_counts: tuple = ()
+        self,
+        *,
+        dropped: bool,
+        drop_probability: float,
+        substituted: bool = False,
+        tag_counts: tuple = (),
+        encoders_dropped: frozenset[str] = frozenset(),
     ) -> None:
         if self._held is not None:
             self._held.append(
-                dict(dropped=dropped, drop_probability=drop_probability, substituted=substituted, tag_counts=tag_counts)
+                dict(
+                    dropped=dropped,
+                    drop_probability=drop_probability,
+                    substituted=substituted,
+                    tag_counts=tag_counts,
+                    encoders_dropped=encoders_dropped,
+                )
             )
             return
         record = self.data["caption"]
@@ -254,6 +283,10 @@ class Audit:
         counts = record.setdefault("drop_probabilities", {})  # older checkpoints have none
         counts[repr(float(drop_probability))] = counts.get(repr(float(drop_probability)), 0) + 1
         record["substituted_embeddings"] += int(substituted)
+        if self.encoder_drop_rates:
+            per_encoder = record.setdefault("encoders_dropped", {name: 0 for name in self.encoder_drop_rates})
+            for name in encoders_dropped:
+                per_encoder[name] += 1
         for index, count in tag_counts:
             tags = record["tags"][str(index)]
             tags["droppable"] += count.droppable
@@ -369,6 +402,19 @@ class Audit:
                 )
             if tag_dropout:
                 report["caption"]["tag_dropout"] = tag_dropout
+            encoders = {}
+            for name, rate in self.encoder_drop_rates.items():
+                count = c.get("encoders_dropped", {}).get(name, 0)
+                realised, interval, within = _rate_check(count, samples, rate)
+                encoders[name] = {
+                    "dropped": count,
+                    "dropout_rate_configured": rate,
+                    "dropout_rate_realised": realised,
+                    "dropout_rate_999_interval": interval,
+                    "dropout_rate_within_interval": within,
+                }
+            if encoders:
+                report["caption"]["encoders"] = encoders
         report.update(d["host"])
         return report
 

@@ -10,6 +10,7 @@ the schedule, a loss-weighting parameter that does nothing for this prediction t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -35,6 +36,7 @@ def bind(
     prediction_type: str | None = None,
     default_timesteps: TimestepStrategy | None = None,
     process: Process | None = None,
+    text_encoders: Sequence[str] | None = None,
 ) -> Plan:
     """The plan: ``preset`` bound to a model's diffusion process.
 
@@ -45,8 +47,11 @@ def bind(
     scheduler's), or a ``process`` (``sdplug.process.DDPM`` / ``Flow``). ``seed`` and ``rank``
     derive the plan's random streams (``sdplug.plan.streams``). ``default_timesteps`` is the
     host's own timestep strategy, used when the preset names none (uniform over the schedule
-    otherwise).
+    otherwise). ``text_encoders``: the names of the model's text encoders, which a caption
+    dropout may name (``caption[i].encoders``); a preset naming one the host does not say it
+    has is refused.
     """
+    _check_text_encoders(preset, text_encoders)
     if process is None and noise_scheduler is not None and is_flow_scheduler(noise_scheduler):
         if prediction_type is not None and prediction_type not in FLOW_PREDICTION_TYPES:
             raise SdplugError(
@@ -90,6 +95,24 @@ def _bind_process(preset: Preset, process: Process, *, seed: int, rank: int, def
     alphas_cumprod = process.alphas_cumprod  # a flow process's: the table of the same SNR
     check_against_schedule(preset, len(alphas_cumprod), alphas_cumprod)  # file and key, before training
     return Plan(preset, process=process, seed=seed, rank=rank, default_timesteps=default_timesteps)
+
+
+def _check_text_encoders(preset: Preset, text_encoders: Sequence[str] | None) -> None:
+    for spec in preset.caption:
+        named = tuple(spec.params.get("encoders", ()))
+        unknown = [name for name in named if text_encoders is None or name not in text_encoders]
+        if unknown:
+            have = (
+                f"this model's text encoders are {', '.join(text_encoders)}"
+                if text_encoders
+                else "the host does not name its text encoders (it has one, or drops them together)"
+            )
+            raise PresetError(
+                f"a dropout of text encoder {unknown[0]!r}, and {have}. Allowed: encoders from that list, or no "
+                "encoders (the caption dropped whole).",
+                path=spec.path or preset.path,
+                key=f"{spec.key}.encoders" if spec.key else "encoders",
+            )
 
 
 def _with_preset_shift(preset: Preset, process: Process) -> Process:

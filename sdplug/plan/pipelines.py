@@ -24,15 +24,20 @@ class NoiseDraw:
 
 class CaptionDraw(str):
     """A caption after the transforms: the text itself (a ``str``, so hosts use it as one),
-    with ``dropped`` (a dropout emptied it) and ``tag_counts`` (what each tag dropout did,
-    ``(index in the caption list, TagCount)``, for the audit)."""
+    with ``dropped`` (a dropout emptied it), ``dropped_encoders`` (the text encoders whose
+    output a dropout naming them replaces by the empty caption's, the text staying for the
+    others) and ``tag_counts`` (what each tag dropout did, ``(index in the caption list,
+    TagCount)``, for the audit)."""
 
     dropped: bool
+    dropped_encoders: frozenset[str]
     tag_counts: tuple
 
-    def __new__(cls, text: str, dropped: bool = False, tag_counts: tuple = ()) -> CaptionDraw:
+    def __new__(
+        cls, text: str, dropped: bool = False, tag_counts: tuple = (), dropped_encoders: frozenset[str] = frozenset()
+    ) -> CaptionDraw:
         draw = super().__new__(cls, text)
-        draw.dropped, draw.tag_counts = dropped, tag_counts
+        draw.dropped, draw.tag_counts, draw.dropped_encoders = dropped, tag_counts, dropped_encoders
         return draw
 
     @property
@@ -107,22 +112,42 @@ class CaptionPipeline:
     def __call__(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> CaptionDraw:
         rng = rng if rng is not None else random.Random()
         dropped = False
+        encoders: set[str] = set()
         counts = []
         for index, transform in enumerate(self.transforms):
             if not transform.needs_text:  # a drop decision (CaptionTransform.needs_text)
+                named = _encoders(transform)
                 if transform.decide(epoch=epoch, rng=rng):
-                    dropped = True
-                    caption = ""
+                    if named:
+                        encoders.update(named)
+                    else:
+                        dropped = True
+                        caption = ""
             else:
                 before, caption = caption, transform(caption, epoch=epoch, rng=rng)
                 count = transform.count(before, caption)
                 if count is not None:
                     counts.append((index, count))
-        return CaptionDraw(caption, dropped, tuple(counts))
+        return CaptionDraw(caption, dropped, tuple(counts), frozenset(encoders))
+
+    def named_encoders(self) -> set[str]:
+        """The text encoders the dropouts name (their own tables; none drop the caption whole)."""
+        return {name for transform in self.transforms if not transform.needs_text for name in _encoders(transform)}
+
+    def encoder_drop_probability(self, encoder: str, epoch: int = 0) -> float:
+        """The chance that a dropout naming ``encoder`` replaces its output in ``epoch``."""
+        keep = 1.0
+        for transform in self.transforms:
+            if not transform.needs_text and encoder in _encoders(transform):
+                keep *= 1.0 - transform.drop_probability(epoch)
+        return 1.0 - keep
 
     def drop_probability(self, epoch: int = 0) -> float:
-        """The chance that some dropout in the pipeline empties a caption in ``epoch``."""
-        chances = [t.drop_probability(epoch) for t in self.transforms if not t.needs_text]
+        """The chance that some dropout in the pipeline empties a caption in ``epoch`` (whole:
+        the dropouts that name no encoder)."""
+        chances = [t.drop_probability(epoch) for t in self.transforms if not t.needs_text and not _encoders(t)]
+        if not chances:
+            return 0.0
         if len(chances) == 1:
             return chances[0]  # exactly the configured rate (1 - (1 - 0.1) is 0.09999999999999998)
         keep = 1.0
@@ -130,19 +155,29 @@ class CaptionPipeline:
             keep *= 1.0 - chance
         return 1.0 - keep
 
-    def dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
-        """The dropout decision alone, for hosts with cached text-encoder outputs.
+    def dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> tuple[bool, frozenset[str]]:
+        """The dropout decisions alone, for hosts with cached text-encoder outputs: whether the
+        caption is dropped whole, and the encoders that dropouts naming them drop.
 
         Draws from ``rng`` exactly as ``__call__`` does for the same transforms, which must
         all be dropouts here (presets refuse text transforms under caching).
         """
         rng = rng if rng is not None else random.Random()
         dropped = False
+        encoders: set[str] = set()
         for transform in self.transforms:
             if transform.needs_text:
                 raise MissingDependencyError(
                     f"caption transform {type(transform).__name__} needs caption text, which cached "
                     "text-encoder outputs do not have."
                 )
-            dropped = transform.decide(epoch=epoch, rng=rng) or dropped
-        return dropped
+            if transform.decide(epoch=epoch, rng=rng):
+                named = _encoders(transform)
+                encoders.update(named)
+                dropped = dropped or not named
+        return dropped, frozenset(encoders)
+
+
+def _encoders(transform: CaptionTransform) -> tuple[str, ...]:
+    """The text encoders a dropout names (none: the whole caption)."""
+    return transform.dropped_encoders()

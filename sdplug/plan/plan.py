@@ -120,20 +120,35 @@ class Plan:
         draw = self.caption_pipeline(caption, epoch=epoch, rng=rng or self.streams.random(stream))
         if self.caption_pipeline.transforms and not self._validating:
             self.audit.record_caption(
-                dropped=draw.dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), tag_counts=draw.tag_counts
+                dropped=draw.dropped,
+                drop_probability=self.caption_pipeline.drop_probability(epoch),
+                tag_counts=draw.tag_counts,
+                encoders_dropped=draw.dropped_encoders,
             )
         return draw
 
     def caption_dropped(self, *, epoch: int = 0, rng: random.Random | None = None) -> bool:
         """The dropout decision alone, for hosts with cached text-encoder outputs: when True,
-        the host substitutes the empty caption's embedding."""
+        the host substitutes the empty caption's embedding (``dropped_encoders``, for a model
+        whose preset drops its text encoders one by one)."""
+        return bool(self.dropped_encoders((), epoch=epoch, rng=rng))
+
+    def dropped_encoders(self, encoders: Sequence[str], *, epoch: int = 0, rng: random.Random | None = None) -> frozenset[str]:
+        """Of the host's text ``encoders``, those whose cached output this sample replaces by
+        the empty caption's: all of them when a dropout drops the caption whole, else those the
+        dropouts naming them drop. Draws as ``caption_dropped`` does (call one of them per sample)."""
         stream = "validation-captions" if self._validating else "captions"
-        dropped = self.caption_pipeline.dropped(epoch=epoch, rng=rng or self.streams.random(stream))
+        whole, named = self.caption_pipeline.dropped(epoch=epoch, rng=rng or self.streams.random(stream))
         if self.caption_pipeline.transforms and not self._validating:
             self.audit.record_caption(
-                dropped=dropped, drop_probability=self.caption_pipeline.drop_probability(epoch), substituted=dropped
+                dropped=whole,
+                drop_probability=self.caption_pipeline.drop_probability(epoch),
+                substituted=whole,
+                encoders_dropped=named,
             )
-        return dropped
+        if whole:
+            return frozenset(encoders) or frozenset({"*"})
+        return named & frozenset(encoders)
 
     def deferred_captions(self) -> contextlib.AbstractContextManager[list[dict[str, Any]]]:
         """Caption decisions made inside are held in the list yielded, not counted (a loader that

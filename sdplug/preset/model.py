@@ -144,6 +144,7 @@ class Preset:
         prediction_type: str | None = None,
         default_timesteps: Any = None,
         process: Any = None,
+        text_encoders: Any = None,
     ) -> Any:
         """The plan (a ``sdplug.Plan``): this preset bound to a model's noise schedule and
         prediction type -- ``sdplug.plan.bind(preset, ...)``, which documents the arguments
@@ -159,6 +160,7 @@ class Preset:
             prediction_type=prediction_type,
             default_timesteps=default_timesteps,
             process=process,
+            text_encoders=text_encoders,
         )
 
     def to_toml(self, *, with_defaults: bool = True) -> str:

@@ -287,6 +287,11 @@ class CaptionTransform(Strategy):
 
     needs_text: ClassVar[bool] = True
 
+    def dropped_encoders(self) -> tuple[str, ...]:
+        """The text encoders a drop decision applies to (a model with several); empty: all of
+        them, the caption dropped whole (``dropout``'s ``encoders`` parameter)."""
+        return ()
+
     def __call__(self, caption: str, *, epoch: int = 0, rng: random.Random | None = None) -> str:
         raise NotImplementedError
 

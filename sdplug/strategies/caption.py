@@ -40,11 +40,23 @@ class CaptionDropout(CaptionTransform):
     in every N-th epoch (epochs counted from 0: epochs N-1, 2N-1, ...), as kohya's
     ``--caption_dropout_every_n_epochs``. ``decide`` gives the per-sample decision alone, so a
     host with cached text-encoder outputs can substitute the empty caption's embedding.
+
+    ``encoders`` names the text encoders whose output this dropout replaces by the empty
+    caption's (a model with several: SD3's ``clip_l``, ``clip_g``, ``t5``; kohya's
+    ``--clip_l_dropout_rate`` and its kin); the caption text itself stays, for the others. Empty
+    (the default): every encoder, the caption dropped whole. One table per encoder gives
+    independent decisions, as SD3's per-encoder dropout; one table naming several drops them together.
     """
 
     needs_text = False
     rate: _Rate = 0.1
     every_n_epochs: _Keep = 0
+    encoders: Annotated[list[Annotated[str, Field(min_length=1, max_length=32)]], Field(max_length=8)] = Field(
+        default_factory=list
+    )
+
+    def dropped_encoders(self) -> tuple[str, ...]:
+        return tuple(self.encoders)
 
     def drop_probability(self, epoch: int = 0) -> float:
         """The chance ``decide`` returns True in ``epoch``."""

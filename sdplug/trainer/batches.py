@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from sdplug.plan.pipelines import CaptionDraw
 from sdplug.trainer import data
 from sdplug.trainer.config import OptionError
 from sdplug.trainer.sampling import encode_prompts
+
+# the reference trainer's models have one text encoder; a preset's dropout may name it
+TEXT_ENCODERS = ("clip",)
 
 
 class TrainingInputs:
@@ -79,10 +83,12 @@ class TrainingInputs:
     def text(self, text_encoder, captions: list[str], epochs: list[int], *, train_text_encoder: bool):
         """The text-encoder states of ``captions`` and which of them a dropout emptied."""
         if self.text_cache is not None:
-            dropped = [self.plan.caption_dropped(epoch=e) for e in epochs]
+            dropped = [bool(self.plan.dropped_encoders(TEXT_ENCODERS, epoch=e)) for e in epochs]
             states = [self.text_cache["" if d else c] for c, d in zip(captions, dropped, strict=True)]
             return torch.stack(states).to(self.device), dropped
-        texts = [self.plan.caption(c, epoch=e) for c, e in zip(captions, epochs, strict=True)]
+        drawn = [self.plan.caption(c, epoch=e) for c, e in zip(captions, epochs, strict=True)]
+        # the model's one encoder, named by a dropout: its caption goes in empty
+        texts = [CaptionDraw("", True) if TEXT_ENCODERS[0] in t.dropped_encoders else t for t in drawn]
         tokenizer = self.bundle.tokenizer
         tokens = tokenizer(
             texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"

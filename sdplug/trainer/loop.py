@@ -21,7 +21,7 @@ from sdplug.plan.audit import TIMESTEP_BINS
 from sdplug.plan.runs_here import check_memory_runs_here
 from sdplug.preset import load_preset
 from sdplug.trainer import checkpoint, data, lora, models, outputs, resume, synthetic, validation
-from sdplug.trainer.batches import TrainingInputs, check_no_mask_options
+from sdplug.trainer.batches import TEXT_ENCODERS, TrainingInputs, check_no_mask_options
 from sdplug.trainer.config import OptionError, TrainConfig, check_before_loading, preflight
 from sdplug.trainer.files import remove_path
 from sdplug.trainer.gradient_checkpointing import CheckpointedCalls
@@ -91,7 +91,7 @@ class Trainer:
             self.preset.schedule.zero_terminal_snr and not self.bundle.flow
         ):  # training and sampling alike (a flow plan refuses it)
             self.bundle.scheduler = models.zero_terminal(self.bundle.scheduler)
-        self.plan = bind(self.preset, self.bundle.scheduler, seed=config.seed, rank=self.rank)
+        self.plan = bind(self.preset, self.bundle.scheduler, seed=config.seed, rank=self.rank, text_encoders=TEXT_ENCODERS)
         preflight(self.preset, config)
         self._prepare_random_streams()  # first: caching latents draws from them
         self._prepare_models()

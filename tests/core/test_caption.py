@@ -77,7 +77,7 @@ def test_shuffle_keeps_head_and_permutes_the_rest():
 def test_pipeline_reports_drops_and_cached_decisions_match_text_decisions():
     pipeline = CaptionPipeline([sdplug.create("caption", "dropout", rate=0.2)])
     text_path = [pipeline(CAPTION, rng=random.Random(i)).dropped for i in range(300)]
-    cached_path = [pipeline.dropped(rng=random.Random(i)) for i in range(300)]
+    cached_path = [pipeline.dropped(rng=random.Random(i))[0] for i in range(300)]
     assert text_path == cached_path
     assert 20 < sum(text_path) < 100
 

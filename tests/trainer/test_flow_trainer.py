@@ -115,3 +115,24 @@ def test_sdplug_sample_reproduces_a_flow_loras_after_grid(tmp_path):
     )
     images, _ = generate(request)
     assert torch.allclose(images[3.0], after, atol=1e-4)
+
+
+def test_the_trainer_names_its_one_text_encoder_clip(tmp_path, small_data):
+    (tmp_path / "p.toml").write_text('[[caption]]\ntype = "dropout"\nrate = 1.0\nencoders = ["clip"]\n')
+    config = TrainConfig(
+        preset=str(tmp_path / "p.toml"),
+        output=tmp_path / "out",
+        data=small_data,
+        steps=1,
+        batch_size=4,
+        samples=False,
+        progress=False,
+        record_draws=True,
+    )
+    trainer = Trainer(config)
+    report = trainer.run()
+    assert trainer.draw_log[0]["dropped"] == [True] * 4
+    assert report["caption"]["encoders"]["clip"]["dropped"] == 4
+    (tmp_path / "q.toml").write_text('[[caption]]\ntype = "dropout"\nencoders = ["t5"]\n')
+    with pytest.raises(Exception, match=r"caption\[0\].encoders.*clip"):
+        Trainer(TrainConfig(preset=str(tmp_path / "q.toml"), output=tmp_path / "out2", data=small_data, steps=1))
