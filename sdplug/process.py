@@ -51,11 +51,7 @@ class DDPM:
     kind: str = dataclasses.field(default="ddpm", init=False)
 
     def __post_init__(self) -> None:
-        if self.prediction_type not in DDPM_PREDICTION_TYPES:
-            raise SdplugError(
-                f"prediction type {self.prediction_type!r} is not one of a DDPM model "
-                f"({', '.join(DDPM_PREDICTION_TYPES)}); {', '.join(FLOW_PREDICTION_TYPES)} are rectified-flow types."
-            )
+        _check_prediction_type(self.prediction_type, "a DDPM model", DDPM_PREDICTION_TYPES, FLOW_PREDICTION_TYPES)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -115,11 +111,7 @@ class Flow:
     kind: str = dataclasses.field(default="flow", init=False)
 
     def __post_init__(self) -> None:
-        if self.prediction_type not in FLOW_PREDICTION_TYPES:
-            raise SdplugError(
-                f"prediction type {self.prediction_type!r} is not one of a rectified-flow model "
-                f"({', '.join(FLOW_PREDICTION_TYPES)}); {', '.join(DDPM_PREDICTION_TYPES)} are DDPM types."
-            )
+        _check_prediction_type(self.prediction_type, "a rectified-flow model", FLOW_PREDICTION_TYPES, DDPM_PREDICTION_TYPES)
         sigmas = self.sigmas
         if sigmas.dim() != 1 or len(sigmas) < 2 or not bool(((sigmas > 0) & (sigmas <= 1)).all()):
             raise SdplugError("a flow process needs a table of at least 2 sigmas in (0, 1].")
@@ -203,6 +195,13 @@ class Flow:
 
 
 Process = DDPM | Flow
+
+
+def _check_prediction_type(given: str, model: str, allowed: tuple[str, ...], others: tuple[str, ...]) -> None:
+    if given not in allowed:
+        raise SdplugError(
+            f"prediction type {given!r} is not one of {model} ({', '.join(allowed)}); {', '.join(others)} are the other process's."
+        )
 
 
 def flow_sigmas(num_train_timesteps: int = 1000, shift: float = 1.0) -> torch.Tensor:

@@ -108,22 +108,21 @@ class StratifiedTimesteps(UniformTimesteps):
     shuffle: bool = True
     _label: ClassVar[str] = "stratified"
 
-    def sample(self, batch_size, num_train_timesteps, *, generator=None):
-        high = self._range(num_train_timesteps)
+    def _strata(self, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
+        """One ``u`` in each of ``batch_size`` equal strata, handed out shuffled or in order."""
         device = _generator_device(generator)
         strata = torch.arange(batch_size, device=device, dtype=torch.float64)
         u = (strata + torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)) / batch_size
-        if self.shuffle:
-            u = u[torch.randperm(batch_size, generator=generator, device=device)]
+        return u[torch.randperm(batch_size, generator=generator, device=device)] if self.shuffle else u
+
+    def sample(self, batch_size, num_train_timesteps, *, generator=None):
+        high = self._range(num_train_timesteps)
+        u = self._strata(batch_size, generator)
         return unit_to_timesteps(shift_unit(u, self.shift), self.min_timestep, high)
 
     def position(self, batch_size, num_train_timesteps, *, generator=None):
         high = self._range(num_train_timesteps)
-        device = _generator_device(generator)
-        strata = torch.arange(batch_size, device=device, dtype=torch.float64)
-        u = (strata + torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)) / batch_size
-        if self.shuffle:
-            u = u[torch.randperm(batch_size, generator=generator, device=device)]
+        u = self._strata(batch_size, generator)
         return (self.min_timestep + shift_unit(u, self.shift) * (high - self.min_timestep)) / num_train_timesteps
 
 

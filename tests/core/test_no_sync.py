@@ -111,21 +111,31 @@ def all_cases():
 
 
 def cases():
-    """The strategies a DDPM plan takes (``flow_cases``: a flow plan's)."""
+    """Every strategy with each process it declares: a DDPM (v-prediction) or a flow (shift 3) plan."""
     from sdplug.strategies import registry
 
-    return [(family, name) for family, name in all_cases() if "ddpm" in registry(family).get(name).cls.processes]
+    for family, name in all_cases():
+        for process in sorted(registry(family).get(name).cls.processes):
+            yield family, name, process
 
 
-@pytest.mark.parametrize("family,name", list(cases()))
-def test_no_plan_call_syncs(family, name):
+def bound(data: dict, process: str):
+    preset = parse_preset(data, path="sync.toml")
+    if process == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return preset.build(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return preset.build(alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="v_prediction")
+
+
+@pytest.mark.parametrize("family,name,process", list(cases()))
+def test_no_plan_call_syncs(family, name, process):
     table = one_of_each(family, name)
     data = {family: [table]} if family in ("noise", "caption") else {family: table}
     if family == "caption" and name != "dropout":
         data["caption"].append({"type": "dropout", "rate": 0.5})
-    plan = parse_preset(data, path="sync.toml").build(
-        alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="v_prediction"
-    )
+    plan = bound(data, process)
+    assert plan.process.kind == process
     with syncs_raise_inside(plan):
         run_steps(plan)
     report = plan.report()  # reading syncs, once, outside the step
@@ -138,29 +148,3 @@ def test_the_guard_catches_a_sync():
     plan.noisy_input = lambda latents, noise, t: latents.sum().item()  # a sync where none belongs
     with pytest.raises(SyncInStep), syncs_raise_inside(plan):
         plan.noisy_input(torch.ones(1), None, None)
-
-
-def flow_cases():
-    from sdplug.strategies import registry
-
-    for family, name in all_cases():
-        if "flow" in registry(family).get(name).cls.processes:
-            yield family, name
-
-
-@pytest.mark.parametrize("family,name", list(flow_cases()))
-def test_no_plan_call_syncs_on_a_flow_process(family, name):
-    """The same steps on a rectified-flow plan (shift 3): every strategy it takes, no sync."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    table = one_of_each(family, name)
-    data = {family: [table]} if family in ("noise", "caption") else {family: table}
-    if family == "caption" and name != "dropout":
-        data["caption"].append({"type": "dropout", "rate": 0.5})
-    plan = parse_preset(data, path="sync.toml").build(FlowMatchEulerDiscreteScheduler(shift=3.0))
-    assert plan.process.kind == "flow"
-    with syncs_raise_inside(plan):
-        run_steps(plan)
-    report = plan.report()
-    assert report["steps"] == 3 and sum(report["timesteps"]["histogram"]) == 12
-    assert report["problems"] == []

@@ -24,8 +24,8 @@ def flow_config(tmp_path, name, **options):
     preset = tmp_path / name / "flow.toml"
     preset.write_text(FLOW_PRESET)
     defaults = dict(output=tmp_path / name / "out", steps=4, batch_size=4, samples=False, progress=False)
-    defaults.update(options)
-    return TrainConfig(preset=str(preset), prediction_type="velocity", **defaults)
+    defaults.update({"prediction_type": "velocity", **options})
+    return TrainConfig(preset=str(preset), **defaults)
 
 
 def test_a_flow_run_trains_validates_and_saves_a_flow_model(tmp_path, small_data):
@@ -119,16 +119,8 @@ def test_sdplug_sample_reproduces_a_flow_loras_after_grid(tmp_path):
 
 def test_the_trainer_names_its_one_text_encoder_clip(tmp_path, small_data):
     (tmp_path / "p.toml").write_text('[[caption]]\ntype = "dropout"\nrate = 1.0\nencoders = ["clip"]\n')
-    config = TrainConfig(
-        preset=str(tmp_path / "p.toml"),
-        output=tmp_path / "out",
-        data=small_data,
-        steps=1,
-        batch_size=4,
-        samples=False,
-        progress=False,
-        record_draws=True,
-    )
+    config = flow_config(tmp_path, "clip", data=small_data, steps=1, record_draws=True, prediction_type=None)
+    config.preset = str(tmp_path / "p.toml")
     trainer = Trainer(config)
     report = trainer.run()
     assert trainer.draw_log[0]["dropped"] == [True] * 4
