@@ -134,34 +134,14 @@ class Preset:
                 data[name] = table
         return data
 
-    def build(
-        self,
-        noise_scheduler: Any = None,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        alphas_cumprod: Any = None,
-        prediction_type: str | None = None,
-        default_timesteps: Any = None,
-        process: Any = None,
-        text_encoders: Any = None,
-    ) -> Any:
-        """The plan (a ``sdplug.Plan``): this preset bound to a model's noise schedule and
-        prediction type -- ``sdplug.plan.bind(preset, ...)``, which documents the arguments
-        and every check made here."""
+    def build(self, noise_scheduler: Any = None, **binding: Any) -> Any:
+        """The plan (a ``sdplug.Plan``): this preset bound to a model's diffusion process --
+        ``sdplug.plan.bind(preset, noise_scheduler, **binding)``, which documents the keyword
+        arguments (``seed``, ``rank``, ``alphas_cumprod``, ``prediction_type``, ``process``, ...)
+        and every check made there."""
         if _binder is None:  # pragma: no cover - importing sdplug imports sdplug.plan, which registers it
             raise RuntimeError("Preset.build: sdplug.plan was not imported; import sdplug first.")
-        return _binder(
-            self,
-            noise_scheduler,
-            seed=seed,
-            rank=rank,
-            alphas_cumprod=alphas_cumprod,
-            prediction_type=prediction_type,
-            default_timesteps=default_timesteps,
-            process=process,
-            text_encoders=text_encoders,
-        )
+        return _binder(self, noise_scheduler, **binding)
 
     def to_toml(self, *, with_defaults: bool = True) -> str:
         import tomli_w
