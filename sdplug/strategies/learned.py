@@ -53,9 +53,12 @@ class LearnedWeighting(LossWeighting):
     """Learned uncertainty weighting, loss ``L / exp(u(t)) + u(t)`` (Karras et al., EDM2, 2024).
 
     The host must train ``parameters()`` together with the model (the adapters add them to the
-    optimizer). ``weights`` reports the current effective weight ``exp(-u)``.
+    optimizer). ``weights`` reports the current effective weight ``exp(-u)``. ``u`` reads the
+    noise level as log SNR alone and weights the loss in the model's own space, so it is the
+    same weighting on a rectified flow (log SNR = 2 log((1 - sigma) / sigma)).
     """
 
+    processes = frozenset({"ddpm", "flow"})
     learnable = True
     num_features: Annotated[int, Field(ge=1, le=1024)] = 64
     seed: Annotated[int, Field(ge=0)] = 0

@@ -357,3 +357,19 @@ def test_sd3s_weightings_are_rectified_flows_and_refused_on_ddpm(sd_alphas):
     plan = flow_plan({"loss_weighting": {"type": "cosmap"}})
     w = plan.loss_weighting.weights(torch.tensor([0, 999]), plan.alphas_cumprod, "velocity")
     assert float(w[0]) < 1e-5 and float(w[1]) == pytest.approx(2 / torch.pi, rel=1e-4)
+
+
+def test_the_learned_weighting_learns_on_a_flow_model():
+    """EDM2's u(log SNR) over a flow's SNR, ((1 - sigma) / sigma)^2: it trains, starts at weight 1,
+    and its features see the whole range of noise levels."""
+    plan = flow_plan({"loss_weighting": {"type": "learned"}}, seed=9)
+    t = torch.arange(0, 1000, 7)
+    assert torch.allclose(plan.loss_weighting.weights(t, plan.alphas_cumprod, "velocity"), torch.ones(len(t)))
+    optimizer = plan.optimizer([torch.nn.Parameter(torch.zeros(1))], default=lambda p: torch.optim.Adam(p, lr=0.05))
+    for _ in range(20):
+        loss = plan.weight(torch.full((len(t),), 4.0), t).mean()  # a loss scale of 4 everywhere: u -> log 4
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    weights = plan.loss_weighting.weights(t, plan.alphas_cumprod, "velocity")
+    assert torch.isfinite(weights).all() and float(weights.mean()) < 0.8
