@@ -22,6 +22,7 @@ from torch import nn
 
 from sdplug.plan import Plan
 from sdplug.preset import Preset, parse_preset
+from sdplug.process import Flow, flow_sigmas
 from sdplug.schedule import scaled_linear_alphas_cumprod
 
 SIZE = 16
@@ -183,7 +184,7 @@ def train(
         labels = torch.where(dropped, model.null, labels)
         t = plan.timesteps(batch_size)
         noise = plan.noise(x0, timesteps=t)
-        prediction = model(plan.noisy_input(x0, noise, t), t, labels)
+        prediction = model(plan.noisy_input(x0, noise, t), plan.model_time(t), labels)
         loss = plan.loss(prediction, plan.target(x0, noise, t), t).mean()
         loss.backward()
         optimizer.step()
@@ -250,6 +251,29 @@ def ddim(
             x0 = out
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+def flow_process() -> Flow:
+    """A rectified flow over 1000 unshifted sigmas, velocity prediction (SD3's process)."""
+    return Flow(flow_sigmas(1000))
+
+
+@torch.no_grad()
+def flow_euler(model: TinyUNet, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 20, guidance: float = 1.0) -> torch.Tensor:
+    """The flow-matching Euler sampler, ``x += (s_next - s) v`` from sigma 1 to 0 in ``steps``
+    equal steps (diffusers' ``FlowMatchEulerDiscreteScheduler`` without shift), the model's
+    time ``s * 1000``, with classifier-free guidance. Never clips."""
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    null = torch.full_like(labels, model.null)
+    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        tt = torch.full((len(x),), float(s) * 1000)
+        if guidance == 1.0:
+            v = model(x, tt, labels)
+        else:
+            uncond, cond = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([null, labels])).chunk(2)
+            v = uncond + guidance * (cond - uncond)
+        x = x + (s_next - s) * v
     return x
 
 

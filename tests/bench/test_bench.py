@@ -113,6 +113,7 @@ PLOTS = {
     "min-snr": ["min-snr-quality.png", "min-snr-accuracy.png"],
     "cfg": ["cfg-accuracy.png", "cfg-out-of-range.png", "cfg-mmd.png", "cfg-samples.png"],
     "cost": ["cost-noise.png", "cost-plan-overhead.png"],
+    "flow-samplers": ["flow-samplers-quality.png"],
 }
 
 
