@@ -1,4 +1,4 @@
-"""``sdplug bench noise-range | min-snr | cfg | cost | flow-samplers``: one entry point for the evidence benches.
+"""``sdplug bench noise-range | min-snr | cfg | cost | flow-samplers | flow-weightings``: one entry point for the evidence benches.
 
 Each trains (or times) tiny models on a CPU and writes ``report.md``, PNG plots and
 ``figures.json`` into ``--output`` (default ``bench-NAME``); see ``sdplug.bench.common``.
@@ -11,7 +11,14 @@ from pathlib import Path
 
 from sdplug.bench import common
 
-MODULES = {"noise-range": "noise_range", "min-snr": "min_snr", "cfg": "cfg", "cost": "cost", "flow-samplers": "flow_samplers"}
+MODULES = {
+    "noise-range": "noise_range",
+    "min-snr": "min_snr",
+    "cfg": "cfg",
+    "cost": "cost",
+    "flow-samplers": "flow_samplers",
+    "flow-weightings": "flow_weightings",
+}
 
 
 def main(name: str, *, quick: bool = False, seeds: int = 3, output: Path | None = None, threads: int = 1) -> int:

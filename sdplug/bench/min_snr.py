@@ -32,15 +32,11 @@ CLAIM = 3.4
 def run(options: common.Options) -> common.Report:
     cfg = QUICK if options.quick else FULL
     alphas = toy.schedule()
-    data = toy.make_dataset("shapes", cfg["train_images"], seed=12345)
-    reference = toy.make_dataset("shapes", 24 * len(data.names), seed=54321)
     progress = common.Progress(
         cfg["classifier_steps"] // 10 + len(WEIGHTINGS) * options.seeds * cfg["steps"], "min-snr", options.progress
     )
-    classifier = toy.train_classifier(data, steps=cfg["classifier_steps"], seed=0)
-    progress.tick(cfg["classifier_steps"] // 10)
-    scorer = metrics.FeatureMMD(classifier.embed, reference.images)
-    classifier_accuracy = toy.accuracy(classifier, reference.images, reference.labels)
+    judge = toy.shapes_judge(cfg["train_images"], cfg["classifier_steps"], progress.tick)
+    data, classifier, scorer, classifier_accuracy = judge.data, judge.classifier, judge.scorer, judge.classifier_accuracy
     labels = torch.arange(len(data.names)).repeat_interleave(cfg["per_class"])
     checkpoints = list(range(cfg["every"], cfg["steps"] + 1, cfg["every"]))
     curves: dict[str, dict[str, list[list[float]]]] = {name: {"mmd": [], "accuracy": []} for name in WEIGHTINGS}

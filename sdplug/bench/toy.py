@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdplug.bench import metrics
 from sdplug.plan import Plan
 from sdplug.preset import Preset, parse_preset
 from sdplug.process import Flow, flow_sigmas
@@ -326,3 +327,25 @@ def train_classifier(data: Dataset, *, steps: int, seed: int, batch_size: int = 
 
 def accuracy(classifier: Classifier, images: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
     return float((classifier.predict(images) == torch.as_tensor(labels)).float().mean())
+
+
+@dataclasses.dataclass
+class ShapesJudge:
+    """The shapes data of a quality bench, and how its samples are judged: the unbiased MMD² on
+    a small classifier's features against held-out images, and that classifier's accuracy."""
+
+    data: Dataset
+    classifier: Classifier
+    scorer: metrics.FeatureMMD
+    classifier_accuracy: float
+
+
+def shapes_judge(train_images: int, classifier_steps: int, tick: Callable[[int], None]) -> ShapesJudge:
+    """Fixed seeds for the data, the held-out reference and the classifier (every run of a bench
+    is judged alike); ``tick`` counts the classifier's work for the progress bar."""
+    data = make_dataset("shapes", train_images, seed=12345)
+    reference = make_dataset("shapes", 24 * len(data.names), seed=54321)
+    classifier = train_classifier(data, steps=classifier_steps, seed=0)
+    tick(classifier_steps // 10)
+    scorer = metrics.FeatureMMD(classifier.embed, reference.images)
+    return ShapesJudge(data, classifier, scorer, accuracy(classifier, reference.images, reference.labels))

@@ -114,6 +114,7 @@ PLOTS = {
     "cfg": ["cfg-accuracy.png", "cfg-out-of-range.png", "cfg-mmd.png", "cfg-samples.png"],
     "cost": ["cost-noise.png", "cost-plan-overhead.png"],
     "flow-samplers": ["flow-samplers-quality.png"],
+    "flow-weightings": ["flow-weightings-quality.png"],
 }
 
 
