@@ -19,7 +19,7 @@ from sdplug.errors import SdplugError
 from sdplug.hosts.kohya import patching, runtime
 from sdplug.hosts.kohya.runtime import KohyaAdapter
 from sdplug.hosts.kohya.version import KNOWN, KohyaVersionError, detect
-from sdplug.plan import Plan
+from sdplug.plan import bind
 from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
 from tests.hosts.kohya_standin import make_standin
@@ -342,7 +342,7 @@ def test_the_loss_hook_is_the_loss_type_on_the_steps_timesteps_in_both_signature
     pred, target, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 995])
     for version in KNOWN:
         adapter = KohyaAdapter(preset, version, "train_network.py")
-        adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+        adapter.plan = bind(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
         adapter._train_util = types.ModuleType("library.train_util")
         adapter._train_util.conditional_loss = lambda *a, **k: pytest.fail("kohya's own loss ran")
         adapter._replace(adapter._train_util, "conditional_loss", adapter._loss_hook)
@@ -440,7 +440,7 @@ def test_learned_weighting_moves_with_its_buffers_to_the_device_of_its_group():
     # the CPU. "meta" stands in for a GPU: every tensor of the weighting must follow the group.
     preset = parse_preset({"loss_weighting": {"type": "learned"}, "optimizer": {"type": "adamw", "lr": 1e-3}}, path="p.toml")
     adapter = KohyaAdapter(preset, KNOWN[0], "train_network.py")
-    adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    adapter.plan = bind(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
     group = {"params": [torch.nn.Parameter(torch.zeros(3, device="meta"))], "lr": 1e-4}
     adapter._optimizer_hook(SimpleNamespace(learning_rate=1e-4), [group])
     network = adapter.plan.loss_weighting.network
@@ -461,7 +461,7 @@ class _Attention(torch.nn.Module):
 def _attention_adapter(replace):
     preset = parse_preset({"attention": {"type": "sdpa"}}, path="a.toml")
     adapter = KohyaAdapter(preset, KNOWN[0], "train_network.py")
-    adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    adapter.plan = bind(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
     adapter._train_util = types.ModuleType("library.train_util")  # hashable, like the real module
     adapter._train_util.replace_unet_modules = replace
     adapter._replace(adapter._train_util, "replace_unet_modules", adapter._attention_hook)
@@ -653,7 +653,7 @@ def test_the_audit_names_every_hook_that_never_ran(tmp_path):
         path="p.toml",
     )
     adapter = KohyaAdapter(preset, KNOWN[0], "train_network.py")
-    adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    adapter.plan = bind(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
     adapter.args = SimpleNamespace(output_dir=str(tmp_path), no_metadata=False)
     scheduler = SimpleNamespace(alphas_cumprod=scaled_linear_alphas_cumprod())
     never = [
@@ -775,7 +775,7 @@ def test_a_schedule_free_optimizer_gets_mains_train_eval_switch_and_is_refused_w
 
     preset = parse_preset({"optimizer": {"type": "adamw_schedulefree", "lr": 1e-3}}, path="sf.toml")
     adapter = KohyaAdapter(preset, KNOWN[0], "train_network.py")
-    adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    adapter.plan = bind(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
     adapter._train_util = types.ModuleType("library.train_util")
     adapter._train_util.get_optimizer_train_eval_fn = lambda optimizer, args: (lambda: None, lambda: None)  # kohya's: by name
     adapter._replace(adapter._train_util, "get_optimizer_train_eval_fn", adapter._train_eval_hook)
@@ -815,7 +815,7 @@ def test_ema_saves_a_twin_of_every_network_file_kohya_saves(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "standin_networks", network_module)
     preset = parse_preset({"ema": {"decay": 0.5}, "optimizer": {"type": "adamw", "lr": 0.1}}, path="e.toml")
     adapter = KohyaAdapter(preset, KNOWN[0], "train_network.py")
-    adapter.plan = Plan(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
+    adapter.plan = bind(preset, alphas_cumprod=scaled_linear_alphas_cumprod(), prediction_type="epsilon")
     from sdplug.hosts.kohya import ema_save
 
     ema_save.install(adapter, SimpleNamespace(network_module="standin_networks"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdplug.plan import Plan
+from sdplug.plan import bind
 from sdplug.preset import parse_preset
 from sdplug.trainer.batches import TrainingInputs
 from sdplug.trainer.data import BatchSampler, DataError, Example, find_examples
@@ -43,7 +43,7 @@ def test_batch_sampler_gives_each_sample_its_own_epoch():
 
 def every_second_epoch_plan(sd_alphas):
     preset = parse_preset({"caption": [{"type": "dropout", "rate": 0.0, "every_n_epochs": 2}]}, path="p.toml")
-    return Plan(preset, alphas_cumprod=sd_alphas, prediction_type="epsilon")
+    return bind(preset, alphas_cumprod=sd_alphas, prediction_type="epsilon")
 
 
 def inputs_for(plan, **fields):
