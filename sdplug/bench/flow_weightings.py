@@ -32,8 +32,8 @@ def _verdict(figures: dict, cfg: dict) -> list[str]:
         lines.append(f"{name}: {word} (MMD² {-better:+.4f}, spread {spread:.4f})")
     return [
         "**Verdict: " + "; ".join(lines) + ".**",
-        f"- At this scale: a tiny UNet on 16x16 shapes for {cfg['steps']} steps, logit-normal(0, 1) timesteps for every "
-        "variant (SD3's recommended sampler), a quality measure on classifier features.",
+        f"- At this scale: a tiny UNet on 16x16 shapes for {cfg['steps']} steps, uniform timesteps for every variant (the "
+        "weighting alone differs; the baseline is flow-samplers' uniform run), a quality measure on classifier features.",
     ]
 
 
