@@ -245,8 +245,10 @@ def test_two_process_resume_through_save_state_continues_each_ranks_streams(tmp_
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_draws_differently_per_rank_and_repeats(tmp_path):
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+def test_two_process_gloo_run_draws_differently_per_rank_and_repeats(tmp_path, process):
     preset = preset_file(tmp_path, '[[noise]]\ntype = "pyramid"\n[[caption]]\ntype = "dropout"\nrate = 0.5\n')
+    model = ["--prediction-type", "velocity"] if process == "flow" else []  # the embedded model as a rectified flow
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(name):
@@ -271,13 +273,14 @@ def test_two_process_gloo_run_draws_differently_per_rank_and_repeats(tmp_path):
             "--no-progress",
             "--output",
             str(out),
+            *model,
         ]
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads((out / "audit.json").read_text())
 
     first, again = launch("a"), launch("bb")
-    assert first["run"]["processes"] == 2
+    assert first["run"]["processes"] == 2 and first["schedule"]["process"] == process
     ranks = {r["rank"]: r for r in first["per_rank"]}
     assert set(ranks) == {0, 1}
     a, b = ranks[0]["first_draws"], ranks[1]["first_draws"]
