@@ -131,12 +131,16 @@ class Plan:
         """The dropout decision alone, for hosts with cached text-encoder outputs: when True,
         the host substitutes the empty caption's embedding (``dropped_encoders``, for a model
         whose preset drops its text encoders one by one)."""
-        return bool(self.dropped_encoders((), epoch=epoch, rng=rng))
+        return self._drop_decisions(epoch, rng)[0]
 
     def dropped_encoders(self, encoders: Sequence[str], *, epoch: int = 0, rng: random.Random | None = None) -> frozenset[str]:
         """Of the host's text ``encoders``, those whose cached output this sample replaces by
         the empty caption's: all of them when a dropout drops the caption whole, else those the
         dropouts naming them drop. Draws as ``caption_dropped`` does (call one of them per sample)."""
+        whole, named = self._drop_decisions(epoch, rng)
+        return frozenset(encoders) if whole else named & frozenset(encoders)
+
+    def _drop_decisions(self, epoch: int, rng: random.Random | None) -> tuple[bool, frozenset[str]]:
         stream = "validation-captions" if self._validating else "captions"
         whole, named = self.caption_pipeline.dropped(epoch=epoch, rng=rng or self.streams.random(stream))
         if self.caption_pipeline.transforms and not self._validating:
@@ -146,9 +150,7 @@ class Plan:
                 substituted=whole,
                 encoders_dropped=named,
             )
-        if whole:
-            return frozenset(encoders) or frozenset({"*"})
-        return named & frozenset(encoders)
+        return whole, named
 
     def deferred_captions(self) -> contextlib.AbstractContextManager[list[dict[str, Any]]]:
         """Caption decisions made inside are held in the list yielded, not counted (a loader that
