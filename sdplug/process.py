@@ -12,6 +12,24 @@ Two kinds:
   its time reversed (``velocity_reversed``: Lumina 2); the model's time is ``s * 1000``
   (``(1 - s) * 1000`` reversed).
 
+How a host reads the model's output before the loss (``Flow.output``, kohya's
+``--model_prediction_type``, expressed on the process; ``x_t = x0 + s v`` with ``v = eps - x0``):
+
+- ``raw`` (kohya's recommended setting, diffusers' FLUX scripts): the output ``v^`` is compared
+  with the velocity ``v``;
+- ``sigma_scaled`` (EDM's preconditioning, Karras et al. 2022 section 5, as SD3's scripts use
+  it: kohya's ``sd3_train_network.py``, diffusers' ``--precondition_outputs``): the x0 the output
+  implies, ``x_t - s v^``, is compared with ``x0``. Its error is ``-s (v^ - v)``, so its MSE is
+  ``s**2 |v^ - v|**2``: the loss is in x0 space (``loss_space`` ``"sample"``) and every
+  weighting applies to it as written in x0 (``sigma_sqrt``, ``s**-2``, then gives the plain
+  velocity MSE). kohya's FLUX, Chroma and HunyuanImage scripts (where it is the default)
+  compare that same ``x_t - s v^`` with the velocity target ``eps - x0`` instead, a loss whose
+  minimiser, ``v^ = (x_t - E[v | x_t]) / s``, is not the velocity their samplers step with;
+  sdplug implements the SD3 form;
+- ``additive`` (kohya's FLUX scripts): ``v^ + x_t`` is compared with ``v``, so the network
+  learns ``v - x_t`` and its velocity is ``output + x_t`` (``Flow.velocity``); kohya's FLUX
+  sampler steps with the output itself.
+
 Training timesteps are indices into the process's table on both kinds, lowest noise first. A
 flow table is the unshifted grid ``(i + 1) / N``; a sampler draws a position ``u`` along it
 (``TimestepStrategy.position``) and the process maps it (``Flow.index``): to the grid point
@@ -40,6 +58,8 @@ from sdplug.errors import SdplugError
 from sdplug.schedule import DDPM_PREDICTION_TYPES, FLOW_PREDICTION_TYPES, noisy_sample, prediction_target, same_schedule
 
 KINDS = ("ddpm", "flow")
+# how a host reads a flow model's output before the loss (see the module's docstring)
+FLOW_OUTPUTS = ("raw", "sigma_scaled", "additive")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,8 +80,17 @@ class DDPM:
     def noisy_input(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return noisy_sample(self.alphas_cumprod, latents, noise, timesteps)
 
+    @property
+    def loss_space(self) -> str:
+        """The space the loss compares in, which a weighting is converted into: the prediction's."""
+        return self.prediction_type
+
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return prediction_target(self.alphas_cumprod, self.prediction_type, latents, noise, timesteps)
+
+    def prediction(self, model_output: torch.Tensor, noisy_input: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the loss compares with ``target``: the model's output itself."""
+        return model_output
 
     def model_time(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The time the model takes: the index itself."""
@@ -108,10 +137,13 @@ class Flow:
     prediction_type: str = "velocity"
     shift: float = 1.0
     dynamic: DynamicShift | None = None
+    output: str = "raw"
     kind: str = dataclasses.field(default="flow", init=False)
 
     def __post_init__(self) -> None:
         _check_prediction_type(self.prediction_type, "a rectified-flow model", FLOW_PREDICTION_TYPES, DDPM_PREDICTION_TYPES)
+        if self.output not in FLOW_OUTPUTS:
+            raise SdplugError(f"flow output {self.output!r} is not one of {', '.join(FLOW_OUTPUTS)}.")
         sigmas = self.sigmas
         if sigmas.dim() != 1 or len(sigmas) < 2 or not bool(((sigmas > 0) & (sigmas <= 1)).all()):
             raise SdplugError("a flow process needs a table of at least 2 sigmas in (0, 1].")
@@ -161,11 +193,38 @@ class Flow:
         s = self.sigma(timesteps, latents)
         return (1 - s) * latents + s * noise
 
+    @property
+    def loss_space(self) -> str:
+        """The space the loss compares in, which a weighting is converted into: the velocity's,
+        or x0's (``"sample"``) when the output is ``sigma_scaled``."""
+        return "sample" if self.output == "sigma_scaled" else self.prediction_type
+
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """``noise - x0`` (velocity) or ``x0 - noise`` (velocity_reversed)."""
+        """``noise - x0`` (velocity) or ``x0 - noise`` (velocity_reversed); ``x0`` itself when the
+        output is ``sigma_scaled``."""
+        if self.output == "sigma_scaled":
+            return latents
         if self.prediction_type == "velocity_reversed":
             return latents - noise
         return noise - latents
+
+    def _signed_sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``s`` such that ``x_t = x0 + s * velocity`` in this prediction type's sign."""
+        s = self.sigma(timesteps, like)
+        return -s if self.prediction_type == "velocity_reversed" else s
+
+    def prediction(self, model_output: torch.Tensor, noisy_input: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the loss compares with ``target``: the output (``raw``), the x0 it implies
+        ``x_t - s v^`` (``sigma_scaled``), or ``v^ + x_t`` (``additive``)."""
+        if self.output == "sigma_scaled":
+            return noisy_input - self._signed_sigma(timesteps, noisy_input) * model_output
+        if self.output == "additive":
+            return model_output + noisy_input
+        return model_output
+
+    def velocity(self, model_output: torch.Tensor, noisy_input: torch.Tensor) -> torch.Tensor:
+        """The velocity a sampler steps with: the output, or ``output + x_t`` for ``additive``."""
+        return model_output + noisy_input if self.output == "additive" else model_output
 
     def model_time(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The time the model takes: ``s * 1000`` (SD3, FLUX, diffusers' scripts), or
@@ -182,9 +241,9 @@ class Flow:
 
     def record(self) -> dict[str, Any]:
         """The audit's ``schedule`` facts of this process."""
-        shift: dict[str, Any] = {"shift": self.shift}
+        shift: dict[str, Any] = {"shift": self.shift, "output": self.output}
         if self.dynamic is not None:
-            shift = {"shift": "dynamic", "dynamic_shift": dataclasses.asdict(self.dynamic)}
+            shift = {"shift": "dynamic", "dynamic_shift": dataclasses.asdict(self.dynamic), "output": self.output}
         return {
             "process": self.kind,
             **shift,
@@ -214,10 +273,11 @@ def flow_sigmas(num_train_timesteps: int = 1000, shift: float = 1.0) -> torch.Te
     return (shift * s / (1 + (shift - 1) * s)).to(torch.float32)
 
 
-def flow_from_scheduler(noise_scheduler: Any, prediction_type: str | None) -> Flow:
+def flow_from_scheduler(noise_scheduler: Any, prediction_type: str | None, output: str = "raw") -> Flow:
     """The flow process of a diffusers ``FlowMatchEulerDiscreteScheduler`` (its ``config``:
     ``num_train_timesteps``, ``shift``, or ``use_dynamic_shifting`` with ``base_shift``,
-    ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``)."""
+    ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``); ``output``: how the host
+    reads the model's output (``FLOW_OUTPUTS``)."""
     config: Any = getattr(noise_scheduler, "config", None)
     name = type(noise_scheduler).__name__
     steps = int(getattr(config, "num_train_timesteps", 1000))
@@ -232,7 +292,7 @@ def flow_from_scheduler(noise_scheduler: Any, prediction_type: str | None) -> Fl
         if getattr(config, option, None):
             raise SdplugError(f"{name} has {option} set: sdplug knows the plain (shifted) flow-matching sigmas only.")
     shift = 1.0 if dynamic is not None else float(getattr(config, "shift", 1.0))
-    return Flow(flow_sigmas(steps), prediction_type or "velocity", shift, dynamic)
+    return Flow(flow_sigmas(steps), prediction_type or "velocity", shift, dynamic, output)
 
 
 def is_flow_scheduler(noise_scheduler: Any) -> bool:

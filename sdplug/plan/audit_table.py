@@ -36,7 +36,9 @@ def summary_table(r: dict[str, Any]) -> str:
     if "schedule" in r:
         s = r["schedule"]
         if s.get("process") == "flow":
-            rows.append(("schedule", f"rectified flow, {s['prediction_type']} prediction, shift {s['shift']:g}"))
+            shift = "by resolution" if s["shift"] == "dynamic" else f"{s['shift']:g}"
+            output = "" if s.get("output", "raw") == "raw" else f", {s['output']} output"
+            rows.append(("schedule", f"rectified flow, {s['prediction_type']} prediction{output}, shift {shift}"))
         else:
             zero_terminal = "on" if s["zero_terminal_snr"] else "off"
             rows.append(("schedule", f"{s['prediction_type']} prediction, zero-terminal SNR {zero_terminal}"))

@@ -91,7 +91,7 @@ def bind(
 def _bind_process(preset: Preset, process: Process, *, seed: int, rank: int, default_timesteps: TimestepStrategy | None) -> Plan:
     process = _with_preset_shift(preset, process)
     _check_processes(preset, process, default_timesteps)
-    _check_prediction_type(preset, process.prediction_type)
+    _check_prediction_type(preset, process.loss_space)
     alphas_cumprod = process.alphas_cumprod  # a flow process's: the table of the same SNR
     check_against_schedule(preset, len(alphas_cumprod), alphas_cumprod)  # file and key, before training
     return Plan(preset, process=process, seed=seed, rank=rank, default_timesteps=default_timesteps)

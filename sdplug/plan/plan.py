@@ -8,6 +8,7 @@ methods at the same moments of a training step, so a preset behaves the same eve
     text = plan.caption(caption, epoch=epoch)                  # per sample, when loaded
     t = plan.timesteps(len(latents), device=latents.device); noise = plan.noise(latents, timesteps=t)
     x_t = plan.noisy_input(latents, noise, t); target = plan.target(latents, noise, t)
+    model_pred = plan.prediction(model_output, x_t, t)         # the output as the loss reads it
     loss = plan.loss(model_pred, target, t).mean()             # per-sample, weighted
     plan.step()                                                # once per optimizer step
     plan.write_audit(output_dir, host={"name": ...})           # at the end
@@ -64,6 +65,7 @@ class Plan:
         self._validating = False
         self.process = process  # DDPM or rectified flow (sdplug.process)
         self.prediction_type = process.prediction_type
+        self._loss_space = process.loss_space  # what a weighting converts into (x0 for a sigma-scaled flow output)
         # what every strategy reads: a flow process's is the table of the same SNR (float64)
         self.alphas_cumprod = process.alphas_cumprod.detach().cpu()
         self.num_train_timesteps = process.num_train_timesteps
@@ -203,6 +205,11 @@ class Plan:
         """What the model should predict, from the clean target noise."""
         return self.process.target(latents, noise.target, timesteps)
 
+    def prediction(self, model_output: torch.Tensor, noisy_input: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the loss compares with ``target``: the model's output, read as the process says
+        (on a flow whose output is ``sigma_scaled``, the x0 it implies; ``sdplug.process``)."""
+        return self.process.prediction(model_output, noisy_input, timesteps)
+
     def model_time(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The time value the model takes for ``timesteps``: the index on DDPM, ``sigma * 1000``
         on rectified flow (``(1 - sigma) * 1000`` for the reversed convention)."""
@@ -254,11 +261,9 @@ class Plan:
         """Per-sample loss in, weighted per-sample loss out."""
         if self.loss_weighting is None:
             return loss
-        weighted = self.loss_weighting.apply(loss, timesteps, self.alphas_cumprod, self.prediction_type)
+        weighted = self.loss_weighting.apply(loss, timesteps, self.alphas_cumprod, self._loss_space)
         if not self._validating:
-            self.audit.record_weights(
-                timesteps, self.loss_weighting.weights(timesteps, self.alphas_cumprod, self.prediction_type)
-            )
+            self.audit.record_weights(timesteps, self.loss_weighting.weights(timesteps, self.alphas_cumprod, self._loss_space))
             self.divergence.observe_loss(weighted, self._training_step())
         return weighted
 
@@ -517,7 +522,7 @@ def _likely_divergence_cause(plan: Plan) -> str:
     weights = None
     if plan.loss_weighting is not None and weighting is not None:
         t = torch.arange(plan.num_train_timesteps)
-        weights = plan.loss_weighting.weights(t, plan.alphas_cumprod, plan.prediction_type)
+        weights = plan.loss_weighting.weights(t, plan.alphas_cumprod, plan._loss_space)
     return problems.likely_divergence_cause(
         optimizer=repr(spec.type) if spec is not None else "the host's optimizer",
         learning_rates=plan.optimizer_choice.learning_rates(),

@@ -132,6 +132,11 @@ class LogitNormalTimesteps(TimestepStrategy):
 
     Concentrates training on middle timesteps; ``mean`` > 0 shifts it toward noisier ones.
     OneTrainer's LOGIT_NORMAL is this with ``mean = noising_bias``, ``std = noising_weight + 1``.
+    On a rectified flow, kohya's flow scripts' ``--timestep_sampling sigmoid`` is this with
+    ``std = sigmoid_scale``; ``shift`` is that shifted by ``--discrete_flow_shift`` (``[schedule]
+    flow_shift``, or this sampler's ``shift``); ``flux_shift`` is that with FLUX's
+    resolution-dependent shift (``[schedule] dynamic_shift`` at its defaults). kohya draws a
+    continuous sigma; sdplug the nearest sigma of the model's table.
     """
 
     processes = frozenset({"ddpm", "flow"})  # draws a position (position())

@@ -42,5 +42,6 @@ def diffusion_loss(
         prediction = unet(model_input, time, encoder_hidden_states=text_states).sample
     if mask is not None:  # a pixel mask, at the latents' size (area interpolation, as kohya resizes its masks)
         mask = resize_mask(mask, latents)
+    prediction = plan.prediction(prediction, model_input, timesteps)  # the output as the loss reads it
     unweighted = plan.unweighted_loss(prediction, plan.target(latents, noise, timesteps), mask, timesteps=timesteps)
     return StepLoss(plan.weight(unweighted, timesteps), unweighted, timesteps, noise)

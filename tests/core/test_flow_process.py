@@ -4,20 +4,22 @@ of what a flow plan cannot take."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import sdplug
 from sdplug.errors import SdplugError
-from sdplug.plan import bind
+from sdplug.plan import NoiseDraw, bind
 from sdplug.preset import parse_preset
 from sdplug.process import DDPM, Flow, flow_sigmas
 from sdplug.schedule import scaled_linear_alphas_cumprod, snr
 
 
-def flow_plan(data: dict | None = None, shift: float = 3.0, **options):
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+def flow_plan(data: dict | None = None, shift: float = 3.0, steps: int = 1000, **options):
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=steps, shift=shift)
     return bind(parse_preset(data or {}, path="flow.toml"), scheduler, **options)
 
 
@@ -373,3 +375,159 @@ def test_the_learned_weighting_learns_on_a_flow_model():
         optimizer.zero_grad()
     weights = plan.loss_weighting.weights(t, plan.alphas_cumprod, "velocity")
     assert torch.isfinite(weights).all() and float(weights.mean()) < 0.8
+
+
+# kohya's --model_prediction_type, expressed on the process (sdplug.process's docstring)
+def _draw(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x0, noise, output = (torch.randn(6, 3, 8, 8, generator=g) for _ in range(3))
+    return x0, noise, output, torch.tensor([0, 100, 333, 500, 800, 999])
+
+
+@pytest.mark.parametrize("prediction_type", ["velocity", "velocity_reversed"])
+def test_a_sigma_scaled_output_is_sd3s_preconditioned_x0_loss(prediction_type):
+    """SD3's scripts: x0^ = x_t - s v^ against x0 (reversed: x_t + s v^, as x_t = x0 - s (x0 - eps)).
+    Its error is -s (v^ - v), so the MSE is s^2 times the velocity MSE, and sigma_sqrt's s^-2 on it
+    gives the plain velocity MSE back."""
+    sigmas = flow_sigmas(1000)
+    x0, noise, output, t = _draw()
+    scaled = Flow(sigmas, prediction_type, output="sigma_scaled")
+    raw = Flow(sigmas, prediction_type)
+    s = sigmas[t].view(-1, 1, 1, 1)
+    x_t = scaled.noisy_input(x0, noise, t)
+    sign = 1 if prediction_type == "velocity_reversed" else -1
+    assert torch.allclose(scaled.prediction(output, x_t, t), x_t + sign * s * output)
+    assert torch.equal(scaled.target(x0, noise, t), x0)
+    assert scaled.loss_space == "sample" and raw.loss_space == prediction_type
+    x0_error = scaled.prediction(output, x_t, t) - scaled.target(x0, noise, t)
+    v_error = raw.prediction(output, x_t, t) - raw.target(x0, noise, t)
+    assert torch.allclose(x0_error, sign * s * v_error, atol=1e-5)
+    plain = bind(parse_preset({}, path="p.toml"), process=raw)
+    for data in ({"loss_weighting": {"type": "sigma_sqrt"}}, {"loss_weighting": {"type": "min_snr"}}):
+        on_x0 = bind(parse_preset(data, path="p.toml"), process=scaled)
+        on_v = bind(parse_preset(data, path="p.toml"), process=raw)
+        a = on_x0.loss(on_x0.prediction(output, x_t, t), on_x0.target(x0, NoiseDraw(noise, noise), t), t)
+        b = on_v.loss(on_v.prediction(output, x_t, t), on_v.target(x0, NoiseDraw(noise, noise), t), t)
+        assert torch.allclose(a, b, rtol=1e-4)  # one weighting in x0, whichever space the loss is in
+    # sigma_sqrt on the x0 loss is exactly the velocity MSE (SD3's default pairing)
+    sd3 = bind(parse_preset({"loss_weighting": {"type": "sigma_sqrt"}}, path="p.toml"), process=scaled)
+    got = sd3.loss(sd3.prediction(output, x_t, t), x0, t)
+    assert torch.allclose(got, plain.loss(output, raw.target(x0, noise, t), t), rtol=1e-4)
+    assert sd3.report()["schedule"]["output"] == "sigma_scaled"
+
+
+def test_an_additive_output_learns_velocity_minus_the_input_and_steps_with_output_plus_input():
+    """kohya's FLUX ``additive``: v^ + x_t against v, so the loss is zero when the output is
+    v - x_t, and the velocity a sampler steps with is output + x_t."""
+    sigmas = flow_sigmas(1000)
+    x0, noise, _, t = _draw(1)
+    additive = Flow(sigmas, output="additive")
+    x_t = additive.noisy_input(x0, noise, t)
+    v = noise - x0
+    perfect = v - x_t
+    assert torch.allclose(additive.prediction(perfect, x_t, t), additive.target(x0, noise, t), atol=1e-6)
+    assert torch.allclose(additive.velocity(perfect, x_t), v, atol=1e-6)
+    assert additive.loss_space == "velocity"
+    assert torch.equal(Flow(sigmas, output="sigma_scaled").velocity(v, x_t), v)  # still a velocity model
+    with pytest.raises(SdplugError, match="raw, sigma_scaled, additive"):
+        Flow(sigmas, output="scaled")
+
+
+def test_a_ddpm_plans_prediction_is_the_output_itself(sd_alphas):
+    plan = bind(parse_preset({}, path="p.toml"), alphas_cumprod=sd_alphas, prediction_type="epsilon")
+    output = torch.randn(2, 4, 8, 8)
+    assert plan.prediction(output, torch.randn(2, 4, 8, 8), torch.tensor([1, 2])) is output
+
+
+def _chi_square(sigmas: torch.Tensor, cdf, bins: int = 20) -> float:
+    """Pearson's chi-square of draws over ``bins`` equal-probability bins of a CDF's law (the
+    bin edges by bisection on the CDF)."""
+    x = sigmas.double()
+    edges = [0.0]
+    for k in range(1, bins):
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if float(cdf(torch.tensor([mid], dtype=torch.float64))) < k / bins else (low, mid)
+        edges.append((low + high) / 2)
+    counts = torch.bucketize(x, torch.tensor(edges[1:], dtype=torch.float64))
+    observed = torch.bincount(counts, minlength=bins).double()
+    expected = len(x) / bins
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+# chi-square, 19 degrees of freedom: 43.8 is the 0.999 quantile
+CHI2_19_999 = 43.8
+_PHI = torch.distributions.Normal(0.0, 1.0).cdf
+
+
+def _logit(x):
+    return torch.logit(x.clamp(1e-12, 1 - 1e-12))
+
+
+def _mode_cdf(scale: float):
+    """P(t <= x) for t = 1 - u - scale (cos^2(pi u / 2) - 1 + u), decreasing in u: 1 - u(x),
+    u(x) by bisection."""
+
+    def cdf(x):
+        low, high = torch.zeros_like(x), torch.ones_like(x)
+        for _ in range(60):
+            mid = (low + high) / 2
+            t = 1 - mid - scale * (torch.cos(torch.pi / 2 * mid) ** 2 - 1 + mid)
+            low, high = torch.where(t > x, mid, low), torch.where(t > x, high, mid)
+        return 1 - (low + high) / 2
+
+    return cdf
+
+
+# a table this fine puts the grid's rounding (up to 1 / N in sigma, more where a shift is steep)
+# far below what 20000 draws resolve: the tests compare laws, not the table
+FINE = 100_000
+
+# each position sampler on an unshifted flow, against its law written independently
+SAMPLER_LAWS = {
+    "uniform": ({}, lambda x: x),
+    "stratified": ({}, lambda x: x),
+    "logit_normal": ({"mean": 0.5, "std": 0.8}, lambda x: _PHI((_logit(x) - 0.5) / 0.8)),
+    "beta": ({"alpha": 0.5, "beta": 1.0}, lambda x: x.sqrt()),
+    "cosmap": ({}, lambda x: 2 / torch.pi * torch.atan(x / (1 - x).clamp_min(1e-12))),
+    "mode": ({"scale": 1.29}, _mode_cdf(1.29)),
+    "heavy_tail": ({"scale": -0.5}, _mode_cdf(-0.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLER_LAWS))
+def test_every_position_sampler_on_flow_draws_its_law(name):
+    params, cdf = SAMPLER_LAWS[name]
+    plan = flow_plan({"timesteps": {"type": name, **params}}, shift=1.0, steps=FINE, seed=11)
+    sigmas = torch.cat([plan.process.sigmas[plan.timesteps(500)] for _ in range(40)])  # batches, as hosts draw
+    assert _chi_square(sigmas, cdf) < CHI2_19_999
+
+
+def test_kohyas_flow_samplers_are_logit_normal_with_their_shift():
+    """kohya's flow ``--timestep_sampling``: ``sigmoid`` is sigmoid(scale N(0, 1)), i.e.
+    logit_normal with std = sigmoid_scale; ``shift`` shifts it by ``discrete_flow_shift``
+    (s x / (1 + (s - 1) x)); ``flux_shift`` by FLUX's resolution-dependent shift with mu from
+    (H // 2)(W // 2) tokens (0.5 at 256, 1.15 at 4096). Each law is inverted here by hand."""
+    scale = 1.3
+    sigmoid = flow_plan({"timesteps": {"type": "logit_normal", "std": scale}}, shift=1.0, steps=FINE, seed=100)
+    draws = sigmoid.process.sigmas[sigmoid.timesteps(20000)]
+    assert _chi_square(draws, lambda x: _PHI(_logit(x) / scale)) < CHI2_19_999
+    k = 3.1582  # kohya's recommended FLUX discrete_flow_shift
+    shifted = flow_plan(
+        {"timesteps": {"type": "logit_normal", "std": scale}, "schedule": {"flow_shift": k}}, shift=1.0, steps=FINE, seed=101
+    )
+    draws = shifted.process.sigmas[shifted.timesteps(20000)]
+    assert _chi_square(draws, lambda x: _PHI(_logit(x / (k - (k - 1) * x)) / scale)) < CHI2_19_999
+    flux = flow_plan(
+        {"timesteps": {"type": "logit_normal", "std": scale}, "schedule": {"dynamic_shift": True}},
+        shift=1.0,
+        steps=FINE,
+        seed=102,
+    )
+    h, w = 64, 48
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * ((h // 2) * (w // 2) - 256)
+    draws = flux.process.sigmas[flux.timesteps(20000, latent_size=(h, w))]
+    assert _chi_square(draws, lambda x: _PHI(_logit(1 / (1 + math.exp(mu) * (1 / x - 1))) / scale)) < CHI2_19_999
+    # and the test can tell them apart: the unshifted law fails against the flux-shifted draws
+    assert _chi_square(draws, lambda x: _PHI(_logit(x) / scale)) > 10 * CHI2_19_999
