@@ -66,7 +66,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-_EVIDENCE_BENCHES = ("noise-range", "min-snr", "cfg", "cost", "flow-samplers", "flow-weightings")
+_EVIDENCE_BENCHES = ("noise-range", "min-snr", "cfg", "cost", "flow-samplers", "flow-weightings", "flow-noise-range")
 _BENCH_OPTIONS = {
     "pyramid": ("repeats",),
     "plan-overhead": ("preset", "steps", "rounds", "batch_size", "quick"),
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="print cost ratios measured side by side (pyramid, plan-overhead), or train tiny models to test each "
-        "article's claim and write report.md, plots and figures.json (noise-range, min-snr, cfg, cost, flow-samplers, flow-weightings)",
+        "article's claim and write report.md, plots and figures.json (noise-range, min-snr, cfg, cost, flow-samplers, flow-weightings, flow-noise-range)",
     )
     p.add_argument("what", choices=["pyramid", "plan-overhead", *_EVIDENCE_BENCHES])
     p.add_argument("--repeats", type=int, help="pyramid: timed calls per method and shape (median reported; default 200)")
@@ -366,17 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="plan-overhead: 3 rounds x 3 steps of batch 4; noise-range, min-snr, cfg, cost, flow-samplers, flow-weightings: a smoke run (about 1-2 minutes)",
+        help="plan-overhead: 3 rounds x 3 steps of batch 4; noise-range, min-snr, cfg, cost, flow-samplers, flow-weightings, flow-noise-range: a smoke run (about 1-2 minutes)",
     )
     p.add_argument(
         "--seeds",
         type=int,
-        help="noise-range, min-snr, cfg, cost, flow-samplers, flow-weightings: runs with seeds 0..N-1 (default 3)",
+        help="noise-range, min-snr, cfg, cost, flow-samplers, flow-weightings, flow-noise-range: runs with seeds 0..N-1 (default 3)",
     )
     p.add_argument(
         "--output",
         type=Path,
-        help="noise-range, min-snr, cfg, cost, flow-samplers, flow-weightings: folder for report.md (default bench-NAME)",
+        help="noise-range, min-snr, cfg, cost, flow-samplers, flow-weightings, flow-noise-range: folder for report.md (default bench-NAME)",
     )
     p.set_defaults(run=_cmd_bench)
     return parser

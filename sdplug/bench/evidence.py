@@ -1,4 +1,4 @@
-"""``sdplug bench noise-range | min-snr | cfg | cost | flow-samplers | flow-weightings``: one entry point for the evidence benches.
+"""``sdplug bench noise-range | min-snr | cfg | cost | flow-samplers | flow-weightings | flow-noise-range``: one entry point for the evidence benches.
 
 Each trains (or times) tiny models on a CPU and writes ``report.md``, PNG plots and
 ``figures.json`` into ``--output`` (default ``bench-NAME``); see ``sdplug.bench.common``.
@@ -18,6 +18,7 @@ MODULES = {
     "cost": "cost",
     "flow-samplers": "flow_samplers",
     "flow-weightings": "flow_weightings",
+    "flow-noise-range": "flow_noise_range",
 }
 
 

@@ -12,9 +12,14 @@ mean brightness of its samples is compared with the data's.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
 
 from sdplug.bench import common, metrics, plots, toy
+from sdplug.plan import Plan
+from sdplug.preset import Preset
 
 STRATEGIES: dict[str, list[dict]] = {
     "gaussian": [],
@@ -29,6 +34,29 @@ FULL = {"steps": 400, "train_images": 2000, "per_class": 16, "sampler_steps": 25
 QUICK = {"steps": 30, "train_images": 500, "per_class": 6, "sampler_steps": 8}
 REACHED = 0.8  # an extreme is "reached" when the prompt's mean brightness is >= 80% of the data's
 PREDICTION = "epsilon"
+
+
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """What the bench trains and samples: DDPM's schedule here, a rectified flow in
+    ``flow-noise-range``. The strategies, data, seeds, starts and measures are the same."""
+
+    bench: str  # the bench's name, and its plots' prefix
+    build: Callable[[Preset, int], Plan]  # (preset, seed) -> the plan
+    sample: Callable[[toy.TinyUNet, torch.Tensor, torch.Tensor, int], torch.Tensor]  # (model, x_T, labels, steps)
+    model: str  # the setup's description of the process and its sampler
+    sampler: str
+
+
+DDPM = Process(
+    bench="noise-range",
+    build=lambda preset, seed: preset.build(alphas_cumprod=toy.schedule(), prediction_type=PREDICTION, seed=seed),
+    sample=lambda model, x, labels, steps: toy.ddim(
+        model, x, labels, alphas_cumprod=toy.schedule(), prediction_type=PREDICTION, steps=steps
+    ),
+    model=f"{PREDICTION} prediction, Stable Diffusion's scaled-linear 1000-step schedule",
+    sampler="DDIM",
+)
 
 
 def _image_means(images: torch.Tensor) -> torch.Tensor:
@@ -53,41 +81,62 @@ def _measure(samples: torch.Tensor, labels: torch.Tensor, data: toy.Dataset) -> 
     return out
 
 
+@dataclasses.dataclass
+class Measured:
+    """Every strategy's samples measured, per start and seed."""
+
+    cfg: dict
+    results: dict[str, dict[str, dict[str, list[float]]]]
+    grids: dict[tuple[str, str], torch.Tensor]
+    reference: toy.Dataset
+    labels: torch.Tensor
+    low_frequency: dict[str, list[float]]
+
+
 def run(options: common.Options) -> common.Report:
+    measured = measure(options, DDPM)
+    return report(
+        options,
+        DDPM,
+        measured,
+        title="noise-range: can the model reach near-black and near-white? (article 000)",
+        claim="a model trained with plain Gaussian noise cannot reach the brightness extremes; offset and pyramid noise can.",
+        verdict=_verdict,
+        why=("Why plain noise stays grey here", _why),
+    )
+
+
+def measure(options: common.Options, process: Process) -> Measured:
     cfg = QUICK if options.quick else FULL
-    alphas = toy.schedule()
     data = toy.make_dataset("brightness", cfg["train_images"], seed=12345)
     reference = toy.make_dataset("brightness", 5 * 40, seed=54321)  # held-out, balanced
     labels = torch.arange(len(data.names)).repeat_interleave(cfg["per_class"])
-    progress = common.Progress(len(STRATEGIES) * options.seeds * (cfg["steps"] + 2), "noise-range", options.progress)
+    progress = common.Progress(len(STRATEGIES) * options.seeds * (cfg["steps"] + 2), process.bench, options.progress)
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     grids: dict[tuple[str, str], torch.Tensor] = {}
     low_frequency: dict[str, list[float]] = {name: [] for name in STRATEGIES}
     for name, noise in STRATEGIES.items():
         results[name] = {start: {} for start in STARTS}
         for seed in options.seed_list:
-            plan = toy.preset(f"noise-range-{name.replace(' ', '-')}", {"noise": noise}).build(
-                alphas_cumprod=alphas, prediction_type=PREDICTION, seed=seed
-            )
+            plan = process.build(toy.preset(f"{process.bench}-{name.replace(' ', '-')}", {"noise": noise}), seed)
             trained = toy.train(plan, data, steps=cfg["steps"], seed=seed, tick=progress.tick)
             # how far the training noise moves an image's per-channel mean (512 draws of the plan's noise)
             low_frequency[name].append(float(toy.start_noise(plan, 512, 99 + seed, "training").mean(dim=(2, 3)).std()))
             for start in STARTS:
                 x = toy.start_noise(plan, len(labels), 10_000 + seed, start)
-                samples = toy.ddim(
-                    trained.model, x, labels, alphas_cumprod=alphas, prediction_type=PREDICTION, steps=cfg["sampler_steps"]
-                )
+                samples = process.sample(trained.model, x, labels, cfg["sampler_steps"])
                 for key, value in _measure(samples, labels, reference).items():
                     results[name][start].setdefault(key, []).append(value)
                 if seed == 0:
                     grids[(name, start)] = samples
                 progress.tick()
-    return _report(options, cfg, results, grids, reference, labels, low_frequency)
+    return Measured(cfg, results, grids, reference, labels, low_frequency)
 
 
-def _why(figures: dict, alphas: torch.Tensor) -> str:
+def _why(figures: dict) -> str:
     """How much of the image mean survives to the last timestep, against how much the training
     noise can move the mean (both in the units of a per-image, per-channel mean)."""
+    alphas = toy.schedule()
     leak = float(alphas[-1].sqrt()) * 0.9
     ratio_rows = [
         [name, common.pm(figures["noise_mean_std"][name], 3), f"{figures['noise_mean_std'][name]['mean'] / leak:.1f}"]
@@ -104,7 +153,20 @@ def _why(figures: dict, alphas: torch.Tensor) -> str:
     )
 
 
-def _report(options, cfg, results, grids, reference: toy.Dataset, labels, low_frequency) -> common.Report:
+def report(
+    options: common.Options,
+    process: Process,
+    measured: Measured,
+    *,
+    title: str,
+    claim: str,
+    verdict: Callable[[dict], list[str]],
+    why: tuple[str, Callable[[dict], str]],
+) -> common.Report:
+    """The table, percentiles, plots and setup every noise-range bench shares; ``verdict`` and
+    ``why`` (a section's title and text) read the figures for the bench's own claim."""
+    cfg, results, grids, reference, labels = measured.cfg, measured.results, measured.grids, measured.reference, measured.labels
+    low_frequency = measured.low_frequency
     data_means = _image_means(reference.images)
     data_row = _measure(reference.images, reference.labels, reference)
     figures: dict = {
@@ -156,13 +218,52 @@ def _report(options, cfg, results, grids, reference: toy.Dataset, labels, low_fr
         ],
     )
     headline = common.table(header, rows)
+    plot_names = _plots(options, process, figures, grids, reference, labels)
+    setup = [
+        f"Data: {cfg['train_images']} training images, 16x16, five background-brightness classes (black, dark, grey, light, "
+        f"white); the comparison set is {len(reference.labels)} held-out images, balanced (per-image means "
+        f"{float(data_means.min()):.2f} to {float(data_means.max()):.2f}).",
+        f"Model: tiny class-conditional UNet (16x16 -> 4x4, width 32), {process.model}; "
+        f"AdamW lr 2e-3, batch 32, {cfg['steps']} steps, EMA weights sampled.",
+        "Training goes through the public plan API (`Preset.build`, `plan.noise / timesteps / noisy_input / target / loss / "
+        "step`); the noise strategy is the only difference between runs of one seed.",
+        f"Sampling: {process.sampler}, {cfg['sampler_steps']} steps, guidance 1, no clipping; {cfg['per_class']} samples per "
+        "class, from N(0, I) and from the training noise family (drawn inside `plan.validation()`).",
+        "Per-image mean brightness of samples (clamped to [-1, 1]) vs the data's: 1-D Wasserstein distance (W1), the share "
+        "of the data's 1%-99% range that the samples' 1%-99% range covers, percentiles in figures.json. HF residue: std of "
+        "what a 2x2 box blur removes (the data's own value is in the first row).",
+    ]
+    return common.Report(
+        title=title,
+        claim=claim,
+        headline=headline,
+        verdict=verdict(figures),
+        sections=[(why[0], why[1](figures)), ("Per-image brightness percentiles (p1 / p50 / p99)", _percentiles(figures))],
+        figures=figures,
+        plots=plot_names,
+        setup=setup,
+    )
 
-    def best(name: str) -> tuple[str, float]:
-        by_start = {s: figures["strategies"][name][s]["extremes_reached"]["mean"] for s in STARTS}
-        start = max(by_start, key=lambda s: by_start[s])
-        return STARTS[start], by_start[start]
 
-    reached = {name: best(name) for name in STRATEGIES}
+def best_start(figures: dict, name: str) -> tuple[str, float]:
+    """The sampler start that reached the extremes best for a strategy, and how far."""
+    by_start = {s: figures["strategies"][name][s]["extremes_reached"]["mean"] for s in STARTS}
+    start = max(by_start, key=lambda s: by_start[s])
+    return STARTS[start], by_start[start]
+
+
+def residue_line(figures: dict) -> str:
+    residue = figures["strategies"]["pyramid 0.8"]
+    return (
+        f"- High-frequency residue (data {figures['data']['high_frequency']:.3f}): normalised pyramid noise sampled from "
+        f"N(0, I) {residue['gaussian']['high_frequency']['mean']:.3f}, from its own family "
+        f"{residue['training']['high_frequency']['mean']:.3f}; the unit-white variant from N(0, I) "
+        f"{figures['strategies']['pyramid 0.8 unit-white']['gaussian']['high_frequency']['mean']:.3f}."
+    )
+
+
+def _verdict(figures: dict) -> list[str]:
+    reached = {name: best_start(figures, name) for name in STRATEGIES}
     verdict_lines = []
     gaussian_ok = reached["gaussian"][1] >= REACHED
     offset_ok = reached["offset 0.1"][1] >= REACHED
@@ -188,41 +289,8 @@ def _report(options, cfg, results, grids, reference: toy.Dataset, labels, low_fr
             f"the brightness signal left at the last timestep; those that did not, by {max(no):.1f}x or less"
             + ("." if separated else " (the two overlap: this ratio alone does not explain the result).")
         )
-    residue = figures["strategies"]["pyramid 0.8"]
-    verdict_lines.append(
-        f"- High-frequency residue (data {figures['data']['high_frequency']:.3f}): normalised pyramid noise sampled from "
-        f"N(0, I) {residue['gaussian']['high_frequency']['mean']:.3f}, from its own family "
-        f"{residue['training']['high_frequency']['mean']:.3f}; the unit-white variant from N(0, I) "
-        f"{figures['strategies']['pyramid 0.8 unit-white']['gaussian']['high_frequency']['mean']:.3f}."
-    )
-    plot_names = _plots(options, figures, grids, reference, labels)
-    setup = [
-        f"Data: {cfg['train_images']} training images, 16x16, five background-brightness classes (black, dark, grey, light, "
-        f"white); the comparison set is {len(reference.labels)} held-out images, balanced (per-image means "
-        f"{float(data_means.min()):.2f} to {float(data_means.max()):.2f}).",
-        f"Model: tiny class-conditional UNet (16x16 -> 4x4, width 32), {PREDICTION} prediction, Stable Diffusion's "
-        f"scaled-linear 1000-step schedule; AdamW lr 2e-3, batch 32, {cfg['steps']} steps, EMA weights sampled.",
-        "Training goes through the public plan API (`Preset.build`, `plan.noise / timesteps / noisy_input / target / loss / "
-        "step`); the noise strategy is the only difference between runs of one seed.",
-        f"Sampling: DDIM, {cfg['sampler_steps']} steps, guidance 1, no clipping; {cfg['per_class']} samples per class, "
-        "from N(0, I) and from the training noise family (drawn inside `plan.validation()`).",
-        "Per-image mean brightness of samples (clamped to [-1, 1]) vs the data's: 1-D Wasserstein distance (W1), the share "
-        "of the data's 1%-99% range that the samples' 1%-99% range covers, percentiles in figures.json. HF residue: std of "
-        "what a 2x2 box blur removes (the data's own value is in the first row).",
-    ]
-    return common.Report(
-        title="noise-range: can the model reach near-black and near-white? (article 000)",
-        claim="a model trained with plain Gaussian noise cannot reach the brightness extremes; offset and pyramid noise can.",
-        headline=headline,
-        verdict=verdict_lines,
-        sections=[
-            ("Why plain noise stays grey here", _why(figures, toy.schedule())),
-            ("Per-image brightness percentiles (p1 / p50 / p99)", _percentiles(figures)),
-        ],
-        figures=figures,
-        plots=plot_names,
-        setup=setup,
-    )
+    verdict_lines.append(residue_line(figures))
+    return verdict_lines
 
 
 def _percentiles(figures) -> str:
@@ -235,8 +303,8 @@ def _percentiles(figures) -> str:
     return common.table(["noise", "sampler start", "p1 / p50 / p99 (means over seeds)"], rows)
 
 
-def _plots(options, figures, grids, reference: toy.Dataset, labels) -> list[str]:
-    out = options.output
+def _plots(options, process: Process, figures, grids, reference: toy.Dataset, labels) -> list[str]:
+    out, prefix = options.output, process.bench
     names = list(STRATEGIES)
     series = {}
     for start, label in STARTS.items():
@@ -244,7 +312,7 @@ def _plots(options, figures, grids, reference: toy.Dataset, labels) -> list[str]
             entries = [figures["strategies"][n][start][key] for n in names]
             series[f"{what}, {label}"] = ([e["mean"] for e in entries], [e["spread"] for e in entries])
     plots.bars(
-        out / "noise-range-extremes.png",
+        out / f"{prefix}-extremes.png",
         names,
         series,
         title="mean brightness of samples asked for black / white (data: about -0.91 / +0.91)",
@@ -257,7 +325,7 @@ def _plots(options, figures, grids, reference: toy.Dataset, labels) -> list[str]
         )
         for start, label in STARTS.items()
     }
-    plots.bars(out / "noise-range-wasserstein.png", names, w1, title="W1: sample vs data per-image brightness", ylabel="W1")
+    plots.bars(out / f"{prefix}-wasserstein.png", names, w1, title="W1: sample vs data per-image brightness", ylabel="W1")
     black, white = reference.names.index("black"), reference.names.index("white")
     rows = [
         ("data: black", reference.images[reference.labels == black][:8]),
@@ -270,7 +338,5 @@ def _plots(options, figures, grids, reference: toy.Dataset, labels) -> list[str]
             samples = grids[(name, start)]
             rows.append((f"{name} / {label}: black", samples[labels == black][:8]))
             rows.append((f"{name} / {label}: white", samples[labels == white][:8]))
-    plots.grid(
-        out / "noise-range-samples.png", rows, title='samples for the "black" and "white" prompts (seed 0)', label_width=300
-    )
-    return ["noise-range-extremes.png", "noise-range-wasserstein.png", "noise-range-samples.png"]
+    plots.grid(out / f"{prefix}-samples.png", rows, title='samples for the "black" and "white" prompts (seed 0)', label_width=300)
+    return [f"{prefix}-extremes.png", f"{prefix}-wasserstein.png", f"{prefix}-samples.png"]

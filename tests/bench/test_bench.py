@@ -115,6 +115,7 @@ PLOTS = {
     "cost": ["cost-noise.png", "cost-plan-overhead.png"],
     "flow-samplers": ["flow-samplers-quality.png"],
     "flow-weightings": ["flow-weightings-quality.png"],
+    "flow-noise-range": ["flow-noise-range-extremes.png", "flow-noise-range-wasserstein.png", "flow-noise-range-samples.png"],
 }
 
 
