@@ -318,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     # argparse, which cannot pass options after a subcommand through as REMAINDER
 
     p = sub.add_parser(
+        "check",
+        help="which of an sd-scripts script's flags it ignores, or fails on, and what would act: "
+        "sdplug check kohya [--sd-scripts DIR] -- SCRIPT ARGS (exit 1 when one is)",
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)  # listed for --help; main() hands it over, as for kohya
+
+    p = sub.add_parser(
         "diffusers", help="run a diffusers example training script with a preset: sdplug diffusers --preset P -- SCRIPT ARGS"
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -391,6 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sdplug.hosts.kohya.launcher import main as kohya_main
 
         return kohya_main(argv[1:])
+    if argv[:2] == ["check", "kohya"]:  # likewise: the script's arguments follow
+        from sdplug.hosts.kohya.flag_check import main as check_kohya
+
+        return check_kohya(argv[2:])
     if argv[:1] == ["diffusers"]:  # likewise: diffusers' example scripts
         from sdplug.hosts.diffusers_scripts.launcher import main as diffusers_main
 

@@ -1,6 +1,6 @@
 """The argument names of sd-scripts' training parsers, read by building the real parsers.
 
-    python tests/hosts/kohya_parser_flags.py SD_SCRIPTS_DIR [--stub-missing] [--write VERSION]
+    python tests/hosts/kohya_parser_flags.py SD_SCRIPTS_DIR [--stub-missing] [--write VERSION | --write-flow]
 
 prints ``{"script": ["flag", ...], ...}`` (JSON, sorted) for the four scripts the kohya adapter
 supports, or with ``--write main`` / ``--write v0.8.7`` puts them in the committed names file.
@@ -24,6 +24,16 @@ import types
 from pathlib import Path
 
 SCRIPTS = ("train_network.py", "sdxl_train_network.py", "train_db.py", "fine_tune.py")
+# sd-scripts main's rectified-flow LoRA scripts: their arguments, with what each takes, go to
+# ``tests/data/kohya_flow_parsers.json`` (``--write-flow``), from which the stand-in tree builds
+# its parsers
+FLOW_SCRIPTS = (
+    "flux_train_network.py",
+    "sd3_train_network.py",
+    "lumina_train_network.py",
+    "hunyuan_image_train_network.py",
+    "anima_train_network.py",
+)
 
 
 class _Stub(type):
@@ -87,19 +97,47 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def parser_flags(root: Path) -> dict[str, list[str]]:
+def _parser(root: Path, script: str):
     root = Path(root).resolve()
-    sys.path.insert(0, str(root))
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location(Path(script).stem, root / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # sdxl_train_network imports train_network by name
+    spec.loader.exec_module(module)
+    return module.setup_parser()
+
+
+def parser_flags(root: Path) -> dict[str, list[str]]:
     flags = {}
     for script in SCRIPTS:
-        spec = importlib.util.spec_from_file_location(Path(script).stem, root / script)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # sdxl_train_network imports train_network by name
-        spec.loader.exec_module(module)
-        parser = module.setup_parser()
+        parser = _parser(root, script)
         names = {o[2:] for action in parser._actions for o in action.option_strings if o.startswith("--")}
         flags[script] = sorted(names - {"help"})
     return flags
+
+
+def _plain(value):
+    """A default as JSON holds it (a stub or an object: its text)."""
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+def flow_arguments(root: Path) -> dict[str, dict[str, dict]]:
+    """Each flow script's arguments: whether one takes a value, its default and choices."""
+    scripts = {}
+    for script in FLOW_SCRIPTS:
+        arguments = {}
+        for action in _parser(root, script)._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    entry = {"value": action.nargs != 0, "default": _plain(action.default)}
+                    if action.choices:
+                        entry["choices"] = [_plain(c) for c in action.choices]
+                    if action.nargs not in (None, 0):
+                        entry["nargs"] = action.nargs
+                    arguments[option[2:]] = entry
+        scripts[script] = dict(sorted(arguments.items()))
+    return scripts
 
 
 def write(root: Path, version: str, flags: dict[str, list[str]]) -> Path:
@@ -114,11 +152,25 @@ def write(root: Path, version: str, flags: dict[str, list[str]]) -> Path:
     return path
 
 
-if __name__ == "__main__":  # python tests/hosts/kohya_parser_flags.py DIR [--stub-missing] [--write VERSION]
+def write_flow(root: Path, scripts: dict[str, dict[str, dict]]) -> Path:
+    """Write the flow scripts' arguments (with the tree's git commit) to their committed file."""
+    import subprocess
+
+    path = Path(__file__).parents[1] / "data" / "kohya_flow_parsers.json"
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    about = "sd-scripts main's flow scripts' arguments, read by tests/hosts/kohya_parser_flags.py --write-flow"
+    path.write_text(json.dumps({"about": about, "commit": commit or "unknown", "scripts": scripts}, indent=1) + "\n")
+    return path
+
+
+if __name__ == "__main__":  # python tests/hosts/kohya_parser_flags.py DIR [--stub-missing] [--write VERSION | --write-flow]
     arguments = sys.argv[1:]
     target = arguments[arguments.index("--write") + 1] if "--write" in arguments else None
     directory = Path(next(a for a in arguments if not a.startswith("--") and a != target))
     if "--stub-missing" in arguments:
         sys.meta_path.insert(0, _StubFinder(directory))
-    found = parser_flags(directory)
-    print(write(directory, target, found) if target else json.dumps(found, indent=1, sort_keys=True))
+    if "--write-flow" in arguments:
+        print(write_flow(directory, flow_arguments(directory)))
+    else:
+        found = parser_flags(directory)
+        print(write(directory, target, found) if target else json.dumps(found, indent=1, sort_keys=True))
