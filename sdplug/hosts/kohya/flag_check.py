@@ -25,6 +25,7 @@ from sdplug.hosts import fingerprints
 from sdplug.hosts.kohya.command_line import config_file_path, given_on_command_line
 from sdplug.hosts.kohya.config_bridge import read_kohya_config
 from sdplug.hosts.kohya.flow_flags import FLOW_SCRIPTS, effects_for
+from sdplug.hosts.kohya.launcher import resolve_script, script_arguments, script_command
 from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError, detect
 
 # the source each flow script must have for the table to hold: the overrides that make the SD
@@ -159,16 +160,7 @@ def parsed_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tu
 
 def resolve(script: str, sd_scripts: Path | None) -> tuple[Path, Path]:
     """The script's path and its tree, refusing a script or tree the table does not describe."""
-    path = Path(script)
-    if not path.is_file() and sd_scripts is not None:
-        path = Path(sd_scripts) / script
-    if not path.is_file():
-        raise SdplugError(
-            f"kohya script {script!r} not found" + (f" in {sd_scripts}" if sd_scripts else "; pass --sd-scripts DIR")
-        )
-    path = path.resolve()
-    if path.name not in (*SCRIPTS, *FLOW_SCRIPTS):
-        raise KohyaVersionError(f"{path.name}: sdplug check kohya knows {', '.join((*SCRIPTS, *FLOW_SCRIPTS))}.")
+    path = resolve_script(script, sd_scripts, (*SCRIPTS, *FLOW_SCRIPTS), "sdplug check kohya knows")
     root = Path(sd_scripts).resolve() if sd_scripts else path.parent
     version = detect(root)
     if path.name in FLOW_SCRIPTS:
@@ -205,17 +197,10 @@ def _shown(value: Any) -> str:
     return "" if value is True else str(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdplug check kohya", description=__doc__.splitlines()[0])
-    parser.add_argument("--sd-scripts", type=Path, help="the sd-scripts folder (default: the script's folder)")
-    parser.add_argument("script", help=f"one of {', '.join((*SCRIPTS, *FLOW_SCRIPTS))}")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+    parser = script_command("sdplug check kohya", __doc__.splitlines()[0], f"one of {', '.join((*SCRIPTS, *FLOW_SCRIPTS))}")
+    args = parser.parse_args(argv)
+    script_args = script_arguments(args)
     try:
         path, root = resolve(args.script, args.sd_scripts)
         arguments, written = parsed_arguments(script_parser(path, root), script_args)

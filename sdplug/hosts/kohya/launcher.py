@@ -24,7 +24,10 @@ from sdplug.log import logger
 from sdplug.preset import load_preset
 
 
-def resolve_script(script: str, sd_scripts: Path | None) -> Path:
+def resolve_script(
+    script: str, sd_scripts: Path | None, supported: tuple[str, ...] = SCRIPTS, who: str = "the sdplug kohya adapter supports"
+) -> Path:
+    """The script's path (as given, or in ``--sd-scripts``), refused unless it is ``supported``."""
     path = Path(script)
     if not path.is_file() and sd_scripts is not None:
         path = Path(sd_scripts) / script
@@ -32,9 +35,23 @@ def resolve_script(script: str, sd_scripts: Path | None) -> Path:
         raise SdplugError(
             f"kohya script {script!r} not found" + (f" in {sd_scripts}" if sd_scripts else "; pass --sd-scripts DIR")
         )
-    if path.name not in SCRIPTS:
-        raise KohyaVersionError(f"{path.name}: the sdplug kohya adapter supports {', '.join(SCRIPTS)}.")
+    if path.name not in supported:
+        raise KohyaVersionError(f"{path.name}: {who} {', '.join(supported)}.")
     return path.resolve()
+
+
+def script_command(prog: str, description: str, script_help: str) -> argparse.ArgumentParser:
+    """``[--sd-scripts DIR] SCRIPT ARGS...``: the command line of everything run on a kohya script."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--sd-scripts", type=Path, help="the sd-scripts folder (default: the script's folder)")
+    parser.add_argument("script", help=script_help)
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    return parser
+
+
+def script_arguments(args: argparse.Namespace) -> list[str]:
+    """The script's own arguments, without the ``--`` that separates them."""
+    return args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
 
 
 def launch(preset_path: str, script: str, script_args: list[str], sd_scripts: Path | None = None) -> list[str]:
@@ -55,17 +72,16 @@ def launch(preset_path: str, script: str, script_args: list[str], sd_scripts: Pa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdplug kohya", description=__doc__.splitlines()[0])
+    parser = script_command(
+        "sdplug kohya", __doc__.splitlines()[0], "train_network.py, sdxl_train_network.py, train_db.py or fine_tune.py"
+    )
     parser.add_argument("--preset", required=True, help="a preset file or a shipped preset's name")
-    parser.add_argument("--sd-scripts", type=Path, help="the sd-scripts folder (default: the script's folder)")
-    parser.add_argument("script", help="train_network.py, sdxl_train_network.py, train_db.py or fine_tune.py")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+    script_args = script_arguments(args)
     try:
         problems = launch(args.preset, args.script, script_args, args.sd_scripts)
     except SdplugError as exc:
