@@ -331,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("from-kohya", help="translate a kohya --config_file into a preset")
     p.add_argument("config", type=Path)
+    p.add_argument(
+        "--script",
+        metavar="SCRIPT",
+        help="the sd-scripts script the config is for, where it reads the config its own way (the flow scripts: "
+        "flux_train_network.py, sd3_train_network.py, lumina_train_network.py, hunyuan_image_train_network.py, "
+        "anima_train_network.py); default: the SD scripts' reading",
+    )
     p.add_argument("-o", "--output", type=Path)
     p.set_defaults(run=cli_bridges.from_kohya)
 

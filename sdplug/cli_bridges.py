@@ -19,7 +19,7 @@ def write(output: Path | None, text: str) -> None:
 def from_kohya(args: argparse.Namespace) -> int:
     from sdplug.hosts.kohya.config_bridge import preset_from_kohya_file
 
-    preset, bridged = preset_from_kohya_file(args.config)
+    preset, bridged = preset_from_kohya_file(args.config, args.script)
     text = preset.to_toml(with_defaults=False)
     notes = "".join(f"# note: {note}\n" for note in bridged.notes)
     write(args.output, f"# translated by sdplug from {args.config}\n{notes}\n{text}")

@@ -7,17 +7,23 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from sdplug.cli import main as cli_main
 from sdplug.hosts.kohya import flag_check
+from sdplug.hosts.kohya.config_bridge import from_kohya
 from sdplug.hosts.kohya.flags import FLAGS, HOST_SETTINGS
 from sdplug.hosts.kohya.flow_flags import (
     FLOW_HOST_SETTINGS,
     FLOW_SCRIPTS,
     FLOW_TRICKS,
+    SCRIPT_DEFAULTS,
     SCRIPT_EFFECTS,
     TEXT_ENCODERS,
 )
+from sdplug.plan import bind
+from sdplug.preset import parse_preset
 from tests.hosts.kohya_flow_standin import PARSERS, make_flow_scripts
 from tests.hosts.kohya_standin import make_standin
 
@@ -159,3 +165,122 @@ def test_check_kohya_refuses_an_unknown_script_or_a_tree_it_does_not_describe(tr
     assert cli_main(["check", "kohya", "--sd-scripts", str(tree), "--", "lumina_train_network.py"]) == 2
     err = capsys.readouterr().err
     assert "not the one sdplug's table describes" in err and "post_process_loss" in err
+
+
+# -- sdplug from-kohya --script FLOW_SCRIPT ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", FLOW_SCRIPTS)
+def test_the_defaults_the_table_assumes_are_the_real_parsers(script):
+    for name, value in SCRIPT_DEFAULTS[script].items():
+        assert FLOW_PARSERS["scripts"][script][name]["default"] == value, name
+
+
+def bridged(script: str, **config):
+    result = from_kohya(config, name="k", script=script)
+    return result.data, result.notes
+
+
+def _ks2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The two-sample Kolmogorov-Smirnov distance."""
+    grid = torch.cat([a, b]).double().sort().values
+    cdf = lambda x: torch.searchsorted(x.double().sort().values, grid, right=True).double() / len(x)  # noqa: E731
+    return float((cdf(a) - cdf(b)).abs().max())
+
+
+def test_fluxs_sigma_sampling_reads_the_descending_table_so_the_logit_mean_changes_sign():
+    """kohya FLUX --timestep_sampling sigma: u ~ sigmoid(N(m, s)), indices = (u * 1000).long(),
+    sigma = the scheduler's (descending, shifted) timesteps[indices] / 1000. The preset's draws,
+    on the unshifted flow, follow the same law."""
+    data, notes = bridged(
+        "flux_train_network.py", weighting_scheme="logit_normal", logit_mean=0.8, logit_std=0.7, discrete_flow_shift=3.0
+    )
+    assert data["timesteps"] == {"type": "logit_normal", "mean": -0.8, "std": 0.7}
+    assert data["schedule"] == {"flow_shift": 3.0} and any("logit_mean 0.8: mean -0.8" in n for n in notes)
+    g = torch.Generator().manual_seed(0)
+    u = torch.sigmoid(0.8 + 0.7 * torch.randn(20000, generator=g))
+    kohya = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).timesteps[(u * 1000).long()] / 1000
+    plan = bind(parse_preset(data, path="k.toml"), FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000), seed=1)
+    ours = plan.process.sigmas[plan.timesteps(20000)]
+    assert _ks2(ours, kohya) < 0.02  # 1.95 * sqrt(2 / 20000) = 0.0195 at p = 0.001
+    unflipped = bind(
+        parse_preset({**data, "timesteps": {**data["timesteps"], "mean": 0.8}}, path="k.toml"),
+        FlowMatchEulerDiscreteScheduler(),
+        seed=1,
+    )
+    assert _ks2(unflipped.process.sigmas[unflipped.timesteps(20000)], kohya) > 0.1  # the sign matters
+
+
+def test_sd3_reads_u_as_sigma_with_its_training_shift_and_drops_each_encoder_on_its_own():
+    data, notes = bridged(
+        "sd3_train_network.py",
+        weighting_scheme="logit_normal",
+        logit_mean=0.5,
+        training_shift=3.0,
+        clip_l_dropout_rate=0.2,
+        t5_dropout_rate=0.1,
+        ip_noise_gamma=0.1,
+    )
+    assert data["timesteps"] == {"type": "logit_normal", "mean": 0.5, "std": 1.0} and data["schedule"] == {"flow_shift": 3.0}
+    assert data["caption"] == [
+        {"type": "dropout", "rate": 0.2, "encoders": ["clip_l"]},
+        {"type": "dropout", "rate": 0.1, "encoders": ["t5xxl"]},
+    ]
+    assert any(n.startswith("ip_noise_gamma: sd3_train_network.py ignored it") for n in notes)
+    plan = bind(
+        parse_preset(data, path="k.toml"),
+        FlowMatchEulerDiscreteScheduler(),
+        seed=2,
+        text_encoders=TEXT_ENCODERS["sd3_train_network.py"],
+    )
+    g = torch.Generator().manual_seed(0)
+    u = torch.sigmoid(0.5 + torch.randn(20000, generator=g))
+    kohya = (3 * u / (1 + 2 * u) * 1000).long() / 1000
+    assert _ks2(plan.process.sigmas[plan.timesteps(20000)], kohya) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("script", "config", "timesteps", "schedule"),
+    [
+        (
+            "flux_train_network.py",
+            {"timestep_sampling": "sigmoid", "sigmoid_scale": 1.3},
+            {"type": "logit_normal", "mean": 0.0, "std": 1.3},
+            None,
+        ),
+        (
+            "flux_train_network.py",
+            {"timestep_sampling": "flux_shift"},
+            {"type": "logit_normal", "mean": 0.0, "std": 1.0},
+            {"dynamic_shift": True},
+        ),
+        ("lumina_train_network.py", {"timestep_sampling": "nextdit_shift"}, {"type": "uniform"}, {"dynamic_shift": True}),
+        ("lumina_train_network.py", {}, {"type": "logit_normal", "mean": 0.0, "std": 1.0}, {"flow_shift": 6.0}),  # its defaults
+        ("anima_train_network.py", {"timestep_sampling": "uniform", "zero_terminal_snr": True}, {"type": "uniform"}, None),
+    ],
+)
+def test_each_flow_sampler_becomes_its_preset_form(script, config, timesteps, schedule):
+    data, notes = bridged(script, **config)
+    assert data["timesteps"] == timesteps and data.get("schedule") == schedule
+    if config.get("zero_terminal_snr"):
+        assert any(n.startswith("zero_terminal_snr: dropped") for n in notes)
+    bind(parse_preset(data, path="k.toml"), FlowMatchEulerDiscreteScheduler(), seed=0)  # a flow plan takes it
+
+
+def test_an_sd3_weighting_scheme_is_kept_only_where_the_script_applies_it():
+    assert bridged("sd3_train_network.py", weighting_scheme="cosmap")[0]["loss_weighting"] == {"type": "cosmap"}
+    flux_raw = bridged("flux_train_network.py", weighting_scheme="cosmap", model_prediction_type="raw")[0]
+    assert "loss_weighting" not in flux_raw
+    data, notes = bridged("flux_train_network.py", weighting_scheme="sigma_sqrt", min_snr_gamma=5.0)  # sigma_scaled: the default
+    assert data["loss_weighting"] == {"type": "sigma_sqrt"} and any(
+        "weighting_scheme sigma_sqrt is the weighting kept" in n for n in notes
+    )
+
+
+def test_from_kohya_refuses_a_script_it_does_not_know(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text("noise_offset = 0.1\n")
+    assert cli_main(["from-kohya", str(config), "--script", "flux_train.py"]) == 1
+    assert "--script 'flux_train.py': allowed:" in capsys.readouterr().err
+    assert cli_main(["from-kohya", str(config), "--script", "flux_train_network.py", "-o", str(tmp_path / "p.toml")]) == 0
+    assert "noise_offset: flux_train_network.py ignored it" in capsys.readouterr().err

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from sdplug.errors import PresetError
+from sdplug.hosts.kohya import flow_bridge
 from sdplug.hosts.kohya.flags import FLAGS, host_setting_group
+from sdplug.hosts.kohya.flow_flags import FLOW_SCRIPTS, FLOW_TRICKS, flow_setting_group
+from sdplug.hosts.kohya.version import SCRIPTS
 from sdplug.params import field_names
 from sdplug.preset import Preset, parse_preset
 from sdplug.preset.files import tomllib
@@ -111,7 +114,7 @@ class _Used(dict):
 
 
 def _untranslated(config: _Used) -> list[str]:
-    """A note for every set key the translation did not read, from the flag table."""
+    """A note for every set key the translation did not read, from the flag tables."""
     table = {f.name: f for f in FLAGS}  # either version's row: the reason reads the same
     notes = []
     for key, value in dict(config).items():
@@ -121,12 +124,18 @@ def _untranslated(config: _Used) -> list[str]:
         if flag is not None:
             verb = {"independent": "stays a kohya setting:", "reconciled": "not carried over; next to a preset it is"}
             notes.append(f"{key}: {verb.get(flag.kind, 'not carried over:')} {flag.why}")
-        elif host_setting_group(key) is None:
+        elif key in FLOW_TRICKS:
+            notes.append(f"{key}: stays a kohya setting of the flow scripts: {FLOW_TRICKS[key]}")
+        elif host_setting_group(key) is None and flow_setting_group(key) is None:
             notes.append(f"{key}: not carried over: not an argument of sd-scripts main or v0.8.7")
     return notes
 
 
-def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
+def from_kohya(config: dict[str, Any], *, name: str = "from-kohya", script: str | None = None) -> Bridged:
+    """The preset of a kohya config; ``script``: the script it is for, where it changes the
+    config's meaning (sd-scripts' flow scripts, ``flow_bridge``)."""
+    if script is not None and script not in (*SCRIPTS, *FLOW_SCRIPTS):
+        raise PresetError(f"--script {script!r}: allowed: {', '.join((*SCRIPTS, *FLOW_SCRIPTS))}.")
     config = _Used(config)
     notes: list[str] = []
     preset: dict[str, Any] = {"preset": {"name": name, "description": "translated from a kohya sd-scripts config"}}
@@ -216,6 +225,8 @@ def from_kohya(config: dict[str, Any], *, name: str = "from-kohya") -> Bridged:
         memory["mixed_precision"] = config["mixed_precision"]
     if memory:
         preset["memory"] = memory
+    if script in FLOW_SCRIPTS:
+        flow_bridge.translate(config, script, preset, notes)
     return Bridged(preset, notes + _untranslated(config))
 
 
@@ -387,6 +398,6 @@ def _optimizer_to_kohya(preset: Preset, config: dict[str, Any], notes: list[str]
         notes.append("optimizer.fallback: kohya has no fallback")
 
 
-def preset_from_kohya_file(path: Path) -> tuple[Preset, Bridged]:
-    bridged = from_kohya(read_kohya_config(path), name=Path(path).stem)
+def preset_from_kohya_file(path: Path, script: str | None = None) -> tuple[Preset, Bridged]:
+    bridged = from_kohya(read_kohya_config(path), name=Path(path).stem, script=script)
     return parse_preset(bridged.data, path=str(path)), bridged

@@ -45,6 +45,36 @@ TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
 
 Arguments = Mapping[str, Any]  # the parsed arguments, by name
 
+# each script's defaults of the flags this table's conditions read (a config file alone does not
+# give them; a test holds them to the real parsers')
+_COMMON_DEFAULTS = {"weighting_scheme": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
+_COMMON_DEFAULTS |= {"loss_type": "l2", "huber_schedule": "snr"}
+SCRIPT_DEFAULTS: dict[str, dict[str, Any]] = {
+    FLUX: {
+        **_COMMON_DEFAULTS,
+        "timestep_sampling": "sigma",
+        "model_prediction_type": "sigma_scaled",
+        "discrete_flow_shift": 3.0,
+        "sigmoid_scale": 1.0,
+    },
+    SD3: {**_COMMON_DEFAULTS, "training_shift": 1.0},
+    LUMINA: {
+        **_COMMON_DEFAULTS,
+        "timestep_sampling": "shift",
+        "model_prediction_type": "raw",
+        "discrete_flow_shift": 6.0,
+        "sigmoid_scale": 1.0,
+    },
+    HUNYUAN: {
+        **_COMMON_DEFAULTS,
+        "timestep_sampling": "sigma",
+        "model_prediction_type": "raw",
+        "discrete_flow_shift": 5.0,
+        "sigmoid_scale": 1.0,
+    },
+    ANIMA: {**_COMMON_DEFAULTS, "timestep_sampling": "sigmoid", "discrete_flow_shift": 1.0, "sigmoid_scale": 1.0},
+}
+
 # effects: what the script does with the flag when ``acts_when`` does not hold
 EFFECTS = ("ignored", "fails")
 

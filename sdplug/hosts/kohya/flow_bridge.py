@@ -1,0 +1,130 @@
+"""``sdplug from-kohya --script FLOW_SCRIPT``: a kohya config of one of sd-scripts' flow scripts,
+read as that script reads it.
+
+The generic translation (``config_bridge.from_kohya``) reads the SD scripts' meaning of every
+key. A flow script draws sigma its own way and ignores many of those keys
+(``flow_flags.SCRIPT_EFFECTS``), so this module, given the script:
+
+- translates ``--timestep_sampling`` with its parameters into ``[timesteps]`` and ``[schedule]``:
+  ``uniform`` -> uniform; ``sigmoid`` -> logit_normal(0, sigmoid_scale); ``shift`` -> that with
+  ``flow_shift = discrete_flow_shift``; ``flux_shift`` -> that with ``dynamic_shift``; Lumina's
+  ``nextdit_shift`` -> uniform with ``dynamic_shift``; ``sigma`` -> ``--weighting_scheme``'s
+  density (logit_normal, mode; uniform otherwise) over the scheduler's table shifted by
+  ``discrete_flow_shift``. That table descends, so a position ``u`` lands on sigma ``1 - u``
+  (shifted): ``logit_mean`` changes sign (the mode law is symmetric). SD3 draws ``u`` as sigma
+  itself, shifted by ``training_shift``, over ``[min_timestep, max_timestep]``;
+- translates an acting ``sigma_sqrt`` / ``cosmap`` weighting into ``[loss_weighting]``, and SD3's
+  per-encoder dropout rates into caption dropouts naming their encoder;
+- keeps what the script ignored but the user asked for (noise offset, min-SNR, ...) and says so:
+  the preset applies it, in its flow form where it has one; drops zero-terminal SNR (a flow's
+  sigma = 1 is pure noise, and a flow plan refuses it) with a note.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdplug.hosts.kohya.flow_flags import ANIMA, FLOW_TRICKS, LUMINA, SCRIPT_DEFAULTS, SD3, effects_for
+
+# the flow keys the translation reads (model_prediction_type and guidance_scale stay kohya's)
+READ = (
+    "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "training_shift", "weighting_scheme", "logit_mean",
+    "logit_std", "mode_scale", "model_prediction_type",
+)  # fmt: skip
+# the encoders of SD3's per-encoder dropout flags, by the names sdplug's flow hosts give them
+SD3_ENCODER_DROPOUT = {"clip_l_dropout_rate": "clip_l", "clip_g_dropout_rate": "clip_g", "t5_dropout_rate": "t5xxl"}
+
+
+def translate(config: Any, script: str, preset: dict[str, Any], notes: list[str]) -> None:
+    """Rewrite ``preset`` (the generic translation of ``config``) as ``script`` reads the config."""
+    arguments = {**SCRIPT_DEFAULTS[script], **dict(config)}
+    for key in (*READ, *SD3_ENCODER_DROPOUT):
+        config.get(key)  # read here: no "not carried over" note for them
+    for key in sorted(k for k, v in dict(config).items() if v not in (None, False, "", [], 0)):
+        for row in effects_for(script, key):
+            if row.holds(script, arguments) and key != "zero_terminal_snr":
+                done = "ignored it" if row.effect == "ignored" else "fails on it"
+                notes.append(f"{key}: {script} {done}: {row.why}; the preset applies it")
+                break
+    preset.pop("timesteps", None)
+    schedule = preset.setdefault("schedule", {})
+    if schedule.pop("zero_terminal_snr", None):
+        schedule.pop("epsilon_ok", None)
+        notes[:] = [n for n in notes if not n.startswith("zero_terminal_snr")]  # the DDPM reading's note
+        notes.append("zero_terminal_snr: dropped: a rectified flow's sigma = 1 is pure noise already")
+    if script == SD3:
+        _sd3_timesteps(config, arguments, preset, schedule, notes)
+        _sd3_encoder_dropout(config, preset, notes)
+    else:
+        _sampled_timesteps(script, arguments, preset, schedule, notes)
+    if not schedule:
+        del preset["schedule"]
+    scheme = arguments.get("weighting_scheme")
+    weighting_acts = script in (SD3, ANIMA) or arguments.get("model_prediction_type") == "sigma_scaled"
+    if scheme in ("sigma_sqrt", "cosmap") and weighting_acts:
+        replaced = preset.get("loss_weighting", {}).get("type")
+        if replaced:
+            notes.append(f"{replaced}: {script} ignored it; its --weighting_scheme {scheme} is the weighting kept")
+        preset["loss_weighting"] = {"type": scheme}
+    if "model_prediction_type" in config and script not in (SD3, ANIMA):
+        notes.append(
+            f"model_prediction_type {config['model_prediction_type']}: stays a kohya setting: {FLOW_TRICKS['model_prediction_type']}"
+        )
+
+
+def _sampled_timesteps(
+    script: str, a: dict[str, Any], preset: dict[str, Any], schedule: dict[str, Any], notes: list[str]
+) -> None:
+    sampling, scale = a.get("timestep_sampling"), float(a.get("sigmoid_scale") or 1.0)
+    if sampling == "uniform":
+        preset["timesteps"] = {"type": "uniform"}
+    elif sampling in ("sigmoid", "shift", "flux_shift"):
+        preset["timesteps"] = {"type": "logit_normal", "mean": 0.0, "std": scale}
+        if sampling == "shift" and float(a.get("discrete_flow_shift") or 1.0) != 1.0:
+            schedule["flow_shift"] = float(a["discrete_flow_shift"])
+        if sampling == "flux_shift":
+            schedule["dynamic_shift"] = True
+    elif sampling == "nextdit_shift" and script == LUMINA:
+        preset["timesteps"] = {"type": "uniform"}
+        schedule["dynamic_shift"] = True
+    else:  # sigma: the weighting scheme's density over the scheduler's descending, shifted table
+        preset["timesteps"] = _density(a, flip=True)
+        if float(a.get("discrete_flow_shift") or 1.0) != 1.0:
+            schedule["flow_shift"] = float(a["discrete_flow_shift"])
+        if a.get("weighting_scheme") == "logit_normal" and float(a.get("logit_mean") or 0.0) != 0.0:
+            notes.append(
+                f"logit_mean {a['logit_mean']}: mean {-float(a['logit_mean'])} in the preset: {script}'s sigma sampling "
+                "indexes a descending table, so its u lands on sigma 1 - u"
+            )
+
+
+def _sd3_timesteps(config: Any, a: dict[str, Any], preset: dict[str, Any], schedule: dict[str, Any], notes: list[str]) -> None:
+    timesteps = _density(a, flip=False)
+    for key in ("min_timestep", "max_timestep"):
+        if config.get(key) is not None:
+            if timesteps["type"] == "uniform":
+                timesteps[key] = int(config[key])
+            else:
+                notes.append(f"{key}: not carried over: sdplug's {timesteps['type']} timesteps span the whole schedule")
+    preset["timesteps"] = timesteps
+    if float(a.get("training_shift") or 1.0) != 1.0:
+        schedule["flow_shift"] = float(a["training_shift"])
+
+
+def _density(a: dict[str, Any], *, flip: bool) -> dict[str, Any]:
+    """``--weighting_scheme``'s sampling density (diffusers' compute_density_for_timestep_sampling)."""
+    scheme = a.get("weighting_scheme")
+    if scheme == "logit_normal":
+        mean = float(a.get("logit_mean") or 0.0)
+        return {"type": "logit_normal", "mean": -mean if flip else mean, "std": float(a.get("logit_std") or 1.0)}
+    if scheme == "mode":
+        return {"type": "mode", "scale": float(a.get("mode_scale") or 1.29)}
+    return {"type": "uniform"}
+
+
+def _sd3_encoder_dropout(config: Any, preset: dict[str, Any], notes: list[str]) -> None:
+    """SD3's per-encoder rates, each a caption dropout naming its encoder."""
+    for key, encoder in SD3_ENCODER_DROPOUT.items():
+        if config.get(key):
+            preset.setdefault("caption", []).append({"type": "dropout", "rate": float(config[key]), "encoders": [encoder]})
+            notes.append(f"{key}: kohya zeroes a dropped encoder's output; sdplug's hosts give it the empty caption's encoding")
