@@ -343,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("to-kohya", help="kohya config keys for a preset, and what kohya cannot express")
     p.add_argument("preset")
+    p.add_argument("--script", metavar="SCRIPT", help="the sd-scripts script the keys are for (as for from-kohya)")
     p.add_argument("-o", "--output", type=Path)
     p.set_defaults(run=cli_bridges.to_kohya)
 

@@ -34,7 +34,7 @@ def to_kohya(args: argparse.Namespace) -> int:
     from sdplug.hosts.kohya.config_bridge import to_kohya
     from sdplug.preset import load_preset
 
-    bridged = to_kohya(load_preset(args.preset))
+    bridged = to_kohya(load_preset(args.preset), args.script)
     notes = "".join(f"# kohya cannot express: {note}\n" for note in bridged.notes)
     body = dumps(bridged.data) if bridged.data else ""
     write(args.output, f"# kohya config keys for preset {args.preset}\n{notes}\n{body}")

@@ -12,7 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from sdplug.cli import main as cli_main
 from sdplug.hosts.kohya import flag_check
-from sdplug.hosts.kohya.config_bridge import from_kohya
+from sdplug.hosts.kohya.config_bridge import from_kohya, to_kohya
 from sdplug.hosts.kohya.flags import FLAGS, HOST_SETTINGS
 from sdplug.hosts.kohya.flow_flags import (
     FLOW_HOST_SETTINGS,
@@ -284,3 +284,58 @@ def test_from_kohya_refuses_a_script_it_does_not_know(tmp_path, capsys):
     assert "--script 'flux_train.py': allowed:" in capsys.readouterr().err
     assert cli_main(["from-kohya", str(config), "--script", "flux_train_network.py", "-o", str(tmp_path / "p.toml")]) == 0
     assert "noise_offset: flux_train_network.py ignored it" in capsys.readouterr().err
+
+
+# -- sdplug to-kohya --script FLOW_SCRIPT -----------------------------------------------------------
+
+ROUND_TRIPS = [
+    ({"timesteps": {"type": "logit_normal", "mean": 0.0, "std": 1.3}, "schedule": {"flow_shift": 3.0}}, "shift"),
+    ({"timesteps": {"type": "logit_normal", "mean": 0.0, "std": 1.0}}, "sigmoid"),
+    ({"timesteps": {"type": "logit_normal", "mean": 0.5, "std": 0.8}, "schedule": {"flow_shift": 2.0}}, "sigma"),
+    ({"timesteps": {"type": "mode", "scale": 1.29}}, "sigma"),
+    ({"timesteps": {"type": "uniform"}}, "uniform"),
+    ({"timesteps": {"type": "logit_normal", "mean": 0.0, "std": 1.0}, "schedule": {"dynamic_shift": True}}, "flux_shift"),
+]
+
+
+@pytest.mark.parametrize("script", ["flux_train_network.py", "lumina_train_network.py", "hunyuan_image_train_network.py"])
+@pytest.mark.parametrize(("data", "sampling"), ROUND_TRIPS)
+def test_a_flow_presets_timesteps_go_to_kohya_and_come_back(script, data, sampling):
+    preset = parse_preset(data, path="p.toml")
+    config = to_kohya(preset, script).data
+    assert config["timestep_sampling"] == sampling
+    back, _ = bridged(script, **config)
+    assert parse_preset(back, path="b.toml").timesteps.create() == preset.timesteps.create()
+    assert back.get("schedule", {}) == data.get("schedule", {})
+
+
+@pytest.mark.parametrize(("data", "sampling"), ROUND_TRIPS[:4])
+def test_sd3s_timesteps_go_to_kohya_and_come_back(data, sampling):
+    preset = parse_preset(data, path="p.toml")
+    config = to_kohya(preset, "sd3_train_network.py").data
+    assert "timestep_sampling" not in config  # SD3 draws through --weighting_scheme
+    back, _ = bridged("sd3_train_network.py", **config)
+    assert parse_preset(back, path="b.toml").timesteps.create() == preset.timesteps.create()
+    assert back.get("schedule", {}) == data.get("schedule", {})
+
+
+def test_to_kohya_leaves_out_what_the_flow_script_would_ignore_and_says_so():
+    preset = parse_preset(
+        {
+            "noise": [{"type": "offset", "strength": 0.1}],
+            "loss_weighting": {"type": "min_snr"},
+            "loss": {"type": "pseudo_huber", "schedule": "snr"},
+            "caption": [{"type": "dropout", "rate": 0.1, "encoders": ["t5xxl"]}],
+        },
+        path="p.toml",
+    )
+    flux = to_kohya(preset, "flux_train_network.py")
+    assert not {"noise_offset", "min_snr_gamma", "loss_type", "huber_c", "caption_dropout_rate"} & set(flux.data)
+    assert flux.data["model_prediction_type"] == "raw"  # not FLUX's default sigma_scaled
+    assert any(n.startswith("noise_offset: flux_train_network.py ignores it") for n in flux.notes)
+    assert any(n.startswith("loss 'pseudo_huber': flux_train_network.py fails on it") for n in flux.notes)
+    assert any("has no per-encoder dropout" in n for n in flux.notes)
+    sd3 = to_kohya(preset, "sd3_train_network.py")
+    assert sd3.data["t5_dropout_rate"] == 0.1 and "caption_dropout_rate" not in sd3.data
+    plain = to_kohya(preset)  # the SD scripts: the per-encoder dropout is no whole-caption dropout
+    assert "caption_dropout_rate" not in plain.data and any("drop whole captions only" in n for n in plain.notes)

@@ -260,7 +260,7 @@ KOHYA_SEPARATOR = ","  # the tag separator of kohya's caption transforms
 OPTIMIZER_ARGS = ("weight_decay", "betas", "eps")  # what optimizer_args carries (and from_kohya reads)
 
 
-def to_kohya(preset: Preset) -> Bridged:
+def to_kohya(preset: Preset, script: str | None = None) -> Bridged:
     """kohya config keys for what kohya does natively, and notes on what it cannot do.
 
     Every value is the strategy's own (``spec.create()``): a parameter the preset leaves out is
@@ -268,11 +268,14 @@ def to_kohya(preset: Preset) -> Bridged:
     kohya's defaults differ (pyramid discount 0.8 against kohya's 0.3, Lion8bit's weight decay).
     The one exception is the optimizer's lr: without one in the preset, kohya's --learning_rate
     rules, as it does in the adapter."""
+    if script is not None and script not in (*SCRIPTS, *FLOW_SCRIPTS):
+        raise PresetError(f"--script {script!r}: allowed: {', '.join((*SCRIPTS, *FLOW_SCRIPTS))}.")
     config: dict[str, Any] = {}
     notes: list[str] = []
     for spec in preset.noise:
         _noise_to_kohya(spec, config, notes)
-    if preset.timesteps is not None:
+    flow = script in FLOW_SCRIPTS  # the flow scripts' sampler and loss notes come from flow_bridge
+    if preset.timesteps is not None and not flow:
         if preset.timesteps.type == "uniform":
             timesteps = preset.timesteps.create()
             config["min_timestep"] = timesteps.min_timestep
@@ -305,7 +308,8 @@ def to_kohya(preset: Preset) -> Bridged:
             config["loss_type"] = kohya
             if kohya in ("huber", "smooth_l1"):
                 config.update(huber_c=loss.c, huber_schedule=loss.schedule, huber_scale=loss.scale)
-                notes.append("huber/smooth_l1: kohya v0.8.7 uses one threshold per batch; sdplug one per sample")
+                if not flow:
+                    notes.append("huber/smooth_l1: kohya v0.8.7 uses one threshold per batch; sdplug one per sample")
     if preset.schedule.zero_terminal_snr:
         config["zero_terminal_snr"] = True
     _caption_to_kohya(preset, config, notes)
@@ -322,6 +326,8 @@ def to_kohya(preset: Preset) -> Bridged:
             config[key] = True
     if memory.mixed_precision != "no":
         config["mixed_precision"] = memory.mixed_precision
+    if script in FLOW_SCRIPTS:
+        flow_bridge.to_flow_script(preset, script, config, notes)
     return Bridged(config, notes)
 
 
@@ -353,7 +359,12 @@ def _caption_to_kohya(preset: Preset, config: dict[str, Any], notes: list[str]) 
     keep_tokens: dict[str, int] = {}
     for spec in preset.caption:
         caption = spec.create()
-        if spec.type == "dropout":
+        if spec.type == "dropout" and caption.encoders:
+            notes.append(
+                f"caption 'dropout' of encoders {list(caption.encoders)}: kohya's SD scripts drop whole captions only "
+                "(sd3_train_network.py has per-encoder rates: to-kohya --script sd3_train_network.py)"
+            )
+        elif spec.type == "dropout":
             config["caption_dropout_rate"] = caption.rate
             if caption.every_n_epochs:  # 0: every epoch, kohya's default too
                 config["caption_dropout_every_n_epochs"] = caption.every_n_epochs

@@ -128,3 +128,110 @@ def _sd3_encoder_dropout(config: Any, preset: dict[str, Any], notes: list[str]) 
         if config.get(key):
             preset.setdefault("caption", []).append({"type": "dropout", "rate": float(config[key]), "encoders": [encoder]})
             notes.append(f"{key}: kohya zeroes a dropped encoder's output; sdplug's hosts give it the empty caption's encoding")
+
+
+def to_flow_script(preset: Any, script: str, config: dict[str, Any], notes: list[str]) -> None:
+    """Rewrite ``config`` (the SD scripts' keys for ``preset``) as ``script`` reads its keys: drop
+    what it ignores (with a note), write its sampler, shift, weighting and per-encoder dropout."""
+    arguments = {**SCRIPT_DEFAULTS[script], **config}
+    for key in sorted(config):
+        for row in effects_for(script, key):
+            if row.holds(script, arguments) and key in config:
+                if row.effect == "fails":  # the loss type and its threshold: none of it can be written
+                    notes.append(f"loss {preset.loss.type!r}: {script} fails on it ({row.why}); not written")
+                    for name in ("loss_type", "huber_c", "huber_schedule", "huber_scale"):
+                        config.pop(name, None)
+                else:
+                    notes.append(f"{key}: {script} ignores it ({row.why}); not written")
+                    del config[key]
+                break
+    if preset.timesteps is not None or preset.schedule.flow_shift != 1.0 or preset.schedule.dynamic_shift:
+        if script == SD3:
+            _sd3_sampler(preset, config, notes)
+        else:
+            _flow_sampler(preset, script, config, notes)
+    if script == "flux_train_network.py":
+        config["model_prediction_type"] = "raw"  # the velocity compared with noise - x0, as sdplug's plan compares it
+    weighting = preset.loss_weighting.type if preset.loss_weighting is not None else None
+    if weighting in ("sigma_sqrt", "cosmap"):
+        if script in (SD3, ANIMA) and config.get("weighting_scheme", "uniform") == "uniform":
+            config["weighting_scheme"] = weighting
+        else:
+            notes.append(
+                f"loss_weighting {weighting!r}: {script} applies it only through --weighting_scheme, which here either "
+                "draws the timesteps already or needs --model_prediction_type sigma_scaled (compared with the velocity "
+                "target there): not written"
+            )
+    for spec in preset.caption:
+        encoders = spec.params.get("encoders")
+        if spec.type == "dropout" and encoders:
+            by_encoder = {encoder: key for key, encoder in SD3_ENCODER_DROPOUT.items()}
+            if script == SD3 and all(e in by_encoder for e in encoders):
+                for encoder in encoders:
+                    config[by_encoder[encoder]] = spec.create().rate
+                notes.append("per-encoder dropout: kohya zeroes a dropped encoder's output, sdplug's hosts encode ''")
+            else:
+                notes.append(f"caption dropout of encoders {encoders}: {script} has no per-encoder dropout")
+
+
+def _flow_sampler(preset: Any, script: str, config: dict[str, Any], notes: list[str]) -> None:
+    """kohya's ``--timestep_sampling`` (and shift) for the preset's timesteps on flux/lumina/hunyuan/anima."""
+    spec, schedule = preset.timesteps, preset.schedule
+    kind = spec.type if spec is not None else "uniform"
+    params: Any = spec.create() if spec is not None else None
+    shift = schedule.flow_shift
+    if schedule.dynamic_shift and not _default_dynamic_shift(schedule):
+        notes.append("dynamic_shift: kohya's flux_shift has FLUX's fixed 0.5 / 1.15 at 256 / 4096 tokens; not written")
+        return
+    if kind == "uniform" and getattr(params, "shift", 1.0) == 1.0 and (params is None or params.max_timestep is None):
+        if schedule.dynamic_shift:
+            if script != LUMINA:
+                notes.append(f"uniform timesteps with dynamic_shift: {script} has no such sampler (Lumina: nextdit_shift)")
+                return
+            config["timestep_sampling"] = "nextdit_shift"
+        elif shift == 1.0:
+            config["timestep_sampling"] = "uniform"
+        else:  # sigma sampling: uniform u over the scheduler's table, shifted
+            config.update(timestep_sampling="sigma", weighting_scheme="uniform", discrete_flow_shift=shift)
+    elif kind == "logit_normal" and params.shift == 1.0 and params.mean == 0.0:
+        config["sigmoid_scale"] = params.std
+        if schedule.dynamic_shift:
+            config["timestep_sampling"] = "flux_shift"
+        elif shift == 1.0:
+            config["timestep_sampling"] = "sigmoid"
+        else:
+            config.update(timestep_sampling="shift", discrete_flow_shift=shift)
+    elif kind in ("logit_normal", "mode") and getattr(params, "shift", 1.0) == 1.0 and not schedule.dynamic_shift:
+        # sigma sampling indexes the descending table: a position u lands on 1 - u (mode's law is symmetric)
+        config.update(timestep_sampling="sigma", weighting_scheme=kind, discrete_flow_shift=shift)
+        if kind == "logit_normal":
+            config.update(logit_mean=-params.mean, logit_std=params.std)
+        else:
+            config["mode_scale"] = params.scale
+    else:
+        notes.append(f"timesteps {kind!r} {dict(spec.params) if spec else ''}: {script} has no equivalent sampler")
+
+
+def _sd3_sampler(preset: Any, config: dict[str, Any], notes: list[str]) -> None:
+    spec, schedule = preset.timesteps, preset.schedule
+    kind = spec.type if spec is not None else "uniform"
+    params: Any = spec.create() if spec is not None else None
+    if schedule.dynamic_shift or getattr(params, "shift", 1.0) != 1.0 or kind not in ("uniform", "logit_normal", "mode"):
+        notes.append(f"timesteps {kind!r} with this shift: sd3_train_network.py has no equivalent sampler")
+        return
+    if kind == "logit_normal":
+        config.update(weighting_scheme="logit_normal", logit_mean=params.mean, logit_std=params.std)
+    elif kind == "mode":
+        config.update(weighting_scheme="mode", mode_scale=params.scale)
+    if schedule.flow_shift != 1.0:
+        config["training_shift"] = schedule.flow_shift
+
+
+def _default_dynamic_shift(schedule: Any) -> bool:
+    return (schedule.base_shift, schedule.max_shift, schedule.base_seq_len, schedule.max_seq_len, schedule.patch_size) == (
+        0.5,
+        1.15,
+        256,
+        4096,
+        2,
+    )
