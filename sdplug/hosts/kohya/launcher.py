@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sdplug.errors import SdplugError
 from sdplug.hosts.kohya import audits
+from sdplug.hosts.kohya.flow_flags import FLOW_SCRIPTS
 from sdplug.hosts.kohya.runtime import activate_for_launch, record_failure
 from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError, detect
 from sdplug.hosts.lifecycle import problems_exit_status
@@ -36,8 +37,18 @@ def resolve_script(
             f"kohya script {script!r} not found" + (f" in {sd_scripts}" if sd_scripts else "; pass --sd-scripts DIR")
         )
     if path.name not in supported:
-        raise KohyaVersionError(f"{path.name}: {who} {', '.join(supported)}.")
+        raise KohyaVersionError(f"{path.name}: {who} {', '.join(supported)}.{_flow_advice(path.name, supported)}")
     return path.resolve()
+
+
+def _flow_advice(script: str, supported: tuple[str, ...]) -> str:
+    """For a flow script the adapter cannot run yet: what sdplug can already say about its flags."""
+    if script not in FLOW_SCRIPTS or script in supported:
+        return ""
+    return (
+        f" It does not run {script} yet; `sdplug check kohya --sd-scripts DIR -- {script} ARGS` says which of your flags "
+        "that script ignores, and `sdplug from-kohya CONFIG --script` / `to-kohya PRESET --script` read and write its config."
+    )
 
 
 def script_command(prog: str, description: str, script_help: str) -> argparse.ArgumentParser:
