@@ -94,6 +94,7 @@ class Audit:
         self._bins_on: dict[torch.device, torch.Tensor] = {}
         # family -> list of "type" per entry (in order), as the preset names them
         self.strategies = strategies
+        self.host_default_timesteps = "uniform"  # what the host draws when the preset names no [timesteps]
         # the noise strategies, asked once per latent size what they do there (Perlin's octaves)
         self.noise_strategies = list(noise_strategies or [])
         self._latent_sizes_seen: set[str] = set()
@@ -345,7 +346,7 @@ class Audit:
             }
         t = d["timesteps"]
         report["timesteps"] = {
-            "type": (self.strategies.get("timesteps") or ["uniform (host default)"])[0],
+            "type": (self.strategies.get("timesteps") or [f"{self.host_default_timesteps} (host default)"])[0],
             "draws": t["draws"],
             "histogram": t["histogram"],
         }

@@ -40,6 +40,7 @@ from sdplug.plan.pipelines import CaptionDraw, CaptionPipeline, NoiseDraw, Noise
 from sdplug.plan.streams import Streams, stream_seed
 from sdplug.preset import Preset, StrategySpec
 from sdplug.process import Flow, Process
+from sdplug.strategies import registry
 from sdplug.strategies.base import LossWeighting, TimestepStrategy
 from sdplug.strategies.timesteps import UniformTimesteps
 
@@ -81,6 +82,8 @@ class Plan:
         self.ema_average: EMA | None = None  # the moving average ema() keeps (None before it, or without [ema])
         sigmas = getattr(process, "sigmas", None)  # a flow process's: its audit bins sigma
         self.audit = Audit.for_preset(preset, self.num_train_timesteps, optimizer=self.optimizer_spec, sigmas=sigmas)
+        if preset.timesteps is None and default_timesteps is not None:  # the audit names the host's own draw
+            self.audit.host_default_timesteps = _strategy_name("timesteps", default_timesteps)
         self.divergence = DivergenceWatch()  # non-finite losses and weights, kept on the device (sdplug.plan.divergence)
 
     def noise(
@@ -266,6 +269,26 @@ class Plan:
             self.audit.record_weights(timesteps, self.loss_weighting.weights(timesteps, self.alphas_cumprod, self._loss_space))
             self.divergence.observe_loss(weighted, self._training_step())
         return weighted
+
+    def sample_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """One weight per sample (float32, on ``timesteps``' device) in the loss's space, for hosts
+        that multiply their own elementwise loss by it (kohya's and diffusers' flow scripts: ``loss
+        * weighting``); recorded in the audit as ``weight`` records it. Ones without a
+        ``[loss_weighting]``. A learned weighting is a function of the loss itself, not a factor:
+        it is refused here (such hosts call ``weight`` on the per-sample loss)."""
+        if self.loss_weighting is None:
+            return torch.ones(len(timesteps), device=timesteps.device)
+        if self.loss_weighting.parameters():
+            named = self.preset.loss_weighting.type if self.preset.loss_weighting is not None else "?"
+            raise SdplugError(
+                f"{self.preset.path or self.preset.name}: loss_weighting {named!r} learns its "
+                "weight from the loss itself, so it is no factor a host can multiply its loss by; this host applies "
+                "weights that way. Allowed here: a fixed weighting (min_snr, soft_min_snr, debiased, p2, cosmap, ...)."
+            )
+        weights = self.loss_weighting.weights(timesteps, self.alphas_cumprod, self._loss_space).float().to(timesteps.device)
+        if not self._validating:
+            self.audit.record_weights(timesteps, weights)
+        return weights
 
     def watch_loss(self, loss: torch.Tensor) -> None:
         """Show the plan a training loss it did not compute (a host's own loss type and weighting),
@@ -477,6 +500,12 @@ class Plan:
         record = self.attention_choice.install(model, install)
         self.audit.record_host(attention=record)
         return int(record["changed"])
+
+
+def _strategy_name(family: str, strategy: object) -> str:
+    """The name ``strategy``'s class is registered under (its class name when it is not)."""
+    chosen = registry(family)
+    return next((name for name in chosen.names() if chosen.get(name).cls is type(strategy)), type(strategy).__name__)
 
 
 def _in_preset_file(exc: PresetError, specs: Sequence[StrategySpec]) -> PresetError:

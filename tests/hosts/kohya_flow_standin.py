@@ -6,7 +6,8 @@ the real script's arguments -- names, whether each takes a value, defaults and c
 ``tests/data/kohya_flow_parsers.json`` (read from the real parsers by
 ``tests/hosts/kohya_parser_flags.py --write-flow``), and each script and its library module hold
 the source the check fingerprints (the ``post_process_loss`` that returns the loss unchanged,
-the draw function). They parse; they do not train.
+the draw function). They parse; ``flux_train_network.py`` also trains, with FLUX's step on the
+stand-in's loop (the others do not train).
 """
 
 from __future__ import annotations
@@ -17,15 +18,69 @@ from pathlib import Path
 PARSERS = Path(__file__).parents[1] / "data" / "kohya_flow_parsers.json"
 
 LIBRARY = {
-    "flux_train_utils.py": "def get_noisy_model_input_and_timesteps(args, noise_scheduler, latents, noise, device, dtype):\n"
-    "    raise NotImplementedError\n\n\n"
-    "def apply_model_prediction_type(args, model_pred, noisy_model_input, sigmas):\n    raise NotImplementedError\n",
+    # the draw and the output's reading of sd-scripts main's flux_train_utils, by their documented
+    # behaviour: sigma from --timestep_sampling, x_t = (1 - sigma) x0 + sigma (noise + gamma xi),
+    # timesteps sigma * 1000; raw / additive / sigma_scaled, SD3's weighting for sigma_scaled only
+    "flux_train_utils.py": """
+import math
+
+import torch
+
+
+def time_shift(mu, sigma, t):
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+
+def compute_loss_weighting_for_sd3(weighting_scheme, sigmas):
+    if weighting_scheme == "sigma_sqrt":
+        return (sigmas**-2.0).float()
+    if weighting_scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    return torch.ones_like(sigmas)
+
+
+def get_noisy_model_input_and_timesteps(args, noise_scheduler, latents, noise, device, dtype):
+    bsz, h, w = latents.shape[0], latents.shape[-2], latents.shape[-1]
+    if args.timestep_sampling == "uniform":
+        sigmas = torch.rand((bsz,))
+    elif args.timestep_sampling in ("sigmoid", "shift", "flux_shift"):
+        sigmas = torch.sigmoid(args.sigmoid_scale * torch.randn((bsz,)))
+        if args.timestep_sampling == "shift":
+            shift = args.discrete_flow_shift
+            sigmas = sigmas * shift / (1 + (shift - 1) * sigmas)
+        elif args.timestep_sampling == "flux_shift":
+            mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * ((h // 2) * (w // 2) - 256)
+            sigmas = time_shift(mu, 1.0, sigmas)
+    else:
+        u = torch.rand((bsz,))
+        indices = (u * noise_scheduler.config.num_train_timesteps).long()
+        sigmas = noise_scheduler.sigmas[indices]
+    timesteps = sigmas * 1000
+    sigmas = sigmas.view(-1, 1, 1, 1)
+    if args.ip_noise_gamma:
+        xi = torch.randn_like(latents)
+        noisy = (1.0 - sigmas) * latents + sigmas * (noise + args.ip_noise_gamma * xi)
+    else:
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+    return noisy.to(dtype), timesteps.to(dtype), sigmas
+
+
+def apply_model_prediction_type(args, model_pred, noisy_model_input, sigmas):
+    weighting = None
+    if args.model_prediction_type == "additive":
+        model_pred = model_pred + noisy_model_input
+    elif args.model_prediction_type == "sigma_scaled":
+        model_pred = model_pred * (-sigmas) + noisy_model_input
+        weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
+    return model_pred, weighting
+""",
     "sd3_train_utils.py": "def get_noisy_model_input_and_timesteps(args, latents, noise, device, dtype):\n"
     "    raise NotImplementedError\n",
     "lumina_train_util.py": "def get_noisy_model_input_and_timesteps(args, noise_scheduler, latents, noise, device, dtype):\n"
     "    raise NotImplementedError\n",
     "anima_train_utils.py": "def compute_loss_weighting_for_anima(weighting_scheme, sigmas):\n    raise NotImplementedError\n",
 }
+
 
 SCRIPT = """
 import argparse
@@ -64,6 +119,67 @@ class FlowNetworkTrainer:
         return loss
 """
 
+# the FLUX script trains: train_network's stand-in loop with FLUX's step (sd-scripts main's
+# FluxNetworkTrainer: noise drawn inline and handed to the draw, which returns x_t, sigma * 1000 and
+# sigma; the output read by apply_model_prediction_type; target noise - latents; kohya's weighting
+# multiplies the elementwise loss; post_process_loss returns the loss unchanged)
+FLUX_TRAINER = """
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import library.train_util as train_util
+import train_network
+from library import flux_train_utils
+
+_flow_parser = setup_parser
+
+
+def setup_parser():
+    parser = _flow_parser()
+    known = {o for action in parser._actions for o in action.option_strings}
+    for action in train_network.setup_parser()._actions:  # the stand-in loop's own switches (crash_at_step, ...)
+        if action.option_strings and not set(action.option_strings) & known:
+            parser._add_action(action)
+    return parser
+
+
+class FluxNetworkTrainer(train_network.NetworkTrainer):
+    def __init__(self, args):
+        self.flow_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.discrete_flow_shift)
+
+    def get_noise_pred_and_target(self, args, noise_scheduler, latents, text, unet):
+        noise = torch.randn_like(latents)
+        noisy, timesteps, sigmas = flux_train_utils.get_noisy_model_input_and_timesteps(
+            args, self.flow_scheduler, latents, noise, "cpu", torch.float32
+        )
+        pred = unet(noisy, timesteps.long().clamp(0, 999), text)  # the stand-in UNet embeds whole steps
+        pred, weighting = flux_train_utils.apply_model_prediction_type(args, pred, noisy, sigmas)
+        target = noise - latents
+        return pred, target, timesteps, noise, weighting
+
+    def post_process_loss(self, loss, args, timesteps, noise_scheduler):
+        return loss
+
+    def process_batch(self, batch, text_encoders, unet, noise_scheduler, args, text_encoding_strategy, tokenize_strategy):
+        latents = torch.randn(len(batch["captions"]), 4, 8, 8)
+        conds = text_encoding_strategy.encode_tokens(tokenize_strategy, text_encoders, batch["input_ids_list"])
+        pred, target, timesteps, noise, weighting = self.get_noise_pred_and_target(args, None, latents, conds[0], unet)
+        huber_c = None if args.loss_type == "l2" else train_util.get_huber_threshold_if_needed(args, timesteps, noise_scheduler)
+        loss = train_util.conditional_loss(pred.float(), target.float(), args.loss_type, "none", huber_c)
+        if weighting is not None:
+            loss = loss * weighting
+        loss = self.post_process_loss(loss.mean([1, 2, 3]), args, timesteps, noise_scheduler)
+        return loss.mean(), noise, conds[0], timesteps
+
+
+if __name__ == "__main__":
+    parser = setup_parser()
+    args = parser.parse_args()
+    args = train_util.read_config_from_file(args, parser)
+    FluxNetworkTrainer(args).train(args)
+"""
+
 
 def make_flow_scripts(root: Path) -> Path:
     """Write the five flow scripts and their library modules into the stand-in tree ``root``."""
@@ -71,5 +187,6 @@ def make_flow_scripts(root: Path) -> Path:
     for name, text in LIBRARY.items():
         (root / "library" / name).write_text(text)
     for script, arguments in scripts.items():
-        (root / script).write_text(SCRIPT.format(arguments=json.dumps(arguments)))
+        text = SCRIPT.format(arguments=json.dumps(arguments))
+        (root / script).write_text(text + FLUX_TRAINER if script == "flux_train_network.py" else text)
     return root

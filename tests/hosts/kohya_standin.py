@@ -94,6 +94,8 @@ class BaseSubset:
         self.keep_tokens_separator = getattr(args, "keep_tokens_separator", "")
         self.caption_separator = getattr(args, "caption_separator", ",")
         self.token_warmup_step = getattr(args, "token_warmup_step", 0)
+        if hasattr(args, "token_warmup_min"):  # the flow stand-ins' parsers (the real ones') have it
+            self.token_warmup_min = args.token_warmup_min
         self.caption_prefix = None
 
 

@@ -1,4 +1,5 @@
-"""What the user wrote: the sd-scripts arguments given on the command line or in ``--config_file``.
+"""What the user wrote: the script and its arguments (``sdplug kohya`` and ``sdplug check kohya``
+share that command line), and the sd-scripts arguments given on it or in ``--config_file``.
 
 A flag conflicts with a preset section when the user set it, whatever its value: ``--loss_type
 l2`` is a choice of loss even though l2 is kohya's default, so comparing the parsed value with
@@ -17,7 +18,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sdplug.errors import PresetError
+from sdplug.errors import PresetError, SdplugError
+from sdplug.hosts.kohya.flow_flags import FLOW_SCRIPTS
+from sdplug.hosts.kohya.version import FLOW_ROUTES, SCRIPTS, KohyaVersionError
 from sdplug.log import logger
 
 _NOT_GIVEN = object()
@@ -72,3 +75,43 @@ def written_flags(parser: argparse.ArgumentParser | None, args: argparse.Namespa
     names = vars(args)
     written = given_on_command_line(parser, names, argv) if parser is not None else set()
     return written | (written_in_config_file(getattr(args, "config_file", None)) & set(names))
+
+
+def resolve_script(
+    script: str, sd_scripts: Path | None, supported: tuple[str, ...] = SCRIPTS, who: str = "the sdplug kohya adapter supports"
+) -> Path:
+    """The script's path (as given, or in ``--sd-scripts``), refused unless it is ``supported``."""
+    path = Path(script)
+    if not path.is_file() and sd_scripts is not None:
+        path = Path(sd_scripts) / script
+    if not path.is_file():
+        raise SdplugError(
+            f"kohya script {script!r} not found" + (f" in {sd_scripts}" if sd_scripts else "; pass --sd-scripts DIR")
+        )
+    if path.name not in supported:
+        raise KohyaVersionError(f"{path.name}: {who} {', '.join(supported)}.{_flow_advice(path.name, supported)}")
+    return path.resolve()
+
+
+def _flow_advice(script: str, supported: tuple[str, ...]) -> str:
+    """For a flow script the adapter cannot run yet: what sdplug can already say about its flags."""
+    if script not in FLOW_SCRIPTS or script in supported:
+        return ""
+    return (
+        f" It does not run {script} yet (of the flow scripts, {', '.join(FLOW_ROUTES)}); `sdplug check kohya --sd-scripts DIR -- {script} ARGS` says which of your flags "
+        "that script ignores, and `sdplug from-kohya CONFIG --script` / `to-kohya PRESET --script` read and write its config."
+    )
+
+
+def script_command(prog: str, description: str, script_help: str) -> argparse.ArgumentParser:
+    """``[--sd-scripts DIR] SCRIPT ARGS...``: the command line of everything run on a kohya script."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--sd-scripts", type=Path, help="the sd-scripts folder (default: the script's folder)")
+    parser.add_argument("script", help=script_help)
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    return parser
+
+
+def script_arguments(args: argparse.Namespace) -> list[str]:
+    """The script's own arguments, without the ``--`` that separates them."""
+    return args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args

@@ -21,44 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from sdplug.errors import PresetError, SdplugError
-from sdplug.hosts import fingerprints
-from sdplug.hosts.kohya.command_line import config_file_path, given_on_command_line
+from sdplug.hosts.kohya.command_line import (
+    config_file_path,
+    given_on_command_line,
+    resolve_script,
+    script_arguments,
+    script_command,
+)
 from sdplug.hosts.kohya.config_bridge import read_kohya_config
 from sdplug.hosts.kohya.flow_flags import FLOW_SCRIPTS, effects_for
-from sdplug.hosts.kohya.launcher import resolve_script, script_arguments, script_command
-from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError, detect
-
-# the source each flow script must have for the table to hold: the overrides that make the SD
-# scripts' tricks dead there, and the draw function that reads the flow flags
-FLOW_FINGERPRINTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "flux_train_network.py": (
-        ("flux_train_network.py", "def post_process_loss(self, loss, args, timesteps, noise_scheduler):\n        return loss\n"),
-        ("flux_train_network.py", "noise = torch.randn_like(latents)"),
-        ("library/flux_train_utils.py", "def apply_model_prediction_type(args, model_pred, noisy_model_input, sigmas):"),
-    ),
-    "sd3_train_network.py": (
-        ("sd3_train_network.py", "def post_process_loss(self, loss, args, timesteps, noise_scheduler):\n        return loss\n"),
-        ("library/sd3_train_utils.py", "def get_noisy_model_input_and_timesteps(args, latents, noise, device, dtype)"),
-    ),
-    "lumina_train_network.py": (
-        (
-            "lumina_train_network.py",
-            "def post_process_loss(self, loss, args, timesteps, noise_scheduler):\n        return loss\n",
-        ),
-        ("library/lumina_train_util.py", "def get_noisy_model_input_and_timesteps("),
-    ),
-    "hunyuan_image_train_network.py": (
-        (
-            "hunyuan_image_train_network.py",
-            "def post_process_loss(self, loss, args, timesteps, noise_scheduler):\n        return loss\n",
-        ),
-        ("library/flux_train_utils.py", "def get_noisy_model_input_and_timesteps("),
-    ),
-    "anima_train_network.py": (
-        ("anima_train_network.py", "def post_process_loss(self, loss, args, timesteps, noise_scheduler):\n        return loss\n"),
-        ("library/anima_train_utils.py", "def compute_loss_weighting_for_anima("),
-    ),
-}
+from sdplug.hosts.kohya.version import FLOW_ROUTES, SCRIPTS, check_flow_script, detect
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +66,9 @@ def findings(script: str, arguments: Mapping[str, Any], written: set[str]) -> li
 
 
 def _how_a_preset_reaches(script: str) -> str:
-    if script in SCRIPTS:
+    if script in SCRIPTS or script in FLOW_ROUTES:
         return f"sdplug kohya --preset P.toml -- {script}"
-    return "no kohya flag does it in this script; `sdplug kohya` does not run the flow scripts yet"
+    return f"no kohya flag does it in this script; `sdplug kohya` runs {', '.join(FLOW_ROUTES)} of the flow scripts, not this one yet"
 
 
 def notices(script: str, arguments: Mapping[str, Any], written: set[str]) -> list[Notice]:
@@ -162,15 +134,7 @@ def resolve(script: str, sd_scripts: Path | None) -> tuple[Path, Path]:
     """The script's path and its tree, refusing a script or tree the table does not describe."""
     path = resolve_script(script, sd_scripts, (*SCRIPTS, *FLOW_SCRIPTS), "sdplug check kohya knows")
     root = Path(sd_scripts).resolve() if sd_scripts else path.parent
-    version = detect(root)
-    if path.name in FLOW_SCRIPTS:
-        missing = fingerprints.missing_texts(root, FLOW_FINGERPRINTS[path.name])
-        if version.name != "main" or missing:
-            what = f"missing {missing[0]}" if missing else f"sd-scripts {version.name}"
-            raise KohyaVersionError(
-                f"{path.name} in {root} is not the one sdplug's table describes (sd-scripts main at 48d368f): {what}. "
-                "Nothing was checked."
-            )
+    check_flow_script(path.name, root, detect(root), "Nothing was checked.")
     return path, root
 
 

@@ -56,7 +56,7 @@ def translate(config: Any, script: str, preset: dict[str, Any], notes: list[str]
         _sd3_timesteps(config, arguments, preset, schedule, notes)
         _sd3_encoder_dropout(config, preset, notes)
     else:
-        _sampled_timesteps(script, arguments, preset, schedule, notes)
+        sampled_timesteps(script, arguments, preset, schedule, notes)
     if not schedule:
         del preset["schedule"]
     scheme = arguments.get("weighting_scheme")
@@ -72,9 +72,9 @@ def translate(config: Any, script: str, preset: dict[str, Any], notes: list[str]
         )
 
 
-def _sampled_timesteps(
-    script: str, a: dict[str, Any], preset: dict[str, Any], schedule: dict[str, Any], notes: list[str]
-) -> None:
+def sampled_timesteps(script: str, a: dict[str, Any], preset: dict[str, Any], schedule: dict[str, Any], notes: list[str]) -> None:
+    """``--timestep_sampling`` (and what it reads, ``a``) as ``[timesteps]`` in ``preset`` and a
+    shift in ``schedule``: flux, lumina, hunyuan and anima (SD3 draws through its weighting scheme)."""
     sampling, scale = a.get("timestep_sampling"), float(a.get("sigmoid_scale") or 1.0)
     if sampling == "uniform":
         preset["timesteps"] = {"type": "uniform"}

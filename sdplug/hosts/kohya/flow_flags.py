@@ -22,6 +22,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sdplug.hosts.host_flags import HostFlag
+
 FLUX, SD3, LUMINA, HUNYUAN, ANIMA = (
     "flux_train_network.py",
     "sd3_train_network.py",
@@ -217,6 +219,22 @@ SCRIPT_EFFECTS: tuple[ScriptEffect, ...] = (
                  "anima_train.py, or the network's own arguments (--network_args)"),
 )
 # fmt: on
+
+# The flow scripts' own trick flags that, where they act, set what a preset section sets: with the
+# section set too, the run is refused (the SD scripts' table, ``flags.FLAGS``, holds the shared ones)
+FLOW_CONFLICTS: tuple[HostFlag, ...] = tuple(
+    HostFlag(name, sections, why, family=sections[0])
+    for names, sections, why in (
+        (("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "training_shift"), ("timesteps",),
+         "kohya's flow sampler and its shift (sdplug: [timesteps], [schedule] flow_shift / dynamic_shift)"),
+        (("logit_mean", "logit_std", "mode_scale"), ("timesteps",), "kohya's sigma sampling density (sdplug: [timesteps])"),
+        (("weighting_scheme",), ("timesteps", "loss_weighting"),
+         "kohya's sampling density or SD3 weighting (sdplug: [timesteps] / [loss_weighting])"),
+        (("clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate"), ("caption",),
+         "SD3's per-encoder dropout (sdplug: [[caption]] dropout with encoders)"),
+    )
+    for name in names
+)  # fmt: skip
 
 # The trick flags a flow script adds that do act (the preset sections that would take them over
 # are the flow adapter's business): read here so every argument is accounted for.

@@ -17,61 +17,24 @@ from pathlib import Path
 
 from sdplug.errors import SdplugError
 from sdplug.hosts.kohya import audits
-from sdplug.hosts.kohya.flow_flags import FLOW_SCRIPTS
-from sdplug.hosts.kohya.runtime import activate_for_launch, record_failure
-from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError, detect
+from sdplug.hosts.kohya.command_line import resolve_script, script_arguments, script_command
+from sdplug.hosts.kohya.flow_runtime import KohyaFlowAdapter
+from sdplug.hosts.kohya.runtime import KohyaAdapter, activate_for_launch, record_failure
+from sdplug.hosts.kohya.version import FLOW_ROUTES, SCRIPTS, check_flow_script, detect
 from sdplug.hosts.lifecycle import problems_exit_status
 from sdplug.log import logger
 from sdplug.preset import load_preset
 
 
-def resolve_script(
-    script: str, sd_scripts: Path | None, supported: tuple[str, ...] = SCRIPTS, who: str = "the sdplug kohya adapter supports"
-) -> Path:
-    """The script's path (as given, or in ``--sd-scripts``), refused unless it is ``supported``."""
-    path = Path(script)
-    if not path.is_file() and sd_scripts is not None:
-        path = Path(sd_scripts) / script
-    if not path.is_file():
-        raise SdplugError(
-            f"kohya script {script!r} not found" + (f" in {sd_scripts}" if sd_scripts else "; pass --sd-scripts DIR")
-        )
-    if path.name not in supported:
-        raise KohyaVersionError(f"{path.name}: {who} {', '.join(supported)}.{_flow_advice(path.name, supported)}")
-    return path.resolve()
-
-
-def _flow_advice(script: str, supported: tuple[str, ...]) -> str:
-    """For a flow script the adapter cannot run yet: what sdplug can already say about its flags."""
-    if script not in FLOW_SCRIPTS or script in supported:
-        return ""
-    return (
-        f" It does not run {script} yet; `sdplug check kohya --sd-scripts DIR -- {script} ARGS` says which of your flags "
-        "that script ignores, and `sdplug from-kohya CONFIG --script` / `to-kohya PRESET --script` read and write its config."
-    )
-
-
-def script_command(prog: str, description: str, script_help: str) -> argparse.ArgumentParser:
-    """``[--sd-scripts DIR] SCRIPT ARGS...``: the command line of everything run on a kohya script."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--sd-scripts", type=Path, help="the sd-scripts folder (default: the script's folder)")
-    parser.add_argument("script", help=script_help)
-    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
-    return parser
-
-
-def script_arguments(args: argparse.Namespace) -> list[str]:
-    """The script's own arguments, without the ``--`` that separates them."""
-    return args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
-
-
 def launch(preset_path: str, script: str, script_args: list[str], sd_scripts: Path | None = None) -> list[str]:
     """Run the script with the preset; the audit's problems (empty when every trick applied)."""
     preset = load_preset(preset_path)
-    path = resolve_script(script, sd_scripts)
+    path = resolve_script(script, sd_scripts, (*SCRIPTS, *FLOW_ROUTES))
     root = Path(sd_scripts).resolve() if sd_scripts else path.parent
     version = detect(root)
-    adapter = activate_for_launch(preset, version, root, path.name)
+    check_flow_script(path.name, root, version, "Nothing was run.")
+    adapter_class = KohyaFlowAdapter if path.name in FLOW_ROUTES else KohyaAdapter
+    adapter = activate_for_launch(preset, version, root, path.name, adapter_class)
     logger.info(f"preset {preset.name!r} on sd-scripts {version.name} ({path.name})")
     sys.argv = [str(path), *script_args]
     runpy.run_path(str(path), run_name="__main__")
@@ -83,9 +46,7 @@ def launch(preset_path: str, script: str, script_args: list[str], sd_scripts: Pa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = script_command(
-        "sdplug kohya", __doc__.splitlines()[0], "train_network.py, sdxl_train_network.py, train_db.py or fine_tune.py"
-    )
+    parser = script_command("sdplug kohya", __doc__.splitlines()[0], f"one of {', '.join((*SCRIPTS, *FLOW_ROUTES))}")
     parser.add_argument("--preset", required=True, help="a preset file or a shipped preset's name")
     return parser
 

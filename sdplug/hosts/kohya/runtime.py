@@ -86,7 +86,7 @@ class KohyaAdapter:
         self.configured_range: tuple[Any, Any] = (None, None)  # kohya's --min/--max_timestep
         self.captions = CaptionHooks(self)
         self.validating = False  # the current noise/weight calls are main's validation, not a step
-        self.timesteps = None  # what the step's noise call drew: the loss hook's per-sample thresholds
+        self.timesteps: torch.Tensor | None = None  # what the step's noise call drew: the loss hook's per-sample thresholds
         self.flag_record: dict[str, Any] = {}
         self.model_prediction: dict[str, str] | None = None  # what the model's scheduler config declares
 
@@ -357,10 +357,13 @@ def _import_library(root: Path, session: Session):
     return train_util, custom
 
 
-def _install(preset: Preset, version: KohyaVersion, root: Path, script: str) -> tuple[KohyaAdapter, Any]:
-    """An adapter with its hooks in sd-scripts' library under ``root``, and that library's
-    custom_train_functions; nothing stays changed when it fails."""
-    adapter = KohyaAdapter(preset, version, script)
+def _install(
+    preset: Preset, version: KohyaVersion, root: Path, script: str, adapter_class: type[KohyaAdapter] | None = None
+) -> tuple[KohyaAdapter, Any]:
+    """An adapter (``adapter_class``, the SD scripts' by default) with its hooks in sd-scripts'
+    library under ``root``, and that library's custom_train_functions; nothing stays changed when
+    it fails."""
+    adapter = (adapter_class or KohyaAdapter)(preset, version, script)
     try:
         train_util, custom = _import_library(root, adapter.session)
         adapter.install(train_util, custom)
@@ -382,11 +385,13 @@ def _make_active(adapter: KohyaAdapter) -> None:
     adapter.session.on_undo(inactive)
 
 
-def activate_for_launch(preset: Preset, version: KohyaVersion, root: Path, script: str) -> KohyaAdapter:
+def activate_for_launch(
+    preset: Preset, version: KohyaVersion, root: Path, script: str, adapter_class: type[KohyaAdapter] | None = None
+) -> KohyaAdapter:
     """Install the hooks before the script runs (the launcher route); ``adapter.session.undo()``
     takes them out again (the launcher never does: the audit is written at exit)."""
     show_messages()
-    adapter, _ = _install(preset, version, root, script)
+    adapter, _ = _install(preset, version, root, script, adapter_class)
     _make_active(adapter)
     return adapter
 

@@ -14,6 +14,8 @@ from sdplug.errors import SdplugError
 from sdplug.hosts import fingerprints
 
 SCRIPTS = ("train_network.py", "sdxl_train_network.py", "train_db.py", "fine_tune.py")
+# the flow scripts the adapter runs, and the library module whose draw and output it hooks
+FLOW_ROUTES = {"flux_train_network.py": "library.flux_train_utils"}
 
 
 class KohyaVersionError(SdplugError):
@@ -89,3 +91,49 @@ def check_hooks(modules: dict[str, object], version: KohyaVersion) -> None:
                 f"sd-scripts {version.name}: hook {module_name}.{attribute} is missing, so sdplug cannot apply the preset "
                 "completely; refusing before training rather than applying part of it."
             )
+
+
+# the source each flow script must have for the table to hold: the overrides that make the SD
+# scripts' tricks dead there, and the draw function that reads the flow flags
+FLOW_FINGERPRINTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "flux_train_network.py": (
+        ("flux_train_network.py", "def post_process_loss(self, loss, args, timesteps, noise_scheduler):\n        return loss\n"),
+        ("flux_train_network.py", "noise = torch.randn_like(latents)"),
+        ("library/flux_train_utils.py", "def apply_model_prediction_type(args, model_pred, noisy_model_input, sigmas):"),
+    ),
+    "sd3_train_network.py": (
+        ("sd3_train_network.py", "def post_process_loss(self, loss, args, timesteps, noise_scheduler):\n        return loss\n"),
+        ("library/sd3_train_utils.py", "def get_noisy_model_input_and_timesteps(args, latents, noise, device, dtype)"),
+    ),
+    "lumina_train_network.py": (
+        (
+            "lumina_train_network.py",
+            "def post_process_loss(self, loss, args, timesteps, noise_scheduler):\n        return loss\n",
+        ),
+        ("library/lumina_train_util.py", "def get_noisy_model_input_and_timesteps("),
+    ),
+    "hunyuan_image_train_network.py": (
+        (
+            "hunyuan_image_train_network.py",
+            "def post_process_loss(self, loss, args, timesteps, noise_scheduler):\n        return loss\n",
+        ),
+        ("library/flux_train_utils.py", "def get_noisy_model_input_and_timesteps("),
+    ),
+    "anima_train_network.py": (
+        ("anima_train_network.py", "def post_process_loss(self, loss, args, timesteps, noise_scheduler):\n        return loss\n"),
+        ("library/anima_train_utils.py", "def compute_loss_weighting_for_anima("),
+    ),
+}
+
+
+def check_flow_script(script: str, root: Path, version: KohyaVersion, consequence: str) -> None:
+    """A flow script of ``root`` is the one sdplug's tables were read from (sd-scripts main at
+    48d368f, ``FLOW_FINGERPRINTS``); an SD script passes unchecked (``detect`` recognised it)."""
+    if script not in FLOW_FINGERPRINTS:
+        return
+    missing = fingerprints.missing_texts(root, FLOW_FINGERPRINTS[script])
+    if version.name != "main" or missing:
+        what = f"missing {missing[0]}" if missing else f"sd-scripts {version.name}"
+        raise KohyaVersionError(
+            f"{script} in {root} is not the one sdplug's table describes (sd-scripts main at 48d368f): {what}. {consequence}"
+        )

@@ -1,0 +1,231 @@
+"""The kohya adapter on sd-scripts main's FLUX script (``flux_train_network.py``, FLUX.1 and Chroma):
+the same plan calls as every host, at the moments FLUX's step has.
+
+FLUX's trainer draws its noise inline (``torch.randn_like``) and hands it to
+``flux_train_utils.get_noisy_model_input_and_timesteps``, which draws sigma and builds the model
+input; ``apply_model_prediction_type`` reads the output and may return a weighting, which the
+base ``process_batch`` multiplies into the elementwise loss; ``post_process_loss`` returns the
+loss unchanged. So the adapter hooks the two ``flux_train_utils`` functions, not
+``torch.randn_like``:
+
+- the draw: the plan's sigma (its timesteps, with the latent's size for a resolution-dependent
+  shift) and the plan's noise, written into the tensor kohya passed in (kohya's target ``noise -
+  latents`` reads that tensor), the model input from the plan (input perturbation reaches it
+  alone); kohya's return convention (``x_t``, ``sigma * 1000``, ``sigma``);
+- the output: read raw (the velocity against ``noise - latents``, what the plan's weights are
+  written for; FLUX's default ``sigma_scaled`` compares ``x_t - sigma v`` with that velocity
+  target, see ``sdplug.process``), with the plan's per-sample weights as kohya's ``weighting``;
+- ``conditional_loss`` (``step_hooks``), the optimizer, attention, captions and saves: as on the
+  SD scripts (``runtime.KohyaAdapter``).
+
+The flags: each one the user wrote that FLUX's script ignores (``flow_flags.SCRIPT_EFFECTS``) is
+reported, on the console and in ``host.kohya_flags``, never refused; one that acts and sets what
+a preset section sets is refused (the SD scripts' table for the shared flags, ``FLOW_CONFLICTS``
+for FLUX's own). Without ``[timesteps]``, kohya's own sampler is drawn by the plan, translated as
+``from-kohya --script`` translates it, so every host draws one preset alike.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import torch
+
+from sdplug.errors import SdplugError
+from sdplug.hosts.host_flags import section_set
+from sdplug.hosts.kohya import ema_save, flag_check, flow_bridge, saved_metadata
+from sdplug.hosts.kohya.command_line import written_flags
+from sdplug.hosts.kohya.flow_flags import FLOW_CONFLICTS, SCRIPT_DEFAULTS, TEXT_ENCODERS
+from sdplug.hosts.kohya.network_saves import wrap_saves
+from sdplug.hosts.kohya.reconcile import KohyaConflictError, check_conflicts, check_loss_section, reconcile, user_set
+from sdplug.hosts.kohya.runtime import KohyaAdapter
+from sdplug.hosts.kohya.version import FLOW_ROUTES
+from sdplug.log import logger
+from sdplug.plan import Plan, bind
+from sdplug.plan.runs_here import check_memory_runs_here
+from sdplug.preset import parse_preset
+from sdplug.process import DynamicShift, Flow, flow_sigmas
+from sdplug.strategies.base import TimestepStrategy
+
+_HOOKED = ("get_noisy_model_input_and_timesteps", "apply_model_prediction_type")
+
+
+class KohyaFlowAdapter(KohyaAdapter):
+    """``KohyaAdapter`` with FLUX's draw and output hooks, bound to a rectified flow."""
+
+    def install(self, train_util, custom_train_functions):
+        session = super().install(train_util, custom_train_functions)
+        try:
+            module = importlib.import_module(FLOW_ROUTES[self.script])
+            for name in _HOOKED:
+                if not callable(getattr(module, name, None)):
+                    raise SdplugError(f"sd-scripts' {FLOW_ROUTES[self.script]} has no {name}: not the tree sdplug knows.")
+            self._flow = module
+            self._replace(module, "get_noisy_model_input_and_timesteps", self._draw_hook)
+            self._replace(module, "apply_model_prediction_type", self._prediction_hook)
+        except BaseException:
+            session.undo()
+            raise
+        return session
+
+    # -- configuration ----------------------------------------------------------------------
+    def _configure(self, args, parser) -> None:
+        preset = self.preset
+        values = vars(args)
+        self.defaults = {name: parser.get_default(name) for name in values} if parser is not None else {}
+        written = written_flags(parser, args, sys.argv[1:])
+        ignored = flag_check.findings(self.script, values, written)
+        for finding in ignored:  # reported, never refused: the script does nothing with them anyway
+            verb = "ignores" if finding.effect == "ignored" else "fails on"
+            logger.warning(f"{self.script} {verb} --{finding.flag}: {finding.why}. What does it: {finding.instead}")
+        acting = set(written) - {f.flag for f in ignored}
+        check_conflicts(preset, "main", {k: v for k, v in values.items() if k in acting}, self.defaults, written=acting)
+        _check_flow_conflicts(preset, values, self.defaults, acting)
+        check_memory_runs_here(preset)
+        check_loss_section(preset)
+        if getattr(args, "model_prediction_type", "raw") != "raw":
+            if "model_prediction_type" in written and args.model_prediction_type == "additive":
+                raise KohyaConflictError(
+                    f"{preset.path}: --model_prediction_type additive trains the output toward velocity - x_t, which "
+                    "FLUX's samplers read as the velocity itself; with a preset the output is read raw (the velocity "
+                    "against noise - x0). Remove the flag."
+                )
+            self.rules.append(
+                f"--model_prediction_type {args.model_prediction_type} -> raw (the preset's weights apply to the "
+                "velocity loss; kohya's sigma_scaled compares x_t - sigma * output with the velocity target)"
+            )
+            args.model_prediction_type = "raw"
+        _check_flux_sections(preset, args)
+        self.lifecycle.bind(self._build_plan(args))
+        if preset.attention is not None:  # 'sdpa' (others were refused): what FLUX's model runs already
+            self.lifecycle.bound().attention(torch.nn.Module(), install=_flux_attention)
+        ema_save.install(self, args)
+        saved_metadata.install(self, args)
+        if getattr(args, "network_module", None):
+            wrap_saves(self, args.network_module, lambda network, save: self._finite_save(save))
+        result = reconcile(
+            preset, "main", values, self.defaults, script=self.script, lr=self.lifecycle.bound().preset_lr(), written=acting
+        )
+        result.changes.pop("min_snr_gamma", None)  # FLUX never calls apply_snr_weight: the weights go through the output hook
+        for name, value in result.changes.items():
+            setattr(args, name, value)
+        self.rules += result.rules
+        self.flag_record = {
+            "kohya_flags": {
+                **result.flags,
+                **{f.flag: f"{f.effect} by {self.script}: {f.why}" for f in ignored},
+            }
+        }
+        for rule in self.rules:
+            logger.info(rule)
+
+    def _build_plan(self, args) -> Plan:
+        """The preset on a rectified flow of 1000 sigmas, shifted as kohya's own sampler shifts
+        (``discrete_flow_shift`` with sigma or shift sampling; FLUX's resolution-dependent shift
+        with flux_shift), and, without ``[timesteps]``, kohya's sampler drawn by the plan."""
+        arguments = {**SCRIPT_DEFAULTS[self.script], **vars(args)}
+        kohya: dict[str, Any] = {}
+        schedule: dict[str, Any] = {}
+        flow_bridge.sampled_timesteps(self.script, arguments, kohya, schedule, [])
+        sampling = f"--timestep_sampling {arguments.get('timestep_sampling')} (--discrete_flow_shift {arguments.get('discrete_flow_shift')})"
+        preset_draws = self.preset.timesteps is not None or self.preset.schedule.flow_shift != 1.0
+        if preset_draws or self.preset.schedule.dynamic_shift:
+            # the preset's own sampler and shift; a flag of kohya's for either was refused, so these are its defaults
+            self.rules.append(f"kohya's {sampling} -> the preset's [timesteps] and [schedule]")
+            schedule = {}
+        dynamic = DynamicShift() if schedule.get("dynamic_shift") else None
+        process = Flow(flow_sigmas(1000), "velocity", shift=float(schedule.get("flow_shift", 1.0)), dynamic=dynamic)
+        default: TimestepStrategy | None = None
+        if self.preset.timesteps is None:
+            spec = parse_preset({"timesteps": kohya["timesteps"]}, path="kohya").timesteps
+            default = spec.create() if spec is not None else None
+            if not preset_draws:
+                self.rules.append(f"kohya's {sampling} drawn by the plan as {kohya['timesteps']}, shift {schedule or 'none'}")
+        return bind(
+            self.preset,
+            process=process,
+            seed=int(getattr(args, "seed", None) or 0),
+            rank=self.rank,
+            default_timesteps=default,
+            text_encoders=TEXT_ENCODERS[self.script],
+        )
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _draw_hook(self, args, noise_scheduler, latents, noise, device, dtype):
+        assert self.plan is not None  # hooks run after configure built it
+        self.validating = self._validating(args)
+        if self.validating:  # main's validation pins --min/--max_timestep, which FLUX's own draw ignores
+            pinned = min(max(int(args.min_timestep) - 1, 0), self.plan.num_train_timesteps - 1)  # sigma = t / 1000
+            timesteps = torch.full((latents.shape[0],), pinned, device=latents.device, dtype=torch.long)
+            with self.plan.validation():
+                draw = self.plan.noise(latents, timesteps=timesteps)
+        else:
+            self.stop_if_diverged("training on")
+            self.plan.step()
+            self.captions.commit()
+            size = (int(latents.shape[-2]), int(latents.shape[-1]))
+            timesteps = self.plan.timesteps(latents.shape[0], device=latents.device, latent_size=size)
+            draw = self.plan.noise(latents, timesteps=timesteps)
+        with torch.no_grad():
+            noise.copy_(draw.target)  # kohya's target, noise - latents, reads the tensor it passed in
+        self.timesteps = timesteps
+        model_time = self.plan.model_time(timesteps)  # sigma * 1000 (velocity prediction)
+        sigmas = (model_time / 1000).view(-1, *([1] * (latents.dim() - 1)))
+        noisy = self.plan.noisy_input(latents, draw, timesteps)
+        return noisy.to(dtype), model_time.to(dtype), sigmas
+
+    def _attention_hook(self, unet, mem_eff_attn, xformers, sdpa):
+        # FLUX's model never goes through replace_unet_modules; the preset's attention was recorded at configure
+        return self.original(self._train_util, "replace_unet_modules")(unet, mem_eff_attn, xformers, sdpa)
+
+    def _prediction_hook(self, args, model_pred, noisy_model_input, sigmas):
+        assert self.plan is not None and self.timesteps is not None
+        if self.validating:
+            with self.plan.validation():
+                weights = self.plan.sample_weights(self.timesteps)
+        else:
+            weights = self.plan.sample_weights(self.timesteps)
+        return model_pred, weights.to(model_pred.device).view(-1, *([1] * (model_pred.dim() - 1)))
+
+
+def _flux_attention(kind: str) -> dict[str, Any]:
+    return {"changed": 0, "modules": "FLUX's own attention, which calls torch's scaled_dot_product_attention: no switch"}
+
+
+def _check_flux_sections(preset, args) -> None:
+    """What FLUX's script cannot apply as the preset says: refused before the model loads."""
+    spec = preset.loss_weighting
+    if spec is not None and spec.create().parameters():
+        raise KohyaConflictError(
+            f"{spec.path or preset.path}: loss_weighting {spec.type!r} learns its weight from the loss; FLUX's script "
+            "multiplies its loss by a weighting, which a learned weighting is not. Allowed: a fixed weighting."
+        )
+    if preset.attention is not None and preset.attention.type != "sdpa":
+        raise KohyaConflictError(
+            f"{preset.attention.path or preset.path}: [attention] {preset.attention.type!r}: FLUX's script has no "
+            "attention switch (its model calls PyTorch's scaled_dot_product_attention itself). Allowed: 'sdpa', or "
+            "no [attention]."
+        )
+    if preset.caption and getattr(args, "cache_text_encoder_outputs", False):
+        raise KohyaConflictError(
+            f"{preset.path}: [caption] with --cache_text_encoder_outputs: sdplug does not yet replace FLUX's cached "
+            "CLIP-L / T5 outputs of a dropped caption. Train without the cache, or without [caption]."
+        )
+
+
+def _check_flow_conflicts(preset, values, defaults, acting) -> None:
+    """FLUX's own flags that act and set what a preset section sets: refused, every clash at once."""
+    clashes = []
+    for flag in FLOW_CONFLICTS:
+        if flag.name not in acting or not user_set(flag.name, values.get(flag.name), defaults.get(flag.name), acting):
+            continue
+        taken = [section for section in flag.sections if section_set(preset, section)]
+        if taken:
+            clashes.append(f"--{flag.name}={values[flag.name]} ({flag.why}; the preset sets [{'], ['.join(taken)}])")
+    if clashes:
+        raise KohyaConflictError(
+            f"{preset.path}: the kohya command line sets {', '.join(clashes)}. Remove the flag(s) or the section(s): "
+            "sdplug never applies both."
+        )

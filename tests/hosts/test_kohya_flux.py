@@ -1,0 +1,148 @@
+"""The kohya adapter on sd-scripts main's FLUX script (a stand-in of it: ``kohya_flow_standin``):
+the preset's draws, weights and dropout decisions as a loop of one's own draws them, what FLUX
+ignores reported, what clashes refused before the model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sdplug
+from sdplug.process import Flow, flow_sigmas
+from tests.hosts.kohya_flow_standin import make_flow_scripts
+from tests.hosts.kohya_standin import make_standin
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS, BATCH = 3, 4
+# noise of three kinds (input perturbation reaches the model input only), SD3's logit-normal sigma
+# with FLUX's resolution-dependent shift, min-SNR in its velocity form, caption dropout
+FLOW_PRESET = """
+[[noise]]
+type = "offset"
+strength = 0.1
+
+[[noise]]
+type = "pyramid"
+discount = 0.8
+
+[[noise]]
+type = "input_perturbation"
+gamma = 0.1
+
+[timesteps]
+type = "logit_normal"
+
+[schedule]
+dynamic_shift = true
+
+[loss_weighting]
+type = "min_snr"
+gamma = 5.0
+
+[[caption]]
+type = "dropout"
+rate = 0.4
+
+[optimizer]
+type = "adamw"
+lr = 1e-3
+"""
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_flow_scripts(make_standin(tmp_path_factory.mktemp("sd") / "sd-scripts", "main"))
+
+
+def flux(tree, tmp_path, preset_text: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    preset = tmp_path / "preset.toml"
+    preset.write_text(preset_text)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sdplug", "kohya", "--preset", str(preset), "--sd-scripts", str(tree), "--"]
+    command += ["flux_train_network.py", "--output_dir", str(out), "--max_train_steps", str(STEPS)]
+    command += ["--train_batch_size", str(BATCH), "--seed", "0", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300), out
+
+
+def test_flux_draws_what_a_loop_of_ones_own_draws_for_one_preset_and_seed(tree, tmp_path):
+    done, out = flux(tree, tmp_path, FLOW_PRESET)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "standin-record.json").read_text())
+    report = json.loads((out / "audit.json").read_text())
+
+    plan = sdplug.load_preset(tmp_path / "preset.toml").build(process=Flow(flow_sigmas(1000)), seed=0, rank=0)
+    latents = torch.zeros(BATCH, 4, 8, 8)  # the stand-in's latents
+    dropped = [plan.caption("any caption").dropped for _ in range(STEPS * BATCH)]
+    for step in range(STEPS):
+        plan.step()
+        t = plan.timesteps(BATCH, latent_size=(8, 8))
+        noise = plan.noise(latents, timesteps=t)
+        plan.weight(torch.ones(BATCH), t)
+        # kohya's timesteps are sigma * 1000, and its target reads the noise tensor the hook filled
+        assert record["timesteps"][step] == pytest.approx(plan.model_time(t).tolist(), rel=1e-6)
+        assert float(noise.target.double().sum()) == pytest.approx(record["noise_sums"][step], rel=1e-6)
+    assert [c == "" for c in record["captions"]] == dropped and any(dropped) and not all(dropped)
+    ours = plan.report()
+    assert report["schedule"] == ours["schedule"] and report["schedule"]["shift"] == "dynamic"
+    assert report["timesteps"]["mu_per_latent_size"] == pytest.approx(ours["timesteps"]["mu_per_latent_size"])
+    weights = [r["loss_weighting"]["mean_weight_per_timestep_bin"] for r in (report, ours)]
+    assert [w is None for w in weights[0]] == [w is None for w in weights[1]]
+    assert [w for w in weights[0] if w is not None] == pytest.approx([w for w in weights[1] if w is not None], rel=1e-6)
+    assert report["problems"] == [] and report["steps"] == STEPS
+
+
+def test_flags_flux_ignores_are_reported_and_fluxs_default_output_reading_is_made_raw(tree, tmp_path):
+    done, out = flux(tree, tmp_path, FLOW_PRESET, "--noise_offset", "0.1", "--min_snr_gamma", "5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "flux_train_network.py ignores --noise_offset" in done.stderr
+    host = json.loads((out / "audit.json").read_text())["host"]
+    assert host["kohya_flags"]["noise_offset"].startswith("ignored by flux_train_network.py")
+    assert host["kohya_flags"]["min_snr_gamma"].startswith("ignored by flux_train_network.py")
+    assert any(rule.startswith("--model_prediction_type sigma_scaled -> raw") for rule in host["rules"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--timestep_sampling", "shift"), "--timestep_sampling=shift"),  # acts, and [timesteps] sets it
+        (("--ip_noise_gamma", "0.1"), "--ip_noise_gamma=0.1"),  # FLUX's draw applies it; the preset's [[noise]] too
+        (("--model_prediction_type", "additive"), "additive trains the output toward velocity - x_t"),
+    ],
+)
+def test_a_flag_that_acts_next_to_the_section_that_sets_it_is_refused_before_the_model_loads(tree, tmp_path, args, message):
+    done, out = flux(tree, tmp_path, FLOW_PRESET, *args)
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (out / "standin-model-loaded").exists()
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('[loss_weighting]\ntype = "learned"\n', "learns its weight from the loss"),
+        ('[attention]\ntype = "xformers"\n', "FLUX's script has no attention switch"),
+    ],
+)
+def test_what_fluxs_script_cannot_apply_is_refused(tree, tmp_path, section, message):
+    text = FLOW_PRESET.replace('[loss_weighting]\ntype = "min_snr"\ngamma = 5.0\n', "") + section
+    done, out = flux(tree, tmp_path, text)
+    assert done.returncode == 1 and message in done.stderr
+    assert not (out / "standin-model-loaded").exists()
+
+
+def test_without_timesteps_in_the_preset_the_plan_draws_kohyas_own_sampler(tree, tmp_path):
+    """--timestep_sampling shift --discrete_flow_shift 3 --sigmoid_scale 1.3 is logit_normal(0, 1.3)
+    on a flow shifted by 3: the plan draws it, so the preset's other families see kohya's sigmas."""
+    text = FLOW_PRESET.replace('[timesteps]\ntype = "logit_normal"\n\n[schedule]\ndynamic_shift = true\n', "")
+    args = ("--timestep_sampling", "shift", "--discrete_flow_shift", "3", "--sigmoid_scale", "1.3")
+    done, out = flux(tree, tmp_path, text, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "audit.json").read_text())
+    assert report["schedule"]["shift"] == 3.0 and report["timesteps"]["type"] == "logit_normal (host default)"
+    assert any("drawn by the plan as {'type': 'logit_normal', 'mean': 0.0, 'std': 1.3}" in r for r in report["host"]["rules"])
