@@ -17,42 +17,16 @@ import sdplug
 from sdplug.process import Flow, flow_sigmas
 from tests.hosts.kohya_flow_standin import make_flow_scripts
 from tests.hosts.kohya_standin import make_standin
+from tests.hosts.test_cross_host import FLOW_PRESET as CROSS_HOST_FLOW_PRESET
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, BATCH = 3, 4
-# noise of three kinds (input perturbation reaches the model input only), SD3's logit-normal sigma
-# with FLUX's resolution-dependent shift, min-SNR in its velocity form, caption dropout
-FLOW_PRESET = """
-[[noise]]
-type = "offset"
-strength = 0.1
-
-[[noise]]
-type = "pyramid"
-discount = 0.8
-
-[[noise]]
-type = "input_perturbation"
-gamma = 0.1
-
-[timesteps]
-type = "logit_normal"
-
-[schedule]
-dynamic_shift = true
-
-[loss_weighting]
-type = "min_snr"
-gamma = 5.0
-
-[[caption]]
-type = "dropout"
-rate = 0.4
-
-[optimizer]
-type = "adamw"
-lr = 1e-3
-"""
+# the cross-host flow preset (noise of three kinds, input perturbation reaching the model input
+# only; SD3's logit-normal sigma; min-SNR in its velocity form; caption dropout) with FLUX's
+# resolution-dependent shift
+FLOW_PRESET = CROSS_HOST_FLOW_PRESET + "\n[schedule]\ndynamic_shift = true\n"
+TIMESTEPS = '[timesteps]\ntype = "logit_normal"\n'
+MIN_SNR = '[loss_weighting]\ntype = "min_snr"\ngamma = 5.0\n'
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +104,8 @@ def test_a_flag_that_acts_next_to_the_section_that_sets_it_is_refused_before_the
     ],
 )
 def test_what_fluxs_script_cannot_apply_is_refused(tree, tmp_path, section, message):
-    text = FLOW_PRESET.replace('[loss_weighting]\ntype = "min_snr"\ngamma = 5.0\n', "") + section
+    assert MIN_SNR in FLOW_PRESET
+    text = FLOW_PRESET.replace(MIN_SNR, "") + section
     done, out = flux(tree, tmp_path, text)
     assert done.returncode == 1 and message in done.stderr
     assert not (out / "standin-model-loaded").exists()
@@ -139,7 +114,8 @@ def test_what_fluxs_script_cannot_apply_is_refused(tree, tmp_path, section, mess
 def test_without_timesteps_in_the_preset_the_plan_draws_kohyas_own_sampler(tree, tmp_path):
     """--timestep_sampling shift --discrete_flow_shift 3 --sigmoid_scale 1.3 is logit_normal(0, 1.3)
     on a flow shifted by 3: the plan draws it, so the preset's other families see kohya's sigmas."""
-    text = FLOW_PRESET.replace('[timesteps]\ntype = "logit_normal"\n\n[schedule]\ndynamic_shift = true\n', "")
+    assert TIMESTEPS in FLOW_PRESET
+    text = CROSS_HOST_FLOW_PRESET.replace(TIMESTEPS, "")
     args = ("--timestep_sampling", "shift", "--discrete_flow_shift", "3", "--sigmoid_scale", "1.3")
     done, out = flux(tree, tmp_path, text, *args)
     assert done.returncode == 0, done.stderr[-3000:]
