@@ -118,6 +118,7 @@ class KohyaFlowAdapter(KohyaAdapter):
                 **{f.flag: f"{f.effect} by {self.script}: {f.why}" for f in ignored},
             }
         }
+        self.configured_range = (getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
         for rule in self.rules:
             logger.info(rule)
 
