@@ -6,8 +6,8 @@ the real script's arguments -- names, whether each takes a value, defaults and c
 ``tests/data/kohya_flow_parsers.json`` (read from the real parsers by
 ``tests/hosts/kohya_parser_flags.py --write-flow``), and each script and its library module hold
 the source the check fingerprints (the ``post_process_loss`` that returns the loss unchanged,
-the draw function). They parse; ``flux_train_network.py`` also trains, with FLUX's step on the
-stand-in's loop (the others do not train).
+the draw function). They parse; ``flux_train_network.py`` and ``sd3_train_network.py`` also
+train, with FLUX's and SD3's steps on the stand-in's loop (the others do not train).
 """
 
 from __future__ import annotations
@@ -26,17 +26,11 @@ import math
 
 import torch
 
+from library.sd3_train_utils import compute_loss_weighting_for_sd3
+
 
 def time_shift(mu, sigma, t):
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-
-
-def compute_loss_weighting_for_sd3(weighting_scheme, sigmas):
-    if weighting_scheme == "sigma_sqrt":
-        return (sigmas**-2.0).float()
-    if weighting_scheme == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
-    return torch.ones_like(sigmas)
 
 
 def get_noisy_model_input_and_timesteps(args, noise_scheduler, latents, noise, device, dtype):
@@ -74,8 +68,36 @@ def apply_model_prediction_type(args, model_pred, noisy_model_input, sigmas):
         weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
     return model_pred, weighting
 """,
-    "sd3_train_utils.py": "def get_noisy_model_input_and_timesteps(args, latents, noise, device, dtype):\n"
-    "    raise NotImplementedError\n",
+    # SD3's: u from --weighting_scheme's density, shifted by --training_shift, over the timestep
+    # range; sigma = t / 1000, x_t = sigma noise + (1 - sigma) x0; SD3's weighting of sigma
+    "sd3_train_utils.py": """
+import math
+
+import torch
+
+
+def compute_loss_weighting_for_sd3(weighting_scheme, sigmas):
+    if weighting_scheme == "sigma_sqrt":
+        return (sigmas**-2.0).float()
+    if weighting_scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    return torch.ones_like(sigmas)
+
+
+def get_noisy_model_input_and_timesteps(args, latents, noise, device, dtype):
+    bsz = latents.shape[0]
+    if args.weighting_scheme == "logit_normal":
+        u = torch.sigmoid(torch.normal(args.logit_mean, args.logit_std, size=(bsz,)))
+    else:
+        u = torch.rand((bsz,))
+    t_min = args.min_timestep if args.min_timestep is not None else 0
+    t_max = args.max_timestep if args.max_timestep is not None else 1000
+    shift = args.training_shift
+    u = (u * shift) / (1 + (shift - 1) * u)
+    timesteps = (u * (t_max - t_min) + t_min).long().to(dtype)
+    sigmas = (timesteps / 1000).view(-1, 1, 1, 1)
+    return sigmas * noise + (1.0 - sigmas) * latents, timesteps, sigmas
+""",
     "lumina_train_util.py": "def get_noisy_model_input_and_timesteps(args, noise_scheduler, latents, noise, device, dtype):\n"
     "    raise NotImplementedError\n",
     "anima_train_utils.py": "def compute_loss_weighting_for_anima(weighting_scheme, sigmas):\n    raise NotImplementedError\n",
@@ -119,18 +141,18 @@ class FlowNetworkTrainer:
         return loss
 """
 
-# the FLUX script trains: train_network's stand-in loop with FLUX's step (sd-scripts main's
-# FluxNetworkTrainer: noise drawn inline and handed to the draw, which returns x_t, sigma * 1000 and
-# sigma; the output read by apply_model_prediction_type; target noise - latents; kohya's weighting
-# multiplies the elementwise loss; post_process_loss returns the loss unchanged)
-FLUX_TRAINER = """
+# the FLUX and SD3 scripts train: train_network's stand-in loop with each one's step (sd-scripts
+# main's FluxNetworkTrainer / Sd3NetworkTrainer: noise drawn inline and handed to the draw, which
+# returns x_t, sigma * 1000 and sigma; kohya's weighting multiplies the elementwise loss;
+# post_process_loss returns the loss unchanged). STEP is each script's own part.
+TRAINER = """
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import library.train_util as train_util
 import train_network
-from library import flux_train_utils
+from library import flux_train_utils, sd3_train_utils
 
 _flow_parser = setup_parser
 
@@ -144,18 +166,13 @@ def setup_parser():
     return parser
 
 
-class FluxNetworkTrainer(train_network.NetworkTrainer):
+class FlowNetworkTrainer(train_network.NetworkTrainer):
     def __init__(self, args):
-        self.flow_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.discrete_flow_shift)
+        self.flow_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=getattr(args, "discrete_flow_shift", 1.0))
 
     def get_noise_pred_and_target(self, args, noise_scheduler, latents, text, unet):
         noise = torch.randn_like(latents)
-        noisy, timesteps, sigmas = flux_train_utils.get_noisy_model_input_and_timesteps(
-            args, self.flow_scheduler, latents, noise, "cpu", torch.float32
-        )
-        pred = unet(noisy, timesteps.long().clamp(0, 999), text)  # the stand-in UNet embeds whole steps
-        pred, weighting = flux_train_utils.apply_model_prediction_type(args, pred, noisy, sigmas)
-        target = noise - latents
+STEP
         return pred, target, timesteps, noise, weighting
 
     def post_process_loss(self, loss, args, timesteps, noise_scheduler):
@@ -177,8 +194,24 @@ if __name__ == "__main__":
     parser = setup_parser()
     args = parser.parse_args()
     args = train_util.read_config_from_file(args, parser)
-    FluxNetworkTrainer(args).train(args)
+    FlowNetworkTrainer(args).train(args)
 """
+STEPS = {
+    # FLUX: the output read by apply_model_prediction_type; the target noise - latents
+    "flux_train_network.py": """        noisy, timesteps, sigmas = flux_train_utils.get_noisy_model_input_and_timesteps(
+            args, self.flow_scheduler, latents, noise, "cpu", torch.float32
+        )
+        pred = unet(noisy, timesteps.long().clamp(0, 999), text)  # the stand-in UNet embeds whole steps
+        pred, weighting = flux_train_utils.apply_model_prediction_type(args, pred, noisy, sigmas)
+        target = noise - latents""",
+    # SD3: the output preconditioned inline, x_t - sigma * output, against the latents, weighted by
+    # compute_loss_weighting_for_sd3
+    "sd3_train_network.py": """        noisy, timesteps, sigmas = sd3_train_utils.get_noisy_model_input_and_timesteps(args, latents, noise, "cpu", torch.float32)
+        pred = unet(noisy, timesteps.long().clamp(0, 999), text)
+        pred = pred * (-sigmas) + noisy
+        weighting = sd3_train_utils.compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas)
+        target = latents""",
+}
 
 
 def make_flow_scripts(root: Path) -> Path:
@@ -188,5 +221,6 @@ def make_flow_scripts(root: Path) -> Path:
         (root / "library" / name).write_text(text)
     for script, arguments in scripts.items():
         text = SCRIPT.format(arguments=json.dumps(arguments))
-        (root / script).write_text(text + FLUX_TRAINER if script == "flux_train_network.py" else text)
+        trainer = TRAINER.replace("STEP", STEPS[script]) if script in STEPS else ""
+        (root / script).write_text(text + trainer)
     return root

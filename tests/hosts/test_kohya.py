@@ -519,10 +519,13 @@ def test_unsupported_script_is_refused(preset, tmp_path):
     (root / "train_textual_inversion.py").write_text("print('should not run')\n")
     result = launch(preset, root, "train_textual_inversion.py", tmp_path / "o")
     assert result.returncode == 1 and "supports train_network.py" in result.stderr and "should not run" not in result.stdout
-    (root / "sd3_train_network.py").write_text("print('should not run')\n")
-    result = launch(preset, root, "sd3_train_network.py", tmp_path / "o")  # a flow script: what sdplug can do for it
+    (root / "lumina_train_network.py").write_text("print('should not run')\n")
+    result = launch(preset, root, "lumina_train_network.py", tmp_path / "o")  # a flow script: what sdplug can do for it
     assert result.returncode == 1 and "should not run" not in result.stdout
-    assert "does not run sd3_train_network.py yet (of the flow scripts, flux_train_network.py); `sdplug check" in result.stderr
+    assert (
+        "does not run lumina_train_network.py yet (of the flow scripts, flux_train_network.py, sd3_train_network.py)"
+        in result.stderr
+    )
 
 
 # -- the session: installed in this process, and undone --------------------------------------------

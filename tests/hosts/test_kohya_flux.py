@@ -1,6 +1,6 @@
-"""The kohya adapter on sd-scripts main's FLUX script (a stand-in of it: ``kohya_flow_standin``):
-the preset's draws, weights and dropout decisions as a loop of one's own draws them, what FLUX
-ignores reported, what clashes refused before the model loads."""
+"""The kohya adapter on sd-scripts main's FLUX and SD3 scripts (stand-ins of them:
+``kohya_flow_standin``): the preset's draws, weights and dropout decisions as a loop of one's own
+draws them, what the script ignores reported, what clashes refused before the model loads."""
 
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ def tree(tmp_path_factory):
     return make_flow_scripts(make_standin(tmp_path_factory.mktemp("sd") / "sd-scripts", "main"))
 
 
-def flux(tree, tmp_path, preset_text: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+def flux(tree, tmp_path, preset_text: str, *args: str, script: str = "flux_train_network.py"):
     preset = tmp_path / "preset.toml"
     preset.write_text(preset_text)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "sdplug", "kohya", "--preset", str(preset), "--sd-scripts", str(tree), "--"]
-    command += ["flux_train_network.py", "--output_dir", str(out), "--max_train_steps", str(STEPS)]
+    command += [script, "--output_dir", str(out), "--max_train_steps", str(STEPS)]
     command += ["--train_batch_size", str(BATCH), "--seed", "0", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300), out
 
@@ -79,7 +79,7 @@ def test_flags_flux_ignores_are_reported_and_fluxs_default_output_reading_is_mad
     host = json.loads((out / "audit.json").read_text())["host"]
     assert host["kohya_flags"]["noise_offset"].startswith("ignored by flux_train_network.py")
     assert host["kohya_flags"]["min_snr_gamma"].startswith("ignored by flux_train_network.py")
-    assert any(rule.startswith("--model_prediction_type sigma_scaled -> raw") for rule in host["rules"])
+    assert any(rule.startswith("--model_prediction_type sigma_scaled (FLUX's default) -> raw") for rule in host["rules"])
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,9 @@ def test_flags_flux_ignores_are_reported_and_fluxs_default_output_reading_is_mad
     [
         (("--timestep_sampling", "shift"), "--timestep_sampling=shift"),  # acts, and [timesteps] sets it
         (("--ip_noise_gamma", "0.1"), "--ip_noise_gamma=0.1"),  # FLUX's draw applies it; the preset's [[noise]] too
-        (("--model_prediction_type", "additive"), "additive trains the output toward velocity - x_t"),
+        (("--model_prediction_type", "additive"), "--model_prediction_type additive: with a preset FLUX's output is read raw"),
+        (("--model_prediction_type", "sigma_scaled"), "--model_prediction_type sigma_scaled: with a preset"),  # written: refused
+        (("--weighting_scheme", "cosmap"), "--weighting_scheme=cosmap"),
     ],
 )
 def test_a_flag_that_acts_next_to_the_section_that_sets_it_is_refused_before_the_model_loads(tree, tmp_path, args, message):
@@ -100,7 +102,7 @@ def test_a_flag_that_acts_next_to_the_section_that_sets_it_is_refused_before_the
     ("section", "message"),
     [
         ('[loss_weighting]\ntype = "learned"\n', "learns its weight from the loss"),
-        ('[attention]\ntype = "xformers"\n', "FLUX's script has no attention switch"),
+        ('[attention]\ntype = "xformers"\n', "flux_train_network.py has no attention switch"),
     ],
 )
 def test_what_fluxs_script_cannot_apply_is_refused(tree, tmp_path, section, message):
@@ -122,3 +124,38 @@ def test_without_timesteps_in_the_preset_the_plan_draws_kohyas_own_sampler(tree,
     report = json.loads((out / "audit.json").read_text())
     assert report["schedule"]["shift"] == 3.0 and report["timesteps"]["type"] == "logit_normal (host default)"
     assert any("drawn by the plan as {'type': 'logit_normal', 'mean': 0.0, 'std': 1.3}" in r for r in report["host"]["rules"])
+
+
+def test_sd3_draws_alike_and_weights_its_preconditioned_x0_loss(tree, tmp_path):
+    """SD3's script compares x_t - sigma * output with the latents: the process's sigma_scaled
+    output, so the preset's weights are its x0 weights (min(SNR, 5) for min-SNR), on the same
+    sigmas and noise as FLUX's and an own loop's."""
+    done, out = flux(tree, tmp_path, FLOW_PRESET, script="sd3_train_network.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "standin-record.json").read_text())
+    report = json.loads((out / "audit.json").read_text())
+    process = Flow(flow_sigmas(1000), output="sigma_scaled")
+    plan = sdplug.load_preset(tmp_path / "preset.toml").build(process=process, seed=0, rank=0)
+    for step in range(STEPS):
+        plan.step()
+        t = plan.timesteps(BATCH, latent_size=(8, 8))
+        noise = plan.noise(torch.zeros(BATCH, 4, 8, 8), timesteps=t)
+        plan.weight(torch.ones(BATCH), t)
+        assert record["timesteps"][step] == pytest.approx(plan.model_time(t).tolist(), rel=1e-6)
+        assert float(noise.target.double().sum()) == pytest.approx(record["noise_sums"][step], rel=1e-6)
+    ours = plan.report()
+    assert report["schedule"] == ours["schedule"] and report["schedule"]["output"] == "sigma_scaled"
+    weights = [w for w in report["loss_weighting"]["mean_weight_per_timestep_bin"] if w is not None]
+    assert weights == pytest.approx([w for w in ours["loss_weighting"]["mean_weight_per_timestep_bin"] if w is not None])
+    assert max(weights) == pytest.approx(5.0)  # min(SNR, 5) in x0 space: 5 wherever SNR >= 5
+
+
+def test_sd3s_own_weighting_stands_without_a_preset_weighting(tree, tmp_path):
+    """No [loss_weighting]: kohya's --weighting_scheme sigma_sqrt weights SD3's loss itself, on the
+    plan's sigmas (the plan draws kohya's uniform density)."""
+    text = FLOW_PRESET.replace(MIN_SNR, "").replace(TIMESTEPS, "").replace("\n[schedule]\ndynamic_shift = true\n", "")
+    done, out = flux(tree, tmp_path, text, "--weighting_scheme", "sigma_sqrt", script="sd3_train_network.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "audit.json").read_text())
+    assert not report["strategies"]["loss_weighting"] and report["timesteps"]["type"] == "uniform (host default)"
+    assert "weighting_scheme" in report["host"]["kohya_flags"]

@@ -53,7 +53,7 @@ def translate(config: Any, script: str, preset: dict[str, Any], notes: list[str]
         notes[:] = [n for n in notes if not n.startswith("zero_terminal_snr")]  # the DDPM reading's note
         notes.append("zero_terminal_snr: dropped: a rectified flow's sigma = 1 is pure noise already")
     if script == SD3:
-        _sd3_timesteps(config, arguments, preset, schedule, notes)
+        sd3_timesteps(config, arguments, preset, schedule, notes)
         _sd3_encoder_dropout(config, preset, notes)
     else:
         sampled_timesteps(script, arguments, preset, schedule, notes)
@@ -98,7 +98,7 @@ def sampled_timesteps(script: str, a: dict[str, Any], preset: dict[str, Any], sc
             )
 
 
-def _sd3_timesteps(config: Any, a: dict[str, Any], preset: dict[str, Any], schedule: dict[str, Any], notes: list[str]) -> None:
+def sd3_timesteps(config: Any, a: dict[str, Any], preset: dict[str, Any], schedule: dict[str, Any], notes: list[str]) -> None:
     timesteps = _density(a, flip=False)
     for key in ("min_timestep", "max_timestep"):
         if config.get(key) is not None:

@@ -1,5 +1,12 @@
-"""The kohya adapter on sd-scripts main's FLUX script (``flux_train_network.py``, FLUX.1 and Chroma):
-the same plan calls as every host, at the moments FLUX's step has.
+"""The kohya adapter on sd-scripts main's flow scripts it runs (``version.FLOW_ROUTES``:
+``flux_train_network.py`` for FLUX.1 and Chroma, ``sd3_train_network.py``): the same plan calls as
+every host, at the moments their step has.
+
+SD3's step is FLUX's with two differences: its draw (``sd3_train_utils``) takes no scheduler, and
+it preconditions the output inline (``x_t - sigma * output`` against the latents, the process's
+``sigma_scaled`` output, so the plan's weights are x0 weights) and weights the loss with
+``compute_loss_weighting_for_sd3``, which the adapter hooks (kohya's own weighting stands when the
+preset sets none).
 
 FLUX's trainer draws its noise inline (``torch.randn_like``) and hands it to
 ``flux_train_utils.get_noisy_model_input_and_timesteps``, which draws sigma and builds the model
@@ -37,7 +44,15 @@ from sdplug.errors import SdplugError
 from sdplug.hosts.host_flags import section_set
 from sdplug.hosts.kohya import ema_save, flag_check, flow_bridge, saved_metadata
 from sdplug.hosts.kohya.command_line import written_flags
-from sdplug.hosts.kohya.flow_flags import FLOW_CONFLICTS, SCRIPT_DEFAULTS, TEXT_ENCODERS
+from sdplug.hosts.kohya.flow_flags import (
+    FLOW_CONFLICTS,
+    FLOW_TRICKS,
+    FLUX,
+    SCRIPT_DEFAULTS,
+    SD3,
+    TEXT_ENCODERS,
+    flow_setting_group,
+)
 from sdplug.hosts.kohya.network_saves import wrap_saves
 from sdplug.hosts.kohya.reconcile import KohyaConflictError, check_conflicts, check_loss_section, reconcile, user_set
 from sdplug.hosts.kohya.runtime import KohyaAdapter
@@ -49,22 +64,30 @@ from sdplug.preset import parse_preset
 from sdplug.process import DynamicShift, Flow, flow_sigmas
 from sdplug.strategies.base import TimestepStrategy
 
-_HOOKED = ("get_noisy_model_input_and_timesteps", "apply_model_prediction_type")
-
 
 class KohyaFlowAdapter(KohyaAdapter):
     """``KohyaAdapter`` with FLUX's draw and output hooks, bound to a rectified flow."""
 
     def install(self, train_util, custom_train_functions):
         session = super().install(train_util, custom_train_functions)
+        route = FLOW_ROUTES[self.script]
+        hooks = {
+            FLUX: {
+                "get_noisy_model_input_and_timesteps": self._flux_draw_hook,
+                "apply_model_prediction_type": self._flux_output_hook,
+            },
+            SD3: {
+                "get_noisy_model_input_and_timesteps": self._sd3_draw_hook,
+                "compute_loss_weighting_for_sd3": self._sd3_weighting_hook,
+            },
+        }[self.script]
         try:
-            module = importlib.import_module(FLOW_ROUTES[self.script])
-            for name in _HOOKED:
+            module = importlib.import_module(route)
+            for name, hook in hooks.items():
                 if not callable(getattr(module, name, None)):
-                    raise SdplugError(f"sd-scripts' {FLOW_ROUTES[self.script]} has no {name}: not the tree sdplug knows.")
+                    raise SdplugError(f"sd-scripts' {route} has no {name}: not the tree sdplug knows.")
+                self._replace(module, name, hook)
             self._flow = module
-            self._replace(module, "get_noisy_model_input_and_timesteps", self._draw_hook)
-            self._replace(module, "apply_model_prediction_type", self._prediction_hook)
         except BaseException:
             session.undo()
             raise
@@ -85,19 +108,9 @@ class KohyaFlowAdapter(KohyaAdapter):
         _check_flow_conflicts(preset, values, self.defaults, acting)
         check_memory_runs_here(preset)
         check_loss_section(preset)
-        if getattr(args, "model_prediction_type", "raw") != "raw":
-            if "model_prediction_type" in written and args.model_prediction_type == "additive":
-                raise KohyaConflictError(
-                    f"{preset.path}: --model_prediction_type additive trains the output toward velocity - x_t, which "
-                    "FLUX's samplers read as the velocity itself; with a preset the output is read raw (the velocity "
-                    "against noise - x0). Remove the flag."
-                )
-            self.rules.append(
-                f"--model_prediction_type {args.model_prediction_type} -> raw (the preset's weights apply to the "
-                "velocity loss; kohya's sigma_scaled compares x_t - sigma * output with the velocity target)"
-            )
-            args.model_prediction_type = "raw"
-        _check_flux_sections(preset, args)
+        if self.script == FLUX:
+            self._read_output_raw(args, written)
+        _check_sections(preset, self.script, args)
         self.lifecycle.bind(self._build_plan(args))
         if preset.attention is not None:  # 'sdpa' (others were refused): what FLUX's model runs already
             self.lifecycle.bound().attention(torch.nn.Module(), install=_flux_attention)
@@ -108,19 +121,51 @@ class KohyaFlowAdapter(KohyaAdapter):
         result = reconcile(
             preset, "main", values, self.defaults, script=self.script, lr=self.lifecycle.bound().preset_lr(), written=acting
         )
-        result.changes.pop("min_snr_gamma", None)  # FLUX never calls apply_snr_weight: the weights go through the output hook
+        result.changes.pop("min_snr_gamma", None)  # no flow script calls apply_snr_weight: the weights go through a hook
         for name, value in result.changes.items():
             setattr(args, name, value)
         self.rules += result.rules
+        flow_flags = _classify_flow_flags(preset, values, self.defaults, acting)
         self.flag_record = {
             "kohya_flags": {
                 **result.flags,
+                **flow_flags,
                 **{f.flag: f"{f.effect} by {self.script}: {f.why}" for f in ignored},
             }
         }
+        unclassified = [n for n in result.unclassified if n not in flow_flags and flow_setting_group(n) is None]
+        if unclassified:
+            self.flag_record["unclassified_flags"] = unclassified
+            self.rules.append(
+                f"flags not in sdplug's kohya flag tables, left to kohya: {', '.join('--' + n for n in unclassified)}"
+            )
         self.configured_range = (getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
         for rule in self.rules:
             logger.info(rule)
+
+    def _read_output_raw(self, args, written) -> None:
+        """FLUX's output, read raw with a preset: its default sigma_scaled compares ``x_t - sigma *
+        output`` with the velocity target (``sdplug.process``); a written choice other than raw, or
+        an SD3 weighting that needs sigma_scaled, is refused rather than changed."""
+        wanted = args.model_prediction_type
+        if "model_prediction_type" in written and wanted != "raw":
+            raise KohyaConflictError(
+                f"{self.preset.path}: --model_prediction_type {wanted}: with a preset FLUX's output is read raw (the "
+                "velocity against noise - x0, which the preset's weights are written for); sigma_scaled compares "
+                "x_t - sigma * output with that velocity target and additive trains toward velocity - x_t. Remove the flag."
+            )
+        if "weighting_scheme" in written and args.weighting_scheme in ("sigma_sqrt", "cosmap"):
+            raise KohyaConflictError(
+                f"{self.preset.path}: --weighting_scheme {args.weighting_scheme} acts in FLUX's script only through "
+                f"--model_prediction_type sigma_scaled, which a preset reads raw: use [loss_weighting] type = "
+                f"{args.weighting_scheme!r} (its x0 form, on the velocity loss). Remove the flag."
+            )
+        if wanted != "raw":
+            self.rules.append(
+                f"--model_prediction_type {wanted} (FLUX's default) -> raw (the preset's weights apply to the velocity "
+                "loss; kohya's sigma_scaled compares x_t - sigma * output with the velocity target)"
+            )
+            args.model_prediction_type = "raw"
 
     def _build_plan(self, args) -> Plan:
         """The preset on a rectified flow of 1000 sigmas, shifted as kohya's own sampler shifts
@@ -129,15 +174,25 @@ class KohyaFlowAdapter(KohyaAdapter):
         arguments = {**SCRIPT_DEFAULTS[self.script], **vars(args)}
         kohya: dict[str, Any] = {}
         schedule: dict[str, Any] = {}
-        flow_bridge.sampled_timesteps(self.script, arguments, kohya, schedule, [])
-        sampling = f"--timestep_sampling {arguments.get('timestep_sampling')} (--discrete_flow_shift {arguments.get('discrete_flow_shift')})"
+        if self.script == SD3:
+            flow_bridge.sd3_timesteps(arguments, arguments, kohya, schedule, [])
+            sampling = (
+                f"--weighting_scheme {arguments.get('weighting_scheme')} (--training_shift {arguments.get('training_shift')})"
+            )
+        else:
+            flow_bridge.sampled_timesteps(self.script, arguments, kohya, schedule, [])
+            sampling = f"--timestep_sampling {arguments.get('timestep_sampling')} (--discrete_flow_shift {arguments.get('discrete_flow_shift')})"
         preset_draws = self.preset.timesteps is not None or self.preset.schedule.flow_shift != 1.0
         if preset_draws or self.preset.schedule.dynamic_shift:
             # the preset's own sampler and shift; a flag of kohya's for either was refused, so these are its defaults
             self.rules.append(f"kohya's {sampling} -> the preset's [timesteps] and [schedule]")
             schedule = {}
         dynamic = DynamicShift() if schedule.get("dynamic_shift") else None
-        process = Flow(flow_sigmas(1000), "velocity", shift=float(schedule.get("flow_shift", 1.0)), dynamic=dynamic)
+        # SD3's script preconditions its output (x_t - sigma * output against x0): the process's sigma_scaled
+        output = "sigma_scaled" if self.script == SD3 else "raw"
+        process = Flow(
+            flow_sigmas(1000), "velocity", shift=float(schedule.get("flow_shift", 1.0)), dynamic=dynamic, output=output
+        )
         default: TimestepStrategy | None = None
         if self.preset.timesteps is None:
             spec = parse_preset({"timesteps": kohya["timesteps"]}, path="kohya").timesteps
@@ -154,10 +209,18 @@ class KohyaFlowAdapter(KohyaAdapter):
         )
 
     # -- hooks ----------------------------------------------------------------------------------
-    def _draw_hook(self, args, noise_scheduler, latents, noise, device, dtype):
+    def _flux_draw_hook(self, args, noise_scheduler, latents, noise, device, dtype):
+        return self._draw(args, latents, noise, dtype)
+
+    def _sd3_draw_hook(self, args, latents, noise, device, dtype):
+        return self._draw(args, latents, noise, dtype)
+
+    def _draw(self, args, latents, noise, dtype):
+        """The plan's sigma and noise in kohya's draw: kohya's noise tensor filled in place (its
+        target reads it), ``(x_t, sigma * 1000, sigma)`` returned as kohya's draw returns them."""
         assert self.plan is not None  # hooks run after configure built it
         self.validating = self._validating(args)
-        if self.validating:  # main's validation pins --min/--max_timestep, which FLUX's own draw ignores
+        if self.validating:  # main's validation pins --min/--max_timestep (FLUX's own draw ignores them)
             pinned = min(max(int(args.min_timestep) - 1, 0), self.plan.num_train_timesteps - 1)  # sigma = t / 1000
             timesteps = torch.full((latents.shape[0],), pinned, device=latents.device, dtype=torch.long)
             with self.plan.validation():
@@ -170,7 +233,7 @@ class KohyaFlowAdapter(KohyaAdapter):
             timesteps = self.plan.timesteps(latents.shape[0], device=latents.device, latent_size=size)
             draw = self.plan.noise(latents, timesteps=timesteps)
         with torch.no_grad():
-            noise.copy_(draw.target)  # kohya's target, noise - latents, reads the tensor it passed in
+            noise.copy_(draw.target)  # kohya's target (noise - latents, or SD3's preconditioned x0) reads this tensor
         self.timesteps = timesteps
         model_time = self.plan.model_time(timesteps)  # sigma * 1000 (velocity prediction)
         sigmas = (model_time / 1000).view(-1, *([1] * (latents.dim() - 1)))
@@ -178,42 +241,68 @@ class KohyaFlowAdapter(KohyaAdapter):
         return noisy.to(dtype), model_time.to(dtype), sigmas
 
     def _attention_hook(self, unet, mem_eff_attn, xformers, sdpa):
-        # FLUX's model never goes through replace_unet_modules; the preset's attention was recorded at configure
+        # the flow models never go through replace_unet_modules; the preset's attention was recorded at configure
         return self.original(self._train_util, "replace_unet_modules")(unet, mem_eff_attn, xformers, sdpa)
 
-    def _prediction_hook(self, args, model_pred, noisy_model_input, sigmas):
+    def _weights(self, like: torch.Tensor) -> torch.Tensor:
+        """The plan's per-sample weights for the step's draw, shaped to multiply ``like``."""
         assert self.plan is not None and self.timesteps is not None
         if self.validating:
             with self.plan.validation():
                 weights = self.plan.sample_weights(self.timesteps)
         else:
             weights = self.plan.sample_weights(self.timesteps)
-        return model_pred, weights.to(model_pred.device).view(-1, *([1] * (model_pred.dim() - 1)))
+        return weights.to(like.device).view(-1, *([1] * (like.dim() - 1)))
+
+    def _flux_output_hook(self, args, model_pred, noisy_model_input, sigmas):
+        return model_pred, self._weights(model_pred)  # raw: the velocity, with the preset's weights
+
+    def _sd3_weighting_hook(self, weighting_scheme, sigmas):
+        if self.preset.loss_weighting is None:  # kohya's own --weighting_scheme weighting stands
+            return self.original(self._flow, "compute_loss_weighting_for_sd3")(weighting_scheme, sigmas)
+        return self._weights(sigmas)  # in x0 space: SD3's loss is on its preconditioned x0
 
 
 def _flux_attention(kind: str) -> dict[str, Any]:
-    return {"changed": 0, "modules": "FLUX's own attention, which calls torch's scaled_dot_product_attention: no switch"}
+    return {"changed": 0, "modules": "the model's own attention, which calls torch's scaled_dot_product_attention: no switch"}
 
 
-def _check_flux_sections(preset, args) -> None:
-    """What FLUX's script cannot apply as the preset says: refused before the model loads."""
+def _check_sections(preset, script: str, args) -> None:
+    """What the flow script cannot apply as the preset says: refused before the model loads."""
     spec = preset.loss_weighting
     if spec is not None and spec.create().parameters():
         raise KohyaConflictError(
-            f"{spec.path or preset.path}: loss_weighting {spec.type!r} learns its weight from the loss; FLUX's script "
+            f"{spec.path or preset.path}: loss_weighting {spec.type!r} learns its weight from the loss; {script} "
             "multiplies its loss by a weighting, which a learned weighting is not. Allowed: a fixed weighting."
         )
     if preset.attention is not None and preset.attention.type != "sdpa":
         raise KohyaConflictError(
-            f"{preset.attention.path or preset.path}: [attention] {preset.attention.type!r}: FLUX's script has no "
-            "attention switch (its model calls PyTorch's scaled_dot_product_attention itself). Allowed: 'sdpa', or "
-            "no [attention]."
+            f"{preset.attention.path or preset.path}: [attention] {preset.attention.type!r}: {script} has no attention "
+            "switch (its model calls PyTorch's scaled_dot_product_attention itself). Allowed: 'sdpa', or no [attention]."
         )
     if preset.caption and getattr(args, "cache_text_encoder_outputs", False):
         raise KohyaConflictError(
-            f"{preset.path}: [caption] with --cache_text_encoder_outputs: sdplug does not yet replace FLUX's cached "
-            "CLIP-L / T5 outputs of a dropped caption. Train without the cache, or without [caption]."
+            f"{preset.path}: [caption] with --cache_text_encoder_outputs: sdplug does not yet replace {script}'s cached "
+            "text-encoder outputs of a dropped caption. Train without the cache, or without [caption]."
         )
+    for caption in preset.caption:
+        if caption.params.get("encoders"):
+            raise KohyaConflictError(
+                f"{caption.path or preset.path}: {caption.key or 'caption'}.encoders: sdplug's kohya adapter drops whole "
+                f"captions in {script} for now, not one text encoder's output. Allowed: a dropout without encoders."
+            )
+
+
+def _classify_flow_flags(preset, values, defaults, acting) -> dict[str, str]:
+    """For the audit: the flow script's own trick flags the user set that act, and how each stands."""
+    found = {}
+    for flag in FLOW_CONFLICTS:
+        if flag.name in acting and user_set(flag.name, values.get(flag.name), defaults.get(flag.name), acting):
+            found[flag.name] = f"{'conflict' if flag.taken_by(preset) else 'independent'} ({flag.family}): {flag.why}"
+    for name, what in FLOW_TRICKS.items():
+        if name in acting and name not in found:
+            found[name] = f"independent: {what}"
+    return found
 
 
 def _check_flow_conflicts(preset, values, defaults, acting) -> None:

@@ -15,7 +15,7 @@ from sdplug.hosts import fingerprints
 
 SCRIPTS = ("train_network.py", "sdxl_train_network.py", "train_db.py", "fine_tune.py")
 # the flow scripts the adapter runs, and the library module whose draw and output it hooks
-FLOW_ROUTES = {"flux_train_network.py": "library.flux_train_utils"}
+FLOW_ROUTES = {"flux_train_network.py": "library.flux_train_utils", "sd3_train_network.py": "library.sd3_train_utils"}
 
 
 class KohyaVersionError(SdplugError):
