@@ -159,3 +159,13 @@ def test_sd3s_own_weighting_stands_without_a_preset_weighting(tree, tmp_path):
     report = json.loads((out / "audit.json").read_text())
     assert not report["strategies"]["loss_weighting"] and report["timesteps"]["type"] == "uniform (host default)"
     assert "weighting_scheme" in report["host"]["kohya_flags"]
+
+
+def test_a_kohya_sampler_the_plan_cannot_draw_is_refused_not_changed(tree, tmp_path):
+    """SD3 with --weighting_scheme logit_normal draws over --min/--max_timestep; the plan's
+    logit_normal spans the whole schedule, so without [timesteps] the run is refused."""
+    text = FLOW_PRESET.replace(TIMESTEPS, "").replace("\n[schedule]\ndynamic_shift = true\n", "")
+    args = ("--weighting_scheme", "logit_normal", "--min_timestep", "100")
+    done, out = flux(tree, tmp_path, text, *args, script="sd3_train_network.py")
+    assert done.returncode == 1 and "cannot as written (min_timestep: not carried over" in done.stderr
+    assert not (out / "standin-model-loaded").exists()

@@ -236,6 +236,18 @@ FLOW_CONFLICTS: tuple[HostFlag, ...] = tuple(
     for name in names
 )  # fmt: skip
 
+# --weighting_scheme is two tricks by value: a sampling density or an SD3 loss weighting
+WEIGHTING_SCHEME_SECTIONS: dict[str, tuple[str, ...]] = {"logit_normal": ("timesteps",), "mode": ("timesteps",)}
+WEIGHTING_SCHEME_SECTIONS |= {"sigma_sqrt": ("loss_weighting",), "cosmap": ("loss_weighting",), "none": (), "uniform": ()}
+
+
+def sections_set_by(flag: HostFlag, value: Any) -> tuple[str, ...]:
+    """The preset sections this flag, at this value, sets what of."""
+    if flag.name == "weighting_scheme":
+        return WEIGHTING_SCHEME_SECTIONS.get(value, flag.sections)
+    return flag.sections
+
+
 # The trick flags a flow script adds that do act (the preset sections that would take them over
 # are the flow adapter's business): read here so every argument is accounted for.
 FLOW_TRICKS: dict[str, str] = {

@@ -52,6 +52,7 @@ from sdplug.hosts.kohya.flow_flags import (
     SD3,
     TEXT_ENCODERS,
     flow_setting_group,
+    sections_set_by,
 )
 from sdplug.hosts.kohya.network_saves import wrap_saves
 from sdplug.hosts.kohya.reconcile import KohyaConflictError, check_conflicts, check_loss_section, reconcile, user_set
@@ -174,13 +175,14 @@ class KohyaFlowAdapter(KohyaAdapter):
         arguments = {**SCRIPT_DEFAULTS[self.script], **vars(args)}
         kohya: dict[str, Any] = {}
         schedule: dict[str, Any] = {}
+        notes: list[str] = []
         if self.script == SD3:
-            flow_bridge.sd3_timesteps(arguments, arguments, kohya, schedule, [])
+            flow_bridge.sd3_timesteps(arguments, arguments, kohya, schedule, notes)
             sampling = (
                 f"--weighting_scheme {arguments.get('weighting_scheme')} (--training_shift {arguments.get('training_shift')})"
             )
         else:
-            flow_bridge.sampled_timesteps(self.script, arguments, kohya, schedule, [])
+            flow_bridge.sampled_timesteps(self.script, arguments, kohya, schedule, notes)
             sampling = f"--timestep_sampling {arguments.get('timestep_sampling')} (--discrete_flow_shift {arguments.get('discrete_flow_shift')})"
         preset_draws = self.preset.timesteps is not None or self.preset.schedule.flow_shift != 1.0
         if preset_draws or self.preset.schedule.dynamic_shift:
@@ -194,6 +196,12 @@ class KohyaFlowAdapter(KohyaAdapter):
             flow_sigmas(1000), "velocity", shift=float(schedule.get("flow_shift", 1.0)), dynamic=dynamic, output=output
         )
         default: TimestepStrategy | None = None
+        lost = [note for note in notes if "not carried over" in note]
+        if self.preset.timesteps is None and lost:  # kohya's own draw, which the plan cannot reproduce
+            raise KohyaConflictError(
+                f"{self.preset.path}: the preset names no [timesteps], so the plan draws {self.script}'s own sampler, "
+                f"and cannot as written ({'; '.join(lost)}). Set [timesteps] in the preset, or change the flag."
+            )
         if self.preset.timesteps is None:
             spec = parse_preset({"timesteps": kohya["timesteps"]}, path="kohya").timesteps
             default = spec.create() if spec is not None else None
@@ -298,7 +306,8 @@ def _classify_flow_flags(preset, values, defaults, acting) -> dict[str, str]:
     found = {}
     for flag in FLOW_CONFLICTS:
         if flag.name in acting and user_set(flag.name, values.get(flag.name), defaults.get(flag.name), acting):
-            found[flag.name] = f"{'conflict' if flag.taken_by(preset) else 'independent'} ({flag.family}): {flag.why}"
+            taken = [x for x in sections_set_by(flag, values.get(flag.name)) if section_set(preset, x)]
+            found[flag.name] = f"{'conflict' if taken else 'independent'} ({flag.family}): {flag.why}"
     for name, what in FLOW_TRICKS.items():
         if name in acting and name not in found:
             found[name] = f"independent: {what}"
@@ -311,7 +320,7 @@ def _check_flow_conflicts(preset, values, defaults, acting) -> None:
     for flag in FLOW_CONFLICTS:
         if flag.name not in acting or not user_set(flag.name, values.get(flag.name), defaults.get(flag.name), acting):
             continue
-        taken = [section for section in flag.sections if section_set(preset, section)]
+        taken = [section for section in sections_set_by(flag, values.get(flag.name)) if section_set(preset, section)]
         if taken:
             clashes.append(f"--{flag.name}={values[flag.name]} ({flag.why}; the preset sets [{'], ['.join(taken)}])")
     if clashes:
