@@ -48,6 +48,7 @@ def run_sdplug(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, "-m", "sdplug", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow  # builds the wheel and a venv for it (about a minute); CI runs the slow suite
 def test_the_wheel_holds_every_module_of_the_source(installed):
     """Every module of ``sdplug/`` is in the wheel: a package left out of pyproject's list would
     import from a checkout's editable install here, and fail only for users."""
@@ -56,6 +57,7 @@ def test_the_wheel_holds_every_module_of_the_source(installed):
     assert source - wheel == set()
 
 
+@pytest.mark.slow  # builds the wheel and a venv for it (about a minute); CI runs the slow suite
 def test_the_wheel_is_what_runs(installed, tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", "import sdplug; print(sdplug.__file__)"],
@@ -68,6 +70,7 @@ def test_the_wheel_is_what_runs(installed, tmp_path):
     assert Path(done.stdout.strip()).is_relative_to(installed)
 
 
+@pytest.mark.slow  # builds the wheel and a venv for it (about a minute); CI runs the slow suite
 def test_every_shipped_preset_by_name_from_a_wheel(installed, tmp_path):
     names = sorted(p.stem for p in (ROOT / "presets").glob("*.toml"))
     assert names, "the checkout ships presets"
@@ -80,6 +83,7 @@ def test_every_shipped_preset_by_name_from_a_wheel(installed, tmp_path):
         assert validated.stdout.startswith(f"ok: {name}")
 
 
+@pytest.mark.slow  # builds the wheel and a venv for it (about a minute); CI runs the slow suite
 def test_shipped_patches_are_found_from_a_wheel(installed, tmp_path):
     """The shipped manifest and every patch it lists are installed and read from the package; a
     stand-in tree (not sd-scripts' own files) is refused by that manifest and left untouched.
