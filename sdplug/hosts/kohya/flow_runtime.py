@@ -230,9 +230,7 @@ class KohyaFlowAdapter(KohyaAdapter):
         self.validating = self._validating(args)
         if self.validating:  # main's validation pins --min/--max_timestep (FLUX's own draw ignores them)
             pinned = min(max(int(args.min_timestep) - 1, 0), self.plan.num_train_timesteps - 1)  # sigma = t / 1000
-            timesteps = torch.full((latents.shape[0],), pinned, device=latents.device, dtype=torch.long)
-            with self.plan.validation():
-                draw = self.plan.noise(latents, timesteps=timesteps)
+            draw, timesteps = self._validation_draw(latents, pinned)
         else:
             self.stop_if_diverged("training on")
             self.plan.step()
