@@ -16,6 +16,7 @@ import torch
 from sdplug.errors import SdplugError
 from sdplug.hosts.diffusers_scripts import flags
 from sdplug.hosts.diffusers_scripts.edits import VERSION
+from sdplug.hosts.diffusers_scripts.flow_edits import FLOW_SCRIPTS
 from sdplug.hosts.lifecycle import HostLifecycle
 from sdplug.log import logger
 from sdplug.plan import Plan
@@ -38,6 +39,7 @@ class ScriptRun:
         self.draw: NoiseDraw | None = None
         self.empty_caption: Any = None
         self.written: Path | None = None
+        self.rules: list[str] = []  # what the run changed of the script's own behaviour, for the audit
         self.pending_failure: BaseException | None = None
 
     @property
@@ -135,7 +137,9 @@ class ScriptRun:
     def write_audit(self) -> Path | None:
         if self.plan is None or self.output_dir is None or self.written is not None:
             return self.written
-        host = {"script": self.script, "version": VERSION, "script_flags": self.flag_states}
+        host: dict[str, Any] = {"script": self.script, "version": VERSION, "script_flags": self.flag_states}
+        if self.rules:
+            host["rules"] = self.rules
         self.written = self.lifecycle.write_audit(self.output_dir, host)
         return self.written
 
@@ -155,7 +159,13 @@ def activate(args: Any, parser: Any, script: str) -> None:
     if not path:
         return
     preset = load_preset(path)
-    _current = ScriptRun(preset, script, args, flags.check(preset, script, args, parser))
+    stood = flags.check(preset, script, args, parser)
+    if script in FLOW_SCRIPTS:
+        from sdplug.hosts.diffusers_scripts.flow_session import FlowScriptRun  # it builds on ScriptRun
+
+        _current = FlowScriptRun(preset, script, args, stood)
+    else:
+        _current = ScriptRun(preset, script, args, stood)
     if not LAUNCHED:  # the patched script started directly: the audit also when it stops
         _current.lifecycle.watch(at_exit=_write_at_exit)
 
@@ -221,6 +231,41 @@ def loss(
     model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, host_loss: torch.Tensor, prior: Any = None
 ) -> torch.Tensor:
     return host_loss if _current is None else _current.loss(model_pred, target, timesteps, prior)
+
+
+def bind_flow(noise_scheduler: Any, args: Any) -> None:
+    if _current is not None:
+        _flow().bind_flow(noise_scheduler, args)
+
+
+def flow_draw(
+    latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor, noisy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A flow script's noise, timesteps, sigmas and noisy input: the plan's (the script's own without a preset)."""
+    return (noise, timesteps, sigmas, noisy) if _current is None else _flow().flow_draw(latents, noise, timesteps, sigmas, noisy)
+
+
+def flow_weighting(host_weighting: torch.Tensor) -> torch.Tensor:
+    return host_weighting if _current is None else _flow().flow_weighting(host_weighting)
+
+
+def flow_loss(model_pred: torch.Tensor, target: torch.Tensor, host_loss: torch.Tensor, prior: Any = None) -> torch.Tensor:
+    return host_loss if _current is None else _flow().flow_loss(model_pred, target, prior)
+
+
+def drop_rows(epoch: int, samples: int, rows: Any, empty: Callable[[], Any]) -> Any:
+    return None if _current is None else _flow().drop_rows(epoch, samples, rows, empty)
+
+
+def drop_encoder_rows(epoch: int, samples: int, rows: Mapping[str, torch.Tensor], empty: Callable[[], Any]) -> tuple:
+    return tuple(rows.values()) if _current is None else _flow().drop_encoder_rows(epoch, samples, rows, empty)
+
+
+def _flow() -> Any:
+    """The flow session (the patch calls these only from a flow script's step)."""
+    if _current is None or not hasattr(_current, "flow_draw"):
+        raise SdplugError("a flow script's step called sdplug's flow hooks in a run that is not a flow script's.")
+    return _current
 
 
 def step() -> None:

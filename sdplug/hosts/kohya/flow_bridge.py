@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdplug.hosts.flow_density import density_timesteps
 from sdplug.hosts.kohya.flow_flags import ANIMA, FLOW_TRICKS, LUMINA, SCRIPT_DEFAULTS, SD3, effects_for
 
 # the flow keys the translation reads (model_prediction_type and guidance_scale stay kohya's)
@@ -88,7 +89,7 @@ def sampled_timesteps(script: str, a: dict[str, Any], preset: dict[str, Any], sc
         preset["timesteps"] = {"type": "uniform"}
         schedule["dynamic_shift"] = True
     else:  # sigma: the weighting scheme's density over the scheduler's descending, shifted table
-        preset["timesteps"] = _density(a, flip=True)
+        preset["timesteps"] = density_timesteps(a, flip=True)
         if float(a.get("discrete_flow_shift") or 1.0) != 1.0:
             schedule["flow_shift"] = float(a["discrete_flow_shift"])
         if a.get("weighting_scheme") == "logit_normal" and float(a.get("logit_mean") or 0.0) != 0.0:
@@ -99,7 +100,7 @@ def sampled_timesteps(script: str, a: dict[str, Any], preset: dict[str, Any], sc
 
 
 def sd3_timesteps(config: Any, a: dict[str, Any], preset: dict[str, Any], schedule: dict[str, Any], notes: list[str]) -> None:
-    timesteps = _density(a, flip=False)
+    timesteps = density_timesteps(a, flip=False)
     for key in ("min_timestep", "max_timestep"):
         if config.get(key) is not None:
             if timesteps["type"] == "uniform":
@@ -109,17 +110,6 @@ def sd3_timesteps(config: Any, a: dict[str, Any], preset: dict[str, Any], schedu
     preset["timesteps"] = timesteps
     if float(a.get("training_shift") or 1.0) != 1.0:
         schedule["flow_shift"] = float(a["training_shift"])
-
-
-def _density(a: dict[str, Any], *, flip: bool) -> dict[str, Any]:
-    """``--weighting_scheme``'s sampling density (diffusers' compute_density_for_timestep_sampling)."""
-    scheme = a.get("weighting_scheme")
-    if scheme == "logit_normal":
-        mean = float(a.get("logit_mean") or 0.0)
-        return {"type": "logit_normal", "mean": -mean if flip else mean, "std": float(a.get("logit_std") or 1.0)}
-    if scheme == "mode":
-        return {"type": "mode", "scale": float(a.get("mode_scale") or 1.29)}
-    return {"type": "uniform"}
 
 
 def _sd3_encoder_dropout(config: Any, preset: dict[str, Any], notes: list[str]) -> None:
