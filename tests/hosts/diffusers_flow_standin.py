@@ -275,7 +275,7 @@ SCRIPTS = {
                 )
 """,
         step=_NOISY
-        + """                text_rows = {"t5": prompt_embeds, "clip_l": pooled_prompt_embeds}
+        + """                text_rows = {"t5xxl": prompt_embeds, "clip_l": pooled_prompt_embeds}
                 model_pred = transformer(noisy_model_input, timesteps, prompt_embeds + pooled_prompt_embeds.mean(1).view(-1, 1, 1))
 """,
         target="                target = noise - model_input\n",

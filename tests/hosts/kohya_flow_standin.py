@@ -155,6 +155,8 @@ import train_network
 from library import flux_train_utils, sd3_train_utils
 
 _flow_parser = setup_parser
+# the latents' shape (C, H, W): the trainer's embedded model's in the cross-host test
+LATENT_SHAPE = tuple(int(n) for n in __import__("os").environ.get("SDPLUG_STANDIN_LATENTS", "4,8,8").split(","))
 
 
 def setup_parser():
@@ -166,9 +168,78 @@ def setup_parser():
     return parser
 
 
+import json
+import os
+
+import numpy as np
+
+
+def _wide(hidden, width):
+    # a stand-in encoder's rows tiled to a real encoder's width (SD3 splits CLIP-L | CLIP-G at 768)
+    return hidden.repeat(*([1] * (hidden.dim() - 1)), -(-width // hidden.shape[-1]))[..., :width]
+
+
+def flow_layout(first, second):
+    # the script's cached list (its caching strategy's load_outputs_npz order) from two stand-in encoders
+    batch, length = first.shape[0], first.shape[1]
+    ones = torch.ones(batch, length)
+    if FLOW_SCRIPT == "flux_train_network.py":  # [l_pooled, t5_out, txt_ids, t5_attn_mask]
+        return [first.mean(1), second, torch.zeros(batch, length, 3), ones]
+    lg = torch.cat([_wide(first, 768), _wide(second, 1280)], dim=-1)  # [lg_out, t5_out, lg_pooled, l, g, t5 masks]
+    return [lg, 3 * first, lg.mean(1), ones, ones, ones]
+
+
+class FlowCaching(train_util.TextEncoderOutputsCachingStrategy):
+    def cache_batch_outputs(self, tokenize_strategy, models, text_encoding_strategy, infos):
+        tokens = tokenize_strategy.tokenize([info.caption for info in infos])[0]
+        with torch.no_grad():
+            outputs = [o.numpy() for o in flow_layout(models[0](tokens), 2 * models[1](tokens))]
+        for i, info in enumerate(infos):
+            if self.cache_to_disk:
+                np.savez(info.text_encoder_outputs_npz, *[o[i] for o in outputs])
+            else:
+                info.text_encoder_outputs = [o[i] for o in outputs]
+
+    def load_outputs_npz(self, path):
+        data = np.load(path)
+        return [data[f"arr_{k}"] for k in range(len(data.files))]
+
+
+# per encoder, the tensors (index, columns) that are its own in the cached list: the record says
+# which rows the model saw as the empty caption's
+ENCODER_PARTS = {
+    "flux_train_network.py": {"clip_l": [(0, None)], "t5xxl": [(1, None)]},
+    "sd3_train_network.py": {"clip_l": [(0, (0, 768)), (2, (0, 768))], "clip_g": [(0, (768, None)), (2, (768, None))], "t5xxl": [(1, None)]},
+}
+
+
 class FlowNetworkTrainer(train_network.NetworkTrainer):
     def __init__(self, args):
         self.flow_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=getattr(args, "discrete_flow_shift", 1.0))
+        self.args, self.empty = args, None
+
+    def cache_text_encoder_outputs_if_needed(self, args, text_encoders, dataset):
+        if args.cache_text_encoder_outputs:
+            caching = FlowCaching(args.cache_text_encoder_outputs_to_disk)
+            train_util.TextEncoderOutputsCachingStrategy.set_strategy(caching)
+            dataset.new_cache_text_encoder_outputs(text_encoders, None)
+            tokens = train_util.TokenizeStrategy.get_strategy().tokenize([""])[0]
+            with torch.no_grad():
+                self.empty = flow_layout(text_encoders[0](tokens), 2 * text_encoders[1](tokens))
+
+    def record_encoders(self, conds):
+        rows = {}
+        for encoder, parts in ENCODER_PARTS[FLOW_SCRIPT].items():
+            empty = []
+            for row in range(conds[0].shape[0]):
+                same = True
+                for index, cols in parts:
+                    a, b = (cols if cols else (0, None))
+                    same = same and torch.allclose(conds[index][row][..., a:b], self.empty[index][0][..., a:b])
+                empty.append(bool(same))
+            rows[encoder] = empty
+        with open(os.path.join(self.args.output_dir, "flow-encoders.jsonl"), "a") as log:
+            log.write(json.dumps(rows) + "\\n")
 
     def get_noise_pred_and_target(self, args, noise_scheduler, latents, text, unet):
         noise = torch.randn_like(latents)
@@ -179,8 +250,14 @@ STEP
         return loss
 
     def process_batch(self, batch, text_encoders, unet, noise_scheduler, args, text_encoding_strategy, tokenize_strategy):
-        latents = torch.randn(len(batch["captions"]), 4, 8, 8)
-        conds = text_encoding_strategy.encode_tokens(tokenize_strategy, text_encoders, batch["input_ids_list"])
+        latents = torch.randn(len(batch["captions"]), *LATENT_SHAPE)
+        conds = batch.get("text_encoder_outputs_list")
+        if conds is not None:  # cached: the model reads its T5 rows
+            os.makedirs(args.output_dir, exist_ok=True)
+            self.record_encoders(conds)
+            conds = [conds[1]]
+        else:
+            conds = text_encoding_strategy.encode_tokens(tokenize_strategy, text_encoders, batch["input_ids_list"])
         pred, target, timesteps, noise, weighting = self.get_noise_pred_and_target(args, None, latents, conds[0], unet)
         huber_c = None if args.loss_type == "l2" else train_util.get_huber_threshold_if_needed(args, timesteps, noise_scheduler)
         loss = train_util.conditional_loss(pred.float(), target.float(), args.loss_type, "none", huber_c)
@@ -222,5 +299,6 @@ def make_flow_scripts(root: Path) -> Path:
     for script, arguments in scripts.items():
         text = SCRIPT.format(arguments=json.dumps(arguments))
         trainer = TRAINER.replace("STEP", STEPS[script]) if script in STEPS else ""
+        trainer = trainer.replace("import json\n", f"import json\n\nFLOW_SCRIPT = {script!r}\n", 1)
         (root / script).write_text(text + trainer)
     return root

@@ -565,7 +565,8 @@ def setup(args):
     os.makedirs(args.output_dir, exist_ok=True)
     open(os.path.join(args.output_dir, "standin-model-loaded"), "w").close()  # tests: refusals come before this
     torch.manual_seed(args.seed)
-    unet = train_util.UNet2DConditionModel()
+    # the latents' channels: 4, or the trainer's embedded model's in the cross-host flow test
+    unet = train_util.UNet2DConditionModel(int(os.environ.get("SDPLUG_STANDIN_LATENTS", "4").split(",")[0]))
     train_util.replace_unet_modules(unet, args.mem_eff_attn, args.xformers, args.sdpa)
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False,

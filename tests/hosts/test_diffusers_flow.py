@@ -63,7 +63,7 @@ encoders = ["clip_l"]
 [[caption]]
 type = "dropout"
 rate = 0.4
-encoders = ["t5"]
+encoders = ["t5xxl"]
 """,
     flow_edits.LUMINA2: """
 [[caption]]
@@ -129,7 +129,7 @@ def check_caption_rows(plan, script: str, text: dict, samples: int) -> list:
     """The rows of a dropped encoder are its encoding of "" (the stand-ins' -1 rows), the others the caption's."""
     draws = [plan.dropped_encoders(TEXT_ENCODERS[script], epoch=0) for _ in range(samples)]
     if script == flow_edits.FLUX:
-        for name in ("t5", "clip_l"):
+        for name in ("t5xxl", "clip_l"):
             empty = [bool((row == -1).all()) for row in text[name]]
             assert empty == [name in draw for draw in draws], name
     else:
@@ -152,7 +152,9 @@ def test_every_flow_standin_takes_the_real_scripts_patch_exactly(script):
 @pytest.mark.parametrize(
     "script",
     [flow_edits.FLUX, flow_edits.LUMINA2]
-    + [pytest.param(s, marks=pytest.mark.slow) for s in flow_edits.FLOW_SCRIPTS if s not in (flow_edits.FLUX, flow_edits.LUMINA2)],
+    + [
+        pytest.param(s, marks=pytest.mark.slow) for s in flow_edits.FLOW_SCRIPTS if s not in (flow_edits.FLUX, flow_edits.LUMINA2)
+    ],
 )
 def test_flow_script_trains_on_the_plans_draws_weights_and_loss(tmp_path, script):
     preset_text = FLOW_PRESET + CAPTIONS.get(script, "")

@@ -169,3 +169,50 @@ def test_a_kohya_sampler_the_plan_cannot_draw_is_refused_not_changed(tree, tmp_p
     done, out = flux(tree, tmp_path, text, *args, script="sd3_train_network.py")
     assert done.returncode == 1 and "cannot as written (min_timestep: not carried over" in done.stderr
     assert not (out / "standin-model-loaded").exists()
+
+
+ENCODER_DROPOUTS = """
+[[caption]]
+type = "dropout"
+rate = 0.4
+encoders = ["clip_l"]
+
+[[caption]]
+type = "dropout"
+rate = 0.4
+encoders = ["t5xxl"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("script", "encoders"),
+    [("flux_train_network.py", ("clip_l", "t5xxl")), ("sd3_train_network.py", ("clip_l", "clip_g", "t5xxl"))],
+)
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_a_dropout_naming_an_encoder_swaps_that_encoders_cached_rows_alone(tree, tmp_path, script, encoders, to_disk):
+    """With cached text-encoder outputs, each dropped encoder's part of a sample's rows (SD3's
+    CLIP-L and CLIP-G columns of one tensor too) is the empty caption's, the others the caption's,
+    for exactly the samples the plan's decisions drop; kohya's own cache to disk alike."""
+    preset_text = FLOW_PRESET.split("[[caption]]")[0] + ENCODER_DROPOUTS + "[optimizer]" + FLOW_PRESET.split("[optimizer]")[1]
+    args = ["--cache_text_encoder_outputs", *(["--cache_text_encoder_outputs_to_disk"] if to_disk else [])]
+    done, out = flux(tree, tmp_path, preset_text, *args, script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [json.loads(line) for line in (out / "flow-encoders.jsonl").read_text().splitlines()]
+    plan = sdplug.load_preset(tmp_path / "preset.toml").build(
+        process=Flow(flow_sigmas(1000)), seed=0, rank=0, text_encoders=encoders
+    )
+    draws = [plan.dropped_encoders(encoders) for _ in range(STEPS * BATCH)]
+    for name in encoders:
+        rows = [flag for step in seen for flag in step[name]]
+        assert rows == [name in draw for draw in draws], name
+    assert [flag for step in seen for flag in step["clip_l"]] != [flag for step in seen for flag in step["t5xxl"]]
+    assert not any(flag for step in seen for flag in step.get("clip_g", []))  # no dropout names CLIP-G
+    caption = json.loads((out / "audit.json").read_text())["caption"]
+    assert caption["samples"] == STEPS * BATCH
+
+
+def test_a_dropout_naming_an_encoder_without_the_cache_is_refused(tree, tmp_path):
+    preset_text = FLOW_PRESET.split("[[caption]]")[0] + ENCODER_DROPOUTS + "[optimizer]" + FLOW_PRESET.split("[optimizer]")[1]
+    done, out = flux(tree, tmp_path, preset_text)
+    assert done.returncode == 1 and "--cache_text_encoder_outputs" in done.stderr
+    assert not (out / "standin-model-loaded").exists()

@@ -68,7 +68,7 @@ FLOW_INDEPENDENT = {
 }
 # caption dropout needs the script's prompt rows in the step (flow_edits); the others hold theirs elsewhere
 FLOW_CAPTIONS = {
-    "train_dreambooth_lora_flux.py": "per text encoder (clip_l: the pooled embedding, t5: the sequence)",
+    "train_dreambooth_lora_flux.py": "per text encoder (clip_l: the pooled embedding, t5xxl: the sequence)",
     "train_dreambooth_lora_lumina2.py": "whole (one text encoder)",
 }
 

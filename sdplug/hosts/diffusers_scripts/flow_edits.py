@@ -64,7 +64,7 @@ def _common(script: str, noisy: str) -> list[Edit]:
 _FLUX_CAPTIONS = Edit(
     "                # Convert images to latent space",
     "                prompt_embeds, pooled_prompt_embeds = _sdplug.drop_encoder_rows(epoch, len(prompts), "
-    '{"t5": prompt_embeds, "clip_l": pooled_prompt_embeds}, lambda: dict(zip(("t5", "clip_l"), '
+    '{"t5xxl": prompt_embeds, "clip_l": pooled_prompt_embeds}, lambda: dict(zip(("t5xxl", "clip_l"), '
     'compute_text_embeddings("", text_encoders, tokenizers)[:2])))',
     before=True,
 )

@@ -37,9 +37,9 @@ from sdplug.process import Flow, flow_sigmas
 
 # the names a caption dropout may give each script's text encoders (``caption[i].encoders``)
 TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
-    flow_edits.FLUX: ("clip_l", "t5"),
+    flow_edits.FLUX: ("clip_l", "t5xxl"),
     flow_edits.FLUX2: ("mistral",),
-    flow_edits.SD3: ("clip_l", "clip_g", "t5"),
+    flow_edits.SD3: ("clip_l", "clip_g", "t5xxl"),
     flow_edits.QWEN_IMAGE: ("qwen",),
     flow_edits.Z_IMAGE: ("qwen",),
     flow_edits.LUMINA2: ("gemma",),

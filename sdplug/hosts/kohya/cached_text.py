@@ -10,6 +10,15 @@ Where the cached tensors live in a batch differs by version:
   states of both encoders and the pooled output), filled by the caching strategy;
 - v0.8.7: ``example["text_encoder_outputs1_list"]``, ``["text_encoder_outputs2_list"]`` and
   ``["text_encoder_pool2_list"]``.
+
+A flow script's cached list holds several text encoders' outputs (``ENCODER_SLOTS``), so a
+dropout naming one encoder replaces that encoder's part of the row alone, with the same part of
+the empty caption's encoding. kohya's own per-encoder dropout (SD3's ``--clip_l_dropout_rate``
+and siblings, Anima's) writes zeros instead. sdplug gives the empty caption's encoding because
+that is what classifier-free guidance feeds the model as its unconditional input: kohya's and
+diffusers' SD3 and FLUX samplers encode the negative prompt ``""`` through every encoder, never
+zeros. (SD3's reference code feeds zeros for an absent T5 at inference; a preset that wants that
+model's T5-less use is the one case zeros would serve, and sdplug does not offer it.)
 """
 
 from __future__ import annotations
@@ -27,6 +36,21 @@ from sdplug.errors import SdplugError
 BATCH_KEYS = {
     "main": ("text_encoder_outputs_list",),
     "v0.8.7": ("text_encoder_outputs1_list", "text_encoder_outputs2_list", "text_encoder_pool2_list"),
+}
+
+
+# each flow script's cached list (its caching strategy's ``load_outputs_npz`` order), by text
+# encoder: (tensor index, the columns of the last dimension that are this encoder's, None = all)
+_CLIP_L_WIDTH = 768  # SD3 concatenates CLIP-L's 768 columns and CLIP-G's 1280 (kohya splits at 768 too)
+ENCODER_SLOTS: dict[str, dict[str, tuple[tuple[int, tuple[int, int | None] | None], ...]]] = {
+    # FLUX.1: [l_pooled, t5_out, txt_ids, t5_attn_mask]
+    "flux_train_network.py": {"clip_l": ((0, None),), "t5xxl": ((1, None), (3, None))},
+    # SD3: [lg_out, t5_out, lg_pooled, l_attn_mask, g_attn_mask, t5_attn_mask]
+    "sd3_train_network.py": {
+        "clip_l": ((0, (0, _CLIP_L_WIDTH)), (2, (0, _CLIP_L_WIDTH)), (3, None)),
+        "clip_g": ((0, (_CLIP_L_WIDTH, None)), (2, (_CLIP_L_WIDTH, None)), (4, None)),
+        "t5xxl": ((1, None), (5, None)),
+    },
 }
 
 
@@ -84,3 +108,25 @@ def substitute_row(tensors: list[torch.Tensor], row: int, empty: list[torch.Tens
                 f"has {tuple(value.shape)}; cannot substitute it for a dropped caption."
             )
         tensor[row] = value.to(device=tensor.device, dtype=tensor.dtype)
+
+
+def substitute_encoders(
+    tensors: list[torch.Tensor],
+    row: int,
+    empty: list[torch.Tensor],
+    slots: dict[str, tuple[tuple[int, tuple[int, int | None] | None], ...]],
+    encoders: frozenset[str],
+) -> None:
+    """Put the empty caption's outputs of ``encoders`` alone in place of sample ``row``'s."""
+    for encoder in sorted(encoders):
+        for index, columns in slots[encoder]:
+            if index >= len(tensors) or tuple(tensors[index].shape[1:]) != tuple(empty[index].shape):
+                raise SdplugError(
+                    f"sd-scripts' cached text-encoder outputs do not have the layout sdplug knows for {encoder} (tensor "
+                    f"{index}); cannot substitute the empty caption's."
+                )
+            value = empty[index].to(device=tensors[index].device, dtype=tensors[index].dtype)
+            if columns is None:
+                tensors[index][row] = value
+            else:
+                tensors[index][row][..., columns[0] : columns[1]] = value[..., columns[0] : columns[1]]

@@ -106,13 +106,20 @@ class CaptionHooks:
                 f"caption to substitute for dropped captions. Caching route not known to the {adapter.version.name} adapter."
             )
         captions = example.get("captions")
+        slots = adapter.encoder_slots  # a flow script's encoders, one by one
         for row in range(tensors[0].shape[0]):
             try:
-                dropped = adapter.plan.caption_dropped(epoch=_epoch(dataset))
+                if slots:
+                    encoders = adapter.plan.dropped_encoders(tuple(slots), epoch=_epoch(dataset))
+                    dropped = encoders == frozenset(slots)
+                else:
+                    encoders, dropped = frozenset(), adapter.plan.caption_dropped(epoch=_epoch(dataset))
             except MissingDependencyError as exc:
                 raise SdplugError(f"{adapter.preset.path}: with cached text-encoder outputs: {exc}") from None
             if dropped:
                 cached_text.substitute_row(tensors, row, self.empty_caption_outputs)
-                if isinstance(captions, list) and row < len(captions):
-                    captions[row] = ""
+            elif encoders:
+                cached_text.substitute_encoders(tensors, row, self.empty_caption_outputs, slots, encoders)
+            if dropped and isinstance(captions, list) and row < len(captions):
+                captions[row] = ""
         return example

@@ -42,7 +42,7 @@ import torch
 
 from sdplug.errors import SdplugError
 from sdplug.hosts.host_flags import section_set
-from sdplug.hosts.kohya import ema_save, flag_check, flow_bridge, saved_metadata
+from sdplug.hosts.kohya import cached_text, ema_save, flag_check, flow_bridge, saved_metadata
 from sdplug.hosts.kohya.command_line import written_flags
 from sdplug.hosts.kohya.flow_flags import (
     FLOW_CONFLICTS,
@@ -112,6 +112,8 @@ class KohyaFlowAdapter(KohyaAdapter):
         if self.script == FLUX:
             self._read_output_raw(args, written)
         _check_sections(preset, self.script, args)
+        if getattr(args, "cache_text_encoder_outputs", False):  # dropouts then act on each encoder's cached rows
+            self.encoder_slots = cached_text.ENCODER_SLOTS.get(self.script)
         self.lifecycle.bind(self._build_plan(args))
         if preset.attention is not None:  # 'sdpa' (others were refused): what FLUX's model runs already
             self.lifecycle.bound().attention(torch.nn.Module(), install=_flux_attention)
@@ -286,17 +288,19 @@ def _check_sections(preset, script: str, args) -> None:
             f"{preset.attention.path or preset.path}: [attention] {preset.attention.type!r}: {script} has no attention "
             "switch (its model calls PyTorch's scaled_dot_product_attention itself). Allowed: 'sdpa', or no [attention]."
         )
-    if preset.caption and getattr(args, "cache_text_encoder_outputs", False):
+    named = [caption for caption in preset.caption if caption.params.get("encoders")]
+    if named and not getattr(args, "cache_text_encoder_outputs", False):
+        caption = named[0]
         raise KohyaConflictError(
-            f"{preset.path}: [caption] with --cache_text_encoder_outputs: sdplug does not yet replace {script}'s cached "
-            "text-encoder outputs of a dropped caption. Train without the cache, or without [caption]."
+            f"{caption.path or preset.path}: {caption.key or 'caption'}.encoders: sdplug drops one text encoder's output "
+            f"in {script}'s cached text-encoder outputs; without --cache_text_encoder_outputs kohya encodes the caption "
+            "text in the step, which sdplug drops whole. Allowed: --cache_text_encoder_outputs, or a dropout without encoders."
         )
-    for caption in preset.caption:
-        if caption.params.get("encoders"):
-            raise KohyaConflictError(
-                f"{caption.path or preset.path}: {caption.key or 'caption'}.encoders: sdplug's kohya adapter drops whole "
-                f"captions in {script} for now, not one text encoder's output. Allowed: a dropout without encoders."
-            )
+    if preset.caption and getattr(args, "cache_text_encoder_outputs", False) and script not in cached_text.ENCODER_SLOTS:
+        raise KohyaConflictError(
+            f"{preset.path}: [caption] with --cache_text_encoder_outputs: sdplug does not know {script}'s cached layout. "
+            "Train without the cache, or without [caption]."
+        )
 
 
 def _classify_flow_flags(preset, values, defaults, acting) -> dict[str, str]:

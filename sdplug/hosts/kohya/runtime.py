@@ -85,6 +85,8 @@ class KohyaAdapter:
         self.defaults: dict[str, Any] = {}
         self.configured_range: tuple[Any, Any] = (None, None)  # kohya's --min/--max_timestep
         self.captions = CaptionHooks(self)
+        # a flow script's cached layout by text encoder (cached_text.ENCODER_SLOTS), when it caches
+        self.encoder_slots: dict[str, Any] | None = None
         self.validating = False  # the current noise/weight calls are main's validation, not a step
         self.timesteps: torch.Tensor | None = None  # what the step's noise call drew: the loss hook's per-sample thresholds
         self.flag_record: dict[str, Any] = {}

@@ -67,9 +67,7 @@ LUMINA2_SYSTEM_PROMPT = (
     "You are an assistant designed to generate superior images with the superior degree of image-text alignment"
     " based on textual prompts or user prompts."
 )
-LUMINA2_SYSTEM_PROMPT_2 = (
-    "You are an assistant designed to generate high-quality images based on user prompts. <Prompt Start> "
-)
+LUMINA2_SYSTEM_PROMPT_2 = "You are an assistant designed to generate high-quality images based on user prompts. <Prompt Start> "
 FLUX2_SYSTEM_MESSAGE = (
     "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
     "relationships, object\nattribution and actions without speculation."
@@ -503,9 +501,7 @@ def build_flux2():
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    return Flux2Pipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=processor, transformer=transformer
-    )
+    return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=processor, transformer=transformer)
 
 
 def build_qwen_image():
@@ -642,9 +638,7 @@ def build_z_image():
             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         )
     )
-    return ZImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-    )
+    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
 
 
 def build_lumina2():
@@ -687,9 +681,7 @@ def build_lumina2():
             eos_token_id=tokenizer.eos_token_id,
         )
     )
-    return Lumina2Pipeline(
-        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
-    )
+    return Lumina2Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
 BUILDERS = {
@@ -712,7 +704,9 @@ def check(kind, folder):
         if kind == "flux":
             embeds = pipe.encode_prompt("a photo of sks dog", prompt_2=None, max_sequence_length=16)[0]
         elif kind == "sd3":
-            embeds = pipe.encode_prompt("a photo of sks dog", None, None, do_classifier_free_guidance=False, max_sequence_length=16)[0]
+            embeds = pipe.encode_prompt(
+                "a photo of sks dog", None, None, do_classifier_free_guidance=False, max_sequence_length=16
+            )[0]
         elif kind == "flux2":
             embeds = pipe.encode_prompt("a photo of sks dog", max_sequence_length=64, text_encoder_out_layers=(1,))[0]
         elif kind == "qwen_image":

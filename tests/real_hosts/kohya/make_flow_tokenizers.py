@@ -92,9 +92,7 @@ def make_t5(out: Path) -> None:
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
         assert [tok.token_to_id(t) for t in ("<pad>", "</s>", "<unk>")] == [0, 1, 2]
         tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
-        tok.post_processor = processors.TemplateProcessing(
-            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-        )
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
         tok.save(str(tmp / "tokenizer.json"))
         special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
         (tmp / "special_tokens_map.json").write_text(json.dumps(special))

@@ -34,8 +34,9 @@ import json
 import struct
 import sys
 import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -174,7 +175,12 @@ def ae_specs(dtype: torch.dtype = torch.float32, prefix: str = "") -> list[Spec]
     s: list[Spec] = []
 
     def conv(name: str, out_c: int, in_c: int, k: int) -> None:
-        s.extend([Spec(f"{prefix}{name}.weight", (out_c, in_c, k, k), dtype, "linear"), Spec(f"{prefix}{name}.bias", (out_c,), dtype, "zeros")])
+        s.extend(
+            [
+                Spec(f"{prefix}{name}.weight", (out_c, in_c, k, k), dtype, "linear"),
+                Spec(f"{prefix}{name}.bias", (out_c,), dtype, "zeros"),
+            ]
+        )
 
     def norm(name: str, c: int) -> None:
         s.extend([Spec(f"{prefix}{name}.weight", (c,), dtype, "ones"), Spec(f"{prefix}{name}.bias", (c,), dtype, "zeros")])
@@ -229,7 +235,9 @@ def ae_specs(dtype: torch.dtype = torch.float32, prefix: str = "") -> list[Spec]
     return s
 
 
-def _meta_state_dict_specs(model_factory: Callable[[], torch.nn.Module], dtype: torch.dtype, skip: tuple[str, ...] = ()) -> list[Spec]:
+def _meta_state_dict_specs(
+    model_factory: Callable[[], torch.nn.Module], dtype: torch.dtype, skip: tuple[str, ...] = ()
+) -> list[Spec]:
     with torch.device("meta"):
         model = model_factory()
     specs = []
@@ -252,9 +260,23 @@ def clip_specs(kind: str, dtype: torch.dtype = torch.float16) -> list[Spec]:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     if kind == "l":
-        cfg = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu")
+        cfg = dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
     else:
-        cfg = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280, hidden_act="gelu")
+        cfg = dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            projection_dim=1280,
+            hidden_act="gelu",
+        )
     config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **cfg)
     return _meta_state_dict_specs(lambda: CLIPTextModelWithProjection(config), dtype)
 

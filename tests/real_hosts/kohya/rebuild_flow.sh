@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Run kohya sd-scripts' flow-matching LoRA scripts -- flux_train_network.py and
+# sd3_train_network.py, unmodified -- for a few steps on CPU, with random-weight models built
+# offline at the real models' fixed widths, plainly or through `python -m sdplug kohya --preset`.
+# CPU only, offline except for package registries (pip). Idempotent: re-running skips what is
+# already built (tree, venv, models, tokenizers) and always rebuilds/reinstalls the sdplug wheel.
+#
+# Usage:
+#   bash rebuild_flow.sh                 # flux + sd3, RUN=sdplug
+#   bash rebuild_flow.sh flux            # one script (flux | sd3)
+#   RUN=plain bash rebuild_flow.sh       # kohya alone: $VENV/bin/python flux_train_network.py ...
+#   RUN=both bash rebuild_flow.sh        # plain, then sdplug, for each script
+#   RUN=none bash rebuild_flow.sh        # build only
+#
+# Environment knobs (defaults in brackets):
+#   KINT    [./sdplug-real-hosts/kohya]  work folder (the same as rebuild.sh's); everything is written under it
+#   SNAP    [this checkout]  the sdplug source whose wheel is installed into venv-main (read only: copied)
+#   REBUILD [auto]  auto: `RUN_TESTS=0 bash rebuild.sh main` only when $KINT/sd-main or
+#                   $KINT/venv-main is missing (rebuild.sh clones its mirror from GitHub when
+#                   $KINT/sd-scripts.git is absent); 1: always; 0: never (the tree and venv must exist)
+#   RUN     [sdplug]  plain | sdplug | both | none
+#   PRESET  [$SCRIPTS/flow_preset.toml]  the preset of RUN=sdplug (a file or a shipped preset's name)
+#   STEPS   [2]    --max_train_steps
+#   RES     [256]  --resolution (square; bucketing off: the data is 256x256)
+#   BATCH   [1]    --train_batch_size
+#   T5_LEN  [64]   --t5xxl_max_token_length
+#   EXTRA   []     more script arguments, appended as they are (word-split)
+#   HELPERS [the dir of this script]  make_flux_model.py, make_sd3_model.py, make_flow_tokenizers.py,
+#                                     make_tokenizer.py, make_data.py; stub: ../torchvision-stub
+#
+# Layout under $KINT (beside rebuild.sh's):
+#   sd-main/ venv-main/      rebuild.sh's tree (sd-scripts main 48d368fa) and its venv
+#   flow-src/ flow-wheels/   the copy of $SNAP and the sdplug wheel built from it
+#   model-flux/              flux1-dev-tiny.safetensors (FLUX.1-dev width, 1 double + 1 single block,
+#                            bf16), ae.safetensors, clip_l.safetensors, t5xxl.safetensors (full T5-XXL,
+#                            bf16, 9.5 GB)
+#   model-sd3/               sd3-tiny.safetensors (MMDiT depth 2 + VAE), clip_l, clip_g, and
+#                            t5xxl.safetensors -> ../model-flux/t5xxl.safetensors (a link)
+#   tokcache-flow/           openai_clip-vit-large-patch14, laion_CLIP-ViT-bigG-14-laion2B-39B-b160k,
+#                            google_t5-v1_1-xxl (what --tokenizer_cache_dir reads)
+#   data-flow/1_sks/         4 images 256x256 + .txt captions (its own copy: the scripts write
+#                            *_flux_te.npz / *_sd3_te.npz next to the images)
+#   out-<script>-<run>/      each run's LoRA (and audit.json for RUN=sdplug), emptied before the run
+#   logs/flow-*.txt          one log per step and run
+#
+# Memory: every run is --mixed_precision bf16 (T5-XXL is loaded at full size: ~9.5 GB in bf16,
+# ~19 GB in fp32), peaks ~9.5 GiB (FLUX) and ~11.2 GiB (SD3: CLIP-G and T5 together while caching).
+# Disk: ~13 GB of models.
+set -euo pipefail
+export OMP_NUM_THREADS=1          # shared 2-core machine
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export TOKENIZERS_PARALLELISM=false  # kohya's dataloader forks after tokenizing
+
+SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+KINT=${KINT:-$PWD/sdplug-real-hosts/kohya}
+SNAP=${SNAP:-$(cd "$SCRIPTS/../../.." && pwd)}
+REBUILD=${REBUILD:-auto}
+RUN=${RUN:-sdplug}
+PRESET=${PRESET:-$SCRIPTS/flow_preset.toml}
+STEPS=${STEPS:-2}
+RES=${RES:-256}
+BATCH=${BATCH:-1}
+T5_LEN=${T5_LEN:-64}
+EXTRA=${EXTRA:-}
+HELPERS=${HELPERS:-$SCRIPTS}
+STUB=${STUB:-$SCRIPTS/../torchvision-stub}
+TREE=$KINT/sd-main
+VENV=$KINT/venv-main
+mkdir -p "$KINT/logs"
+KINT=$(cd "$KINT" && pwd)  # absolute: the runs cd into the tree
+
+step() { STEP_NAME=$1; STEP_START=$SECONDS; echo "== [$(date +%T)] $1"; }
+done_step() { echo "   done in $((SECONDS - STEP_START)) s: $STEP_NAME"; }
+quiet_pip() { grep -v -e "is ignored: it is neither a file nor a directory" || true; }  # this machine's pip index noise
+
+for f in make_flux_model.py make_sd3_model.py make_flow_tokenizers.py make_tokenizer.py make_data.py; do
+    [ -f "$HELPERS/$f" ] || { echo "missing $HELPERS/$f" >&2; exit 2; }; done
+[ -f "$STUB/torchvision/transforms/functional.py" ] || { echo "missing $STUB (torchvision stub)" >&2; exit 2; }
+case $RUN in plain|sdplug|both|none) ;; *) echo "RUN=$RUN: plain, sdplug, both or none" >&2; exit 2;; esac
+WHICH=("$@"); [ ${#WHICH[@]} -eq 0 ] && WHICH=(flux sd3)
+for w in "${WHICH[@]}"; do case $w in flux|sd3) ;; *) echo "unknown script '$w': flux or sd3" >&2; exit 2;; esac; done
+
+# --- tree + venv: rebuild.sh's (it also installs the sdplug wheel of $SNAP into the venv).
+if [ "$REBUILD" = 1 ] || { [ "$REBUILD" = auto ] && ! { [ -f "$TREE/.sdplug-commit" ] && [ -x "$VENV/bin/python" ]; }; }; then
+    step "tree + venv: RUN_TESTS=0 bash rebuild.sh main"
+    RUN_TESTS=0 KINT=$KINT SNAP=$SNAP bash "$SCRIPTS/rebuild.sh" main > "$KINT/logs/flow-rebuild.txt" 2>&1 || {
+        tail -20 "$KINT/logs/flow-rebuild.txt" >&2; echo "rebuild.sh failed: $KINT/logs/flow-rebuild.txt" >&2; exit 1; }
+    done_step
+fi
+[ -f "$TREE/.sdplug-commit" ] && [ -x "$VENV/bin/python" ] || { echo "no $TREE or $VENV: run with REBUILD=1" >&2; exit 2; }
+echo "   tree $TREE @ $(cat "$TREE/.sdplug-commit")"
+
+# --- the sdplug wheel of $SNAP into venv-main, non-editable, every run (cheap): built from a COPY
+# of $SNAP (pip would write build/ and *.egg-info into the source), from a folder outside $SNAP.
+step "sdplug wheel from $SNAP into $VENV"
+rm -rf "$KINT/flow-src" "$KINT/flow-wheels" && mkdir -p "$KINT/flow-src" "$KINT/flow-wheels"
+if git -C "$SNAP" rev-parse --git-dir > /dev/null 2>&1; then
+    git -C "$SNAP" archive HEAD | tar -x -C "$KINT/flow-src"  # its committed files
+    echo "   $SNAP @ $(git -C "$SNAP" rev-parse --short HEAD) (committed files only)"
+else
+    cp -a "$SNAP/." "$KINT/flow-src" && rm -rf "$KINT/flow-src/build" "$KINT"/flow-src/*.egg-info
+fi
+(cd "$KINT" && "$VENV/bin/pip" wheel -q --no-deps "$KINT/flow-src" -w "$KINT/flow-wheels" 2>&1 | quiet_pip > "$KINT/logs/flow-wheel.txt")
+WHEEL=$(ls "$KINT"/flow-wheels/sdplug-*.whl)
+(cd "$KINT" && "$VENV/bin/pip" install -q --force-reinstall --no-deps "$WHEEL" 2>&1 | quiet_pip)
+SDPLUG_AT=$(cd "$KINT" && "$VENV/bin/python" -c 'import sdplug; print(sdplug.__file__)')
+echo "   $WHEEL  sha256 $(sha256sum "$WHEEL" | cut -c1-16); imports $SDPLUG_AT"
+case $SDPLUG_AT in *site-packages*) ;; *) echo "venv-main must import the installed wheel, not $SDPLUG_AT" >&2; exit 1;; esac
+rm -rf "$KINT/flow-src"
+done_step
+
+# --- models (random weights, seed 0), tokenizers, data. Each helper skips what exists.
+step "models: $KINT/model-flux, $KINT/model-sd3"
+(cd "$KINT" && "$VENV/bin/python" "$HELPERS/make_flux_model.py" "$KINT/model-flux" 2>&1 | tee "$KINT/logs/flow-make-flux.txt" | grep -E "OK|exists|Error|error" | sed 's/^/   /')
+(cd "$KINT" && "$VENV/bin/python" "$HELPERS/make_sd3_model.py" "$KINT/model-sd3" --t5 "$KINT/model-flux/t5xxl.safetensors" 2>&1 |
+    tee "$KINT/logs/flow-make-sd3.txt" | grep -E "OK|exists|linked|Error|error" | sed 's/^/   /')
+done_step
+step "tokenizers: $KINT/tokcache-flow"
+(cd "$KINT" && "$VENV/bin/python" "$HELPERS/make_flow_tokenizers.py" "$KINT/tokcache-flow" 2>&1 | grep -E "OK|Error|error" | grep -v '\.partial$' | sed 's/^/   /')
+done_step
+step "data: $KINT/data-flow"
+(cd "$KINT" && "$VENV/bin/python" "$HELPERS/make_data.py" "$KINT/data-flow" | sed 's/^/   /')
+done_step
+
+# --- the runs
+RUNS=(); case $RUN in plain) RUNS=(plain);; sdplug) RUNS=(sdplug);; both) RUNS=(plain sdplug);; none) RUNS=();; esac
+if [[ " ${RUNS[*]} " == *" sdplug "* ]]; then
+    step "preset $PRESET"
+    (cd "$KINT" && "$VENV/bin/python" -m sdplug validate "$PRESET" | sed 's/^/   /')
+    done_step
+fi
+
+script_args() {  # which -> the script's arguments (common + model files)
+    local common=(--tokenizer_cache_dir "$KINT/tokcache-flow" --train_data_dir "$KINT/data-flow" --caption_extension .txt
+        --resolution "$RES" --train_batch_size "$BATCH" --max_train_steps "$STEPS" --seed 0
+        --mixed_precision bf16 --sdpa --cache_latents
+        --cache_text_encoder_outputs --cache_text_encoder_outputs_to_disk --t5xxl_max_token_length "$T5_LEN"
+        --network_train_unet_only --network_dim 4 --learning_rate 1e-4 --save_model_as safetensors --output_name lora)
+    case $1 in
+    flux) ARGS=(--pretrained_model_name_or_path "$KINT/model-flux/flux1-dev-tiny.safetensors" --ae "$KINT/model-flux/ae.safetensors"
+            --clip_l "$KINT/model-flux/clip_l.safetensors" --t5xxl "$KINT/model-flux/t5xxl.safetensors"
+            --network_module networks.lora_flux "${common[@]}");;
+    sd3) ARGS=(--pretrained_model_name_or_path "$KINT/model-sd3/sd3-tiny.safetensors" --clip_l "$KINT/model-sd3/clip_l.safetensors"
+            --clip_g "$KINT/model-sd3/clip_g.safetensors" --t5xxl "$KINT/model-sd3/t5xxl.safetensors"
+            --network_module networks.lora_sd3 "${common[@]}");;
+    esac
+    # shellcheck disable=SC2206
+    [ -n "$EXTRA" ] && ARGS+=($EXTRA)
+    return 0
+}
+
+TIMER=(); [ -x /usr/bin/time ] && TIMER=(/usr/bin/time -v)
+SUMMARY=()
+status=0
+for w in "${WHICH[@]}"; do
+    case $w in flux) script=flux_train_network.py;; sd3) script=sd3_train_network.py;; esac
+    for run in "${RUNS[@]}"; do
+        step "$script, RUN=$run, $STEPS steps"
+        out=$KINT/out-$w-$run log=$KINT/logs/flow-$w-$run.txt
+        rm -rf "$out" && mkdir -p "$out"
+        # kohya's disk cache check of the text-encoder outputs looks at the keys and the
+        # attention-mask flag, not at the token length or the models: stale caches would be reused.
+        rm -f "$KINT"/data-flow/*/*_te.npz "$KINT"/data-flow/*/*_flux.npz "$KINT"/data-flow/*/*_sd3.npz
+        script_args "$w"
+        ARGS+=(--output_dir "$out")
+        if [ "$run" = plain ]; then CMD=("$VENV/bin/python" "$script" "${ARGS[@]}")
+        else CMD=("$VENV/bin/python" -m sdplug kohya --preset "$PRESET" -- "$script" "${ARGS[@]}"); fi
+        echo "   (cd $TREE && PYTHONPATH=$STUB ${CMD[*]})" | tee "$log"
+        rc=0
+        (cd "$TREE" && PYTHONPATH=$STUB "${TIMER[@]}" "${CMD[@]}") >> "$log" 2>&1 || rc=$?
+        # s/step: tqdm's last rate on the "steps" bar; peak RSS from /usr/bin/time -v
+        rate=$(grep -o 'steps: 100%[^]]*\]' "$log" | tail -1 | grep -oE '[0-9.]+(s/it|it/s)' | tail -1 || true)
+        case $rate in *it/s) sps=$(awk -v r="${rate%it/s}" 'BEGIN {printf "%.2f", 1 / r}');; *s/it) sps=${rate%s/it};; *) sps=?;; esac
+        rss=$(awk '/Maximum resident set size/ {printf "%.2f", $NF / 1048576}' "$log"); rss=${rss:-?}
+        wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$log"); wall=${wall:-?}
+        result=pass; { [ $rc -ne 0 ] || [ ! -f "$out/lora.safetensors" ]; } && { result=FAIL; status=1; }
+        echo "   $result (exit $rc): $sps s/step, peak RSS $rss GiB, wall $wall; log $log"
+        if [ $rc -ne 0 ]; then grep -E "Error|error|refuse" "$log" | tail -8 | sed 's/^/   | /'; fi
+        if [ "$run" = sdplug ] && [ -f "$out/audit.json" ]; then
+            sed -n '/^sdplug: audit/,/^  problems/p' "$log" | sed 's/^/   /'
+            "$VENV/bin/python" - "$out/audit.json" << 'EOF' | sed 's/^/   /'
+import json, sys
+a = json.load(open(sys.argv[1]))
+host = a.get("host", {})
+print("completed:", a.get("completed"), "| problems:", a.get("problems") or "none")
+for rule in host.get("rules", []):
+    print("rule:", rule)
+for flag, how in host.get("kohya_flags", {}).items():
+    print(f"--{flag}: {how}")
+if host.get("unclassified_flags"):
+    print("unclassified:", " ".join("--" + f for f in host["unclassified_flags"]))
+EOF
+        elif [ "$run" = sdplug ]; then echo "   no $out/audit.json"; status=1; fi
+        SUMMARY+=("$(printf '%-22s %-7s %-5s %8s s/step %7s GiB  %s' "$script" "$run" "$result" "$sps" "$rss" "${out}")")
+        done_step
+    done
+done
+rm -f "$KINT"/data-flow/*/*_te.npz  # leave no stale text-encoder cache behind
+
+if [ ${#SUMMARY[@]} -gt 0 ]; then
+    echo "== summary (sdplug wheel $(basename "$WHEEL"), tree $(cut -c1-8 "$TREE/.sdplug-commit"))"
+    printf '   %s\n' "${SUMMARY[@]}"
+fi
+exit $status
