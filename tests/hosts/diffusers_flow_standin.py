@@ -132,6 +132,7 @@ def parse_args(input_args=None):
     parser.add_argument("--mixed_precision", type=str, default=None)
     parser.add_argument("--height", type=int, default=8)
     parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--latent_channels", type=int, default=4)
 __ARGS__
     if input_args is not None:
         args = parser.parse_args(input_args)
@@ -145,7 +146,7 @@ def main(args):
     torch.manual_seed(args.seed or 0)
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(None, subfolder="scheduler")
     noise_scheduler_copy = copy.deepcopy(noise_scheduler)
-    transformer = Transformer(4)
+    transformer = Transformer(args.latent_channels)
     train_dataset = Dataset()
 __ENCODERS__
     params_to_optimize = list(transformer.parameters())
@@ -185,7 +186,7 @@ __ENCODERS__
                 prompts = batch["prompts"]
 __PROMPTS__
                 # Convert images to latent space
-                model_input = torch.randn(len(prompts), 4, __FRAMES__args.height, args.width)
+                model_input = torch.randn(len(prompts), args.latent_channels, __FRAMES__args.height, args.width)
                 noise = torch.randn_like(model_input)
                 bsz = model_input.shape[0]
                 u = compute_density_for_timestep_sampling(

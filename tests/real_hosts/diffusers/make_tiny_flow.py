@@ -295,14 +295,14 @@ def clip_text_config(tokenizer, **extra):
     )
 
 
-def t5_encoder(tokenizer):
+def t5_encoder(tokenizer, d_model=32):
     from transformers import T5Config, T5EncoderModel
 
     # hf-internal-testing/tiny-random-t5's shape: d_model 32, d_ff 37, d_kv 8, 4 heads, 8 buckets (2 layers here)
     return T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer),
-            d_model=32,
+            d_model=d_model,
             d_kv=8,
             d_ff=37,
             num_layers=2,
@@ -395,7 +395,9 @@ def build_sd3():
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,
-        joint_attention_dim=32,
+        # T5 width 128 (the test's 32 would cut the two CLIPs' concatenated 64-wide hidden states down to CLIP-L's
+        # 32): as in SD3 (2048 zero-padded to T5's 4096), the CLIP part is zero-padded to T5's width
+        joint_attention_dim=128,
         pooled_projection_dim=64,
         out_channels=4,
     )
@@ -404,7 +406,7 @@ def build_sd3():
     torch.manual_seed(1)
     text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer))
     torch.manual_seed(0)
-    text_encoder_3 = t5_encoder(tokenizer_3)
+    text_encoder_3 = t5_encoder(tokenizer_3, d_model=128)
     torch.manual_seed(0)
     vae = small_vae(latent_channels=4)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)

@@ -76,6 +76,7 @@ quiet_pip() { grep -v -e "is ignored: it is neither a file nor a directory" || t
 for f in make_flux_model.py make_sd3_model.py make_flow_tokenizers.py make_tokenizer.py make_data.py; do
     [ -f "$HELPERS/$f" ] || { echo "missing $HELPERS/$f" >&2; exit 2; }; done
 [ -f "$STUB/torchvision/transforms/functional.py" ] || { echo "missing $STUB (torchvision stub)" >&2; exit 2; }
+STUB=$(cd "$STUB" && pwd)
 case $RUN in plain|sdplug|both|none) ;; *) echo "RUN=$RUN: plain, sdplug, both or none" >&2; exit 2;; esac
 WHICH=("$@"); [ ${#WHICH[@]} -eq 0 ] && WHICH=(flux sd3)
 for w in "${WHICH[@]}"; do case $w in flux|sd3) ;; *) echo "unknown script '$w': flux or sd3" >&2; exit 2;; esac; done
