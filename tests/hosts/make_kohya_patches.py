@@ -46,16 +46,17 @@ def patched_text(text: str, *, add_option: bool) -> str:
 def make_patches(sd_scripts: Path, version_name: str, output: Path) -> dict:
     import difflib
 
-    from sdplug.hosts.kohya.version import SCRIPTS
+    from sdplug.hosts.kohya.version import FLOW_ROUTES, SCRIPTS
 
     manifest = {}
     (output / version_name).mkdir(parents=True, exist_ok=True)
-    for script in SCRIPTS:
+    # the flow scripts the adapter runs exist on main only; their parsers are train_network's
+    for script in (*SCRIPTS, *(FLOW_ROUTES if version_name == "main" else ())):
         if not (Path(sd_scripts) / script).is_file():
             continue
         original = (Path(sd_scripts) / script).read_text(encoding="utf-8")
         # sdxl_train_network's parser is train_network's: the option comes from there
-        patched = patched_text(original, add_option=script != "sdxl_train_network.py")
+        patched = patched_text(original, add_option=script in SCRIPTS and script != "sdxl_train_network.py")
         diff = difflib.unified_diff(
             original.splitlines(keepends=True), patched.splitlines(keepends=True), f"a/{script}", f"b/{script}", n=2
         )

@@ -247,11 +247,13 @@ def test_shipped_patches_fit_their_versions():
     manifest = json.loads((patching.patches_dir() / "manifest.json").read_text())
     assert set(manifest) == {"main", "v0.8.7"}
     for version, files in manifest.items():
-        assert set(files) == {"train_network.py", "sdxl_train_network.py", "train_db.py", "fine_tune.py"}
+        flow = {"flux_train_network.py", "sd3_train_network.py"} if version == "main" else set()
+        assert set(files) == {"train_network.py", "sdxl_train_network.py", "train_db.py", "fine_tune.py"} | flow
         for script in files:
             diff = (patching.patches_dir() / version / f"{script}.patch").read_text()
             assert "sdplug_kohya.activate(args, parser, globals())" in diff
-            assert ("--sdplug_preset" in diff) == (script != "sdxl_train_network.py")
+            # sdxl's and the flow scripts' parsers are train_network's, which the patch gives the option
+            assert ("--sdplug_preset" in diff) == (script in ("train_network.py", "train_db.py", "fine_tune.py"))
 
 
 def test_version_detection_and_refusal(standin, tmp_path):

@@ -216,3 +216,42 @@ def test_a_dropout_naming_an_encoder_without_the_cache_is_refused(tree, tmp_path
     done, out = flux(tree, tmp_path, preset_text)
     assert done.returncode == 1 and "--cache_text_encoder_outputs" in done.stderr
     assert not (out / "standin-model-loaded").exists()
+
+
+@pytest.mark.parametrize("script", ["flux_train_network.py", "sd3_train_network.py"])
+def test_patch_route_runs_flux_and_sd3_and_unpatch_restores_bytes(tmp_path, monkeypatch, script):
+    """``sdplug patch kohya``: the flow script, run directly with --sdplug_preset, trains on the
+    plan's draws (the same as through the launcher), and ``unpatch`` gives every byte back."""
+    from sdplug.hosts.kohya import patching
+    from tests.hosts.make_kohya_patches import make_patches
+
+    root = make_flow_scripts(make_standin(tmp_path / "sd" / "sd-scripts", "main"))
+    patches = tmp_path / "patches"
+    (patches / "main").mkdir(parents=True)
+    (patches / "manifest.json").write_text(json.dumps({"main": make_patches(root, "main", patches)}))
+    monkeypatch.setattr(patching, "patches_dir", lambda: patches)
+    before = {p.name: p.read_bytes() for p in root.glob("*.py")}
+    assert f"patched: {script}" in patching.apply(root)
+
+    preset = tmp_path / "preset.toml"
+    preset.write_text(FLOW_PRESET)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{root}", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for route in ("patch", "launcher"):
+        out = tmp_path / route
+        args = ["--output_dir", str(out), "--max_train_steps", str(STEPS), "--train_batch_size", str(BATCH), "--seed", "0"]
+        if route == "patch":
+            command = [sys.executable, str(root / script), *args, "--sdplug_preset", str(preset)]
+        else:
+            command = [sys.executable, "-m", "sdplug", "kohya", "--preset", str(preset), "--sd-scripts", str(root), "--"]
+            command += [script, *args]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[route] = (json.loads((out / "standin-record.json").read_text()), json.loads((out / "audit.json").read_text()))
+    (patched, patched_audit), (launched, _) = runs["patch"], runs["launcher"]
+    assert patched["noise_sums"] == launched["noise_sums"] and patched["timesteps"] == launched["timesteps"]
+    assert patched_audit["problems"] == [] and patched_audit["steps"] == STEPS
+    assert patched_audit["schedule"]["process"] == "flow"
+
+    patching.revert(root)
+    assert {p.name: p.read_bytes() for p in root.glob("*.py")} == before

@@ -412,7 +412,7 @@ def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | Non
     if _ACTIVE is not None:  # launched through `sdplug kohya` as well: already active
         return _ACTIVE
     show_messages()  # no sdplug command around a patched script: this session shows them
-    from sdplug.hosts.kohya.version import detect
+    from sdplug.hosts.kohya.version import FLOW_ROUTES, check_flow_script, detect
     from sdplug.preset import load_preset
 
     script_file = Path(script_globals.get("__file__", "train_network.py"))
@@ -420,7 +420,13 @@ def activate(args, parser, script_globals: dict[str, Any]) -> KohyaAdapter | Non
     try:
         version = detect(root)
         preset = load_preset(args.sdplug_preset)
-        adapter, custom = _install(preset, version, root, script_file.name)
+        adapter_class: type[KohyaAdapter] | None = None
+        if script_file.name in FLOW_ROUTES:  # FLUX's and SD3's draw and output hooks
+            from sdplug.hosts.kohya.flow_runtime import KohyaFlowAdapter  # it builds on this module's adapter
+
+            check_flow_script(script_file.name, root, version, "Nothing was run.")
+            adapter_class = KohyaFlowAdapter
+        adapter, custom = _install(preset, version, root, script_file.name, adapter_class)
     except SdplugError as exc:  # refused before configuring: the audit says so, the message is one paragraph
         audits.write_early_refusal(exc, getattr(args, "output_dir", None), script_file.name)
         logger.error(f"error: {exc}")

@@ -15,7 +15,7 @@ pre-tokenizer), then rebuilt from the trained vocabulary and saved with save_pre
     flux      CLIPTokenizer (byte-level BPE, "</w>")   + T5TokenizerFast (Unigram; pieces from a trained BPE)
     sd3       CLIPTokenizer x2                         + T5TokenizerFast
     flux2     PixtralProcessor: a byte-level BPE tokenizer (Mistral/tekken-like special tokens) with a small
-              Mistral-style chat template, and the PIL Pixtral image processor
+              Mistral-style chat template, and a Pixtral image processor (unused: no images)
     qwen_image Qwen2Tokenizer (byte-level BPE), sized so the pipeline's fixed template prefix is 34 tokens as with
               the real Qwen2.5-VL tokenizer (QwenImagePipeline drops the first 34 positions)
     z_image   Qwen2Tokenizer with a small Qwen3-style chat template (ZImagePipeline calls apply_chat_template)
@@ -56,7 +56,8 @@ CAPTIONS = [
 ]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 , . ! ? ( ) : ; - ' \" / _ [ ] < > | = +"
 
-# The text the pipelines wrap a prompt in (diffusers 0.42.1), so that it tokenizes compactly.
+# The text the pipelines wrap a prompt in (diffusers 0.42.1: QwenImagePipeline.prompt_template_encode,
+# Lumina2Pipeline.system_prompt, flux2's SYSTEM_MESSAGE), in the corpus so that it tokenizes compactly.
 QWEN_IMAGE_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial"
     " relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -67,7 +68,6 @@ LUMINA2_SYSTEM_PROMPT = (
     "You are an assistant designed to generate superior images with the superior degree of image-text alignment"
     " based on textual prompts or user prompts."
 )
-LUMINA2_SYSTEM_PROMPT_2 = "You are an assistant designed to generate high-quality images based on user prompts. <Prompt Start> "
 FLUX2_SYSTEM_MESSAGE = (
     "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
     "relationships, object\nattribution and actions without speculation."
@@ -109,7 +109,7 @@ def corpus(templates=True):
     texts = list(CAPTIONS)
     texts += [QWEN_IMAGE_TEMPLATE.format(c) for c in CAPTIONS[:3]]
     texts += [LUMINA2_SYSTEM_PROMPT + " <Prompt Start> " + c for c in CAPTIONS[:3]]
-    texts += [LUMINA2_SYSTEM_PROMPT_2, FLUX2_SYSTEM_MESSAGE]
+    texts += [FLUX2_SYSTEM_MESSAGE]
     texts += [f"<|im_start|>user\n{c}<|im_end|>\n<|im_start|>assistant\n" for c in CAPTIONS[:3]]
     return texts * 8 + [ALPHABET]
 
@@ -223,8 +223,9 @@ def make_gemma_tokenizer():
 
 
 def make_mistral_processor():
-    """Flux2's PixtralProcessor: a byte-level BPE tokenizer with tekken-like special tokens, a chat template and
-    the PIL Pixtral image processor (the torchvision one is not importable here)."""
+    """Flux2's PixtralProcessor: a byte-level BPE tokenizer with tekken-like special tokens, a chat template and a
+    Pixtral image processor (built with the PIL backend; saved as "PixtralImageProcessor", it loads back with the
+    torchvision backend, which the stub satisfies: text-only prompts never reach it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PixtralImageProcessorPil, PixtralProcessor, PreTrainedTokenizerFast
 
@@ -273,7 +274,7 @@ def make_mistral_processor():
     )
 
 
-def clip_text_config(tokenizer, **extra):
+def clip_text_config(tokenizer):
     from transformers import CLIPTextConfig
 
     vocab = tokenizer.get_vocab()
@@ -291,7 +292,6 @@ def clip_text_config(tokenizer, **extra):
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
-        **extra,
     )
 
 
@@ -440,7 +440,9 @@ def build_flux2():
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
-        joint_attention_dim=16,  # = hidden_size 16 x one text-encoder layer (--text_encoder_out_layers 1)
+        # FLUX.2 stacks the text encoder's hidden states 10, 20 and 30 per token (3 x 5120): here 3 layers of 16,
+        # read with --text_encoder_out_layers 1 2 3 (diffusers' test: 1 layer, joint_attention_dim 16)
+        joint_attention_dim=48,
         timestep_guidance_channels=256,
         axes_dims_rope=[4, 4, 4, 4],
     )
@@ -452,7 +454,7 @@ def build_flux2():
             "intermediate_size": 37,
             "max_position_embeddings": 512,
             "num_attention_heads": 4,
-            "num_hidden_layers": 1,
+            "num_hidden_layers": 3,
             "num_key_value_heads": 2,
             "rms_norm_eps": 1e-05,
             "rope_theta": 1000000000.0,
@@ -710,7 +712,7 @@ def check(kind, folder):
                 "a photo of sks dog", None, None, do_classifier_free_guidance=False, max_sequence_length=16
             )[0]
         elif kind == "flux2":
-            embeds = pipe.encode_prompt("a photo of sks dog", max_sequence_length=64, text_encoder_out_layers=(1,))[0]
+            embeds = pipe.encode_prompt("a photo of sks dog", max_sequence_length=48, text_encoder_out_layers=(1, 2, 3))[0]
         elif kind == "qwen_image":
             embeds = pipe.encode_prompt("a photo of sks dog", max_sequence_length=16)[0]
         elif kind == "z_image":

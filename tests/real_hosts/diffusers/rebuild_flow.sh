@@ -81,8 +81,8 @@ cd diffusers-src/examples/dreambooth
 if want flux; then
   run train_dreambooth_lora_flux.py "${COMMON[@]}" --max_sequence_length 16
 fi
-if want flux2; then # the tiny Mistral3 text encoder has 1 layer: its hidden state 1, not the default 10 20 30
-  run train_dreambooth_lora_flux2.py "${COMMON[@]}" --max_sequence_length 48 --text_encoder_out_layers 1
+if want flux2; then # the tiny Mistral3 text encoder has 3 layers: its hidden states 1 2 3, not the default 10 20 30
+  run train_dreambooth_lora_flux2.py "${COMMON[@]}" --max_sequence_length 48 --text_encoder_out_layers 1 2 3
 fi
 if want sd3; then
   run train_dreambooth_lora_sd3.py "${COMMON[@]}" --max_sequence_length 16
