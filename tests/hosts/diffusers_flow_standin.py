@@ -66,6 +66,7 @@ class Encoder(torch.nn.Module):
     def __init__(self, width, seed):
         super().__init__()
         self.width, self.seed = width, seed
+        self.config = argparse.Namespace(hidden_size=width, projection_dim=width)
 
     def forward(self, prompts, length):
         rows = []
@@ -244,13 +245,6 @@ if __name__ == "__main__":
 '''
 
 _NOISY = "                noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise\n"
-_PLAIN_ENCODER = """    text_encoder = Encoder(6, 3)
-    instance_prompt_hidden_states = text_encoder(["a photo of sks dog"], 5)
-"""
-_PLAIN_PROMPTS = """                prompt_embeds = instance_prompt_hidden_states.repeat(len(prompts), 1, 1)
-                text_rows = prompt_embeds
-"""
-
 # per script: scheduler (shift, dynamic), default --weighting_scheme, extra arguments, encoders,
 # how prompts become rows, the model call and the target
 SCRIPTS = {
@@ -285,21 +279,63 @@ SCRIPTS = {
         shift=3.0,
         dynamic=True,
         scheme="none",
-        args='    parser.add_argument("--guidance_scale", type=float, default=3.5)\n',
-        encoders=_PLAIN_ENCODER,
-        prompts=_PLAIN_PROMPTS,
-        step=_NOISY + "                model_pred = transformer(noisy_model_input, timesteps, prompt_embeds)\n",
+        args='    parser.add_argument("--guidance_scale", type=float, default=3.5)\n'
+        '    parser.add_argument("--remote_text_encoder", action="store_true")\n',
+        encoders="""    text_encoder = Encoder(6, 5)
+    text_encoding_pipeline = text_encoder
+
+    def compute_text_embeddings(prompt, text_encoding_pipeline):
+        with torch.no_grad():
+            return text_encoding_pipeline([prompt], 5), torch.zeros(1, 5, 4)
+
+    static_prompt_embeds, static_text_ids = compute_text_embeddings("a photo of sks dog", text_encoding_pipeline)
+    if not args.remote_text_encoder:
+        text_encoding_pipeline = text_encoding_pipeline.to("cpu")
+        del text_encoder
+""",
+        prompts="""                prompt_embeds = static_prompt_embeds.repeat_interleave(len(prompts), dim=0)
+""",
+        step=_NOISY
+        + """                text_rows = prompt_embeds
+                model_pred = transformer(noisy_model_input, timesteps, prompt_embeds)
+""",
         target="                target = noise - model_input\n",
     ),
     "train_dreambooth_lora_sd3.py": dict(
         shift=3.0,
         dynamic=False,
         scheme="logit_normal",
-        args='    parser.add_argument("--precondition_outputs", type=int, default=1)\n',
-        encoders=_PLAIN_ENCODER,
-        prompts=_PLAIN_PROMPTS,
+        args='    parser.add_argument("--precondition_outputs", type=int, default=1)\n'
+        '    parser.add_argument("--max_sequence_length", type=int, default=5)\n',
+        # CLIP-L (4 wide) | CLIP-G (6 wide) on 3 "CLIP tokens", then T5 (10 wide) on max_sequence_length tokens
+        encoders="""    text_encoder_one, text_encoder_two, text_encoder_three = Encoder(4, 6), Encoder(6, 7), Encoder(10, 8)
+    text_encoders = [text_encoder_one, text_encoder_two, text_encoder_three]
+    tokenizers = [None, None, None]
+
+    if not args.train_text_encoder:
+
+        def compute_text_embeddings(prompt, text_encoders, tokenizers):
+            prompt = [prompt] if isinstance(prompt, str) else prompt
+            with torch.no_grad():
+                l, g = text_encoders[0](prompt, 3), text_encoders[1](prompt, 3)
+                t5 = text_encoders[2](prompt, args.max_sequence_length)
+                return torch.cat([torch.cat([l, g], dim=-1), t5], dim=-2), torch.cat([l.mean(1), g.mean(1)], dim=-1)
+
+    instance_prompt_hidden_states, instance_pooled_prompt_embeds = compute_text_embeddings(
+        "a photo of sks dog", text_encoders, tokenizers
+    )
+
+    # Clear the memory here
+    if not args.train_text_encoder:
+        del tokenizers, text_encoders
+        del text_encoder_one, text_encoder_two, text_encoder_three
+    prompt_embeds = instance_prompt_hidden_states
+    pooled_prompt_embeds = instance_pooled_prompt_embeds
+""",
+        prompts="",
         step=_NOISY
-        + """                model_pred = transformer(noisy_model_input, timesteps, prompt_embeds)
+        + """                text_rows = {"embeds": prompt_embeds.expand(len(prompts), -1, -1), "pooled": pooled_prompt_embeds.expand(len(prompts), -1)}
+                model_pred = transformer(noisy_model_input, timesteps, text_rows["embeds"] + text_rows["pooled"].mean(1).view(-1, 1, 1))
                 if args.precondition_outputs:
                     model_pred = model_pred * (-sigmas) + noisy_model_input
 """,
@@ -314,8 +350,37 @@ SCRIPTS = {
         dynamic=True,
         scheme="none",
         args='    parser.add_argument("--caption_dropout", type=float, default=0.0)\n',
-        encoders=_PLAIN_ENCODER,
-        prompts=_PLAIN_PROMPTS,
+        encoders="""    import random
+
+    text_encoder = Encoder(6, 9)
+    text_encoding_pipeline = text_encoder
+
+    def compute_text_embeddings(prompt, text_encoding_pipeline):
+        with torch.no_grad():
+            embeds = text_encoding_pipeline([prompt], 5)
+            mask = torch.ones(1, 5, dtype=torch.long) if prompt else torch.tensor([[1, 0, 0, 0, 0]])
+            return embeds, mask
+
+    instance_prompt_embeds, instance_prompt_embeds_mask = compute_text_embeddings("a photo of sks dog", text_encoding_pipeline)
+    if args.caption_dropout > 0:
+        empty_prompt_embeds, empty_prompt_embeds_mask = compute_text_embeddings("", text_encoding_pipeline)
+    text_encoding_pipeline = text_encoding_pipeline.to("cpu")
+    del text_encoder
+""",
+        prompts="""                n_inst = len(prompts)
+                instance_pairs = [(instance_prompt_embeds, instance_prompt_embeds_mask)] * n_inst
+
+                if args.caption_dropout > 0:
+                    instance_pairs = [
+                        (empty_prompt_embeds, empty_prompt_embeds_mask)
+                        if random.random() < args.caption_dropout
+                        else pair
+                        for pair in instance_pairs
+                    ]
+                prompt_embeds = torch.cat([pair[0] for pair in instance_pairs])
+                prompt_embeds_mask = torch.cat([pair[1] for pair in instance_pairs])
+                text_rows = {"embeds": prompt_embeds, "mask": prompt_embeds_mask}
+""",
         frames="1, ",
         step=_NOISY + "                model_pred = transformer(noisy_model_input, timesteps / 1000 * 1000, prompt_embeds)\n",
         target="                target = noise - model_input\n",
@@ -325,11 +390,26 @@ SCRIPTS = {
         dynamic=False,
         scheme="none",
         args="",
-        encoders=_PLAIN_ENCODER,
-        prompts=_PLAIN_PROMPTS,
+        encoders="""    text_encoder = Encoder(6, 10)
+    text_encoding_pipeline = text_encoder
+
+    def compute_text_embeddings(prompt, text_encoding_pipeline):
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        with torch.no_grad():
+            return [row[: 2 + len(p) % 3] for row, p in zip(text_encoding_pipeline(prompt, 5), prompt)]  # variable lengths
+
+    prompt_embeds = compute_text_embeddings("a photo of sks dog", text_encoding_pipeline)
+    text_encoding_pipeline = text_encoding_pipeline.to("cpu")
+    del text_encoder
+""",
+        # the script's own list rebinding (its shared list grows by len(prompts) each step)
+        prompts="""                num_repeat_elements = len(prompts)
+                prompt_embeds = [pe for pe in prompt_embeds for _ in range(num_repeat_elements)]
+""",
         step=_NOISY
-        + """                timestep_normalized = (1000 - timesteps) / 1000
-                model_pred = transformer(noisy_model_input, timestep_normalized * 1000, prompt_embeds)
+        + """                text_rows = [pe.clone() for pe in prompt_embeds[: len(prompts)]]
+                timestep_normalized = (1000 - timesteps) / 1000
+                model_pred = transformer(noisy_model_input, timestep_normalized * 1000, torch.stack([pe.mean(0) for pe in text_rows])[:, None])
                 model_pred = -model_pred
 """,
         target="                target = noise - model_input\n",

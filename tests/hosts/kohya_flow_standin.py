@@ -6,8 +6,9 @@ the real script's arguments -- names, whether each takes a value, defaults and c
 ``tests/data/kohya_flow_parsers.json`` (read from the real parsers by
 ``tests/hosts/kohya_parser_flags.py --write-flow``), and each script and its library module hold
 the source the check fingerprints (the ``post_process_loss`` that returns the loss unchanged,
-the draw function). They parse; ``flux_train_network.py`` and ``sd3_train_network.py`` also
-train, with FLUX's and SD3's steps on the stand-in's loop (the others do not train).
+the draw function). They parse, and train with each script's step on the stand-in's loop: its
+draw, its reading of the output, its weighting, its target and, with
+``--cache_text_encoder_outputs``, its cached list of text-encoder outputs.
 """
 
 from __future__ import annotations
@@ -98,9 +99,29 @@ def get_noisy_model_input_and_timesteps(args, latents, noise, device, dtype):
     sigmas = (timesteps / 1000).view(-1, 1, 1, 1)
     return sigmas * noise + (1.0 - sigmas) * latents, timesteps, sigmas
 """,
-    "lumina_train_util.py": "def get_noisy_model_input_and_timesteps(args, noise_scheduler, latents, noise, device, dtype):\n"
-    "    raise NotImplementedError\n",
-    "anima_train_utils.py": "def compute_loss_weighting_for_anima(weighting_scheme, sigmas):\n    raise NotImplementedError\n",
+    # Lumina 2's: FLUX's draw (sigma the noise fraction, x_t = (1 - sigma) x0 + sigma noise, sigma * 1000
+    # returned; nextdit_shift: uniform then FLUX's shift by resolution) and output reading
+    "lumina_train_util.py": """
+from library.flux_train_utils import apply_model_prediction_type, get_noisy_model_input_and_timesteps as _flux_draw
+
+
+def get_noisy_model_input_and_timesteps(args, noise_scheduler, latents, noise, device, dtype):
+    if args.timestep_sampling == "nextdit_shift":
+        args.timestep_sampling = "flux_shift"
+        try:
+            return _flux_draw(args, noise_scheduler, latents, noise, device, dtype)
+        finally:
+            args.timestep_sampling = "nextdit_shift"
+    return _flux_draw(args, noise_scheduler, latents, noise, device, dtype)
+""",
+    # Anima's weighting of sigma (SD3's schemes)
+    "anima_train_utils.py": """
+from library.sd3_train_utils import compute_loss_weighting_for_sd3
+
+
+def compute_loss_weighting_for_anima(weighting_scheme, sigmas):
+    return compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
+""",
 }
 
 
@@ -152,7 +173,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 import library.train_util as train_util
 import train_network
-from library import flux_train_utils, sd3_train_utils
+from library import anima_train_utils, flux_train_utils, lumina_train_util, sd3_train_utils
 
 _flow_parser = setup_parser
 # the latents' shape (C, H, W): the trainer's embedded model's in the cross-host test
@@ -185,6 +206,12 @@ def flow_layout(first, second):
     ones = torch.ones(batch, length)
     if FLOW_SCRIPT == "flux_train_network.py":  # [l_pooled, t5_out, txt_ids, t5_attn_mask]
         return [first.mean(1), second, torch.zeros(batch, length, 3), ones]
+    if FLOW_SCRIPT == "lumina_train_network.py":  # [hidden_state, input_ids, attention_mask]
+        return [first, first.sum(-1), ones]
+    if FLOW_SCRIPT == "hunyuan_image_train_network.py":  # [vlm_embed, vlm_mask, byt5_embed, byt5_mask, ocr_mask]
+        return [first, ones, second, ones, ones]
+    if FLOW_SCRIPT == "anima_train_network.py":  # [prompt_embeds, attn_mask, t5_input_ids, t5_attn_mask, rate]
+        return [first, ones, first.sum(-1), ones, torch.zeros(batch)]
     lg = torch.cat([_wide(first, 768), _wide(second, 1280)], dim=-1)  # [lg_out, t5_out, lg_pooled, l, g, t5 masks]
     return [lg, 3 * first, lg.mean(1), ones, ones, ones]
 
@@ -198,7 +225,7 @@ class FlowCaching(train_util.TextEncoderOutputsCachingStrategy):
             if self.cache_to_disk:
                 np.savez(info.text_encoder_outputs_npz, *[o[i] for o in outputs])
             else:
-                info.text_encoder_outputs = [o[i] for o in outputs]
+                info.text_encoder_outputs = [np.asarray(o[i]) for o in outputs]
 
     def load_outputs_npz(self, path):
         data = np.load(path)
@@ -210,7 +237,11 @@ class FlowCaching(train_util.TextEncoderOutputsCachingStrategy):
 ENCODER_PARTS = {
     "flux_train_network.py": {"clip_l": [(0, None)], "t5xxl": [(1, None)]},
     "sd3_train_network.py": {"clip_l": [(0, (0, 768)), (2, (0, 768))], "clip_g": [(0, (768, None)), (2, (768, None))], "t5xxl": [(1, None)]},
+    "lumina_train_network.py": {"gemma2": [(0, None)]},
+    "hunyuan_image_train_network.py": {"qwen2_5_vl": [(0, None)], "byt5": [(2, None)]},
+    "anima_train_network.py": {"qwen3": [(0, None)]},
 }
+MODEL_TEXT = 1 if FLOW_SCRIPT in ("flux_train_network.py", "sd3_train_network.py") else 0  # the rows the model reads
 
 
 class FlowNetworkTrainer(train_network.NetworkTrainer):
@@ -255,7 +286,7 @@ STEP
         if conds is not None:  # cached: the model reads its T5 rows
             os.makedirs(args.output_dir, exist_ok=True)
             self.record_encoders(conds)
-            conds = [conds[1]]
+            conds = [conds[MODEL_TEXT]]
         else:
             conds = text_encoding_strategy.encode_tokens(tokenize_strategy, text_encoders, batch["input_ids_list"])
         pred, target, timesteps, noise, weighting = self.get_noise_pred_and_target(args, None, latents, conds[0], unet)
@@ -274,6 +305,28 @@ if __name__ == "__main__":
     FlowNetworkTrainer(args).train(args)
 """
 STEPS = {
+    # Lumina 2: FLUX's draw and output reading; the model takes 1 - t / 1000 and predicts x0 - noise
+    "lumina_train_network.py": """        noisy, timesteps, sigmas = lumina_train_util.get_noisy_model_input_and_timesteps(
+            args, self.flow_scheduler, latents, noise, "cpu", torch.float32
+        )
+        pred = unet(noisy, (1000 - timesteps).long().clamp(0, 999), text)
+        pred, weighting = lumina_train_util.apply_model_prediction_type(args, pred, noisy, sigmas)
+        target = latents - noise""",
+    # HunyuanImage 2.1: FLUX's draw and output reading, timesteps recomputed from sigma as integers
+    "hunyuan_image_train_network.py": """        noisy, _, sigmas = flux_train_utils.get_noisy_model_input_and_timesteps(
+            args, self.flow_scheduler, latents, noise, "cpu", torch.float32
+        )
+        timesteps = (sigmas[:, 0, 0, 0] * 1000).to(torch.int64)
+        pred = unet(noisy, timesteps.clamp(0, 999), text)
+        pred, weighting = flux_train_utils.apply_model_prediction_type(args, pred, noisy, sigmas)
+        target = noise - latents""",
+    # Anima: FLUX's draw, its own weighting of sigma, the velocity target
+    "anima_train_network.py": """        noisy, timesteps, sigmas = flux_train_utils.get_noisy_model_input_and_timesteps(
+            args, self.flow_scheduler, latents, noise, "cpu", torch.float32
+        )
+        pred = unet(noisy, timesteps.long().clamp(0, 999), text)
+        target = noise - latents
+        weighting = anima_train_utils.compute_loss_weighting_for_anima(weighting_scheme=args.weighting_scheme, sigmas=sigmas)""",
     # FLUX: the output read by apply_model_prediction_type; the target noise - latents
     "flux_train_network.py": """        noisy, timesteps, sigmas = flux_train_utils.get_noisy_model_input_and_timesteps(
             args, self.flow_scheduler, latents, noise, "cpu", torch.float32

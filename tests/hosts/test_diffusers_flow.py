@@ -53,8 +53,7 @@ gamma = 5.0
 type = "adamw"
 lr = 1e-3
 """
-CAPTIONS = {
-    flow_edits.FLUX: """
+TWO_ENCODERS = """
 [[caption]]
 type = "dropout"
 rate = 0.4
@@ -64,13 +63,13 @@ encoders = ["clip_l"]
 type = "dropout"
 rate = 0.4
 encoders = ["t5xxl"]
-""",
-    flow_edits.LUMINA2: """
+"""
+WHOLE = """
 [[caption]]
 type = "dropout"
 rate = 0.4
-""",
-}
+"""
+CAPTIONS = {script: WHOLE for script in flow_edits.FLOW_SCRIPTS} | {flow_edits.FLUX: TWO_ENCODERS, flow_edits.SD3: TWO_ENCODERS}
 
 
 def run_standin(tmp_path: Path, script: str, preset_text: str, *script_args: str, expect: int = 0) -> subprocess.CompletedProcess:
@@ -108,7 +107,7 @@ def check_steps(record: dict, plan, script: str, *, prior_weight: float | None =
         torch.testing.assert_close(step["sigmas"].flatten(), model_time / 1000)
         torch.testing.assert_close(step["noisy"], plan.noisy_input(frames, draw, timesteps).view_as(latents))
         torch.testing.assert_close(step["target"], plan.target(frames, draw, timesteps).view_as(latents))
-        if script in CAPTIONS:
+        if step["text"] is not None and plan.preset.caption:
             decisions.append(check_caption_rows(plan, script, step["text"], len(latents)))
         pred, target = step["pred"], step["target"]
         weights = plan.sample_weights(timesteps)
@@ -125,18 +124,24 @@ def check_steps(record: dict, plan, script: str, *, prior_weight: float | None =
     return decisions
 
 
-def check_caption_rows(plan, script: str, text: dict, samples: int) -> list:
+def check_caption_rows(plan, script: str, text, samples: int) -> list:
     """The rows of a dropped encoder are its encoding of "" (the stand-ins' -1 rows), the others the caption's."""
     draws = [plan.dropped_encoders(TEXT_ENCODERS[script], epoch=0) for _ in range(samples)]
+    empty = lambda tensor: bool((tensor == -1).all())  # noqa: E731
     if script == flow_edits.FLUX:
         for name in ("t5xxl", "clip_l"):
-            empty = [bool((row == -1).all()) for row in text[name]]
-            assert empty == [name in draw for draw in draws], name
-    else:
-        empty = [bool((row == -1).all()) for row in text["embeds"]]
-        assert empty == [bool(draw) for draw in draws]
+            assert [empty(row) for row in text[name]] == [name in draw for draw in draws], name
+    elif script == flow_edits.SD3:  # CLIP-L | CLIP-G columns of the 3 CLIP tokens, T5's 5 tokens; pooled 4 | 6
+        embeds, pooled = text["embeds"], text["pooled"]
+        assert [empty(e[:3, :4]) and empty(p[:4]) for e, p in zip(embeds, pooled, strict=False)] == ["clip_l" in d for d in draws]
+        assert [empty(e[:3, 4:]) or empty(p[4:]) for e, p in zip(embeds, pooled, strict=False)] == ["clip_g" in d for d in draws]
+        assert [empty(e[3:]) for e in embeds] == ["t5xxl" in d for d in draws]
+    elif script in (flow_edits.LUMINA2, flow_edits.QWEN_IMAGE):
+        assert [empty(row) for row in text["embeds"]] == [bool(draw) for draw in draws]
         masks = [row.tolist() for row in text["mask"]]
         assert masks == [[1, 0, 0, 0, 0] if drop else [1] * 5 for drop in draws]
+    else:  # FLUX.2's rows, Z-Image's list (the empty caption's entry is shorter)
+        assert [empty(row) for row in text] == [bool(draw) for draw in draws]
     return draws
 
 
@@ -167,10 +172,9 @@ def test_flow_script_trains_on_the_plans_draws_weights_and_loss(tmp_path, script
     assert record["optimizer"] == "AdamW" and record["lr"] == 1e-3  # the script's lr is 1e-4
     assert audit["schedule"]["process"] == "flow" and audit["schedule"]["shift"] == "dynamic"
     assert audit["schedule"]["prediction_type"] == ("velocity_reversed" if script == flow_edits.LUMINA2 else "velocity")
-    if script in CAPTIONS:
-        assert audit["caption"]["samples"] == STEPS * BATCH
-        flat = [name in draw for step in decisions for draw in step for name in TEXT_ENCODERS[script]]
-        assert any(flat) and not all(flat)  # some rows swapped, some kept
+    assert audit["caption"]["samples"] == STEPS * BATCH
+    flat = [name in draw for step in decisions for draw in step for name in TEXT_ENCODERS[script]]
+    assert len(decisions) == STEPS and any(flat) and not all(flat)  # some rows swapped, some kept
 
 
 def test_flow_script_with_prior_preservation_weights_each_half(tmp_path):
@@ -224,8 +228,8 @@ def test_without_timesteps_the_plan_draws_the_scripts_own_density(tmp_path):
     [
         (flow_edits.FLUX, "", ["--weighting_scheme", "logit_normal"], "--weighting_scheme 'logit_normal'"),
         (flow_edits.FLUX, "", ["--logit_std", "2.0"], "--logit_std"),
-        (flow_edits.QWEN_IMAGE, CAPTIONS[flow_edits.LUMINA2], [], "[[caption]]"),
-        (flow_edits.SD3, CAPTIONS[flow_edits.LUMINA2], [], "caption dropout is wired for"),
+        (flow_edits.QWEN_IMAGE, WHOLE, ["--caption_dropout", "0.1"], "--caption_dropout"),
+        (flow_edits.FLUX2, WHOLE, ["--remote_text_encoder"], "--remote_text_encoder"),
         (flow_edits.FLUX, CAPTIONS[flow_edits.FLUX], ["--train_text_encoder"], "--train_text_encoder"),
         (flow_edits.LUMINA2, "", ["--with_prior_preservation"], "IndexError"),
         (flow_edits.FLUX, '[attention]\ntype = "xformers"\n', [], "no attention switch"),

@@ -79,7 +79,9 @@ def test_flags_flux_ignores_are_reported_and_fluxs_default_output_reading_is_mad
     host = json.loads((out / "audit.json").read_text())["host"]
     assert host["kohya_flags"]["noise_offset"].startswith("ignored by flux_train_network.py")
     assert host["kohya_flags"]["min_snr_gamma"].startswith("ignored by flux_train_network.py")
-    assert any(rule.startswith("--model_prediction_type sigma_scaled (FLUX's default) -> raw") for rule in host["rules"])
+    assert any(
+        rule.startswith("--model_prediction_type sigma_scaled (flux_train_network.py's default) -> raw") for rule in host["rules"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -87,7 +89,10 @@ def test_flags_flux_ignores_are_reported_and_fluxs_default_output_reading_is_mad
     [
         (("--timestep_sampling", "shift"), "--timestep_sampling=shift"),  # acts, and [timesteps] sets it
         (("--ip_noise_gamma", "0.1"), "--ip_noise_gamma=0.1"),  # FLUX's draw applies it; the preset's [[noise]] too
-        (("--model_prediction_type", "additive"), "--model_prediction_type additive: with a preset FLUX's output is read raw"),
+        (
+            ("--model_prediction_type", "additive"),
+            "--model_prediction_type additive: with a preset flux_train_network.py's output is read raw",
+        ),
         (("--model_prediction_type", "sigma_scaled"), "--model_prediction_type sigma_scaled: with a preset"),  # written: refused
         (("--weighting_scheme", "cosmap"), "--weighting_scheme=cosmap"),
     ],
@@ -255,3 +260,46 @@ def test_patch_route_runs_flux_and_sd3_and_unpatch_restores_bytes(tmp_path, monk
 
     patching.revert(root)
     assert {p.name: p.read_bytes() for p in root.glob("*.py")} == before
+
+
+@pytest.mark.parametrize(
+    ("script", "prediction", "encoder"),
+    [
+        ("lumina_train_network.py", "velocity_reversed", "gemma2"),
+        ("hunyuan_image_train_network.py", "velocity", "byt5"),
+        ("anima_train_network.py", "velocity", "qwen3"),
+    ],
+)
+def test_lumina_hunyuan_and_anima_draw_alike_and_drop_their_cached_encoders(tree, tmp_path, script, prediction, encoder):
+    """The other three flow scripts: the plan's sigma (kohya's sigma * 1000; HunyuanImage's
+    integer part), noise and weights, Lumina 2 on the reversed convention; with cached outputs, a
+    dropout naming one of the script's encoders swaps that encoder's rows alone."""
+    dropout = f'[[caption]]\ntype = "dropout"\nrate = 0.4\nencoders = ["{encoder}"]\n\n'
+    preset_text = FLOW_PRESET.split("[[caption]]")[0] + dropout + "[optimizer]" + FLOW_PRESET.split("[optimizer]")[1]
+    done, out = flux(tree, tmp_path, preset_text, "--cache_text_encoder_outputs", script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "standin-record.json").read_text())
+    report = json.loads((out / "audit.json").read_text())
+    seen = [json.loads(line) for line in (out / "flow-encoders.jsonl").read_text().splitlines()]
+
+    encoders = (encoder,) if script != "hunyuan_image_train_network.py" else ("qwen2_5_vl", "byt5")
+    process = Flow(flow_sigmas(1000), prediction)
+    plan = sdplug.load_preset(tmp_path / "preset.toml").build(process=process, seed=0, rank=0, text_encoders=encoders)
+    draws = [plan.dropped_encoders(encoders) for _ in range(STEPS * BATCH)]
+    for step in range(STEPS):
+        plan.step()
+        t = plan.timesteps(BATCH, latent_size=(8, 8))
+        noise = plan.noise(torch.zeros(BATCH, 4, 8, 8), timesteps=t)
+        plan.sample_weights(t)
+        sigma_1000 = (plan.process.sigmas[t] * 1000).tolist()
+        if script == "hunyuan_image_train_network.py":  # its script truncates sigma * 1000 to integers
+            sigma_1000 = [float(int(v)) for v in sigma_1000]
+        assert record["timesteps"][step] == pytest.approx(sigma_1000, rel=1e-5)
+        assert float(noise.target.double().sum()) == pytest.approx(record["noise_sums"][step], rel=1e-6)
+    for name in encoders:
+        assert [f for step in seen for f in step[name]] == [name in d for d in draws], name
+    assert any(encoder in d for d in draws) and not all(encoder in d for d in draws)
+    assert report["schedule"]["prediction_type"] == prediction and report["problems"] == []
+    ours = plan.report()["loss_weighting"]["mean_weight_per_timestep_bin"]
+    theirs = report["loss_weighting"]["mean_weight_per_timestep_bin"]
+    assert [w for w in theirs if w is not None] == pytest.approx([w for w in ours if w is not None], rel=1e-6)

@@ -66,11 +66,6 @@ FLOW_INDEPENDENT = {
     "precondition_outputs": "SD3's output read as x_t - sigma * output against x0 (the process's sigma_scaled output)",
     "guidance_scale": "the guidance value a guidance-distilled transformer is given",
 }
-# caption dropout needs the script's prompt rows in the step (flow_edits); the others hold theirs elsewhere
-FLOW_CAPTIONS = {
-    "train_dreambooth_lora_flux.py": "per text encoder (clip_l: the pooled embedding, t5xxl: the sequence)",
-    "train_dreambooth_lora_lumina2.py": "whole (one text encoder)",
-}
 
 
 class DiffusersConflictError(SdplugError):
@@ -128,11 +123,10 @@ def _check_caption(preset: Preset, script: str, where: str) -> None:
 
 def _check_flow(preset: Preset, script: str, args: argparse.Namespace, where: str) -> None:
     """What a flow script cannot apply as the preset says: refused before any model loads."""
-    if preset.caption and script not in FLOW_CAPTIONS:
+    if preset.caption and getattr(args, "remote_text_encoder", False):
         raise DiffusersConflictError(
-            f"{where}: [[caption]]: sdplug does not yet reach {script}'s prompt embeddings (it encodes them before its "
-            f"loop); caption dropout is wired for {', '.join(sorted(FLOW_CAPTIONS))}. Allowed: no [[caption]]"
-            + (" (or the script's own --caption_dropout)." if hasattr(args, "caption_dropout") else ".")
+            f"{where}: [[caption]] with --remote_text_encoder: {script} then has no local text encoder to encode the empty "
+            "caption a dropped sample gets. Allowed: no --remote_text_encoder, or no [[caption]]."
         )
     if preset.caption and getattr(args, "train_text_encoder", False):
         raise DiffusersConflictError(

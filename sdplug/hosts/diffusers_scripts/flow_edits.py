@@ -6,10 +6,12 @@ The six steps are one step written six times: noise drawn inline, ``u`` from
 the noisy input built inline (Lumina 2's the other way round), ``compute_loss_weighting_for_sd3``,
 a weighted MSE. So the same edits fit all six: after the noisy input, the plan's noise, sigma and
 input replace the script's (``flow_draw``); the weighting line is followed by the plan's weights
-(``flow_weighting``); the loss is the plan's just before ``backward`` (``flow_loss``). Where a
-script keeps its prompt embeddings, caption dropout swaps a dropped sample's rows for the
-script's own encoding of ``""`` (FLUX.1 per text encoder, Lumina 2 whole); the others refuse
-``[[caption]]`` (``flags``).
+(``flow_weighting``); the loss is the plan's just before ``backward`` (``flow_loss``). Caption
+dropout swaps a dropped sample's prompt rows, where the script holds them in its step, for the
+script's own encoding of ``""``: per text encoder on FLUX.1 (CLIP-L's pooled embedding, T5's
+sequence) and SD3 (CLIP-L's and CLIP-G's columns, T5's tokens, the pooled halves), whole on the
+one-encoder models. The scripts that delete their encoder before the loop encode ``""`` just
+before they do.
 """
 
 from __future__ import annotations
@@ -86,11 +88,69 @@ _LUMINA2_CAPTIONS = [
     Edit(_WEIGHTING, "                prompts, prompt_embeds, prompt_attention_mask = _sdplug_shared", before=True),
 ]
 
+# The scripts that encode every prompt before the loop and then delete their text encoder: the
+# empty caption is encoded once, by the script's own function, just before that deletion.
+_LATENTS = "                # Convert images to latent space"
+_PIPELINE_TO_CPU = '    text_encoding_pipeline = text_encoding_pipeline.to("cpu")'
+_ENCODE_EMPTY = '_sdplug.encode_empty_caption(lambda: compute_text_embeddings("", text_encoding_pipeline))'
+
+# FLUX.2: one (Mistral) encoder, a row per sample (the shared instance row repeated per sample)
+_FLUX2_CAPTIONS = [
+    Edit(
+        "    " + _PIPELINE_TO_CPU,
+        '        _sdplug.encode_empty_caption(lambda: compute_text_embeddings("", text_encoding_pipeline)[:1])',  # no text ids
+        before=True,
+    ),
+    Edit(
+        _LATENTS,
+        "                (prompt_embeds,) = _sdplug.drop_caption_rows(epoch, len(prompts), (prompt_embeds,))",
+        before=True,
+    ),
+]
+# Qwen-Image: (embedding, mask) pairs per instance sample, its own --caption_dropout swap right after
+_QWEN_IMAGE_CAPTIONS = [
+    Edit(_PIPELINE_TO_CPU, "    " + _ENCODE_EMPTY, before=True),
+    Edit(
+        "                if args.caption_dropout > 0:",
+        "                instance_pairs = _sdplug.drop_caption_pairs(epoch, instance_pairs)",
+        before=True,
+    ),
+]
+# Z-Image: a list of variable-length embeddings (its shared list, put back after the model call)
+_Z_IMAGE_CAPTIONS = [
+    Edit(_PIPELINE_TO_CPU, "    " + _ENCODE_EMPTY, before=True),
+    Edit(
+        _LATENTS,
+        "                _sdplug_shared = prompt_embeds\n"
+        "                prompt_embeds = _sdplug.drop_caption_list(epoch, len(prompts), prompt_embeds)",
+        before=True,
+    ),
+    Edit(_WEIGHTING, "                prompt_embeds = _sdplug_shared", before=True),
+]
+# SD3: CLIP-L | CLIP-G columns of the first 77 tokens, then T5's tokens; pooled CLIP-L | CLIP-G. The
+# empty caption and CLIP-L's widths are read before the script deletes its encoders.
+_SD3_CAPTIONS = [
+    Edit(
+        "    # Clear the memory here",
+        '    _sdplug.encode_empty_caption(lambda: (*compute_text_embeddings("", text_encoders, tokenizers), '
+        "text_encoder_one.config.hidden_size, text_encoder_one.config.projection_dim))",
+        before=True,
+    ),
+    Edit(
+        _LATENTS,
+        "                _sdplug_shared = (prompt_embeds, pooled_prompt_embeds)\n"
+        "                prompt_embeds, pooled_prompt_embeds = _sdplug.drop_sd3_encoders(epoch, len(prompts), prompt_embeds, "
+        "pooled_prompt_embeds, args.max_sequence_length)",
+        before=True,
+    ),
+    Edit(_WEIGHTING, "                prompt_embeds, pooled_prompt_embeds = _sdplug_shared", before=True),
+]
+
 FLOW_EDITS: dict[str, list[Edit]] = {
     FLUX: [*_common(FLUX, _NOISY), _FLUX_CAPTIONS],
-    FLUX2: _common(FLUX2, _NOISY),
-    SD3: _common(SD3, _NOISY),
-    QWEN_IMAGE: _common(QWEN_IMAGE, _NOISY),
-    Z_IMAGE: _common(Z_IMAGE, _NOISY),
+    FLUX2: [*_common(FLUX2, _NOISY), *_FLUX2_CAPTIONS],
+    SD3: [*_common(SD3, _NOISY), *_SD3_CAPTIONS],
+    QWEN_IMAGE: [*_common(QWEN_IMAGE, _NOISY), *_QWEN_IMAGE_CAPTIONS],
+    Z_IMAGE: [*_common(Z_IMAGE, _NOISY), *_Z_IMAGE_CAPTIONS],
     LUMINA2: [*_common(LUMINA2, _NOISY_REVERSED), *_LUMINA2_CAPTIONS],
 }

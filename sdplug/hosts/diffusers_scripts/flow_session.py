@@ -173,6 +173,76 @@ class FlowScriptRun(ScriptRun):
             self.empty_rows = dict(empty())
         return tuple(_swap_rows(row, self.empty_rows[name], [name in draw for draw in draws]) for name, row in rows.items())
 
+    def encode_empty_caption(self, encode: Callable[[], Any]) -> None:
+        """The script's encoding of ``""``, taken before it deletes its text encoder (with a
+        ``[[caption]]`` only)."""
+        if self.preset.caption and self.empty_rows is None:
+            self.empty_rows = encode()
+
+    def _decisions(self, epoch: int, samples: int) -> list[frozenset[str]]:
+        plan = self.bound()
+        return [plan.dropped_encoders(TEXT_ENCODERS[self.script], epoch=epoch) for _ in range(samples)]
+
+    def _empty(self) -> Any:
+        if self.empty_rows is None:
+            raise flags.DiffusersConflictError(
+                f'{self.script}: a caption was dropped before the script\'s encoding of "" was taken (a patch out of order).'
+            )
+        return self.empty_rows
+
+    def drop_caption_rows(self, epoch: int, samples: int, rows: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Whole-caption dropout on one encoder's rows (FLUX.2): a dropped sample's rows become ``""``'s."""
+        if not self.preset.caption:
+            return rows
+        dropped = [bool(d) for d in self._decisions(epoch, samples)]
+        if not any(dropped):
+            return rows
+        return tuple(_swap_rows(row, empty, dropped) for row, empty in zip(rows, self._empty(), strict=True))
+
+    def drop_caption_pairs(self, epoch: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+        """Qwen-Image's instance (embedding, mask) pairs: a dropped sample's pair becomes ``""``'s."""
+        if not self.preset.caption:
+            return pairs
+        dropped = self._decisions(epoch, len(pairs))
+        return [tuple(self._empty()) if drop else pair for pair, drop in zip(pairs, dropped, strict=True)]
+
+    def drop_caption_list(self, epoch: int, samples: int, entries: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Z-Image's list of per-sample embeddings: a dropped sample's entry becomes ``""``'s
+        (the first ``samples`` entries: the script's shared list grows each step, see the note)."""
+        if not self.preset.caption:
+            return entries
+        dropped = self._decisions(epoch, samples)
+        empty = self._empty()[0]
+        return [empty if index < samples and dropped[index] else entry for index, entry in enumerate(entries)]
+
+    def drop_sd3_encoders(
+        self, epoch: int, samples: int, embeds: torch.Tensor, pooled: torch.Tensor, t5_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SD3's per-encoder dropout: CLIP-L's and CLIP-G's columns of the CLIP tokens, T5's tokens,
+        and the pooled CLIP-L | CLIP-G halves, each from ``""``'s encoding for an encoder dropped."""
+        if not self.preset.caption:
+            return embeds, pooled
+        draws = self._decisions(epoch, samples)
+        if not any(draws):
+            return embeds, pooled
+        empty_embeds, empty_pooled, clip_l_width, clip_l_pooled = self._empty()
+        clip_tokens = empty_embeds.shape[1] - t5_tokens
+        regions = {  # encoder -> (embeddings slices, pooled slice)
+            "clip_l": ((slice(0, clip_tokens), slice(0, clip_l_width)), slice(0, clip_l_pooled)),
+            "clip_g": ((slice(0, clip_tokens), slice(clip_l_width, None)), slice(clip_l_pooled, None)),
+            "t5xxl": ((slice(clip_tokens, None), slice(None)), None),
+        }
+        embeds = (embeds.expand(samples, *embeds.shape[1:]) if embeds.shape[0] == 1 else embeds).clone()
+        pooled = (pooled.expand(samples, *pooled.shape[1:]) if pooled.shape[0] == 1 else pooled).clone()
+        empty_embeds, empty_pooled = empty_embeds.to(embeds.device, embeds.dtype), empty_pooled.to(pooled.device, pooled.dtype)
+        for row, draw in enumerate(draws):
+            for encoder in draw:
+                (tokens, columns), pooled_columns = regions[encoder]
+                embeds[row, tokens, columns] = empty_embeds[0, tokens, columns]
+                if pooled_columns is not None:
+                    pooled[row, pooled_columns] = empty_pooled[0, pooled_columns]
+        return embeds, pooled
+
     def _drawn(self) -> torch.Tensor:
         if self.timesteps is None:
             raise flags.DiffusersConflictError(

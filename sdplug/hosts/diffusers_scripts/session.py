@@ -261,6 +261,29 @@ def drop_encoder_rows(epoch: int, samples: int, rows: Mapping[str, torch.Tensor]
     return tuple(rows.values()) if _current is None else _flow().drop_encoder_rows(epoch, samples, rows, empty)
 
 
+def encode_empty_caption(encode: Callable[[], Any]) -> None:
+    if _current is not None:
+        _flow().encode_empty_caption(encode)
+
+
+def drop_caption_rows(epoch: int, samples: int, rows: tuple) -> tuple:
+    return rows if _current is None else _flow().drop_caption_rows(epoch, samples, rows)
+
+
+def drop_caption_pairs(epoch: int, pairs: list) -> list:
+    return pairs if _current is None else _flow().drop_caption_pairs(epoch, pairs)
+
+
+def drop_caption_list(epoch: int, samples: int, entries: list) -> list:
+    return entries if _current is None else _flow().drop_caption_list(epoch, samples, entries)
+
+
+def drop_sd3_encoders(
+    epoch: int, samples: int, embeds: torch.Tensor, pooled: torch.Tensor, t5_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (embeds, pooled) if _current is None else _flow().drop_sd3_encoders(epoch, samples, embeds, pooled, t5_tokens)
+
+
 def _flow() -> Any:
     """The flow session (the patch calls these only from a flow script's step)."""
     if _current is None or not hasattr(_current, "flow_draw"):

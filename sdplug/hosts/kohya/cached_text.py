@@ -51,6 +51,13 @@ ENCODER_SLOTS: dict[str, dict[str, tuple[tuple[int, tuple[int, int | None] | Non
         "clip_g": ((0, (_CLIP_L_WIDTH, None)), (2, (_CLIP_L_WIDTH, None)), (4, None)),
         "t5xxl": ((1, None), (5, None)),
     },
+    # Lumina 2: [hidden_state, input_ids, attention_mask]
+    "lumina_train_network.py": {"gemma2": ((0, None), (1, None), (2, None))},
+    # HunyuanImage 2.1: [vlm_embed, vlm_mask, byt5_embed, byt5_mask, ocr_mask] (the OCR mask marks byT5's glyph text)
+    "hunyuan_image_train_network.py": {"qwen2_5_vl": ((0, None), (1, None)), "byt5": ((2, None), (3, None), (4, None))},
+    # Anima: [prompt_embeds, attn_mask, t5_input_ids, t5_attn_mask, caption_dropout_rate] (the rate is the
+    # subset's, which a preset's [caption] leaves at 0: kohya's own dropout there is refused)
+    "anima_train_network.py": {"qwen3": ((0, None), (1, None), (2, None), (3, None))},
 }
 
 
@@ -75,6 +82,8 @@ def encode_empty_main(train_util, models) -> list[torch.Tensor]:
             caption="",
             text_encoder_outputs=None,
             text_encoder_outputs_npz=os.path.join(folder, "empty_caption_te_outputs.npz"),
+            image_key="sdplug-empty-caption",  # Lumina's strategy names its cache by it
+            caption_dropout_rate=0.0,  # Anima's strategy caches the subset's rate with each row
         )
         caching.cache_batch_outputs(tokenize, models, encoding, [info])
         outputs = info.text_encoder_outputs

@@ -116,10 +116,10 @@ class CaptionHooks:
                     encoders, dropped = frozenset(), adapter.plan.caption_dropped(epoch=_epoch(dataset))
             except MissingDependencyError as exc:
                 raise SdplugError(f"{adapter.preset.path}: with cached text-encoder outputs: {exc}") from None
-            if dropped:
-                cached_text.substitute_row(tensors, row, self.empty_caption_outputs)
-            elif encoders:
+            if slots and encoders:  # each encoder's own part (a row may carry more, e.g. Anima's dropout rate)
                 cached_text.substitute_encoders(tensors, row, self.empty_caption_outputs, slots, encoders)
+            elif dropped:
+                cached_text.substitute_row(tensors, row, self.empty_caption_outputs)
             if dropped and isinstance(captions, list) and row < len(captions):
                 captions[row] = ""
         return example

@@ -45,9 +45,12 @@ from sdplug.hosts.host_flags import section_set
 from sdplug.hosts.kohya import cached_text, ema_save, flag_check, flow_bridge, saved_metadata
 from sdplug.hosts.kohya.command_line import written_flags
 from sdplug.hosts.kohya.flow_flags import (
+    ANIMA,
     FLOW_CONFLICTS,
     FLOW_TRICKS,
     FLUX,
+    HUNYUAN,
+    LUMINA,
     SCRIPT_DEFAULTS,
     SD3,
     TEXT_ENCODERS,
@@ -57,7 +60,6 @@ from sdplug.hosts.kohya.flow_flags import (
 from sdplug.hosts.kohya.network_saves import wrap_saves
 from sdplug.hosts.kohya.reconcile import KohyaConflictError, check_conflicts, check_loss_section, reconcile, user_set
 from sdplug.hosts.kohya.runtime import KohyaAdapter
-from sdplug.hosts.kohya.version import FLOW_ROUTES
 from sdplug.log import logger
 from sdplug.plan import Plan, bind
 from sdplug.plan.runs_here import check_memory_runs_here
@@ -67,28 +69,21 @@ from sdplug.strategies.base import TimestepStrategy
 
 
 class KohyaFlowAdapter(KohyaAdapter):
-    """``KohyaAdapter`` with FLUX's draw and output hooks, bound to a rectified flow."""
+    """``KohyaAdapter`` with a flow script's draw and output (or weighting) hooks, bound to a rectified flow."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._flow_modules: dict[str, Any] = {}  # hooked function name -> its library module
 
     def install(self, train_util, custom_train_functions):
         session = super().install(train_util, custom_train_functions)
-        route = FLOW_ROUTES[self.script]
-        hooks = {
-            FLUX: {
-                "get_noisy_model_input_and_timesteps": self._flux_draw_hook,
-                "apply_model_prediction_type": self._flux_output_hook,
-            },
-            SD3: {
-                "get_noisy_model_input_and_timesteps": self._sd3_draw_hook,
-                "compute_loss_weighting_for_sd3": self._sd3_weighting_hook,
-            },
-        }[self.script]
         try:
-            module = importlib.import_module(route)
-            for name, hook in hooks.items():
-                if not callable(getattr(module, name, None)):
-                    raise SdplugError(f"sd-scripts' {route} has no {name}: not the tree sdplug knows.")
-                self._replace(module, name, hook)
-            self._flow = module
+            for module_name, function, method in _HOOKS[self.script]:
+                module = importlib.import_module(module_name)
+                if not callable(getattr(module, function, None)):
+                    raise SdplugError(f"sd-scripts' {module_name} has no {function}: not the tree sdplug knows.")
+                self._flow_modules[function] = module
+                self._replace(module, function, getattr(self, method))
         except BaseException:
             session.undo()
             raise
@@ -109,7 +104,7 @@ class KohyaFlowAdapter(KohyaAdapter):
         _check_flow_conflicts(preset, values, self.defaults, acting)
         check_memory_runs_here(preset)
         check_loss_section(preset)
-        if self.script == FLUX:
+        if any(function == "apply_model_prediction_type" for _, function, _ in _HOOKS[self.script]):
             self._read_output_raw(args, written)
         _check_sections(preset, self.script, args)
         if getattr(args, "cache_text_encoder_outputs", False):  # dropouts then act on each encoder's cached rows
@@ -147,25 +142,26 @@ class KohyaFlowAdapter(KohyaAdapter):
             logger.info(rule)
 
     def _read_output_raw(self, args, written) -> None:
-        """FLUX's output, read raw with a preset: its default sigma_scaled compares ``x_t - sigma *
-        output`` with the velocity target (``sdplug.process``); a written choice other than raw, or
-        an SD3 weighting that needs sigma_scaled, is refused rather than changed."""
+        """The output, read raw with a preset (FLUX, Lumina 2, HunyuanImage): FLUX's default
+        sigma_scaled compares ``x_t - sigma * output`` with the velocity target (``sdplug.process``);
+        a written choice other than raw, or an SD3 weighting that needs sigma_scaled, is refused
+        rather than changed."""
         wanted = args.model_prediction_type
         if "model_prediction_type" in written and wanted != "raw":
             raise KohyaConflictError(
-                f"{self.preset.path}: --model_prediction_type {wanted}: with a preset FLUX's output is read raw (the "
+                f"{self.preset.path}: --model_prediction_type {wanted}: with a preset {self.script}'s output is read raw (the "
                 "velocity against noise - x0, which the preset's weights are written for); sigma_scaled compares "
                 "x_t - sigma * output with that velocity target and additive trains toward velocity - x_t. Remove the flag."
             )
         if "weighting_scheme" in written and args.weighting_scheme in ("sigma_sqrt", "cosmap"):
             raise KohyaConflictError(
-                f"{self.preset.path}: --weighting_scheme {args.weighting_scheme} acts in FLUX's script only through "
+                f"{self.preset.path}: --weighting_scheme {args.weighting_scheme} acts in {self.script} only through "
                 f"--model_prediction_type sigma_scaled, which a preset reads raw: use [loss_weighting] type = "
                 f"{args.weighting_scheme!r} (its x0 form, on the velocity loss). Remove the flag."
             )
         if wanted != "raw":
             self.rules.append(
-                f"--model_prediction_type {wanted} (FLUX's default) -> raw (the preset's weights apply to the velocity "
+                f"--model_prediction_type {wanted} ({self.script}'s default) -> raw (the preset's weights apply to the velocity "
                 "loss; kohya's sigma_scaled compares x_t - sigma * output with the velocity target)"
             )
             args.model_prediction_type = "raw"
@@ -194,8 +190,10 @@ class KohyaFlowAdapter(KohyaAdapter):
         dynamic = DynamicShift() if schedule.get("dynamic_shift") else None
         # SD3's script preconditions its output (x_t - sigma * output against x0): the process's sigma_scaled
         output = "sigma_scaled" if self.script == SD3 else "raw"
+        # Lumina 2's model takes 1 - sigma and predicts x0 - noise (kohya's target latents - noise)
+        prediction = "velocity_reversed" if self.script == LUMINA else "velocity"
         process = Flow(
-            flow_sigmas(1000), "velocity", shift=float(schedule.get("flow_shift", 1.0)), dynamic=dynamic, output=output
+            flow_sigmas(1000), prediction, shift=float(schedule.get("flow_shift", 1.0)), dynamic=dynamic, output=output
         )
         default: TimestepStrategy | None = None
         lost = [note for note in notes if "not carried over" in note]
@@ -243,10 +241,13 @@ class KohyaFlowAdapter(KohyaAdapter):
         with torch.no_grad():
             noise.copy_(draw.target)  # kohya's target (noise - latents, or SD3's preconditioned x0) reads this tensor
         self.timesteps = timesteps
-        model_time = self.plan.model_time(timesteps)  # sigma * 1000 (velocity prediction)
-        sigmas = (model_time / 1000).view(-1, *([1] * (latents.dim() - 1)))
+        # every kohya draw returns sigma * 1000 (Lumina 2's script gives its model 1 - t / 1000 itself)
+        process = self.plan.process
+        assert isinstance(process, Flow)  # _build_plan bound a flow
+        sigma = process.sigmas.to(latents.device)[timesteps.long()]
+        sigmas = sigma.view(-1, *([1] * (latents.dim() - 1)))
         noisy = self.plan.noisy_input(latents, draw, timesteps)
-        return noisy.to(dtype), model_time.to(dtype), sigmas
+        return noisy.to(dtype), (sigma * 1000).to(dtype), sigmas
 
     def _attention_hook(self, unet, mem_eff_attn, xformers, sdpa):
         # the flow models never go through replace_unet_modules; the preset's attention was recorded at configure
@@ -262,13 +263,37 @@ class KohyaFlowAdapter(KohyaAdapter):
             weights = self.plan.sample_weights(self.timesteps)
         return weights.to(like.device).view(-1, *([1] * (like.dim() - 1)))
 
-    def _flux_output_hook(self, args, model_pred, noisy_model_input, sigmas):
+    def _output_hook(self, args, model_pred, noisy_model_input, sigmas):
         return model_pred, self._weights(model_pred)  # raw: the velocity, with the preset's weights
 
     def _sd3_weighting_hook(self, weighting_scheme, sigmas):
+        return self._weighting("compute_loss_weighting_for_sd3", weighting_scheme, sigmas)  # x0 weights (sigma_scaled)
+
+    def _anima_weighting_hook(self, weighting_scheme, sigmas):
+        return self._weighting("compute_loss_weighting_for_anima", weighting_scheme, sigmas)  # velocity weights
+
+    def _weighting(self, function: str, weighting_scheme, sigmas):
         if self.preset.loss_weighting is None:  # kohya's own --weighting_scheme weighting stands
-            return self.original(self._flow, "compute_loss_weighting_for_sd3")(weighting_scheme, sigmas)
-        return self._weights(sigmas)  # in x0 space: SD3's loss is on its preconditioned x0
+            return self.original(self._flow_modules[function], function)(weighting_scheme, sigmas)
+        return self._weights(sigmas)  # in the process's loss space
+
+
+# each flow script's hooks: (library module, function, the adapter's method)
+_FLUX_DRAW = ("library.flux_train_utils", "get_noisy_model_input_and_timesteps", "_flux_draw_hook")
+_FLUX_OUTPUT = ("library.flux_train_utils", "apply_model_prediction_type", "_output_hook")
+_HOOKS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    FLUX: (_FLUX_DRAW, _FLUX_OUTPUT),
+    SD3: (
+        ("library.sd3_train_utils", "get_noisy_model_input_and_timesteps", "_sd3_draw_hook"),
+        ("library.sd3_train_utils", "compute_loss_weighting_for_sd3", "_sd3_weighting_hook"),
+    ),
+    LUMINA: (
+        ("library.lumina_train_util", "get_noisy_model_input_and_timesteps", "_flux_draw_hook"),
+        ("library.lumina_train_util", "apply_model_prediction_type", "_output_hook"),
+    ),
+    HUNYUAN: (_FLUX_DRAW, _FLUX_OUTPUT),
+    ANIMA: (_FLUX_DRAW, ("library.anima_train_utils", "compute_loss_weighting_for_anima", "_anima_weighting_hook")),
+}
 
 
 def _flux_attention(kind: str) -> dict[str, Any]:

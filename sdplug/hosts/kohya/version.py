@@ -14,8 +14,15 @@ from sdplug.errors import SdplugError
 from sdplug.hosts import fingerprints
 
 SCRIPTS = ("train_network.py", "sdxl_train_network.py", "train_db.py", "fine_tune.py")
-# the flow scripts the adapter runs, and the library module whose draw and output it hooks
-FLOW_ROUTES = {"flux_train_network.py": "library.flux_train_utils", "sd3_train_network.py": "library.sd3_train_utils"}
+# the flow scripts the adapter runs (sd-scripts main), and the library modules whose draw, output
+# reading or weighting it hooks (``flow_runtime``)
+FLOW_ROUTES: dict[str, tuple[str, ...]] = {
+    "flux_train_network.py": ("library.flux_train_utils",),
+    "sd3_train_network.py": ("library.sd3_train_utils",),
+    "lumina_train_network.py": ("library.lumina_train_util",),
+    "hunyuan_image_train_network.py": ("library.flux_train_utils",),
+    "anima_train_network.py": ("library.flux_train_utils", "library.anima_train_utils"),
+}
 
 
 class KohyaVersionError(SdplugError):
