@@ -9,6 +9,7 @@
 #   RUN           [sdplug]  sdplug: each script through `python -m sdplug diffusers --preset PRESET -- SCRIPT ...`;
 #                           plain: `python SCRIPT ...` (the scripts as diffusers ships them)
 #   PRESET        [flow_preset.toml next to this file]  the preset RUN=sdplug uses
+#   PRESET_TWO_ENCODERS [flow_preset_two_encoders.toml next to this file]  the one FLUX.1 and SD3 use
 #   KINDS         [flux flux2 sd3 qwen_image z_image lumina2]  which scripts to run
 #   DIFFUSERS_GIT [https://github.com/huggingface/diffusers.git]  a checkout or URL; COMMIT [58eb52c080]
 # The venv, the diffusers checkout and the instance images are rebuild.sh's: the same lines as there, each skipped
@@ -28,6 +29,7 @@ SDPLUG=${SDPLUG:-$(cd "$SCRIPTS/../../.." && pwd)}
 D=${WORK:-$PWD/sdplug-real-hosts/diffusers}
 RUN=${RUN:-sdplug}
 PRESET=${PRESET:-$SCRIPTS/flow_preset.toml}
+PRESET_TWO_ENCODERS=${PRESET_TWO_ENCODERS:-$SCRIPTS/flow_preset_two_encoders.toml}
 KINDS=${KINDS:-flux flux2 sd3 qwen_image z_image lumina2}
 DIFFUSERS_GIT=${DIFFUSERS_GIT:-https://github.com/huggingface/diffusers.git}
 COMMIT=${COMMIT:-58eb52c080}
@@ -59,11 +61,14 @@ for kind in $KINDS; do
   PYTHONPATH=$STUB HF_HUB_OFFLINE=1 venv/bin/python "$SCRIPTS/make_tiny_flow.py" "$D/tiny-flow" "$kind"
 done
 
-run() { # run SCRIPT ARGS...: as diffusers ships it (RUN=plain) or through `sdplug diffusers` (RUN=sdplug)
+run() { # run SCRIPT ARGS...: as diffusers ships it (RUN=plain) or through `sdplug diffusers` (RUN=sdplug);
+  # FLUX.1 and SD3 (two text encoders and more) take the preset's per-encoder variant, PRESET_TWO_ENCODERS
+  local preset=$PRESET
+  case "$1" in train_dreambooth_lora_flux.py | train_dreambooth_lora_sd3.py) preset=$PRESET_TWO_ENCODERS ;; esac
   if [ "$RUN" = plain ]; then
     PYTHONPATH=$STUB HF_HUB_OFFLINE=1 "$D/venv/bin/python" "$@"
   else
-    PYTHONPATH=$STUB HF_HUB_OFFLINE=1 "$D/venv/bin/python" -m sdplug diffusers --preset "$PRESET" -- "$@"
+    PYTHONPATH=$STUB HF_HUB_OFFLINE=1 "$D/venv/bin/python" -m sdplug diffusers --preset "$preset" -- "$@"
   fi
 }
 want() { # want KIND: KIND is in $KINDS; sets COMMON to the flags every run shares and clears its output_dir
