@@ -136,10 +136,12 @@ class CaptionPipeline:
 
     def encoder_drop_probability(self, encoder: str, epoch: int = 0) -> float:
         """The chance that a dropout naming ``encoder`` replaces its output in ``epoch``."""
+        chances = [t.drop_probability(epoch) for t in self.transforms if not t.needs_text and encoder in _encoders(t)]
+        if len(chances) == 1:
+            return chances[0]  # exactly the configured rate (1 - (1 - 0.3) is 0.30000000000000004)
         keep = 1.0
-        for transform in self.transforms:
-            if not transform.needs_text and encoder in _encoders(transform):
-                keep *= 1.0 - transform.drop_probability(epoch)
+        for chance in chances:
+            keep *= 1.0 - chance
         return 1.0 - keep
 
     def drop_probability(self, epoch: int = 0) -> float:

@@ -74,6 +74,7 @@ class KohyaFlowAdapter(KohyaAdapter):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._flow_modules: dict[str, Any] = {}  # hooked function name -> its library module
+        self.adapter_set: set[str] = set()  # arguments the adapter itself changed
 
     def install(self, train_util, custom_train_functions):
         session = super().install(train_util, custom_train_functions)
@@ -131,7 +132,9 @@ class KohyaFlowAdapter(KohyaAdapter):
                 **{f.flag: f"{f.effect} by {self.script}: {f.why}" for f in ignored},
             }
         }
-        unclassified = [n for n in result.unclassified if n not in flow_flags and flow_setting_group(n) is None]
+        unclassified = [
+            n for n in result.unclassified if n not in flow_flags and flow_setting_group(n) is None and n not in self.adapter_set
+        ]
         if unclassified:
             self.flag_record["unclassified_flags"] = unclassified
             self.rules.append(
@@ -165,6 +168,7 @@ class KohyaFlowAdapter(KohyaAdapter):
                 "loss; kohya's sigma_scaled compares x_t - sigma * output with the velocity target)"
             )
             args.model_prediction_type = "raw"
+            self.adapter_set.add("model_prediction_type")  # not the user's: no flag to classify
 
     def _build_plan(self, args) -> Plan:
         """The preset on a rectified flow of 1000 sigmas, shifted as kohya's own sampler shifts

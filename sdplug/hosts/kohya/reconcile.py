@@ -297,4 +297,7 @@ def _classify(
             continue
         taken = [s for s in flag.sections if section_set(preset, s)]
         kind = flag.kind if taken else "independent"  # its sections unset: kohya does what it says
-        result.flags[name] = f"{kind} ({flag.family}): {flag.why}"
+        why = flag.why
+        if (flag.kind == "reconciled" or flag.family == "memory") and not taken:  # its why tells how the preset's value wins
+            why = f"kohya's own value (the preset sets no {', '.join(flag.sections)})"
+        result.flags[name] = f"{kind} ({flag.family}): {why}"

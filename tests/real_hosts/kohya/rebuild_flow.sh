@@ -10,6 +10,8 @@
 #   bash rebuild_flow.sh flux            # one script (flux | sd3)
 #   RUN=plain bash rebuild_flow.sh       # kohya alone: $VENV/bin/python flux_train_network.py ...
 #   RUN=both bash rebuild_flow.sh        # plain, then sdplug, for each script
+#   RUN=patch bash rebuild_flow.sh       # sdplug patch kohya, the script with --sdplug_preset, unpatch (bytes checked)
+#   RUN=all bash rebuild_flow.sh         # plain, sdplug, patch
 #   RUN=none bash rebuild_flow.sh        # build only
 #
 # Environment knobs (defaults in brackets):
@@ -18,7 +20,7 @@
 #   REBUILD [auto]  auto: `RUN_TESTS=0 bash rebuild.sh main` only when $KINT/sd-main or
 #                   $KINT/venv-main is missing (rebuild.sh clones its mirror from GitHub when
 #                   $KINT/sd-scripts.git is absent); 1: always; 0: never (the tree and venv must exist)
-#   RUN     [sdplug]  plain | sdplug | both | none
+#   RUN     [sdplug]  plain | sdplug | patch | both | all | none
 #   PRESET  [$SCRIPTS/flow_preset.toml]  the preset of RUN=sdplug (a file or a shipped preset's name)
 #   STEPS   [2]    --max_train_steps
 #   RES     [256]  --resolution (square; bucketing off: the data is 256x256)
@@ -77,7 +79,7 @@ for f in make_flux_model.py make_sd3_model.py make_flow_tokenizers.py make_token
     [ -f "$HELPERS/$f" ] || { echo "missing $HELPERS/$f" >&2; exit 2; }; done
 [ -f "$STUB/torchvision/transforms/functional.py" ] || { echo "missing $STUB (torchvision stub)" >&2; exit 2; }
 STUB=$(cd "$STUB" && pwd)
-case $RUN in plain|sdplug|both|none) ;; *) echo "RUN=$RUN: plain, sdplug, both or none" >&2; exit 2;; esac
+case $RUN in plain|sdplug|patch|both|all|none) ;; *) echo "RUN=$RUN: plain, sdplug, patch, both, all or none" >&2; exit 2;; esac
 WHICH=("$@"); [ ${#WHICH[@]} -eq 0 ] && WHICH=(flux sd3)
 for w in "${WHICH[@]}"; do case $w in flux|sd3) ;; *) echo "unknown script '$w': flux or sd3" >&2; exit 2;; esac; done
 
@@ -124,8 +126,9 @@ step "data: $KINT/data-flow"
 done_step
 
 # --- the runs
-RUNS=(); case $RUN in plain) RUNS=(plain);; sdplug) RUNS=(sdplug);; both) RUNS=(plain sdplug);; none) RUNS=();; esac
-if [[ " ${RUNS[*]} " == *" sdplug "* ]]; then
+RUNS=(); case $RUN in plain) RUNS=(plain);; sdplug) RUNS=(sdplug);; patch) RUNS=(patch);; both) RUNS=(plain sdplug);;
+    all) RUNS=(plain sdplug patch);; none) RUNS=();; esac
+if [[ " ${RUNS[*]} " == *" sdplug "* || " ${RUNS[*]} " == *" patch "* ]]; then
     step "preset $PRESET"
     (cd "$KINT" && "$VENV/bin/python" -m sdplug validate "$PRESET" | sed 's/^/   /')
     done_step
@@ -165,10 +168,20 @@ for w in "${WHICH[@]}"; do
         script_args "$w"
         ARGS+=(--output_dir "$out")
         if [ "$run" = plain ]; then CMD=("$VENV/bin/python" "$script" "${ARGS[@]}")
+        elif [ "$run" = patch ]; then  # the patch route: the script patched on disk, run as kohya's GUIs run it
+            before=$(cd "$TREE" && sha256sum ./*.py | sha256sum | cut -c1-16)
+            (cd "$KINT" && "$VENV/bin/python" -m sdplug patch kohya "$TREE" | sed 's/^/   /')
+            CMD=("$VENV/bin/python" "$script" "${ARGS[@]}" --sdplug_preset "$PRESET")
         else CMD=("$VENV/bin/python" -m sdplug kohya --preset "$PRESET" -- "$script" "${ARGS[@]}"); fi
         echo "   (cd $TREE && PYTHONPATH=$STUB ${CMD[*]})" | tee "$log"
         rc=0
         (cd "$TREE" && PYTHONPATH=$STUB "${TIMER[@]}" "${CMD[@]}") >> "$log" 2>&1 || rc=$?
+        if [ "$run" = patch ]; then  # unpatch, and every script's bytes as before
+            (cd "$KINT" && "$VENV/bin/python" -m sdplug unpatch kohya "$TREE" | sed 's/^/   /')
+            after=$(cd "$TREE" && sha256sum ./*.py | sha256sum | cut -c1-16)
+            if [ "$before" = "$after" ]; then echo "   unpatch: every script byte-identical ($after)"
+            else echo "   unpatch: scripts differ from before patching ($before -> $after)"; rc=1; fi
+        fi
         # s/step: tqdm's last rate on the "steps" bar; peak RSS from /usr/bin/time -v
         rate=$(grep -o 'steps: 100%[^]]*\]' "$log" | tail -1 | grep -oE '[0-9.]+(s/it|it/s)' | tail -1 || true)
         case $rate in *it/s) sps=$(awk -v r="${rate%it/s}" 'BEGIN {printf "%.2f", 1 / r}');; *s/it) sps=${rate%s/it};; *) sps=?;; esac
@@ -177,7 +190,7 @@ for w in "${WHICH[@]}"; do
         result=pass; { [ $rc -ne 0 ] || [ ! -f "$out/lora.safetensors" ]; } && { result=FAIL; status=1; }
         echo "   $result (exit $rc): $sps s/step, peak RSS $rss GiB, wall $wall; log $log"
         if [ $rc -ne 0 ]; then grep -E "Error|error|refuse" "$log" | tail -8 | sed 's/^/   | /'; fi
-        if [ "$run" = sdplug ] && [ -f "$out/audit.json" ]; then
+        if [ "$run" != plain ] && [ -f "$out/audit.json" ]; then
             sed -n '/^sdplug: audit/,/^  problems/p' "$log" | sed 's/^/   /'
             "$VENV/bin/python" - "$out/audit.json" << 'EOF' | sed 's/^/   /'
 import json, sys
@@ -191,7 +204,7 @@ for flag, how in host.get("kohya_flags", {}).items():
 if host.get("unclassified_flags"):
     print("unclassified:", " ".join("--" + f for f in host["unclassified_flags"]))
 EOF
-        elif [ "$run" = sdplug ]; then echo "   no $out/audit.json"; status=1; fi
+        elif [ "$run" != plain ]; then echo "   no $out/audit.json"; status=1; fi
         SUMMARY+=("$(printf '%-22s %-7s %-5s %8s s/step %7s GiB  %s' "$script" "$run" "$result" "$sps" "$rss" "${out}")")
         done_step
     done
