@@ -85,9 +85,10 @@ def _caption_rows(c: dict[str, Any] | None) -> list[tuple[str, str]]:
     if c is None:
         return []
     rows = []
+    encoders = c.get("encoders") or {}
     if c["samples"] == 0:
         rows.append(("caption dropout", "no captions drawn"))
-    else:
+    elif not encoders or c["dropout_rate_configured"]:  # whole captions (a preset naming encoders only: per encoder)
         verdict = "ok" if c["dropout_rate_within_interval"] else "OUTSIDE its 99.9% interval"
         rows.append(
             (
@@ -96,6 +97,16 @@ def _caption_rows(c: dict[str, Any] | None) -> list[tuple[str, str]]:
                 f"{_percent(c['dropout_rate_configured'])} configured ({verdict})",
             )
         )
+    for name, e in encoders.items():
+        if c["samples"]:
+            verdict = "ok" if e["dropout_rate_within_interval"] else "OUTSIDE its 99.9% interval"
+            rows.append(
+                (
+                    f"dropout of {name}",
+                    f"{e['dropout_rate_realised']:.1%} of {c['samples']} samples realised vs "
+                    f"{_percent(e['dropout_rate_configured'])} configured ({verdict})",
+                )
+            )
     for tags in c.get("tag_dropout", []):
         if tags["tags_droppable"]:
             verdict = "ok" if tags["tag_drop_rate_within_interval"] else "OUTSIDE its 99.9% interval"

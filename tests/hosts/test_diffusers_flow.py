@@ -177,12 +177,14 @@ def test_flow_script_trains_on_the_plans_draws_weights_and_loss(tmp_path, script
     assert len(decisions) == STEPS and any(flat) and not all(flat)  # some rows swapped, some kept
 
 
+@pytest.mark.slow
 def test_flow_script_with_prior_preservation_weights_each_half(tmp_path):
     run_standin(tmp_path, flow_edits.FLUX, FLOW_PRESET, "--with_prior_preservation", "--prior_loss_weight", "0.5")
     record = torch.load(tmp_path / "out" / "standin.pt")
     check_steps(record, replay_plan(tmp_path / "p.toml", flow_edits.FLUX), flow_edits.FLUX, prior_weight=0.5)
 
 
+@pytest.mark.slow
 def test_sd3_without_preconditioning_trains_on_the_velocity(tmp_path):
     run_standin(tmp_path, flow_edits.SD3, FLOW_PRESET, "--precondition_outputs", "0")
     record = torch.load(tmp_path / "out" / "standin.pt")
@@ -227,12 +229,14 @@ def test_without_timesteps_the_plan_draws_the_scripts_own_density(tmp_path):
     ("script", "preset_extra", "script_args", "says"),
     [
         (flow_edits.FLUX, "", ["--weighting_scheme", "logit_normal"], "--weighting_scheme 'logit_normal'"),
-        (flow_edits.FLUX, "", ["--logit_std", "2.0"], "--logit_std"),
+        pytest.param(flow_edits.FLUX, "", ["--logit_std", "2.0"], "--logit_std", marks=pytest.mark.slow),
         (flow_edits.QWEN_IMAGE, WHOLE, ["--caption_dropout", "0.1"], "--caption_dropout"),
-        (flow_edits.FLUX2, WHOLE, ["--remote_text_encoder"], "--remote_text_encoder"),
-        (flow_edits.FLUX, CAPTIONS[flow_edits.FLUX], ["--train_text_encoder"], "--train_text_encoder"),
+        pytest.param(flow_edits.FLUX2, WHOLE, ["--remote_text_encoder"], "--remote_text_encoder", marks=pytest.mark.slow),
+        pytest.param(
+            flow_edits.FLUX, CAPTIONS[flow_edits.FLUX], ["--train_text_encoder"], "--train_text_encoder", marks=pytest.mark.slow
+        ),
         (flow_edits.LUMINA2, "", ["--with_prior_preservation"], "IndexError"),
-        (flow_edits.FLUX, '[attention]\ntype = "xformers"\n', [], "no attention switch"),
+        pytest.param(flow_edits.FLUX, '[attention]\ntype = "xformers"\n', [], "no attention switch", marks=pytest.mark.slow),
     ],
 )
 def test_flow_script_flags_and_sections_it_cannot_apply_are_refused(tmp_path, script, preset_extra, script_args, says):

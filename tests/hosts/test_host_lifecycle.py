@@ -119,8 +119,17 @@ def reference_trainer(tmp_path: Path, outcome: str) -> tuple[subprocess.Complete
 HOSTS = {"kohya": kohya, "everydream": everydream, "diffusers": diffusers, "reference trainer": reference_trainer}
 
 
-@pytest.mark.parametrize("outcome", ["refused", "crashed", "completed"])
-@pytest.mark.parametrize("host", list(HOSTS))
+# the two slowest hosts' crashes run in the slow suite (the default suite keeps its margin)
+CASES = [
+    pytest.param(host, outcome, marks=pytest.mark.slow)
+    if outcome == "crashed" and host in ("everydream", "reference trainer")
+    else (host, outcome)
+    for host in HOSTS
+    for outcome in ("refused", "crashed", "completed")
+]
+
+
+@pytest.mark.parametrize(("host", "outcome"), CASES)
 def test_every_host_writes_its_audit_through_the_one_writer(tmp_path, host, outcome):
     result, folder = HOSTS[host](tmp_path, outcome)
     assert (result.returncode == 0) == (outcome == "completed"), result.stderr[-3000:]

@@ -18,7 +18,7 @@ import sdplug
 from sdplug.errors import SdplugError
 from sdplug.hosts.kohya import patching, runtime
 from sdplug.hosts.kohya.runtime import KohyaAdapter
-from sdplug.hosts.kohya.version import KNOWN, KohyaVersionError, detect
+from sdplug.hosts.kohya.version import FLOW_ROUTES, KNOWN, KohyaVersionError, detect
 from sdplug.plan import bind
 from sdplug.preset import parse_preset
 from sdplug.schedule import scaled_linear_alphas_cumprod
@@ -181,8 +181,9 @@ def test_kohya_lr_arguments_follow_the_preset_and_a_crash_is_in_the_audit(preset
     assert audit["completed"] is False
 
 
-def test_patch_route_applies_and_unpatch_restores_bytes(standin, preset, tmp_path, monkeypatch):
-    version, root = standin
+@pytest.mark.parametrize("version", ["main", pytest.param("v0.8.7", marks=pytest.mark.slow)])
+def test_patch_route_applies_and_unpatch_restores_bytes(version, preset, tmp_path, monkeypatch):
+    root = make_standin(tmp_path / f"sd-scripts-{version}", version)
     patches = tmp_path / "patches"
     manifest = {version: make_patches(root, version, patches)}
     (patches / "manifest.json").write_text(json.dumps(manifest))
@@ -247,7 +248,7 @@ def test_shipped_patches_fit_their_versions():
     manifest = json.loads((patching.patches_dir() / "manifest.json").read_text())
     assert set(manifest) == {"main", "v0.8.7"}
     for version, files in manifest.items():
-        flow = {"flux_train_network.py", "sd3_train_network.py"} if version == "main" else set()
+        flow = set(FLOW_ROUTES) if version == "main" else set()
         assert set(files) == {"train_network.py", "sdxl_train_network.py", "train_db.py", "fine_tune.py"} | flow
         for script in files:
             diff = (patching.patches_dir() / version / f"{script}.patch").read_text()
@@ -522,12 +523,9 @@ def test_unsupported_script_is_refused(preset, tmp_path):
     result = launch(preset, root, "train_textual_inversion.py", tmp_path / "o")
     assert result.returncode == 1 and "supports train_network.py" in result.stderr and "should not run" not in result.stdout
     (root / "lumina_train_network.py").write_text("print('should not run')\n")
-    result = launch(preset, root, "lumina_train_network.py", tmp_path / "o")  # a flow script: what sdplug can do for it
+    result = launch(preset, root, "lumina_train_network.py", tmp_path / "o")  # a flow script, not main's at 48d368f
     assert result.returncode == 1 and "should not run" not in result.stdout
-    assert (
-        "does not run lumina_train_network.py yet (of the flow scripts, flux_train_network.py, sd3_train_network.py)"
-        in result.stderr
-    )
+    assert "lumina_train_network.py in" in result.stderr and "is not the one sdplug's table describes" in result.stderr
 
 
 # -- the session: installed in this process, and undone --------------------------------------------

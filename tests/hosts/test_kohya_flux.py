@@ -223,8 +223,15 @@ def test_a_dropout_naming_an_encoder_without_the_cache_is_refused(tree, tmp_path
     assert not (out / "standin-model-loaded").exists()
 
 
-@pytest.mark.parametrize("script", ["flux_train_network.py", "sd3_train_network.py"])
-def test_patch_route_runs_flux_and_sd3_and_unpatch_restores_bytes(tmp_path, monkeypatch, script):
+@pytest.mark.parametrize(
+    "script",
+    ["flux_train_network.py", "sd3_train_network.py"]
+    + [
+        pytest.param(s, marks=pytest.mark.slow)
+        for s in ("lumina_train_network.py", "hunyuan_image_train_network.py", "anima_train_network.py")
+    ],
+)
+def test_patch_route_runs_flow_scripts_and_unpatch_restores_bytes(tmp_path, monkeypatch, script):
     """``sdplug patch kohya``: the flow script, run directly with --sdplug_preset, trains on the
     plan's draws (the same as through the launcher), and ``unpatch`` gives every byte back."""
     from sdplug.hosts.kohya import patching
@@ -266,8 +273,8 @@ def test_patch_route_runs_flux_and_sd3_and_unpatch_restores_bytes(tmp_path, monk
     ("script", "prediction", "encoder"),
     [
         ("lumina_train_network.py", "velocity_reversed", "gemma2"),
-        ("hunyuan_image_train_network.py", "velocity", "byt5"),
-        ("anima_train_network.py", "velocity", "qwen3"),
+        pytest.param("hunyuan_image_train_network.py", "velocity", "byt5", marks=pytest.mark.slow),
+        pytest.param("anima_train_network.py", "velocity", "qwen3", marks=pytest.mark.slow),
     ],
 )
 def test_lumina_hunyuan_and_anima_draw_alike_and_drop_their_cached_encoders(tree, tmp_path, script, prediction, encoder):

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdplug.errors import PresetError, SdplugError
-from sdplug.hosts.kohya.flow_flags import FLOW_SCRIPTS
-from sdplug.hosts.kohya.version import FLOW_ROUTES, SCRIPTS, KohyaVersionError
+from sdplug.hosts.kohya.version import SCRIPTS, KohyaVersionError
 from sdplug.log import logger
 
 _NOT_GIVEN = object()
@@ -89,18 +88,8 @@ def resolve_script(
             f"kohya script {script!r} not found" + (f" in {sd_scripts}" if sd_scripts else "; pass --sd-scripts DIR")
         )
     if path.name not in supported:
-        raise KohyaVersionError(f"{path.name}: {who} {', '.join(supported)}.{_flow_advice(path.name, supported)}")
+        raise KohyaVersionError(f"{path.name}: {who} {', '.join(supported)}.")
     return path.resolve()
-
-
-def _flow_advice(script: str, supported: tuple[str, ...]) -> str:
-    """For a flow script the adapter cannot run yet: what sdplug can already say about its flags."""
-    if script not in FLOW_SCRIPTS or script in supported:
-        return ""
-    return (
-        f" It does not run {script} yet (of the flow scripts, {', '.join(FLOW_ROUTES)}); `sdplug check kohya --sd-scripts DIR -- {script} ARGS` says which of your flags "
-        "that script ignores, and `sdplug from-kohya CONFIG --script` / `to-kohya PRESET --script` read and write its config."
-    )
 
 
 def script_command(prog: str, description: str, script_help: str) -> argparse.ArgumentParser:

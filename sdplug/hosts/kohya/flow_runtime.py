@@ -1,14 +1,22 @@
-"""The kohya adapter on sd-scripts main's flow scripts it runs (``version.FLOW_ROUTES``:
-``flux_train_network.py`` for FLUX.1 and Chroma, ``sd3_train_network.py``): the same plan calls as
-every host, at the moments their step has.
+"""The kohya adapter on sd-scripts main's flow scripts (``version.FLOW_ROUTES``: FLUX.1 and Chroma,
+SD3, Lumina 2, HunyuanImage 2.1, Anima): the same plan calls as every host, at the moments their
+step has (``_HOOKS`` says which library function each script's step goes through).
 
-SD3's step is FLUX's with two differences: its draw (``sd3_train_utils``) takes no scheduler, and
-it preconditions the output inline (``x_t - sigma * output`` against the latents, the process's
-``sigma_scaled`` output, so the plan's weights are x0 weights) and weights the loss with
-``compute_loss_weighting_for_sd3``, which the adapter hooks (kohya's own weighting stands when the
-preset sets none).
+The five steps differ in three places:
+- the draw: FLUX's ``flux_train_utils`` function (FLUX, HunyuanImage, Anima), SD3's (no scheduler
+  argument), Lumina's (the same signature as FLUX's); every one returns ``sigma * 1000`` as
+  kohya's timesteps (Lumina's script gives its model ``1 - t / 1000`` itself, HunyuanImage's
+  truncates to integers);
+- the output: read by ``apply_model_prediction_type`` (FLUX, HunyuanImage, Lumina: read raw with
+  a preset, the plan's per-sample weights returned as kohya's ``weighting``), or preconditioned
+  inline (SD3: ``x_t - sigma * output`` against the latents, the process's ``sigma_scaled``
+  output, so the plan's weights are x0 weights) and weighted by ``compute_loss_weighting_for_sd3``
+  (Anima: ``compute_loss_weighting_for_anima``, velocity weights), which the adapter hooks
+  (kohya's own weighting stands when the preset sets none);
+- the target: ``noise - latents``, SD3's latents, Lumina's ``latents - noise`` (the process's
+  ``velocity_reversed``).
 
-FLUX's trainer draws its noise inline (``torch.randn_like``) and hands it to
+FLUX's trainer (the others alike) draws its noise inline (``torch.randn_like``) and hands it to
 ``flux_train_utils.get_noisy_model_input_and_timesteps``, which draws sigma and builds the model
 input; ``apply_model_prediction_type`` reads the output and may return a weighting, which the
 base ``process_batch`` multiplies into the elementwise loss; ``post_process_loss`` returns the
@@ -25,10 +33,10 @@ loss unchanged. So the adapter hooks the two ``flux_train_utils`` functions, not
 - ``conditional_loss`` (``step_hooks``), the optimizer, attention, captions and saves: as on the
   SD scripts (``runtime.KohyaAdapter``).
 
-The flags: each one the user wrote that FLUX's script ignores (``flow_flags.SCRIPT_EFFECTS``) is
+The flags: each one the user wrote that the script ignores (``flow_flags.SCRIPT_EFFECTS``) is
 reported, on the console and in ``host.kohya_flags``, never refused; one that acts and sets what
 a preset section sets is refused (the SD scripts' table for the shared flags, ``FLOW_CONFLICTS``
-for FLUX's own). Without ``[timesteps]``, kohya's own sampler is drawn by the plan, translated as
+for the flow scripts' own). Without ``[timesteps]``, kohya's own sampler is drawn by the plan, translated as
 ``from-kohya --script`` translates it, so every host draws one preset alike.
 """
 
