@@ -258,3 +258,18 @@ def test_flow_weighting_scheme_is_independent_of_a_preset_without_its_section(tm
     cosmap = 2 / (torch.pi * (1 - 2 * sigmas + 2 * sigmas**2))
     loss = (plan.unweighted_loss(step["pred"], step["target"], timesteps=timesteps) * cosmap).mean()
     torch.testing.assert_close(step["loss"], loss)
+
+
+@pytest.mark.parametrize(
+    "script", ["train_dreambooth_lora_sana.py", "train_dreambooth_lora_flux_kontext.py", "train_dreambooth_flux.py"]
+)
+def test_any_other_flow_script_is_refused_by_name_with_the_supported_list(tmp_path, script):
+    from sdplug.hosts.diffusers_scripts import launcher
+
+    path = tmp_path / script
+    path.write_text("raise SystemExit('should not run')\n")
+    with pytest.raises(edits.DiffusersScriptError) as refused:
+        launcher.resolve_script(str(path))
+    message = str(refused.value)
+    assert message.startswith(f"{script}: the sdplug diffusers host supports")
+    assert all(name in message for name in flow_edits.FLOW_SCRIPTS)

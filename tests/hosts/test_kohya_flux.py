@@ -190,10 +190,14 @@ encoders = ["t5xxl"]
 
 
 @pytest.mark.parametrize(
-    ("script", "encoders"),
-    [("flux_train_network.py", ("clip_l", "t5xxl")), ("sd3_train_network.py", ("clip_l", "clip_g", "t5xxl"))],
+    ("script", "encoders", "to_disk"),
+    [
+        ("flux_train_network.py", ("clip_l", "t5xxl"), False),
+        ("sd3_train_network.py", ("clip_l", "clip_g", "t5xxl"), True),
+        pytest.param("flux_train_network.py", ("clip_l", "t5xxl"), True, marks=pytest.mark.slow),
+        pytest.param("sd3_train_network.py", ("clip_l", "clip_g", "t5xxl"), False, marks=pytest.mark.slow),
+    ],
 )
-@pytest.mark.parametrize("to_disk", [False, True])
 def test_a_dropout_naming_an_encoder_swaps_that_encoders_cached_rows_alone(tree, tmp_path, script, encoders, to_disk):
     """With cached text-encoder outputs, each dropped encoder's part of a sample's rows (SD3's
     CLIP-L and CLIP-G columns of one tensor too) is the empty caption's, the others the caption's,
@@ -225,10 +229,10 @@ def test_a_dropout_naming_an_encoder_without_the_cache_is_refused(tree, tmp_path
 
 @pytest.mark.parametrize(
     "script",
-    ["flux_train_network.py", "sd3_train_network.py"]
+    ["flux_train_network.py"]
     + [
         pytest.param(s, marks=pytest.mark.slow)
-        for s in ("lumina_train_network.py", "hunyuan_image_train_network.py", "anima_train_network.py")
+        for s in ("sd3_train_network.py", "lumina_train_network.py", "hunyuan_image_train_network.py", "anima_train_network.py")
     ],
 )
 def test_patch_route_runs_flow_scripts_and_unpatch_restores_bytes(tmp_path, monkeypatch, script):

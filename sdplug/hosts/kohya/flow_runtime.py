@@ -16,6 +16,12 @@ The five steps differ in three places:
 - the target: ``noise - latents``, SD3's latents, Lumina's ``latents - noise`` (the process's
   ``velocity_reversed``).
 
+Under ``--mixed_precision bf16`` kohya's draw returns its timesteps in the weight dtype, so the
+model is given ``sigma * 1000`` rounded to bf16 (711.78 becomes 712.0) while ``x_t`` is built
+from the float32 sigma. The adapter keeps that split: the model time goes back to kohya in its
+dtype, as kohya's own draw returns it, and the plan records, weights and thresholds by its own
+sigma (float32, the one ``x_t`` and the target are made of), never by the rounded time.
+
 FLUX's trainer (the others alike) draws its noise inline (``torch.randn_like``) and hands it to
 ``flux_train_utils.get_noisy_model_input_and_timesteps``, which draws sigma and builds the model
 input; ``apply_model_prediction_type`` reads the output and may return a weighting, which the
