@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from sdplug.hosts.diffusers_scripts import flags, flow_edits
-from sdplug.hosts.diffusers_scripts.session import ScriptRun
+from sdplug.hosts.diffusers_scripts.script_run import ScriptRun
 from sdplug.hosts.flow_density import density_timesteps
 from sdplug.log import logger
 from sdplug.plan import bind as bind_plan

@@ -37,7 +37,7 @@ loss unchanged. So the adapter hooks the two ``flux_train_utils`` functions, not
   written for; FLUX's default ``sigma_scaled`` compares ``x_t - sigma v`` with that velocity
   target, see ``sdplug.process``), with the plan's per-sample weights as kohya's ``weighting``;
 - ``conditional_loss`` (``step_hooks``), the optimizer, attention, captions and saves: as on the
-  SD scripts (``runtime.KohyaAdapter``).
+  SD scripts (``adapter.KohyaAdapter``).
 
 The flags: each one the user wrote that the script ignores (``flow_flags.SCRIPT_EFFECTS``) is
 reported, on the console and in ``host.kohya_flags``, never refused; one that acts and sets what
@@ -57,6 +57,7 @@ import torch
 from sdplug.errors import SdplugError
 from sdplug.hosts.host_flags import section_set
 from sdplug.hosts.kohya import cached_text, ema_save, flag_check, flow_bridge, saved_metadata
+from sdplug.hosts.kohya.adapter import KohyaAdapter
 from sdplug.hosts.kohya.command_line import written_flags
 from sdplug.hosts.kohya.flow_flags import (
     ANIMA,
@@ -73,7 +74,6 @@ from sdplug.hosts.kohya.flow_flags import (
 )
 from sdplug.hosts.kohya.network_saves import wrap_saves
 from sdplug.hosts.kohya.reconcile import KohyaConflictError, check_conflicts, check_loss_section, reconcile, user_set
-from sdplug.hosts.kohya.runtime import KohyaAdapter
 from sdplug.log import logger
 from sdplug.plan import Plan, bind
 from sdplug.plan.runs_here import check_memory_runs_here

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from sdplug.errors import SdplugError
 from sdplug.hosts.kohya import audits
+from sdplug.hosts.kohya.adapter import KohyaAdapter
 from sdplug.hosts.kohya.command_line import resolve_script, script_arguments, script_command
 from sdplug.hosts.kohya.flow_runtime import KohyaFlowAdapter
-from sdplug.hosts.kohya.runtime import KohyaAdapter, activate_for_launch, record_failure
+from sdplug.hosts.kohya.runtime import activate_for_launch, record_failure
 from sdplug.hosts.kohya.version import FLOW_ROUTES, SCRIPTS, check_flow_script, detect
 from sdplug.hosts.lifecycle import problems_exit_status
 from sdplug.log import logger

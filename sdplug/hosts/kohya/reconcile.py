@@ -298,6 +298,8 @@ def _classify(
         taken = [s for s in flag.sections if section_set(preset, s)]
         kind = flag.kind if taken else "independent"  # its sections unset: kohya does what it says
         why = flag.why
-        if (flag.kind == "reconciled" or flag.family == "memory") and flag.sections and not taken:  # its why tells how the preset's value wins
+        if (
+            (flag.kind == "reconciled" or flag.family == "memory") and flag.sections and not taken
+        ):  # its why tells how the preset's value wins
             why = f"kohya's own value (the preset sets no {', '.join(flag.sections)})"
         result.flags[name] = f"{kind} ({flag.family}): {why}"
