@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Run kohya sd-scripts' flow-matching LoRA scripts -- flux_train_network.py and
-# sd3_train_network.py, unmodified -- for a few steps on CPU, with random-weight models built
-# offline at the real models' fixed widths, plainly or through `python -m sdplug kohya --preset`.
+# Run kohya sd-scripts' flow-matching LoRA scripts -- flux_train_network.py, sd3_train_network.py,
+# lumina_train_network.py and anima_train_network.py, unmodified -- for a few steps on CPU, with
+# random-weight models built offline at the real models' fixed widths, plainly, through
+# `python -m sdplug kohya --preset`, or patched on disk (`sdplug patch kohya`).
 # CPU only, offline except for package registries (pip). Idempotent: re-running skips what is
 # already built (tree, venv, models, tokenizers) and always rebuilds/reinstalls the sdplug wheel.
 #
 # Usage:
 #   bash rebuild_flow.sh                 # flux + sd3, RUN=sdplug
-#   bash rebuild_flow.sh flux            # one script (flux | sd3)
+#   bash rebuild_flow.sh flux            # one script (flux | sd3 | lumina | anima)
+#   bash rebuild_flow.sh lumina anima    # Lumina 2 (Gemma2) and Anima (Qwen3): only their models are built
 #   RUN=plain bash rebuild_flow.sh       # kohya alone: $VENV/bin/python flux_train_network.py ...
 #   RUN=both bash rebuild_flow.sh        # plain, then sdplug, for each script
 #   RUN=patch bash rebuild_flow.sh       # sdplug patch kohya, the script with --sdplug_preset, unpatch (bytes checked)
@@ -21,13 +23,18 @@
 #                   $KINT/venv-main is missing (rebuild.sh clones its mirror from GitHub when
 #                   $KINT/sd-scripts.git is absent); 1: always; 0: never (the tree and venv must exist)
 #   RUN     [sdplug]  plain | sdplug | patch | both | all | none
-#   PRESET  [$SCRIPTS/flow_preset.toml]  the preset of RUN=sdplug (a file or a shipped preset's name)
+#   PRESET  [per script]  the preset of RUN=sdplug / patch (a file or a shipped preset's name) for every
+#                   script; unset: flow_preset.toml for flux and sd3 (CLIP-L and T5-XXL dropped apart),
+#                   flow_preset_one_encoder.toml for lumina and anima (a whole-caption dropout: they
+#                   have neither encoder)
 #   STEPS   [2]    --max_train_steps
 #   RES     [256]  --resolution (square; bucketing off: the data is 256x256)
 #   BATCH   [1]    --train_batch_size
-#   T5_LEN  [64]   --t5xxl_max_token_length
+#   T5_LEN  [64]   --t5xxl_max_token_length (flux, sd3); also lumina's --gemma2_max_token_length and
+#                  anima's --qwen3_max_token_length and --t5_max_token_length
 #   EXTRA   []     more script arguments, appended as they are (word-split)
-#   HELPERS [the dir of this script]  make_flux_model.py, make_sd3_model.py, make_flow_tokenizers.py,
+#   HELPERS [the dir of this script]  make_flux_model.py, make_sd3_model.py, make_lumina_model.py,
+#                                     make_anima_model.py, make_flow_tokenizers.py, make_gemma_tokenizer.py,
 #                                     make_tokenizer.py, make_data.py; stub: ../torchvision-stub
 #
 # Layout under $KINT (beside rebuild.sh's):
@@ -38,27 +45,45 @@
 #                            bf16, 9.5 GB)
 #   model-sd3/               sd3-tiny.safetensors (MMDiT depth 2 + VAE), clip_l, clip_g, and
 #                            t5xxl.safetensors -> ../model-flux/t5xxl.safetensors (a link)
+#   model-lumina/            lumina2.safetensors (NextDiT 2B at its full, fixed size: sd-scripts has no
+#                            smaller config; fp8 on disk, 2.4 GiB), gemma2-2b.safetensors (full Gemma-2-2B,
+#                            bf16, 4.9 GiB), ae.safetensors (-> ../model-flux/ae.safetensors when that
+#                            exists, else written)
+#   model-anima/             anima.safetensors (Cosmos-Predict2 2B DiT + LLM adapter, full and fixed;
+#                            fp8 on disk, 1.9 GiB), qwen3-0.6b.safetensors (full Qwen3-0.6B, bf16,
+#                            1.1 GiB), qwen-image-vae.safetensors (full, bf16, 0.24 GiB)
 #   tokcache-flow/           openai_clip-vit-large-patch14, laion_CLIP-ViT-bigG-14-laion2B-39B-b160k,
-#                            google_t5-v1_1-xxl (what --tokenizer_cache_dir reads)
+#                            google_t5-v1_1-xxl (what --tokenizer_cache_dir reads through kohya's
+#                            _load_tokenizer), models--google--gemma-2-2b (a hub-cache layout: Lumina
+#                            calls AutoTokenizer.from_pretrained(id, cache_dir=--tokenizer_cache_dir),
+#                            resolved offline with HF_HUB_OFFLINE=1). Anima needs none: with --qwen3 a
+#                            file, it reads the tree's bundled configs/qwen3_06b and configs/t5_old.
 #   data-flow/1_sks/         4 images 256x256 + .txt captions (its own copy: the scripts write
-#                            *_flux_te.npz / *_sd3_te.npz next to the images)
+#                            *_flux_te.npz / *_sd3_te.npz / *_lumina_te.npz / *_anima_te.npz next to
+#                            the images)
 #   out-<script>-<run>/      each run's LoRA (and audit.json for RUN=sdplug), emptied before the run
 #   logs/flow-*.txt          one log per step and run
 #
 # Memory: every run is --mixed_precision bf16 (T5-XXL is loaded at full size: ~9.5 GB in bf16,
-# ~19 GB in fp32), peaks ~9.5 GiB (FLUX) and ~11.2 GiB (SD3: CLIP-G and T5 together while caching).
-# Disk: ~13 GB of models.
+# ~19 GB in fp32), peaks ~9.5 GiB (FLUX), ~11.2 GiB (SD3: CLIP-G and T5 together while caching),
+# ~10.5-10.8 GiB (Lumina: the 2B DiT and Gemma2 together while caching; --disable_mmap_load_safetensors
+# casts the fp8 DiT tensor by tensor) and ~8.9-9.3 GiB (Anima: Qwen3 + VAE, then the DiT).
+# Disk: ~13 GB of models for flux + sd3, ~11.4 GB for lumina + anima (~24 GB for all four).
+# Time (OMP_NUM_THREADS=1, batch 2, 256 px, 3 steps): ~4.4 s/step FLUX, ~19-22 s/step Lumina,
+# ~13-15 s/step Anima (SD3's tiny MMDiT: well under 1 s); a run takes 0.5-1.7 minutes of wall time.
 set -euo pipefail
 export OMP_NUM_THREADS=1          # shared 2-core machine
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export TOKENIZERS_PARALLELISM=false  # kohya's dataloader forks after tokenizing
+export HF_HUB_OFFLINE=1           # Lumina's tokenizer comes from a hub-cache folder; transformers 4.54 goes
+                                  # to the hub first (and fails) unless offline
 
 SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 KINT=${KINT:-$PWD/sdplug-real-hosts/kohya}
 SNAP=${SNAP:-$(cd "$SCRIPTS/../../.." && pwd)}
 REBUILD=${REBUILD:-auto}
 RUN=${RUN:-sdplug}
-PRESET=${PRESET:-$SCRIPTS/flow_preset.toml}
+PRESET=${PRESET:-}  # unset: per script (preset_for)
 STEPS=${STEPS:-2}
 RES=${RES:-256}
 BATCH=${BATCH:-1}
@@ -75,13 +100,19 @@ step() { STEP_NAME=$1; STEP_START=$SECONDS; echo "== [$(date +%T)] $1"; }
 done_step() { echo "   done in $((SECONDS - STEP_START)) s: $STEP_NAME"; }
 quiet_pip() { grep -v -e "is ignored: it is neither a file nor a directory" || true; }  # this machine's pip index noise
 
-for f in make_flux_model.py make_sd3_model.py make_flow_tokenizers.py make_tokenizer.py make_data.py; do
+for f in make_flux_model.py make_sd3_model.py make_lumina_model.py make_anima_model.py make_flow_tokenizers.py \
+    make_gemma_tokenizer.py make_tokenizer.py make_data.py; do
     [ -f "$HELPERS/$f" ] || { echo "missing $HELPERS/$f" >&2; exit 2; }; done
 [ -f "$STUB/torchvision/transforms/functional.py" ] || { echo "missing $STUB (torchvision stub)" >&2; exit 2; }
 STUB=$(cd "$STUB" && pwd)
 case $RUN in plain|sdplug|patch|both|all|none) ;; *) echo "RUN=$RUN: plain, sdplug, patch, both, all or none" >&2; exit 2;; esac
 WHICH=("$@"); [ ${#WHICH[@]} -eq 0 ] && WHICH=(flux sd3)
-for w in "${WHICH[@]}"; do case $w in flux|sd3) ;; *) echo "unknown script '$w': flux or sd3" >&2; exit 2;; esac; done
+for w in "${WHICH[@]}"; do case $w in flux|sd3|lumina|anima) ;; *) echo "unknown script '$w': flux, sd3, lumina or anima" >&2; exit 2;; esac; done
+wants() { [[ " ${WHICH[*]} " == *" $1 "* ]]; }
+preset_for() {  # which -> the preset of its sdplug / patch runs
+    if [ -n "$PRESET" ]; then echo "$PRESET"
+    else case $1 in flux|sd3) echo "$SCRIPTS/flow_preset.toml";; *) echo "$SCRIPTS/flow_preset_one_encoder.toml";; esac; fi
+}
 
 # --- tree + venv: rebuild.sh's (it also installs the sdplug wheel of $SNAP into the venv).
 if [ "$REBUILD" = 1 ] || { [ "$REBUILD" = auto ] && ! { [ -f "$TREE/.sdplug-commit" ] && [ -x "$VENV/bin/python" ]; }; }; then
@@ -112,14 +143,32 @@ case $SDPLUG_AT in *site-packages*) ;; *) echo "venv-main must import the instal
 rm -rf "$KINT/flow-src"
 done_step
 
-# --- models (random weights, seed 0), tokenizers, data. Each helper skips what exists.
-step "models: $KINT/model-flux, $KINT/model-sd3"
-(cd "$KINT" && "$VENV/bin/python" "$HELPERS/make_flux_model.py" "$KINT/model-flux" 2>&1 | tee "$KINT/logs/flow-make-flux.txt" | grep -E "OK|exists|Error|error" | sed 's/^/   /')
-(cd "$KINT" && "$VENV/bin/python" "$HELPERS/make_sd3_model.py" "$KINT/model-sd3" --t5 "$KINT/model-flux/t5xxl.safetensors" 2>&1 |
-    tee "$KINT/logs/flow-make-sd3.txt" | grep -E "OK|exists|linked|Error|error" | sed 's/^/   /')
+# --- models (random weights, seed 0), tokenizers, data: only what the chosen scripts read. Each
+# helper skips what exists; lumina's and anima's also check every tensor's name and shape against
+# the tree's own modules (--check).
+helper() {  # log name, filter, helper and its arguments; fails the recipe when the helper fails
+    local log=$KINT/logs/flow-make-$1.txt filter=$2; shift 2
+    if ! (cd "$KINT" && PYTHONPATH=$STUB "$VENV/bin/python" "$@") > "$log" 2>&1; then
+        tail -5 "$log" >&2; echo "$(basename "$1") failed: $log" >&2; exit 1; fi
+    grep -E "$filter" "$log" | grep -v '\.partial$' | sed 's/^/   /' || true
+}
+step "models: ${WHICH[*]}"
+if wants flux || wants sd3; then helper flux "OK|exists|Error|error" "$HELPERS/make_flux_model.py" "$KINT/model-flux"; fi
+if wants sd3; then helper sd3 "OK|exists|linked|Error|error" "$HELPERS/make_sd3_model.py" "$KINT/model-sd3" --t5 "$KINT/model-flux/t5xxl.safetensors"; fi
+if wants lumina; then  # the FLUX AE is Lumina's: linked when make_flux_model.py wrote it
+    AE=(); [ -f "$KINT/model-flux/ae.safetensors" ] && AE=(--ae "$KINT/model-flux/ae.safetensors")
+    helper lumina "OK|exists|linked|check|Error|error" "$HELPERS/make_lumina_model.py" "$KINT/model-lumina" "${AE[@]}" --check "$TREE"
+fi
+if wants anima; then helper anima "OK|exists|check|Error|error" "$HELPERS/make_anima_model.py" "$KINT/model-anima" --check "$TREE"; fi
 done_step
 step "tokenizers: $KINT/tokcache-flow"
-(cd "$KINT" && "$VENV/bin/python" "$HELPERS/make_flow_tokenizers.py" "$KINT/tokcache-flow" 2>&1 | grep -E "OK|Error|error" | grep -v '\.partial$' | sed 's/^/   /')
+if wants flux || wants sd3; then helper tokenizers "OK|Error|error" "$HELPERS/make_flow_tokenizers.py" "$KINT/tokcache-flow"; fi
+if wants lumina; then helper gemma-tokenizer "OK|Error|error" "$HELPERS/make_gemma_tokenizer.py" "$KINT/tokcache-flow"; fi
+if wants anima; then  # anima_train_network.py reads the tree's bundled tokenizers (--qwen3 a file, no --t5_tokenizer_path)
+    for f in configs/qwen3_06b/vocab.json configs/qwen3_06b/merges.txt configs/t5_old/tokenizer.json configs/t5_old/spiece.model; do
+        [ -s "$TREE/$f" ] || { echo "missing $TREE/$f (anima's bundled tokenizer)" >&2; exit 1; }; done
+    echo "   anima: the tree's bundled configs/qwen3_06b (Qwen3) and configs/t5_old (T5) tokenizers"
+fi
 done_step
 step "data: $KINT/data-flow"
 (cd "$KINT" && "$VENV/bin/python" "$HELPERS/make_data.py" "$KINT/data-flow" | sed 's/^/   /')
@@ -129,24 +178,32 @@ done_step
 RUNS=(); case $RUN in plain) RUNS=(plain);; sdplug) RUNS=(sdplug);; patch) RUNS=(patch);; both) RUNS=(plain sdplug);;
     all) RUNS=(plain sdplug patch);; none) RUNS=();; esac
 if [[ " ${RUNS[*]} " == *" sdplug "* || " ${RUNS[*]} " == *" patch "* ]]; then
-    step "preset $PRESET"
-    (cd "$KINT" && "$VENV/bin/python" -m sdplug validate "$PRESET" | sed 's/^/   /')
+    PRESETS=(); for w in "${WHICH[@]}"; do p=$(preset_for "$w"); [[ " ${PRESETS[*]} " == *" $p "* ]] || PRESETS+=("$p"); done
+    step "presets ${PRESETS[*]}"
+    (cd "$KINT" && "$VENV/bin/python" -m sdplug validate "${PRESETS[@]}" | sed 's/^/   /')
     done_step
 fi
 
-script_args() {  # which -> the script's arguments (common + model files)
-    local common=(--tokenizer_cache_dir "$KINT/tokcache-flow" --train_data_dir "$KINT/data-flow" --caption_extension .txt
+script_args() {  # which -> the script's arguments (common + model files + its text length)
+    local common=(--train_data_dir "$KINT/data-flow" --caption_extension .txt
         --resolution "$RES" --train_batch_size "$BATCH" --max_train_steps "$STEPS" --seed 0
-        --mixed_precision bf16 --sdpa --cache_latents
-        --cache_text_encoder_outputs --cache_text_encoder_outputs_to_disk --t5xxl_max_token_length "$T5_LEN"
+        --mixed_precision bf16 --sdpa --cache_latents --cache_text_encoder_outputs --cache_text_encoder_outputs_to_disk
         --network_train_unet_only --network_dim 4 --learning_rate 1e-4 --save_model_as safetensors --output_name lora)
+    local tok=(--tokenizer_cache_dir "$KINT/tokcache-flow")
     case $1 in
     flux) ARGS=(--pretrained_model_name_or_path "$KINT/model-flux/flux1-dev-tiny.safetensors" --ae "$KINT/model-flux/ae.safetensors"
             --clip_l "$KINT/model-flux/clip_l.safetensors" --t5xxl "$KINT/model-flux/t5xxl.safetensors"
-            --network_module networks.lora_flux "${common[@]}");;
+            --network_module networks.lora_flux "${tok[@]}" "${common[@]}" --t5xxl_max_token_length "$T5_LEN");;
     sd3) ARGS=(--pretrained_model_name_or_path "$KINT/model-sd3/sd3-tiny.safetensors" --clip_l "$KINT/model-sd3/clip_l.safetensors"
             --clip_g "$KINT/model-sd3/clip_g.safetensors" --t5xxl "$KINT/model-sd3/t5xxl.safetensors"
-            --network_module networks.lora_sd3 "${common[@]}");;
+            --network_module networks.lora_sd3 "${tok[@]}" "${common[@]}" --t5xxl_max_token_length "$T5_LEN");;
+    # --disable_mmap_load_safetensors: the fp8 DiT is read and cast to bf16 tensor by tensor (no whole fp8 copy)
+    lumina) ARGS=(--pretrained_model_name_or_path "$KINT/model-lumina/lumina2.safetensors" --gemma2 "$KINT/model-lumina/gemma2-2b.safetensors"
+            --ae "$KINT/model-lumina/ae.safetensors" --disable_mmap_load_safetensors
+            --network_module networks.lora_lumina "${tok[@]}" "${common[@]}" --gemma2_max_token_length "$T5_LEN");;
+    anima) ARGS=(--pretrained_model_name_or_path "$KINT/model-anima/anima.safetensors" --qwen3 "$KINT/model-anima/qwen3-0.6b.safetensors"
+            --vae "$KINT/model-anima/qwen-image-vae.safetensors"
+            --network_module networks.lora_anima "${common[@]}" --qwen3_max_token_length "$T5_LEN" --t5_max_token_length "$T5_LEN");;
     esac
     # shellcheck disable=SC2206
     [ -n "$EXTRA" ] && ARGS+=($EXTRA)
@@ -157,22 +214,24 @@ TIMER=(); [ -x /usr/bin/time ] && TIMER=(/usr/bin/time -v)
 SUMMARY=()
 status=0
 for w in "${WHICH[@]}"; do
-    case $w in flux) script=flux_train_network.py;; sd3) script=sd3_train_network.py;; esac
+    script=${w}_train_network.py
+    preset=$(preset_for "$w")
     for run in "${RUNS[@]}"; do
         step "$script, RUN=$run, $STEPS steps"
         out=$KINT/out-$w-$run log=$KINT/logs/flow-$w-$run.txt
         rm -rf "$out" && mkdir -p "$out"
         # kohya's disk cache check of the text-encoder outputs looks at the keys and the
         # attention-mask flag, not at the token length or the models: stale caches would be reused.
-        rm -f "$KINT"/data-flow/*/*_te.npz "$KINT"/data-flow/*/*_flux.npz "$KINT"/data-flow/*/*_sd3.npz
+        rm -f "$KINT"/data-flow/*/*_te.npz "$KINT"/data-flow/*/*_flux.npz "$KINT"/data-flow/*/*_sd3.npz \
+            "$KINT"/data-flow/*/*_lumina.npz "$KINT"/data-flow/*/*_anima.npz
         script_args "$w"
         ARGS+=(--output_dir "$out")
         if [ "$run" = plain ]; then CMD=("$VENV/bin/python" "$script" "${ARGS[@]}")
         elif [ "$run" = patch ]; then  # the patch route: the script patched on disk, run as kohya's GUIs run it
             before=$(cd "$TREE" && sha256sum ./*.py | sha256sum | cut -c1-16)
             (cd "$KINT" && "$VENV/bin/python" -m sdplug patch kohya "$TREE" | sed 's/^/   /')
-            CMD=("$VENV/bin/python" "$script" "${ARGS[@]}" --sdplug_preset "$PRESET")
-        else CMD=("$VENV/bin/python" -m sdplug kohya --preset "$PRESET" -- "$script" "${ARGS[@]}"); fi
+            CMD=("$VENV/bin/python" "$script" "${ARGS[@]}" --sdplug_preset "$preset")
+        else CMD=("$VENV/bin/python" -m sdplug kohya --preset "$preset" -- "$script" "${ARGS[@]}"); fi
         echo "   (cd $TREE && PYTHONPATH=$STUB ${CMD[*]})" | tee "$log"
         rc=0
         (cd "$TREE" && PYTHONPATH=$STUB "${TIMER[@]}" "${CMD[@]}") >> "$log" 2>&1 || rc=$?
@@ -205,7 +264,7 @@ if host.get("unclassified_flags"):
     print("unclassified:", " ".join("--" + f for f in host["unclassified_flags"]))
 EOF
         elif [ "$run" != plain ]; then echo "   no $out/audit.json"; status=1; fi
-        SUMMARY+=("$(printf '%-22s %-7s %-5s %8s s/step %7s GiB  %s' "$script" "$run" "$result" "$sps" "$rss" "${out}")")
+        SUMMARY+=("$(printf '%-24s %-7s %-5s %8s s/step %7s GiB  %s' "$script" "$run" "$result" "$sps" "$rss" "${out}")")
         done_step
     done
 done
