@@ -193,6 +193,7 @@ def test_sd3_without_preconditioning_trains_on_the_velocity(tmp_path):
     assert not torch.allclose(record["steps"][0]["target"], record["steps"][0]["latents"])
 
 
+@pytest.mark.slow
 def test_patched_flow_script_without_a_preset_is_the_original(tmp_path):
     """The inserted lines return the script's own values when it runs without --sdplug_preset."""
     script = flow_edits.LUMINA2
@@ -245,6 +246,7 @@ def test_flow_script_flags_and_sections_it_cannot_apply_are_refused(tmp_path, sc
     assert not (tmp_path / "out" / "standin.pt").exists()
 
 
+@pytest.mark.slow
 def test_flow_weighting_scheme_is_independent_of_a_preset_without_its_section(tmp_path):
     """--weighting_scheme cosmap weights the loss: with a preset naming no [loss_weighting] it
     stands, and the loss is the preset's loss type times the script's cosmap weights."""

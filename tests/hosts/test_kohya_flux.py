@@ -193,7 +193,7 @@ encoders = ["t5xxl"]
     ("script", "encoders", "to_disk"),
     [
         ("flux_train_network.py", ("clip_l", "t5xxl"), False),
-        ("sd3_train_network.py", ("clip_l", "clip_g", "t5xxl"), True),
+        pytest.param("sd3_train_network.py", ("clip_l", "clip_g", "t5xxl"), True, marks=pytest.mark.slow),
         pytest.param("flux_train_network.py", ("clip_l", "t5xxl"), True, marks=pytest.mark.slow),
         pytest.param("sd3_train_network.py", ("clip_l", "clip_g", "t5xxl"), False, marks=pytest.mark.slow),
     ],

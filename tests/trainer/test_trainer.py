@@ -138,21 +138,21 @@ def test_optimizer_state_bytes_in_the_audit(tmp_path, small_data, optimizer, low
 
 def test_audit_realises_the_configured_dropout_rate(tmp_path, small_data):
     preset = '[[noise]]\ntype = "pyramid"\n[[caption]]\ntype = "dropout"\nrate = 0.3\n[attention]\ntype = "sliced"\n'
-    config = quick(tmp_path, preset, data=small_data, steps=12, batch_size=16)
+    config = quick(tmp_path, preset, data=small_data, steps=6, batch_size=16)
     Trainer(config).run()
     audit = json.loads((config.output / "audit.json").read_text())
     caption = audit["caption"]
-    assert caption["samples"] == 12 * 16
+    assert caption["samples"] == 6 * 16
     assert caption["dropout_rate_configured"] == pytest.approx(0.3)
     assert caption["dropout_rate_within_interval"]
-    assert audit["noise"]["applied"] == [{"type": "pyramid", "calls": 12}]
+    assert audit["noise"]["applied"] == [{"type": "pyramid", "calls": 6}]
     assert audit["noise"]["channel_mean_variance_mean"] > 10 * audit["noise"]["gaussian_channel_mean_variance"]
     assert (
         audit["attention"]["processor"] == "SlicedAttnProcessor"
         and audit["attention"]["processor_before"] == "AttnProcessor2_0"  # diffusers' default: SDPA
         and audit["attention"]["changed"] == audit["attention"]["modules"] > 0
     )
-    assert sum(audit["timesteps"]["histogram"]) == 12 * 16
+    assert sum(audit["timesteps"]["histogram"]) == 6 * 16
     assert (config.output / "loss-per-timestep.png").is_file()
 
 
