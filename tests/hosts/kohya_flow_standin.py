@@ -248,6 +248,9 @@ class FlowNetworkTrainer(train_network.NetworkTrainer):
     def __init__(self, args):
         self.flow_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=getattr(args, "discrete_flow_shift", 1.0))
         self.args, self.empty = args, None
+        os.makedirs(args.output_dir, exist_ok=True)  # what the model would load with (its attention kernel)
+        with open(os.path.join(args.output_dir, "flow-args.json"), "w") as record:
+            json.dump({"attn_mode": getattr(args, "attn_mode", None)}, record)
 
     def cache_text_encoder_outputs_if_needed(self, args, text_encoders, dataset):
         if args.cache_text_encoder_outputs:

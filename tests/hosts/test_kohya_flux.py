@@ -314,3 +314,26 @@ def test_lumina_hunyuan_and_anima_draw_alike_and_drop_their_cached_encoders(tree
     ours = plan.report()["loss_weighting"]["mean_weight_per_timestep_bin"]
     theirs = report["loss_weighting"]["mean_weight_per_timestep_bin"]
     assert [w for w in theirs if w is not None] == pytest.approx([w for w in ours if w is not None], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("section", "args", "expect"),
+    [
+        ('[attention]\ntype = "sdpa"\n', [], "torch"),
+        ('[attention]\ntype = "sdpa"\n', ["--attn_mode", "flash"], "--attn_mode flash sets"),
+        ('[attention]\ntype = "sliced"\n', [], "has no such kernel"),
+    ],
+)
+def test_anima_attention_goes_through_kohyas_attn_mode(tree, tmp_path, section, args, expect):
+    """Anima (and HunyuanImage) take an attention kernel, kohya's --attn_mode: the preset's
+    [attention] sets it before the model loads; a written --attn_mode next to it is refused."""
+    done, out = flux(tree, tmp_path, FLOW_PRESET + section, *args, script="anima_train_network.py")
+    if expect != "torch":
+        assert done.returncode == 1 and expect in done.stderr
+        assert not (out / "standin-model-loaded").exists()
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "flow-args.json").read_text())["attn_mode"] == "torch"
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["attention"]["strategy"] == "sdpa" and "--attn_mode torch -> torch" in audit["attention"]["modules"]
+    assert any(rule.startswith("--attn_mode torch (the preset's [attention] 'sdpa'") for rule in audit["host"]["rules"])

@@ -125,7 +125,9 @@ class KohyaFlowAdapter(KohyaAdapter):
         if getattr(args, "cache_text_encoder_outputs", False):  # dropouts then act on each encoder's cached rows
             self.encoder_slots = cached_text.ENCODER_SLOTS.get(self.script)
         self.lifecycle.bind(self._build_plan(args))
-        if preset.attention is not None:  # 'sdpa' (others were refused): what FLUX's model runs already
+        if preset.attention is not None and self.script in ATTENTION_MODES:  # kohya's --attn_mode switch
+            self._switch_attention(args, written)
+        elif preset.attention is not None:  # 'sdpa' (others were refused): what the model runs already
             self.lifecycle.bound().attention(torch.nn.Module(), install=_flux_attention)
         ema_save.install(self, args)
         saved_metadata.install(self, args)
@@ -183,6 +185,24 @@ class KohyaFlowAdapter(KohyaAdapter):
             )
             args.model_prediction_type = "raw"
             self.adapter_set.add("model_prediction_type")  # not the user's: no flag to classify
+
+    def _switch_attention(self, args, written) -> None:
+        """HunyuanImage's and Anima's attention kernel, set through kohya's ``--attn_mode`` (read
+        when the model loads, after this): a written ``--attn_mode`` next to ``[attention]`` is
+        refused, as ``--xformers``/``--sdpa`` are by the shared table."""
+        assert self.preset.attention is not None
+        if "attn_mode" in written:
+            raise KohyaConflictError(
+                f"{self.preset.path}: --attn_mode {args.attn_mode} sets {self.script}'s attention kernel, which the "
+                "preset's [attention] sets. Remove the flag or the section: sdplug never applies both."
+            )
+        before = "xformers" if getattr(args, "xformers", False) else "torch"
+        mode = ATTENTION_MODES[self.script][self.preset.attention.type]
+        args.attn_mode = mode
+        self.adapter_set.add("attn_mode")
+        self.rules.append(f"--attn_mode {mode} (the preset's [attention] {self.preset.attention.type!r}; kohya's own: {before})")
+        record = {"changed": int(before != mode), "modules": f"the whole model: kohya's --attn_mode {before} -> {mode}"}
+        self.lifecycle.bound().attention(torch.nn.Module(), install=lambda kind: record)
 
     def _build_plan(self, args) -> Plan:
         """The preset on a rectified flow of 1000 sigmas, shifted as kohya's own sampler shifts
@@ -296,6 +316,13 @@ class KohyaFlowAdapter(KohyaAdapter):
         return self._weights(sigmas)  # in the process's loss space
 
 
+# the flow scripts whose model takes an attention kernel (kohya's --attn_mode): the preset's
+# [attention] -> that mode ("torch" is PyTorch's scaled_dot_product_attention)
+ATTENTION_MODES: dict[str, dict[str, str]] = {
+    HUNYUAN: {"sdpa": "torch", "xformers": "xformers"},
+    ANIMA: {"sdpa": "torch", "xformers": "xformers"},
+}
+
 # each flow script's hooks: (library module, function, the adapter's method)
 _FLUX_DRAW = ("library.flux_train_utils", "get_noisy_model_input_and_timesteps", "_flux_draw_hook")
 _FLUX_OUTPUT = ("library.flux_train_utils", "apply_model_prediction_type", "_output_hook")
@@ -326,7 +353,13 @@ def _check_sections(preset, script: str, args) -> None:
             f"{spec.path or preset.path}: loss_weighting {spec.type!r} learns its weight from the loss; {script} "
             "multiplies its loss by a weighting, which a learned weighting is not. Allowed: a fixed weighting."
         )
-    if preset.attention is not None and preset.attention.type != "sdpa":
+    modes = ATTENTION_MODES.get(script)
+    if preset.attention is not None and modes is not None and preset.attention.type not in modes:
+        raise KohyaConflictError(
+            f"{preset.attention.path or preset.path}: [attention] {preset.attention.type!r}: {script}'s --attn_mode "
+            f"has no such kernel for sdplug to set. Allowed: {', '.join(repr(m) for m in modes)}, or no [attention]."
+        )
+    if preset.attention is not None and modes is None and preset.attention.type != "sdpa":
         raise KohyaConflictError(
             f"{preset.attention.path or preset.path}: [attention] {preset.attention.type!r}: {script} has no attention "
             "switch (its model calls PyTorch's scaled_dot_product_attention itself). Allowed: 'sdpa', or no [attention]."
