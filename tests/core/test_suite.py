@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # it checks the slow selection itself: there it runs
 def test_minus_m_slow_selects_the_slow_tests():
     done = subprocess.run(
         # one file holding slow tests: collecting the whole suite would cost the default run seconds

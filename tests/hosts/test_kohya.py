@@ -154,6 +154,7 @@ def test_validation_batches_are_not_training_steps(preset, tmp_path):
     assert audit["timesteps"]["draws"] == 16 and audit["noise"]["applied"][0]["calls"] == 4
 
 
+@pytest.mark.slow
 def test_kohya_lr_arguments_follow_the_preset_and_a_crash_is_in_the_audit(preset, tmp_path):
     root = make_standin(tmp_path / "sd", "main")
     out = tmp_path / "out"
@@ -181,7 +182,7 @@ def test_kohya_lr_arguments_follow_the_preset_and_a_crash_is_in_the_audit(preset
     assert audit["completed"] is False
 
 
-@pytest.mark.parametrize("version", ["main", pytest.param("v0.8.7", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("version", [pytest.param(v, marks=pytest.mark.slow) for v in ("main", "v0.8.7")])
 def test_patch_route_applies_and_unpatch_restores_bytes(version, preset, tmp_path, monkeypatch):
     root = make_standin(tmp_path / f"sd-scripts-{version}", version)
     patches = tmp_path / "patches"
@@ -776,6 +777,7 @@ def test_launcher_exits_non_zero_when_the_audit_finds_problems(tmp_path, in_proc
     assert in_process == []  # written by the launcher, so nothing is left for exit
 
 
+@pytest.mark.slow
 def test_a_schedule_free_optimizer_gets_mains_train_eval_switch_and_is_refused_where_none_exists(tmp_path):
     pytest.importorskip("schedulefree", reason="the schedulefree extra (CI installs it)")
     from sdplug.strategies.optimizer_modes import in_train_mode

@@ -88,13 +88,17 @@ def test_flags_flux_ignores_are_reported_and_fluxs_default_output_reading_is_mad
     ("args", "message"),
     [
         (("--timestep_sampling", "shift"), "--timestep_sampling=shift"),  # acts, and [timesteps] sets it
-        (("--ip_noise_gamma", "0.1"), "--ip_noise_gamma=0.1"),  # FLUX's draw applies it; the preset's [[noise]] too
+        pytest.param(("--ip_noise_gamma", "0.1"), "--ip_noise_gamma=0.1", marks=pytest.mark.slow),  # FLUX's draw applies it too
         (
             ("--model_prediction_type", "additive"),
             "--model_prediction_type additive: with a preset flux_train_network.py's output is read raw",
         ),
-        (("--model_prediction_type", "sigma_scaled"), "--model_prediction_type sigma_scaled: with a preset"),  # written: refused
-        (("--weighting_scheme", "cosmap"), "--weighting_scheme=cosmap"),
+        pytest.param(  # written: refused
+            ("--model_prediction_type", "sigma_scaled"),
+            "--model_prediction_type sigma_scaled: with a preset",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(("--weighting_scheme", "cosmap"), "--weighting_scheme=cosmap", marks=pytest.mark.slow),
     ],
 )
 def test_a_flag_that_acts_next_to_the_section_that_sets_it_is_refused_before_the_model_loads(tree, tmp_path, args, message):
@@ -107,7 +111,7 @@ def test_a_flag_that_acts_next_to_the_section_that_sets_it_is_refused_before_the
     ("section", "message"),
     [
         ('[loss_weighting]\ntype = "learned"\n', "learns its weight from the loss"),
-        ('[attention]\ntype = "xformers"\n', "flux_train_network.py has no attention switch"),
+        pytest.param('[attention]\ntype = "xformers"\n', "flux_train_network.py has no attention switch", marks=pytest.mark.slow),
     ],
 )
 def test_what_fluxs_script_cannot_apply_is_refused(tree, tmp_path, section, message):
@@ -155,6 +159,7 @@ def test_sd3_draws_alike_and_weights_its_preconditioned_x0_loss(tree, tmp_path):
     assert max(weights) == pytest.approx(5.0)  # min(SNR, 5) in x0 space: 5 wherever SNR >= 5
 
 
+@pytest.mark.slow
 def test_sd3s_own_weighting_stands_without_a_preset_weighting(tree, tmp_path):
     """No [loss_weighting]: kohya's --weighting_scheme sigma_sqrt weights SD3's loss itself, on the
     plan's sigmas (the plan draws kohya's uniform density)."""
@@ -320,8 +325,8 @@ def test_lumina_hunyuan_and_anima_draw_alike_and_drop_their_cached_encoders(tree
     ("section", "args", "expect"),
     [
         ('[attention]\ntype = "sdpa"\n', [], "torch"),
-        ('[attention]\ntype = "sdpa"\n', ["--attn_mode", "flash"], "--attn_mode flash sets"),
-        ('[attention]\ntype = "sliced"\n', [], "has no such kernel"),
+        pytest.param('[attention]\ntype = "sdpa"\n', ["--attn_mode", "flash"], "--attn_mode flash sets", marks=pytest.mark.slow),
+        pytest.param('[attention]\ntype = "sliced"\n', [], "has no such kernel", marks=pytest.mark.slow),
     ],
 )
 def test_anima_attention_goes_through_kohyas_attn_mode(tree, tmp_path, section, args, expect):
