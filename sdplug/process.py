@@ -138,6 +138,11 @@ class Flow:
     shift: float = 1.0
     dynamic: DynamicShift | None = None
     output: str = "raw"
+    # the model's latent patch, a fact of its architecture: its image tokens are the latent's
+    # (H / patch) (W / patch), what a dynamic shift counts (FLUX.1, SD3, Lumina 2, Anima, Qwen-Image,
+    # Z-Image: 2; HunyuanImage-2.1's 1x1 patches and FLUX.2's already packed latents: 1). None: the
+    # host does not say, and [schedule] patch_size (FLUX's 2 unless written) stands.
+    patch_size: int | None = None
     kind: str = dataclasses.field(default="flow", init=False)
 
     def __post_init__(self) -> None:

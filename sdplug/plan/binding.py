@@ -139,10 +139,26 @@ def _with_preset_shift(preset: Preset, process: Process) -> Process:
         )
     if schedule.dynamic_shift:
         dynamic = DynamicShift(
-            schedule.base_shift, schedule.max_shift, schedule.base_seq_len, schedule.max_seq_len, schedule.patch_size
+            schedule.base_shift, schedule.max_shift, schedule.base_seq_len, schedule.max_seq_len, _token_patch(preset, process)
         )
         return dataclasses.replace(process, dynamic=dynamic)
     return dataclasses.replace(process, shift=schedule.flow_shift)
+
+
+def _token_patch(preset: Preset, process: Flow) -> int:
+    """The latent patch a dynamic shift counts tokens by: the model's, which the host knows; a
+    written ``patch_size`` that disagrees would shift every image as if it had (p/q)^2 times the
+    tokens, so it is refused. Where the host does not say, the written one, else FLUX's 2."""
+    written, model = preset.schedule.patch_size, process.patch_size
+    if written is not None and model is not None and written != model:
+        raise PresetError(
+            f"schedule.patch_size = {written}, and this model embeds {model}x{model} latent patches as its tokens: "
+            f"the dynamic shift would count {written}x{written} patches and shift every image for the wrong token "
+            f"count. Allowed: leave schedule.patch_size out (the model's {model}), or {model}.",
+            path=preset.path,
+            key="schedule.patch_size",
+        )
+    return written or model or 2
 
 
 def _check_processes(preset: Preset, process: Process, default_timesteps: TimestepStrategy | None) -> None:

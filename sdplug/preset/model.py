@@ -130,6 +130,7 @@ class Preset:
             if not with_defaults:
                 defaults = settings_table(type(settings)())
                 table = {k: v for k, v in table.items() if f"{name}.{k}" in self.settings_written or v != defaults[k]}
+            table = {k: v for k, v in table.items() if v is not None}  # None: not set (schedule.patch_size: the model's)
             if table:
                 data[name] = table
         return data

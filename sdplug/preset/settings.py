@@ -42,13 +42,15 @@ class ScheduleSettings:
     # ``--timestep_sampling flux_shift``, OneTrainer's dynamic timestep shifting): ``mu`` from
     # ``base_shift`` at ``base_seq_len`` tokens to ``max_shift`` at ``max_seq_len``, tokens being
     # the latent's ``(H / patch_size) (W / patch_size)``. Refused with a scheduler that shifts itself.
+    # ``patch_size`` is the model's, which a host that knows its model supplies (HunyuanImage-2.1: 1,
+    # FLUX.1: 2); written, it must agree with that; unwritten where the host does not say, FLUX's 2.
     flow_shift: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
     dynamic_shift: bool = False
     base_shift: Annotated[float, Field(ge=-10.0, le=10.0)] = 0.5
     max_shift: Annotated[float, Field(ge=-10.0, le=10.0)] = 1.15
     base_seq_len: Annotated[int, Field(ge=1, le=1_000_000)] = 256
     max_seq_len: Annotated[int, Field(ge=2, le=1_000_000)] = 4096
-    patch_size: Annotated[int, Field(ge=1, le=64)] = 2
+    patch_size: Annotated[int, Field(ge=1, le=64)] | None = None
 
 
 @strategy_params

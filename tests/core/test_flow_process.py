@@ -337,6 +337,35 @@ def test_a_presets_dynamic_shift_follows_the_latent_size():
         parse_preset({"schedule": {"dynamic_shift": True, "max_seq_len": 100}}, path="p.toml")
 
 
+def test_the_dynamic_shift_counts_the_models_own_latent_patches():
+    """A host that knows its model gives the process its latent patch, and the dynamic shift counts
+    (H / p) (W / p) tokens: on one 32x32 latent, HunyuanImage-2.1's 1x1 patches are 1024 tokens and
+    FLUX's 2x2 ones 256. A written patch_size that disagrees with the model's is refused; where the
+    host does not say, the written one stands, else FLUX's 2."""
+
+    def bound(schedule: dict, patch: int | None):
+        preset = parse_preset({"schedule": {"dynamic_shift": True, **schedule}}, path="p.toml")
+        return bind(preset, process=Flow(flow_sigmas(1000), patch_size=patch), seed=5)
+
+    ones, twos = bound({}, 1), bound({}, 2)
+    assert ones.process.dynamic.mu(32, 32) == pytest.approx(0.5 + 0.65 * (1024 - 256) / (4096 - 256))
+    assert twos.process.dynamic.mu(32, 32) == pytest.approx(0.5)
+    assert ones.report()["schedule"]["dynamic_shift"]["patch_size"] == 1
+    # one seed, one stream of positions: 1x1 patches of a 64x64 latent are as many tokens as 2x2
+    # patches of a 128x128 one (4096: mu 1.15), so the same sigmas; on one latent, more noise
+    torch.testing.assert_close(ones.timesteps(4000, latent_size=(64, 64)), twos.timesteps(4000, latent_size=(128, 128)))
+    sigmas_1 = ones.process.sigmas[ones.timesteps(4000, latent_size=(64, 64))]
+    sigmas_2 = twos.process.sigmas[twos.timesteps(4000, latent_size=(64, 64))]
+    assert float(sigmas_1.mean()) > float(sigmas_2.mean()) + 0.05
+    assert bound({}, None).process.dynamic.patch_size == 2
+    assert bound({"patch_size": 4}, None).process.dynamic.patch_size == 4
+    assert bound({"patch_size": 1}, 1).process.dynamic.patch_size == 1
+    with pytest.raises(sdplug.PresetError, match=r"schedule.patch_size = 2, and this model embeds 1x1 latent patches") as e:
+        bound({"patch_size": 2}, 1)
+    assert e.value.path == "p.toml" and e.value.key == "schedule.patch_size"
+    assert "leave schedule.patch_size out (the model's 1), or 1" in str(e.value)
+
+
 @pytest.mark.parametrize("name", ["flow-lognorm", "flow-min-snr", "flux-dynamic-shift"])
 def test_the_shipped_flow_presets_bind_to_a_flow_model_and_not_to_ddpm(name):
     preset = sdplug.load_preset(name)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sdplug.hosts.diffusers_scripts import edits, flow_edits
-from sdplug.hosts.diffusers_scripts.flow_session import TEXT_ENCODERS
+from sdplug.hosts.diffusers_scripts.flow_session import MODEL_PATCH, TEXT_ENCODERS
 from sdplug.plan import bind
 from sdplug.preset import load_preset
 from sdplug.process import Flow, flow_sigmas
@@ -88,7 +88,10 @@ def run_standin(tmp_path: Path, script: str, preset_text: str, *script_args: str
 def replay_plan(preset_path: Path, script: str, *, precondition: bool = True):
     reversed_ = script == flow_edits.LUMINA2
     output = "sigma_scaled" if script == flow_edits.SD3 and precondition else "raw"
-    process = Flow(flow_sigmas(1000), "velocity_reversed" if reversed_ else "velocity", output=output)
+    # the dynamic shift counts the model's own tokens: FLUX.2's packed latents are 1x1 patches
+    process = Flow(
+        flow_sigmas(1000), "velocity_reversed" if reversed_ else "velocity", output=output, patch_size=MODEL_PATCH[script]
+    )
     return bind(load_preset(preset_path), process=process, seed=0, rank=0, text_encoders=TEXT_ENCODERS[script])
 
 
@@ -171,6 +174,7 @@ def test_flow_script_trains_on_the_plans_draws_weights_and_loss(tmp_path, script
     assert audit["problems"] == [] and audit["steps"] == STEPS
     assert record["optimizer"] == "AdamW" and record["lr"] == 1e-3  # the script's lr is 1e-4
     assert audit["schedule"]["process"] == "flow" and audit["schedule"]["shift"] == "dynamic"
+    assert audit["schedule"]["dynamic_shift"]["patch_size"] == MODEL_PATCH[script]
     assert audit["schedule"]["prediction_type"] == ("velocity_reversed" if script == flow_edits.LUMINA2 else "velocity")
     assert audit["caption"]["samples"] == STEPS * BATCH
     flat = [name in draw for step in decisions for draw in step for name in TEXT_ENCODERS[script]]

@@ -298,8 +298,16 @@ ROUND_TRIPS = [
 ]
 
 
-@pytest.mark.parametrize("script", ["flux_train_network.py", "lumina_train_network.py", "hunyuan_image_train_network.py"])
-@pytest.mark.parametrize(("data", "sampling"), ROUND_TRIPS)
+@pytest.mark.parametrize(
+    ("script", "data", "sampling"),
+    [
+        (script, data, sampling)
+        for script in ("flux_train_network.py", "lumina_train_network.py", "hunyuan_image_train_network.py")
+        for data, sampling in ROUND_TRIPS
+        # kohya's flux_shift counts 2x2 patches on HunyuanImage's 1x1-patch latents: the next test
+        if (script, sampling) != ("hunyuan_image_train_network.py", "flux_shift")
+    ],
+)
 def test_a_flow_presets_timesteps_go_to_kohya_and_come_back(script, data, sampling):
     preset = parse_preset(data, path="p.toml")
     config = to_kohya(preset, script).data
@@ -307,6 +315,21 @@ def test_a_flow_presets_timesteps_go_to_kohya_and_come_back(script, data, sampli
     back, _ = bridged(script, **config)
     assert parse_preset(back, path="b.toml").timesteps.create() == preset.timesteps.create()
     assert back.get("schedule", {}) == data.get("schedule", {})
+
+
+def test_kohyas_flux_shift_on_hunyuan_counts_other_tokens_than_its_model_and_neither_bridge_hides_it():
+    """kohya's flux_shift counts (h // 2) (w // 2) tokens on every script; HunyuanImage-2.1 embeds
+    1x1 patches, so the preset's dynamic shift (the model's tokens, 4x as many) is not kohya's."""
+    hunyuan = "hunyuan_image_train_network.py"
+    data = {"timesteps": {"type": "logit_normal", "mean": 0.0, "std": 1.0}, "schedule": {"dynamic_shift": True}}
+    result = to_kohya(parse_preset(data, path="p.toml"), hunyuan)
+    assert "timestep_sampling" not in result.data
+    assert any("tokens of 2x2 patches; not written" in n for n in result.notes), result.notes
+    back, notes = bridged(hunyuan, timestep_sampling="flux_shift")
+    assert back["schedule"] == {"dynamic_shift": True}
+    assert any(f"kohya counts {hunyuan}'s tokens as 2x2 latent patches, its model embeds 1x1" in n for n in notes), notes
+    _, flux_notes = bridged("flux_train_network.py", timestep_sampling="flux_shift")
+    assert not any("latent patches" in n for n in flux_notes)
 
 
 @pytest.mark.parametrize(("data", "sampling"), ROUND_TRIPS[:4])

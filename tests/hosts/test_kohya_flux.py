@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import sdplug
+from sdplug.hosts.kohya.flow_flags import MODEL_PATCH
 from sdplug.process import Flow, flow_sigmas
 from tests.hosts.kohya_flow_standin import make_flow_scripts
 from tests.hosts.kohya_standin import make_standin
@@ -299,7 +300,8 @@ def test_lumina_hunyuan_and_anima_draw_alike_and_drop_their_cached_encoders(tree
     seen = [json.loads(line) for line in (out / "flow-encoders.jsonl").read_text().splitlines()]
 
     encoders = (encoder,) if script != "hunyuan_image_train_network.py" else ("qwen2_5_vl", "byt5")
-    process = Flow(flow_sigmas(1000), prediction)
+    # the dynamic shift counts the model's own tokens: HunyuanImage-2.1's 1x1 patches, 2x2 elsewhere
+    process = Flow(flow_sigmas(1000), prediction, patch_size=MODEL_PATCH[script])
     plan = sdplug.load_preset(tmp_path / "preset.toml").build(process=process, seed=0, rank=0, text_encoders=encoders)
     draws = [plan.dropped_encoders(encoders) for _ in range(STEPS * BATCH)]
     for step in range(STEPS):
@@ -316,6 +318,7 @@ def test_lumina_hunyuan_and_anima_draw_alike_and_drop_their_cached_encoders(tree
         assert [f for step in seen for f in step[name]] == [name in d for d in draws], name
     assert any(encoder in d for d in draws) and not all(encoder in d for d in draws)
     assert report["schedule"]["prediction_type"] == prediction and report["problems"] == []
+    assert report["schedule"]["dynamic_shift"]["patch_size"] == MODEL_PATCH[script]
     ours = plan.report()["loss_weighting"]["mean_weight_per_timestep_bin"]
     theirs = report["loss_weighting"]["mean_weight_per_timestep_bin"]
     assert [w for w in theirs if w is not None] == pytest.approx([w for w in ours if w is not None], rel=1e-6)

@@ -45,6 +45,17 @@ TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
     flow_edits.LUMINA2: ("gemma",),
 }
 
+# each script's model's latent patch on the latent the draw sees (its tokens: (H / p) (W / p)), what
+# the plan's dynamic shift counts; FLUX.2 draws on latents already packed 2x2 (128 channels)
+MODEL_PATCH: dict[str, int] = {
+    flow_edits.FLUX: 2,
+    flow_edits.FLUX2: 1,
+    flow_edits.SD3: 2,
+    flow_edits.QWEN_IMAGE: 2,
+    flow_edits.Z_IMAGE: 2,
+    flow_edits.LUMINA2: 2,
+}
+
 
 class FlowScriptRun(ScriptRun):
     """``ScriptRun`` on a flow script: the plan's sigma, noise, weights and loss in its step."""
@@ -83,6 +94,7 @@ class FlowScriptRun(ScriptRun):
             "velocity_reversed" if reversed_ else "velocity",
             shift=shift,
             output=output,
+            patch_size=MODEL_PATCH[self.script],
         )
         plan = bind_plan(
             self.preset,

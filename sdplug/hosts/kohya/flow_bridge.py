@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdplug.hosts.flow_density import density_timesteps
-from sdplug.hosts.kohya.flow_flags import ANIMA, FLOW_TRICKS, LUMINA, SCRIPT_DEFAULTS, SD3, effects_for
+from sdplug.hosts.kohya.flow_flags import ANIMA, FLOW_TRICKS, LUMINA, MODEL_PATCH, SCRIPT_DEFAULTS, SD3, effects_for
 
 # the flow keys the translation reads (model_prediction_type and guidance_scale stay kohya's)
 READ = (
@@ -85,6 +85,7 @@ def sampled_timesteps(script: str, a: dict[str, Any], preset: dict[str, Any], sc
             schedule["flow_shift"] = float(a["discrete_flow_shift"])
         if sampling == "flux_shift":
             schedule["dynamic_shift"] = True
+            _count_note(script, notes)
     elif sampling == "nextdit_shift" and script == LUMINA:
         preset["timesteps"] = {"type": "uniform"}
         schedule["dynamic_shift"] = True
@@ -170,8 +171,10 @@ def _flow_sampler(preset: Any, script: str, config: dict[str, Any], notes: list[
     kind = spec.type if spec is not None else "uniform"
     params: Any = spec.create() if spec is not None else None
     shift = schedule.flow_shift
-    if schedule.dynamic_shift and not _default_dynamic_shift(schedule):
-        notes.append("dynamic_shift: kohya's flux_shift has FLUX's fixed 0.5 / 1.15 at 256 / 4096 tokens; not written")
+    if schedule.dynamic_shift and not _default_dynamic_shift(schedule, script):
+        notes.append(
+            "dynamic_shift: kohya's flux_shift has FLUX's fixed 0.5 / 1.15 at 256 / 4096 tokens of 2x2 patches; not written"
+        )
         return
     if kind == "uniform" and getattr(params, "shift", 1.0) == 1.0 and (params is None or params.max_timestep is None):
         if schedule.dynamic_shift:
@@ -217,8 +220,19 @@ def _sd3_sampler(preset: Any, config: dict[str, Any], notes: list[str]) -> None:
         config["training_shift"] = schedule.flow_shift
 
 
-def _default_dynamic_shift(schedule: Any) -> bool:
-    return (schedule.base_shift, schedule.max_shift, schedule.base_seq_len, schedule.max_seq_len, schedule.patch_size) == (
+def _count_note(script: str, notes: list[str]) -> None:
+    """kohya's flux_shift counts (h // 2) (w // 2) tokens whatever the model; the plan counts the model's own."""
+    if MODEL_PATCH[script] != 2:
+        notes.append(
+            f"flux_shift: kohya counts {script}'s tokens as 2x2 latent patches, its model embeds "
+            f"{MODEL_PATCH[script]}x{MODEL_PATCH[script]} ones: the preset's dynamic shift counts the model's tokens, "
+            "so it shifts more than kohya's"
+        )
+
+
+def _default_dynamic_shift(schedule: Any, script: str) -> bool:
+    patch = schedule.patch_size or MODEL_PATCH[script]
+    return (schedule.base_shift, schedule.max_shift, schedule.base_seq_len, schedule.max_seq_len, patch) == (
         0.5,
         1.15,
         256,

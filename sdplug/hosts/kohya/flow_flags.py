@@ -45,6 +45,11 @@ TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
     ANIMA: ("qwen3",),
 }
 
+# each script's model's latent patch (its tokens are (H / p) (W / p) of the latent kohya draws on),
+# what the plan's dynamic shift counts; kohya's own flux_shift / nextdit_shift count (h // 2) (w // 2)
+# on every script, HunyuanImage's 1x1 patches included
+MODEL_PATCH: dict[str, int] = {FLUX: 2, SD3: 2, LUMINA: 2, HUNYUAN: 1, ANIMA: 2}
+
 Arguments = Mapping[str, Any]  # the parsed arguments, by name
 
 # each script's defaults of the flags this table's conditions read (a config file alone does not

@@ -66,6 +66,7 @@ from sdplug.hosts.kohya.flow_flags import (
     FLUX,
     HUNYUAN,
     LUMINA,
+    MODEL_PATCH,
     SCRIPT_DEFAULTS,
     SD3,
     TEXT_ENCODERS,
@@ -225,13 +226,19 @@ class KohyaFlowAdapter(KohyaAdapter):
             # the preset's own sampler and shift; a flag of kohya's for either was refused, so these are its defaults
             self.rules.append(f"kohya's {sampling} -> the preset's [timesteps] and [schedule]")
             schedule = {}
-        dynamic = DynamicShift() if schedule.get("dynamic_shift") else None
+        # kohya's own flux_shift / nextdit_shift: FLUX's numbers over (h // 2) (w // 2) tokens, on every script
+        dynamic = DynamicShift(patch_size=2) if schedule.get("dynamic_shift") else None
         # SD3's script preconditions its output (x_t - sigma * output against x0): the process's sigma_scaled
         output = "sigma_scaled" if self.script == SD3 else "raw"
         # Lumina 2's model takes 1 - sigma and predicts x0 - noise (kohya's target latents - noise)
         prediction = "velocity_reversed" if self.script == LUMINA else "velocity"
         process = Flow(
-            flow_sigmas(1000), prediction, shift=float(schedule.get("flow_shift", 1.0)), dynamic=dynamic, output=output
+            flow_sigmas(1000),
+            prediction,
+            shift=float(schedule.get("flow_shift", 1.0)),
+            dynamic=dynamic,
+            output=output,
+            patch_size=MODEL_PATCH[self.script],
         )
         default: TimestepStrategy | None = None
         lost = [note for note in notes if "not carried over" in note]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run kohya sd-scripts' flow-matching LoRA scripts -- flux_train_network.py, sd3_train_network.py,
-# lumina_train_network.py and anima_train_network.py, unmodified -- for a few steps on CPU, with
+# lumina_train_network.py, anima_train_network.py and hunyuan_image_train_network.py, unmodified --
+# for a few steps on CPU, with
 # random-weight models built offline at the real models' fixed widths, plainly, through
 # `python -m sdplug kohya --preset`, or patched on disk (`sdplug patch kohya`).
 # CPU only, offline except for package registries (pip). Idempotent: re-running skips what is
@@ -8,8 +9,9 @@
 #
 # Usage:
 #   bash rebuild_flow.sh                 # flux + sd3, RUN=sdplug
-#   bash rebuild_flow.sh flux            # one script (flux | sd3 | lumina | anima)
+#   bash rebuild_flow.sh flux            # one script (flux | sd3 | lumina | anima | hunyuan_image)
 #   bash rebuild_flow.sh lumina anima    # Lumina 2 (Gemma2) and Anima (Qwen3): only their models are built
+#   bash rebuild_flow.sh hunyuan_image   # HunyuanImage-2.1: ~45 GB of models, ~20 GiB of memory (see Memory)
 #   RUN=plain bash rebuild_flow.sh       # kohya alone: $VENV/bin/python flux_train_network.py ...
 #   RUN=both bash rebuild_flow.sh        # plain, then sdplug, for each script
 #   RUN=patch bash rebuild_flow.sh       # sdplug patch kohya, the script with --sdplug_preset, unpatch (bytes checked)
@@ -26,7 +28,8 @@
 #   PRESET  [per script]  the preset of RUN=sdplug / patch (a file or a shipped preset's name) for every
 #                   script; unset: flow_preset.toml for flux and sd3 (CLIP-L and T5-XXL dropped apart),
 #                   flow_preset_one_encoder.toml for lumina and anima (a whole-caption dropout: they
-#                   have neither encoder)
+#                   have neither encoder), flow_preset_hunyuan.toml for hunyuan_image (Qwen2.5-VL and
+#                   byT5 dropped apart; 1x1 patches for the dynamic shift)
 #   STEPS   [2]    --max_train_steps
 #   RES     [256]  --resolution (square; bucketing off: the data is 256x256)
 #   BATCH   [1]    --train_batch_size
@@ -34,7 +37,8 @@
 #                  anima's --qwen3_max_token_length and --t5_max_token_length
 #   EXTRA   []     more script arguments, appended as they are (word-split)
 #   HELPERS [the dir of this script]  make_flux_model.py, make_sd3_model.py, make_lumina_model.py,
-#                                     make_anima_model.py, make_flow_tokenizers.py, make_gemma_tokenizer.py,
+#                                     make_anima_model.py, make_hunyuan_model.py, make_flow_tokenizers.py,
+#                                     make_gemma_tokenizer.py, make_hunyuan_tokenizers.py,
 #                                     make_tokenizer.py, make_data.py; stub: ../torchvision-stub
 #
 # Layout under $KINT (beside rebuild.sh's):
@@ -52,12 +56,18 @@
 #   model-anima/             anima.safetensors (Cosmos-Predict2 2B DiT + LLM adapter, full and fixed;
 #                            fp8 on disk, 1.9 GiB), qwen3-0.6b.safetensors (full Qwen3-0.6B, bf16,
 #                            1.1 GiB), qwen-image-vae.safetensors (full, bf16, 0.24 GiB)
+#   model-hunyuan/           hunyuan_image_2.1.safetensors (the 17.4 B DiT, full and fixed; bf16 on disk,
+#                            34.9 GB, because --fp8_scaled quantises as it loads and refuses fp8 input),
+#                            qwen2.5-vl-7b.safetensors (full, with vision tower and lm_head; fp8 on disk,
+#                            7.7 GiB, cast to bf16 as it loads), byt5.safetensors, vae.safetensors
 #   tokcache-flow/           openai_clip-vit-large-patch14, laion_CLIP-ViT-bigG-14-laion2B-39B-b160k,
 #                            google_t5-v1_1-xxl (what --tokenizer_cache_dir reads through kohya's
 #                            _load_tokenizer), models--google--gemma-2-2b (a hub-cache layout: Lumina
 #                            calls AutoTokenizer.from_pretrained(id, cache_dir=--tokenizer_cache_dir),
 #                            resolved offline with HF_HUB_OFFLINE=1). Anima needs none: with --qwen3 a
 #                            file, it reads the tree's bundled configs/qwen3_06b and configs/t5_old.
+#                            HunyuanImage's Qwen_Qwen2.5-VL-7B-Instruct and google_byt5-small, in both
+#                            layouts (its model loaders ask the hub by id: HF_HUB_CACHE points here).
 #   data-flow/1_sks/         4 images 256x256 + .txt captions (its own copy: the scripts write
 #                            *_flux_te.npz / *_sd3_te.npz / *_lumina_te.npz / *_anima_te.npz next to
 #                            the images)
@@ -67,12 +77,15 @@
 # Memory: every run is --mixed_precision bf16 (T5-XXL is loaded at full size: ~9.5 GB in bf16,
 # ~19 GB in fp32), peaks ~9.5 GiB (FLUX), ~11.2 GiB (SD3: CLIP-G and T5 together while caching),
 # ~10.5-10.8 GiB (Lumina: the 2B DiT and Gemma2 together while caching; --disable_mmap_load_safetensors
-# casts the fp8 DiT tensor by tensor) and ~8.9-9.3 GiB (Anima: Qwen3 + VAE, then the DiT).
-# Disk: ~13 GB of models for flux + sd3, ~11.4 GB for lumina + anima (~24 GB for all four).
+# casts the fp8 DiT tensor by tensor), ~8.9-9.3 GiB (Anima: Qwen3 + VAE, then the DiT) and, for
+# HunyuanImage, Qwen2.5-VL in bf16 (16.6 GB) while caching, then the DiT quantised to fp8 as it loads
+# (--fp8_scaled: ~18.5 GB) with --gradient_checkpointing (without it autograd keeps every layer's
+# dequantised bf16 weight, 35 GB): it needs a machine with ~24 GiB and nothing else running.
+# Disk: ~13 GB of models for flux + sd3, ~11.4 GB for lumina + anima, ~45 GB for hunyuan_image.
 # Time (OMP_NUM_THREADS=1, batch 2, 256 px, 3 steps): ~4.4 s/step FLUX, ~19-22 s/step Lumina,
 # ~13-15 s/step Anima (SD3's tiny MMDiT: well under 1 s); a run takes 0.5-1.7 minutes of wall time.
 set -euo pipefail
-export OMP_NUM_THREADS=1          # shared 2-core machine
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # shared 2-core machine (HunyuanImage: 2, alone on it)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export TOKENIZERS_PARALLELISM=false  # kohya's dataloader forks after tokenizing
 export HF_HUB_OFFLINE=1           # Lumina's tokenizer comes from a hub-cache folder; transformers 4.54 goes
@@ -95,23 +108,26 @@ TREE=$KINT/sd-main
 VENV=$KINT/venv-main
 mkdir -p "$KINT/logs"
 KINT=$(cd "$KINT" && pwd)  # absolute: the runs cd into the tree
+export HF_HUB_CACHE=$KINT/tokcache-flow  # HunyuanImage's model loaders read their tokenizers by hub id
 
 step() { STEP_NAME=$1; STEP_START=$SECONDS; echo "== [$(date +%T)] $1"; }
 done_step() { echo "   done in $((SECONDS - STEP_START)) s: $STEP_NAME"; }
 quiet_pip() { grep -v -e "is ignored: it is neither a file nor a directory" || true; }  # this machine's pip index noise
 
-for f in make_flux_model.py make_sd3_model.py make_lumina_model.py make_anima_model.py make_flow_tokenizers.py \
-    make_gemma_tokenizer.py make_tokenizer.py make_data.py; do
+for f in make_flux_model.py make_sd3_model.py make_lumina_model.py make_anima_model.py make_hunyuan_model.py \
+    make_flow_tokenizers.py make_gemma_tokenizer.py make_hunyuan_tokenizers.py make_tokenizer.py make_data.py; do
     [ -f "$HELPERS/$f" ] || { echo "missing $HELPERS/$f" >&2; exit 2; }; done
 [ -f "$STUB/torchvision/transforms/functional.py" ] || { echo "missing $STUB (torchvision stub)" >&2; exit 2; }
 STUB=$(cd "$STUB" && pwd)
 case $RUN in plain|sdplug|patch|both|all|none) ;; *) echo "RUN=$RUN: plain, sdplug, patch, both, all or none" >&2; exit 2;; esac
 WHICH=("$@"); [ ${#WHICH[@]} -eq 0 ] && WHICH=(flux sd3)
-for w in "${WHICH[@]}"; do case $w in flux|sd3|lumina|anima) ;; *) echo "unknown script '$w': flux, sd3, lumina or anima" >&2; exit 2;; esac; done
+for w in "${WHICH[@]}"; do case $w in flux|sd3|lumina|anima|hunyuan_image) ;; *)
+    echo "unknown script '$w': flux, sd3, lumina, anima or hunyuan_image" >&2; exit 2;; esac; done
 wants() { [[ " ${WHICH[*]} " == *" $1 "* ]]; }
 preset_for() {  # which -> the preset of its sdplug / patch runs
     if [ -n "$PRESET" ]; then echo "$PRESET"
-    else case $1 in flux|sd3) echo "$SCRIPTS/flow_preset.toml";; *) echo "$SCRIPTS/flow_preset_one_encoder.toml";; esac; fi
+    else case $1 in flux|sd3) echo "$SCRIPTS/flow_preset.toml";; hunyuan_image) echo "$SCRIPTS/flow_preset_hunyuan.toml";;
+        *) echo "$SCRIPTS/flow_preset_one_encoder.toml";; esac; fi
 }
 
 # --- tree + venv: rebuild.sh's (it also installs the sdplug wheel of $SNAP into the venv).
@@ -160,10 +176,13 @@ if wants lumina; then  # the FLUX AE is Lumina's: linked when make_flux_model.py
     helper lumina "OK|exists|linked|check|Error|error" "$HELPERS/make_lumina_model.py" "$KINT/model-lumina" "${AE[@]}" --check "$TREE"
 fi
 if wants anima; then helper anima "OK|exists|check|Error|error" "$HELPERS/make_anima_model.py" "$KINT/model-anima" --check "$TREE"; fi
+if wants hunyuan_image; then  # the layouts come from the tree's own modules; the loaders' strict loads check them
+    helper hunyuan "OK|exists|Error|error" "$HELPERS/make_hunyuan_model.py" "$KINT/model-hunyuan" --tree "$TREE"; fi
 done_step
 step "tokenizers: $KINT/tokcache-flow"
 if wants flux || wants sd3; then helper tokenizers "OK|Error|error" "$HELPERS/make_flow_tokenizers.py" "$KINT/tokcache-flow"; fi
 if wants lumina; then helper gemma-tokenizer "OK|Error|error" "$HELPERS/make_gemma_tokenizer.py" "$KINT/tokcache-flow"; fi
+if wants hunyuan_image; then helper hunyuan-tokenizers "OK|Error|error" "$HELPERS/make_hunyuan_tokenizers.py" "$KINT/tokcache-flow"; fi
 if wants anima; then  # anima_train_network.py reads the tree's bundled tokenizers (--qwen3 a file, no --t5_tokenizer_path)
     for f in configs/qwen3_06b/vocab.json configs/qwen3_06b/merges.txt configs/t5_old/tokenizer.json configs/t5_old/spiece.model; do
         [ -s "$TREE/$f" ] || { echo "missing $TREE/$f (anima's bundled tokenizer)" >&2; exit 1; }; done
@@ -204,6 +223,12 @@ script_args() {  # which -> the script's arguments (common + model files + its t
     anima) ARGS=(--pretrained_model_name_or_path "$KINT/model-anima/anima.safetensors" --qwen3 "$KINT/model-anima/qwen3-0.6b.safetensors"
             --vae "$KINT/model-anima/qwen-image-vae.safetensors"
             --network_module networks.lora_anima "${common[@]}" --qwen3_max_token_length "$T5_LEN" --t5_max_token_length "$T5_LEN");;
+    # --fp8_scaled: the 17.4 B DiT quantised to fp8 as it loads (bf16 would not fit); --gradient_checkpointing:
+    # otherwise autograd keeps each layer's dequantised weight; Qwen2.5-VL cast from fp8 to bf16 tensor by tensor
+    hunyuan_image) ARGS=(--pretrained_model_name_or_path "$KINT/model-hunyuan/hunyuan_image_2.1.safetensors"
+            --text_encoder "$KINT/model-hunyuan/qwen2.5-vl-7b.safetensors" --byt5 "$KINT/model-hunyuan/byt5.safetensors"
+            --vae "$KINT/model-hunyuan/vae.safetensors" --fp8_scaled --gradient_checkpointing --disable_mmap_load_safetensors
+            --network_module networks.lora_hunyuan_image "${tok[@]}" "${common[@]}");;
     esac
     # shellcheck disable=SC2206
     [ -n "$EXTRA" ] && ARGS+=($EXTRA)
@@ -223,7 +248,7 @@ for w in "${WHICH[@]}"; do
         # kohya's disk cache check of the text-encoder outputs looks at the keys and the
         # attention-mask flag, not at the token length or the models: stale caches would be reused.
         rm -f "$KINT"/data-flow/*/*_te.npz "$KINT"/data-flow/*/*_flux.npz "$KINT"/data-flow/*/*_sd3.npz \
-            "$KINT"/data-flow/*/*_lumina.npz "$KINT"/data-flow/*/*_anima.npz
+            "$KINT"/data-flow/*/*_lumina.npz "$KINT"/data-flow/*/*_anima.npz "$KINT"/data-flow/*/*_hi.npz
         script_args "$w"
         ARGS+=(--output_dir "$out")
         if [ "$run" = plain ]; then CMD=("$VENV/bin/python" "$script" "${ARGS[@]}")
