@@ -200,7 +200,7 @@ def _wide(hidden, width):
     return hidden.repeat(*([1] * (hidden.dim() - 1)), -(-width // hidden.shape[-1]))[..., :width]
 
 
-def flow_layout(first, second):
+def flow_layout(first, second, tokens):
     # the script's cached list (its caching strategy's load_outputs_npz order) from two stand-in encoders
     batch, length = first.shape[0], first.shape[1]
     ones = torch.ones(batch, length)
@@ -209,18 +209,31 @@ def flow_layout(first, second):
     if FLOW_SCRIPT == "lumina_train_network.py":  # [hidden_state, input_ids, attention_mask]
         return [first, first.sum(-1), ones]
     if FLOW_SCRIPT == "hunyuan_image_train_network.py":  # [vlm_embed, vlm_mask, byt5_embed, byt5_mask, ocr_mask]
-        return [first, ones, second, ones, ones]
+        # Qwen2.5-VL's rows as long as the caching batch's longest caption (kohya tokenizes with padding=True),
+        # so the empty caption's are shorter than a caption's; byT5's have a fixed length
+        words = int(tokens.ne(0).sum(1).max())
+        return [first[:, :words], tokens.ne(0)[:, :words].float(), second, ones, ones[:, 0]]
     if FLOW_SCRIPT == "anima_train_network.py":  # [prompt_embeds, attn_mask, t5_input_ids, t5_attn_mask, rate]
         return [first, ones, first.sum(-1), ones, torch.zeros(batch)]
     lg = torch.cat([_wide(first, 768), _wide(second, 1280)], dim=-1)  # [lg_out, t5_out, lg_pooled, l, g, t5 masks]
     return [lg, 3 * first, lg.mean(1), ones, ones, ones]
 
 
+def same_padded(row, empty):
+    # a batch row against the empty caption's: equal where both have positions, zeros past the shorter
+    # (main's collation pads variable-length rows, and sdplug the empty caption's, with zeros)
+    if row.dim() == 0 or row.shape == empty.shape:
+        return torch.allclose(row, empty)
+    n = min(row.shape[0], empty.shape[0])
+    rest = row[n:] if row.shape[0] > n else empty[n:]
+    return torch.allclose(row[:n], empty[:n]) and not bool(rest.any())
+
+
 class FlowCaching(train_util.TextEncoderOutputsCachingStrategy):
     def cache_batch_outputs(self, tokenize_strategy, models, text_encoding_strategy, infos):
         tokens = tokenize_strategy.tokenize([info.caption for info in infos])[0]
         with torch.no_grad():
-            outputs = [o.numpy() for o in flow_layout(models[0](tokens), 2 * models[1](tokens))]
+            outputs = [o.numpy() for o in flow_layout(models[0](tokens), 2 * models[1](tokens), tokens)]
         for i, info in enumerate(infos):
             if self.cache_to_disk:
                 np.savez(info.text_encoder_outputs_npz, *[o[i] for o in outputs])
@@ -259,7 +272,7 @@ class FlowNetworkTrainer(train_network.NetworkTrainer):
             dataset.new_cache_text_encoder_outputs(text_encoders, None)
             tokens = train_util.TokenizeStrategy.get_strategy().tokenize([""])[0]
             with torch.no_grad():
-                self.empty = flow_layout(text_encoders[0](tokens), 2 * text_encoders[1](tokens))
+                self.empty = flow_layout(text_encoders[0](tokens), 2 * text_encoders[1](tokens), tokens)
 
     def record_encoders(self, conds):
         rows = {}
@@ -269,7 +282,7 @@ class FlowNetworkTrainer(train_network.NetworkTrainer):
                 same = True
                 for index, cols in parts:
                     a, b = (cols if cols else (0, None))
-                    same = same and torch.allclose(conds[index][row][..., a:b], self.empty[index][0][..., a:b])
+                    same = same and same_padded(conds[index][row][..., a:b], self.empty[index][0][..., a:b])
                 empty.append(bool(same))
             rows[encoder] = empty
         with open(os.path.join(self.args.output_dir, "flow-encoders.jsonl"), "a") as log:

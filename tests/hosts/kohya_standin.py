@@ -99,6 +99,14 @@ class BaseSubset:
         self.caption_prefix = None
 
 
+def stacked(rows):
+    # main's collation of cached rows: rows of different lengths padded with zeros to the longest
+    rows = [torch.as_tensor(row).float() for row in rows]
+    longest = max(row.shape[0] if row.dim() else 0 for row in rows)
+    padded = (torch.nn.functional.pad(row, (0, 0) * (row.dim() - 1) + (0, longest - row.shape[0])) if row.dim() else row for row in rows)
+    return torch.stack(list(padded))
+
+
 def tokenize(caption, length=8):
     # stand-in tokenizer: begin, one id per word, end, padding
     words = caption.replace(",", " ").split()
@@ -345,9 +353,7 @@ class BaseDataset(DatasetCommon):
             captions.append(caption)
         example = {"captions": captions, "loss_weights": torch.ones(len(captions))}
         example["text_encoder_outputs_list"] = (
-            [torch.stack([torch.from_numpy(o[k]).float() for o in outputs]) for k in range(len(outputs[0]))]
-            if outputs
-            else None
+            [stacked([o[k] for o in outputs]) for k in range(len(outputs[0]))] if outputs else None
         )
         example["input_ids_list"] = [torch.stack(input_ids)] if input_ids else None
         return example

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import sdplug
+from sdplug.errors import SdplugError
+from sdplug.hosts.kohya import cached_text
 from sdplug.hosts.kohya.flow_flags import MODEL_PATCH
 from sdplug.process import Flow, flow_sigmas
 from tests.hosts.kohya_flow_standin import make_flow_scripts
@@ -283,7 +285,8 @@ def test_patch_route_runs_flow_scripts_and_unpatch_restores_bytes(tmp_path, monk
     ("script", "prediction", "encoder"),
     [
         ("lumina_train_network.py", "velocity_reversed", "gemma2"),
-        pytest.param("hunyuan_image_train_network.py", "velocity", "byt5", marks=pytest.mark.slow),
+        # Qwen2.5-VL: its cached rows are as long as their caption, the empty caption's shorter
+        ("hunyuan_image_train_network.py", "velocity", "qwen2_5_vl"),
         pytest.param("anima_train_network.py", "velocity", "qwen3", marks=pytest.mark.slow),
     ],
 )
@@ -322,6 +325,35 @@ def test_lumina_hunyuan_and_anima_draw_alike_and_drop_their_cached_encoders(tree
     ours = plan.report()["loss_weighting"]["mean_weight_per_timestep_bin"]
     theirs = report["loss_weighting"]["mean_weight_per_timestep_bin"]
     assert [w for w in theirs if w is not None] == pytest.approx([w for w in ours if w is not None], rel=1e-6)
+
+
+def test_the_empty_captions_cached_rows_are_fitted_to_a_batch_as_kohya_main_pads_rows():
+    """HunyuanImage's Qwen2.5-VL rows are as long as their caption's tokens, and main's collation
+    pads a batch's rows with zeros to its longest. The empty caption's rows, shorter or longer than a
+    batch's, are fitted the same way; where rows are fixed-length (v0.8.7), another shape is refused."""
+    slots = cached_text.ENCODER_SLOTS["hunyuan_image_train_network.py"]
+    embed, mask, byt5 = torch.arange(30.0).reshape(2, 5, 3) + 1, torch.ones(2, 5), torch.full((2, 4, 3), 7.0)
+    empty = [torch.full((2, 3), -1.0), torch.ones(2), torch.zeros(4, 3), torch.zeros(4), torch.tensor(0.0)]
+
+    def batch(length: int) -> list[torch.Tensor]:  # [vlm_embed, vlm_mask, byt5_embed, byt5_mask, ocr_mask]
+        return [embed[:, :length].clone(), mask[:, :length].clone(), byt5.clone(), torch.ones(2, 4), torch.ones(2)]
+
+    shorter = batch(5)  # the empty caption's 2 tokens in a batch of 5: padded into it
+    cached_text.substitute_encoders(shorter, 1, empty, slots, frozenset({"qwen2_5_vl"}), pad_sequences=True)
+    torch.testing.assert_close(shorter[0][1], torch.cat([empty[0], torch.zeros(3, 3)]))
+    assert shorter[0].shape == (2, 5, 3) and shorter[1][1].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(shorter[0][0], embed[0])  # the other sample, and byT5, as they were
+    torch.testing.assert_close(shorter[2], byt5)
+    longer = batch(1)  # a batch of 1-token rows: it grows to 2, its own rows padded with zeros
+    cached_text.substitute_row(longer, 0, empty, pad_sequences=True)
+    assert longer[0].shape == (2, 2, 3) and longer[1].tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    torch.testing.assert_close(longer[0][0], empty[0])
+    torch.testing.assert_close(longer[0][1], torch.cat([embed[1, :1], torch.zeros(1, 3)]))
+    assert longer[4].tolist() == [0.0, 1.0]
+    with pytest.raises(SdplugError, match="do not have the layout sdplug knows for qwen2_5_vl"):
+        cached_text.substitute_encoders(batch(5), 1, empty, slots, frozenset({"qwen2_5_vl"}))  # fixed-length rows
+    with pytest.raises(SdplugError, match=r"rows have shape \(5, 3\) but the empty caption's has \(2, 4\)"):
+        cached_text.substitute_row(batch(5), 0, [torch.zeros(2, 4), *empty[1:]], pad_sequences=True)  # another width
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,11 @@ that is what classifier-free guidance feeds the model as its unconditional input
 diffusers' SD3 and FLUX samplers encode the negative prompt ``""`` through every encoder, never
 zeros. (SD3's reference code feeds zeros for an absent T5 at inference; a preset that wants that
 model's T5-less use is the one case zeros would serve, and sdplug does not offer it.)
+
+Some encoders' cached rows vary in length (HunyuanImage's Qwen2.5-VL rows are as long as their
+caption's tokens), and main's collation pads them with zeros to the batch's longest, a zero mask
+marking the padding. The empty caption's rows are fitted to a batch the same way, whichever of
+the two is shorter; v0.8.7's rows are fixed-length, and a row of another shape there is refused.
 """
 
 from __future__ import annotations
@@ -103,20 +108,41 @@ def encode_empty_v087(train_util, dataset, tokenizers, text_encoders, weight_dty
     return [info.text_encoder_outputs1, info.text_encoder_outputs2, info.text_encoder_pool2]
 
 
-def substitute_row(tensors: list[torch.Tensor], row: int, empty: list[torch.Tensor]) -> None:
-    """Put the empty caption's outputs in place of sample ``row`` (the batch tensors are fresh stacks)."""
+def _fitted(tensors: list[torch.Tensor], index: int, value: torch.Tensor, pad_sequences: bool) -> torch.Tensor | None:
+    """``value`` (one row) fitted to the batch tensor ``tensors[index]``, or None if it cannot be.
+    With ``pad_sequences`` (main), rows that differ in length alone are padded as main's collation
+    pads them (``train_util``'s ``none_or_stack_elements``: zeros after, along the first dimension
+    of a row), the batch tensor replaced in ``tensors`` when it is the shorter."""
+    batch = tensors[index]
+    row_shape, shape = tuple(batch.shape[1:]), tuple(value.shape)
+    if row_shape == shape:
+        return value
+    if not pad_sequences or not shape or len(row_shape) != len(shape) or row_shape[1:] != shape[1:]:
+        return None
+    length = max(row_shape[0], shape[0])
+    if row_shape[0] < length:
+        tensors[index] = torch.nn.functional.pad(batch, (0, 0) * (batch.dim() - 2) + (0, length - row_shape[0]))
+    if shape[0] < length:
+        value = torch.nn.functional.pad(value, (0, 0) * (value.dim() - 1) + (0, length - shape[0]))
+    return value
+
+
+def substitute_row(tensors: list[torch.Tensor], row: int, empty: list[torch.Tensor], pad_sequences: bool = False) -> None:
+    """Put the empty caption's outputs in place of sample ``row`` (the batch tensors are fresh stacks;
+    one may be replaced by a longer one, see ``_fitted``)."""
     if len(tensors) != len(empty):
         raise SdplugError(
             f"sd-scripts' cached batch has {len(tensors)} text-encoder tensors but the empty caption encoded to "
             f"{len(empty)}; cannot substitute it."
         )
-    for tensor, value in zip(tensors, empty, strict=True):
-        if tuple(tensor.shape[1:]) != tuple(value.shape):
+    for index, value in enumerate(empty):
+        fitted = _fitted(tensors, index, value, pad_sequences)
+        if fitted is None:
             raise SdplugError(
-                f"sd-scripts' cached text-encoder rows have shape {tuple(tensor.shape[1:])} but the empty caption's "
+                f"sd-scripts' cached text-encoder rows have shape {tuple(tensors[index].shape[1:])} but the empty caption's "
                 f"has {tuple(value.shape)}; cannot substitute it for a dropped caption."
             )
-        tensor[row] = value.to(device=tensor.device, dtype=tensor.dtype)
+        tensors[index][row] = fitted.to(device=tensors[index].device, dtype=tensors[index].dtype)
 
 
 def substitute_encoders(
@@ -125,16 +151,19 @@ def substitute_encoders(
     empty: list[torch.Tensor],
     slots: dict[str, tuple[tuple[int, tuple[int, int | None] | None], ...]],
     encoders: frozenset[str],
+    pad_sequences: bool = False,
 ) -> None:
-    """Put the empty caption's outputs of ``encoders`` alone in place of sample ``row``'s."""
+    """Put the empty caption's outputs of ``encoders`` alone in place of sample ``row``'s (a batch
+    tensor may be replaced by a longer one, see ``_fitted``)."""
     for encoder in sorted(encoders):
         for index, columns in slots[encoder]:
-            if index >= len(tensors) or tuple(tensors[index].shape[1:]) != tuple(empty[index].shape):
+            fitted = _fitted(tensors, index, empty[index], pad_sequences) if index < len(tensors) else None
+            if fitted is None:
                 raise SdplugError(
                     f"sd-scripts' cached text-encoder outputs do not have the layout sdplug knows for {encoder} (tensor "
                     f"{index}); cannot substitute the empty caption's."
                 )
-            value = empty[index].to(device=tensors[index].device, dtype=tensors[index].dtype)
+            value = fitted.to(device=tensors[index].device, dtype=tensors[index].dtype)
             if columns is None:
                 tensors[index][row] = value
             else:

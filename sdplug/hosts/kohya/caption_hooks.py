@@ -107,6 +107,7 @@ class CaptionHooks:
             )
         captions = example.get("captions")
         slots = adapter.encoder_slots  # a flow script's encoders, one by one
+        main = adapter.version.name == "main"  # its collation pads variable-length rows; v0.8.7's are fixed
         for row in range(tensors[0].shape[0]):
             try:
                 if slots:
@@ -117,9 +118,11 @@ class CaptionHooks:
             except MissingDependencyError as exc:
                 raise SdplugError(f"{adapter.preset.path}: with cached text-encoder outputs: {exc}") from None
             if slots and encoders:  # each encoder's own part (a row may carry more, e.g. Anima's dropout rate)
-                cached_text.substitute_encoders(tensors, row, self.empty_caption_outputs, slots, encoders)
+                cached_text.substitute_encoders(tensors, row, self.empty_caption_outputs, slots, encoders, main)
             elif dropped:
-                cached_text.substitute_row(tensors, row, self.empty_caption_outputs)
+                cached_text.substitute_row(tensors, row, self.empty_caption_outputs, main)
             if dropped and isinstance(captions, list) and row < len(captions):
                 captions[row] = ""
+        if main:  # a tensor padded longer for the empty caption's rows replaced its list entry
+            example["text_encoder_outputs_list"] = tensors
         return example
