@@ -10,9 +10,11 @@ the config JSON written inside library/hunyuan_image_text_encoder.py); the loade
 the check that they fit. Writes, in the layouts those loaders read:
 
     OUTDIR/hunyuan_image_2.1.safetensors  the DiT (20 double + 40 single MM blocks, hidden 3584), 17.43 B
-                                  params, bf16 (34.9 GB): `--fp8_scaled`, the only way it fits this
-                                  machine's memory, quantises bf16/fp32 weights as it loads and
-                                  refuses weights already in fp8.
+                                  params (35.8 GB): the blocks' linear weights bf16, because
+                                  `--fp8_scaled`, the only way it fits this machine's memory, quantises
+                                  them as it loads and refuses weights already in fp8; the other 0.47 B
+                                  (norms, embedders, refiner, final layer) fp32, because on a CPU a
+                                  layer norm refuses fp32 activations with bf16 weights (see dit_specs).
     OUTDIR/qwen2.5-vl-7b.safetensors  Qwen2.5-VL-7B-Instruct with its vision tower and lm_head, keys as
                                   published ("model.*", "visual.*", "lm_head.*"), 8.29 B params,
                                   stored fp8 (8.3 GB): with --disable_mmap_load_safetensors kohya's
@@ -51,9 +53,21 @@ def _config_json(tree: Path, name: str) -> dict:
 
 
 def dit_specs(tree: Path) -> list[Spec]:
-    from library import hunyuan_image_models
+    """bf16 where --fp8_scaled quantises (the blocks' linear weights); fp32 elsewhere, because on a CPU
+    F.layer_norm refuses fp32 activations (kohya hands the cached byT5 rows over as fp32) with bf16
+    weights, which CUDA accepts: the published file's bf16 norms stop the step in ByT5Mapper."""
+    from library import hunyuan_image_models as models
 
-    return _meta_state_dict_specs(lambda: hunyuan_image_models.HYImageDiffusionTransformer(attn_mode="torch"), torch.bfloat16)
+    specs = _meta_state_dict_specs(lambda: models.HYImageDiffusionTransformer(attn_mode="torch"), torch.bfloat16)
+
+    def quantised(name: str) -> bool:  # fp8_optimization_utils' is_target_key with the model's lists
+        return (
+            any(key in name for key in models.FP8_OPTIMIZATION_TARGET_KEYS)
+            and name.endswith(".weight")
+            and not any(key in name for key in models.FP8_OPTIMIZATION_EXCLUDE_KEYS)
+        )
+
+    return [s if quantised(s.name) else s._replace(dtype=torch.float32) for s in specs]
 
 
 def vae_specs(tree: Path) -> list[Spec]:
@@ -106,7 +120,7 @@ def main(argv: list[str]) -> None:
     build(a.outdir / "byt5.safetensors", lambda: byt5_specs(a.tree), a.seed, "byT5-small encoder + glyph tokens, fp16")
     build(a.outdir / "vae.safetensors", lambda: vae_specs(a.tree), a.seed, "HunyuanVAE2D, bf16")
     build(a.outdir / "qwen2.5-vl-7b.safetensors", lambda: qwen2_5_vl_specs(a.tree), a.seed, "Qwen2.5-VL-7B, fp8")
-    build(a.outdir / "hunyuan_image_2.1.safetensors", lambda: dit_specs(a.tree), a.seed, "HunyuanImage-2.1 DiT, bf16")
+    build(a.outdir / "hunyuan_image_2.1.safetensors", lambda: dit_specs(a.tree), a.seed, "HunyuanImage-2.1 DiT, bf16 + fp32")
     print(f"hunyuan model OK: {a.outdir}")
 
 

@@ -224,10 +224,13 @@ script_args() {  # which -> the script's arguments (common + model files + its t
             --vae "$KINT/model-anima/qwen-image-vae.safetensors"
             --network_module networks.lora_anima "${common[@]}" --qwen3_max_token_length "$T5_LEN" --t5_max_token_length "$T5_LEN");;
     # --fp8_scaled: the 17.4 B DiT quantised to fp8 as it loads (bf16 would not fit); --gradient_checkpointing:
-    # otherwise autograd keeps each layer's dequantised weight; Qwen2.5-VL cast from fp8 to bf16 tensor by tensor
+    # otherwise autograd keeps each layer's dequantised weight; Qwen2.5-VL cast from fp8 to bf16 tensor by tensor;
+    # --cache_latents_to_disk: kohya's VAE is fp16, whose convolutions crawl on a CPU (~3 min per 128 px image),
+    # so its latents (*_hi.npz, independent of sdplug) are kept for the next run
     hunyuan_image) ARGS=(--pretrained_model_name_or_path "$KINT/model-hunyuan/hunyuan_image_2.1.safetensors"
             --text_encoder "$KINT/model-hunyuan/qwen2.5-vl-7b.safetensors" --byt5 "$KINT/model-hunyuan/byt5.safetensors"
             --vae "$KINT/model-hunyuan/vae.safetensors" --fp8_scaled --gradient_checkpointing --disable_mmap_load_safetensors
+            --cache_latents_to_disk
             --network_module networks.lora_hunyuan_image "${tok[@]}" "${common[@]}");;
     esac
     # shellcheck disable=SC2206
@@ -248,7 +251,7 @@ for w in "${WHICH[@]}"; do
         # kohya's disk cache check of the text-encoder outputs looks at the keys and the
         # attention-mask flag, not at the token length or the models: stale caches would be reused.
         rm -f "$KINT"/data-flow/*/*_te.npz "$KINT"/data-flow/*/*_flux.npz "$KINT"/data-flow/*/*_sd3.npz \
-            "$KINT"/data-flow/*/*_lumina.npz "$KINT"/data-flow/*/*_anima.npz "$KINT"/data-flow/*/*_hi.npz
+            "$KINT"/data-flow/*/*_lumina.npz "$KINT"/data-flow/*/*_anima.npz
         script_args "$w"
         ARGS+=(--output_dir "$out")
         if [ "$run" = plain ]; then CMD=("$VENV/bin/python" "$script" "${ARGS[@]}")
