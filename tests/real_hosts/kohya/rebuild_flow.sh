@@ -79,11 +79,14 @@
 # ~10.5-10.8 GiB (Lumina: the 2B DiT and Gemma2 together while caching; --disable_mmap_load_safetensors
 # casts the fp8 DiT tensor by tensor), ~8.9-9.3 GiB (Anima: Qwen3 + VAE, then the DiT) and, for
 # HunyuanImage, Qwen2.5-VL in bf16 (16.6 GB) while caching, then the DiT quantised to fp8 as it loads
-# (--fp8_scaled: ~18.5 GB) with --gradient_checkpointing (without it autograd keeps every layer's
-# dequantised bf16 weight, 35 GB): it needs a machine with ~24 GiB and nothing else running.
+# (--fp8_scaled: ~19.5 GB with its fp32 rest) with --gradient_checkpointing (without it autograd keeps
+# every layer's dequantised bf16 weight, 35 GB): peak 23.1 GiB measured, so a 24 GiB machine with
+# nothing else running, OMP_NUM_THREADS=2, RES=128 and BATCH=1.
 # Disk: ~13 GB of models for flux + sd3, ~11.4 GB for lumina + anima, ~45 GB for hunyuan_image.
 # Time (OMP_NUM_THREADS=1, batch 2, 256 px, 3 steps): ~4.4 s/step FLUX, ~19-22 s/step Lumina,
 # ~13-15 s/step Anima (SD3's tiny MMDiT: well under 1 s); a run takes 0.5-1.7 minutes of wall time.
+# HunyuanImage (OMP_NUM_THREADS=2, batch 1, 128 px, 2 steps): ~150 s/step, ~19 minutes of wall time,
+# 11 of them the fp16 VAE caching 4 latents the first time (--cache_latents_to_disk keeps them).
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # shared 2-core machine (HunyuanImage: 2, alone on it)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
