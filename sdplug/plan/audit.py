@@ -151,7 +151,8 @@ class Audit:
             if not transform.needs_text:
                 for name in transform.dropped_encoders():
                     keep[name] = keep.get(name, 1.0) * (1.0 - transform.drop_probability(0))
-        encoder_rates = {name: 1.0 - kept for name, kept in keep.items()}
+        # rounded: 1 - (1 - 0.3) is 0.30000000000000004 in floats, and the audit shows what was configured
+        encoder_rates = {name: round(1.0 - kept, 12) for name, kept in keep.items()}
         return cls(
             strategies,
             num_train_timesteps,
